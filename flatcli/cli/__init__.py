@@ -1,0 +1,34 @@
+"""The ``flatcli`` command line: a thin Typer layer over the library."""
+
+from __future__ import annotations
+
+import typer
+
+from . import train as _train
+
+app = typer.Typer(
+    name="flatcli",
+    help="Train classifiers and measure the curvature of their loss (Granziol 2020, 'Flatness is a False Friend').",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+) -> None:
+    """Train classifiers and measure the curvature of their loss."""
+    if version:
+        from .. import __version__
+
+        print(__version__)
+        raise typer.Exit()
+
+
+app.command("train")(_train.train)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,85 @@
+"""``flatcli train``: train a model and save a run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..config import make_train_config
+from ..training import EpochRecord, TrainCallbacks, train as run_training
+from . import options as opt
+from ._common import err, handle_errors, out, parse_kwargs, print_json
+
+
+@handle_errors
+def train(
+    model: Annotated[str, typer.Option("--model", "-m", help="logreg, mlp, cnn, vgg16, preresnet, wrn.")] = "logreg",
+    dataset: opt.Dataset = "digits",
+    width: Annotated[Optional[int], typer.Option(help="mlp: hidden units per layer.")] = None,
+    depth: Annotated[Optional[int], typer.Option(help="mlp: hidden layers; preresnet/wrn: depth.")] = None,
+    widen: Annotated[Optional[int], typer.Option(help="wrn: widening factor.")] = None,
+    batchnorm: Annotated[Optional[bool], typer.Option("--batchnorm/--no-batchnorm", help="vgg16/cnn: BatchNorm layers.")] = None,
+    model_arg: Annotated[Optional[list[str]], typer.Option("--model-arg", help="Other model keyword, KEY=VALUE (repeatable).")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="sgd, adam or adamw.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: 0.05 for sgd, 1e-3 for adam/adamw).")] = None,
+    momentum: Annotated[Optional[float], typer.Option(help="SGD momentum.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default 20).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Mini-batch size (default 128).")] = None,
+    l2: Annotated[Optional[float], typer.Option(help="Coupled L2: adds X*w to the gradient.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Decoupled weight decay: w <- w(1 - lr X) (as AdamW).")] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="constant, cosine or paper (hold to 50%, linear decay to --lr-final at 90%).")] = None,
+    lr_final: Annotated[Optional[float], typer.Option(help="Final learning rate of cosine/paper (default lr/100).")] = None,
+    average_from: Annotated[Optional[int], typer.Option(help="Average iterates from this epoch on (one snapshot per epoch).")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="gadam (AdamW + decoupled wd + averaging) or swa (SGD + averaging).")] = None,
+    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random crop + flip (default on for CIFAR only).")] = None,
+    train_samples: Annotated[Optional[int], typer.Option(help="Train on a deterministic subset of N images.")] = None,
+    seed: opt.Seed = 0,
+    data_dir: opt.DataDir = None,
+    download: opt.Download = False,
+    device: opt.Device = "auto",
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default runs/DATASET-MODEL-OPTIMIZER-sSEED).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+    json_: opt.Json = False,
+) -> None:
+    """Train a classifier and save DIR/model.safetensors (safetensors + JSON metadata)."""
+    model_kwargs = parse_kwargs(model_arg)
+    for key, value in (("width", width), ("depth", depth), ("widen", widen), ("batchnorm", batchnorm)):
+        if value is not None:
+            model_kwargs[key] = value
+    config = make_train_config(
+        recipe, dataset=dataset, model=model, model_kwargs=model_kwargs, optimizer=optimizer, lr=lr,
+        momentum=momentum, epochs=epochs, batch_size=batch_size, l2=l2, weight_decay=weight_decay,
+        schedule=schedule, lr_final=lr_final, average_from=average_from, augment=augment,
+        train_samples=train_samples, seed=seed, data_dir=str(data_dir) if data_dir else None,
+        download=download, device=device, out=out_dir, overwrite=overwrite, resume=resume)
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err, transient=True) as bar:
+        epochs_task = bar.add_task("epochs", total=config.epochs, info="")
+        batch_task = bar.add_task("batches", total=1, info="")
+
+        def on_start(start: int, total: int, batches: int) -> None:
+            bar.update(epochs_task, completed=start)
+            bar.update(batch_task, total=batches, completed=0)
+
+        def on_batch(epoch: int, batch: int, loss: float) -> None:
+            bar.update(batch_task, completed=batch + 1, info=f"loss {loss:.4f}")
+
+        def on_epoch(r: EpochRecord) -> None:
+            bar.update(epochs_task, completed=r.epoch,
+                       info=f"train {r.train_loss:.4f} / {r.train_accuracy:.1%}  test {r.test_loss:.4f} / {r.test_accuracy:.1%}")
+            bar.update(batch_task, completed=0)
+
+        result = run_training(config, TrainCallbacks(on_start, on_batch, on_epoch))
+
+    document = {**result.metrics, "checkpoint": str(result.checkpoint), "run_dir": str(result.run_dir)}
+    if json_:
+        print_json(document)
+        return
+    from ..render import metrics_table
+
+    out.print(metrics_table(f"{config.model} on {config.dataset}", document))

@@ -1,0 +1,44 @@
+"""The one exception type the library raises for a user's mistake.
+
+The CLI turns a :class:`FlatcliError` into one red line on stderr and a non-zero exit
+code; anything else that escapes is a bug. Each error carries a message (what went
+wrong) and an optional hint (what to do about it).
+"""
+
+from __future__ import annotations
+
+
+class FlatcliError(Exception):
+    """A problem with the user's input or environment, explained in one line."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class UsageError(FlatcliError):
+    """An option value that cannot be right whatever the files say (exit code 2)."""
+
+    exit_code = 2
+
+
+class DataError(FlatcliError):
+    """A data set that is unknown, missing or malformed."""
+
+
+class CheckpointError(FlatcliError):
+    """A checkpoint that is missing, unreadable or does not match its architecture."""
+
+
+class RunExistsError(FlatcliError):
+    """A run directory that already holds a run and was not meant to be overwritten."""
+
+
+class TooLargeError(FlatcliError):
+    """A computation that would not fit in memory (e.g. a dense Hessian)."""
