@@ -5,3 +5,20 @@ on your own models. See README.md for the commands; the public Python API is bel
 """
 
 __version__ = "0.1.0"
+
+from .checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
+from .config import TrainConfig, make_train_config
+from .data import DATASETS, load_dataset
+from .errors import FlatcliError
+from .models import MODELS, build_model
+from .training import TrainResult, evaluate, train
+
+__all__ = [
+    # data and models
+    "load_dataset", "DATASETS", "build_model", "MODELS",
+    # training and checkpoints
+    "train", "TrainConfig", "make_train_config", "TrainResult", "evaluate",
+    "load_checkpoint", "save_checkpoint", "CheckpointInfo",
+    # errors
+    "FlatcliError",
+]

@@ -15,16 +15,20 @@ app = typer.Typer(
 )
 
 
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
-) -> None:
-    """Train classifiers and measure the curvature of their loss."""
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         from .. import __version__
 
         print(__version__)
         raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
+                                 callback=_print_version),
+) -> None:
+    """Train classifiers and measure the curvature of their loss."""
 
 
 app.command("train")(_train.train)

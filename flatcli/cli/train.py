@@ -58,7 +58,8 @@ def train(
         download=download, device=device, out=out_dir, overwrite=overwrite, resume=resume)
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err, transient=True) as bar:
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err, transient=True,
+                  disable=not err.is_terminal) as bar:
         epochs_task = bar.add_task("epochs", total=config.epochs, info="")
         batch_task = bar.add_task("batches", total=1, info="")
 

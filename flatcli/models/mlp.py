@@ -23,7 +23,9 @@ class MLP(nn.Module):
     ``depth=0`` has no hidden layer and is logistic regression.
     """
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, *, width: int = 64, depth: int = 1) -> None:
+    def __init__(
+        self, input_shape: tuple[int, ...], num_classes: int, *, width: int = 64, depth: int = 1
+    ) -> None:
         super().__init__()
         check_int("mlp", "width", width, 1)
         check_int("mlp", "depth", depth, 0)

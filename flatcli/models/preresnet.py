@@ -109,7 +109,9 @@ def blocks_per_stage(depth: int) -> tuple[type[nn.Module], int]:
 
 @register("preresnet", help="pre-activation ResNet for CIFAR (He et al. 2016); depth 110 uses bottlenecks")
 class PreResNet(nn.Module):
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, *, depth: int = 110, width: int = 16) -> None:
+    def __init__(
+        self, input_shape: tuple[int, ...], num_classes: int, *, depth: int = 110, width: int = 16
+    ) -> None:
         super().__init__()
         check_int("preresnet", "width", width, 1)
         block, n = blocks_per_stage(depth)

@@ -28,7 +28,12 @@ VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512
 @register("vgg16", help="VGG-16 for CIFAR (13 convs, one linear head); batchnorm, width_factor")
 class VGG16Net(nn.Module):
     def __init__(
-        self, input_shape: tuple[int, ...], num_classes: int, *, batchnorm: bool = True, width_factor: float = 1.0
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        *,
+        batchnorm: bool = True,
+        width_factor: float = 1.0,
     ) -> None:
         super().__init__()
         if not width_factor > 0:

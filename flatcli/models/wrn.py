@@ -22,12 +22,19 @@ from flatcli.models.registry import check_input_shape, check_int, register
 @register("wrn", help="Wide ResNet WRN-depth-widen (Zagoruyko & Komodakis 2016); default 28-10, no dropout")
 class WideResNet(nn.Module):
     def __init__(
-        self, input_shape: tuple[int, ...], num_classes: int, *, depth: int = 28, widen: int = 10, dropout: float = 0.0
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        *,
+        depth: int = 28,
+        widen: int = 10,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         check_int("wrn", "widen", widen, 1)
         if depth < 10 or (depth - 4) % 6:
-            raise UsageError(f"model 'wrn': invalid depth {depth}", hint="depth - 4 must be a multiple of 6: 10, 16, 22, 28, 40")
+            hint = "depth - 4 must be a multiple of 6: 10, 16, 22, 28, 40"
+            raise UsageError(f"model 'wrn': invalid depth {depth}", hint=hint)
         if not 0.0 <= dropout < 1.0:
             raise UsageError(f"model 'wrn': dropout must be in [0, 1), got {dropout}")
         n = (depth - 4) // 6

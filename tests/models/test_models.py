@@ -204,7 +204,10 @@ def test_logreg_has_d_times_c_plus_c_parameters(shape, classes):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_mlp_parameter_count_formula(shape, width, depth):
     d, c = math.prod(shape), 10
-    expected = (d + 1) * c if depth == 0 else (d + 1) * width + (depth - 1) * (width + 1) * width + (width + 1) * c
+    if depth == 0:
+        expected = (d + 1) * c
+    else:
+        expected = (d + 1) * width + (depth - 1) * (width + 1) * width + (width + 1) * c
     assert n_params(build("mlp", shape=shape, classes=c, width=width, depth=depth)) == expected
 
 
@@ -245,7 +248,9 @@ def _preresnet_params(depth: int, width: int, in_channels: int, classes: int) ->
     for planes in (width, 2 * width, 4 * width):
         for _ in range(n):
             if bottleneck:
-                total += 2 * c_in + c_in * planes + 2 * planes + 9 * planes * planes + 2 * planes + planes * 4 * planes
+                # BN-conv1x1, BN-conv3x3, BN-conv1x1 to 4 * planes
+                total += 2 * c_in + c_in * planes + 2 * planes
+                total += 9 * planes * planes + 2 * planes + planes * 4 * planes
             else:
                 total += 2 * c_in + 9 * c_in * planes + 2 * planes + 9 * planes * planes
             if c_in != planes * e:  # projection shortcut (also where the stride is 2)
@@ -322,7 +327,7 @@ def test_fan_ins_of_cnn_with_batchnorm():
 def test_fan_ins_of_vgg16(batchnorm):
     infos = layer_fan_ins(build("vgg16", shape=(3, 32, 32), batchnorm=batchnorm))
     convs = [i for i in infos if i.kind == "conv"]
-    assert [i.fan_in for i in convs] == [27, 576, 576, 1152, 1152, 2304, 2304, 2304, 4608, 4608, 4608, 4608, 4608]
+    assert [i.fan_in for i in convs] == [27, 576, 576, 1152, 1152, 2304, 2304, 2304] + [4608] * 5
     assert [i.neurons for i in convs] == [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
     assert sum(i.kind == "batchnorm" for i in infos) == (13 if batchnorm else 0)
     assert infos[-1] == LayerInfo("classifier", "linear", 512, 10, True, 5130)
@@ -349,5 +354,6 @@ def test_fan_ins_refuse_layers_they_cannot_count():
     with pytest.raises(FlatcliError, match="LayerNorm"):
         layer_fan_ins(model)
     # parameter-free layers and affine-free BatchNorm are skipped
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, groups=1), nn.BatchNorm2d(3, affine=False), nn.ReLU())
-    assert layer_fan_ins(model) == [LayerInfo("0", "conv", 18, 3, True, 165)]
+    # a grouped convolution sees in_channels / groups channels per neuron
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.BatchNorm2d(4, affine=False), nn.ReLU())
+    assert layer_fan_ins(model) == [LayerInfo("0", "conv", 9, 4, True, 40)]

@@ -1,0 +1,145 @@
+"""Frozen result types of the curvature estimators.
+
+Every estimator returns one of these: plain numbers (Python floats and tuples) plus the
+number of Hessian-vector products (``hvps``) it spent, so that a renderer can print them
+and a benchmark can compare costs without knowing which algorithm produced them.
+Tensors that are returned (spectral densities, Ritz vectors) live on the CPU in float64,
+except Ritz vectors, which stay on the operator's device and dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LanczosResult:
+    """Ritz values of a Lanczos run and their residual bounds.
+
+    Attributes:
+        eigenvalues: the wanted Ritz values theta_i, ascending.
+        residuals: ``||H y_i - theta_i y_i||`` for each Ritz pair (aligned with
+            ``eigenvalues``). For symmetric H some eigenvalue lies within this distance
+            of theta_i: ``min_j |lambda_j - theta_i| <= residual_i`` (Parlett 1998, Thm 4.5.1).
+        iterations: Lanczos steps taken (size of the tridiagonal matrix).
+        hvps: Hessian-vector products spent (one per step).
+        converged: every wanted residual met ``tol`` (relative), or the Krylov space
+            became invariant (then the Ritz values are eigenvalues up to rounding).
+        which: ``"largest"``, ``"smallest"`` or ``"both"``.
+        vectors: Ritz vectors (P, len(eigenvalues)) when asked for, else ``None``.
+    """
+
+    eigenvalues: tuple[float, ...]
+    residuals: tuple[float, ...]
+    iterations: int
+    hvps: int
+    converged: bool
+    which: str
+    vectors: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class EigenEstimate:
+    """One extreme eigenvalue: ``|lambda - value| <= bound`` for some eigenvalue lambda.
+
+    ``hvps`` is the cost of the Lanczos run that produced it (shared when one run gave
+    both extremes, see :func:`flatcli.curvature.lanczos.extreme_eigenvalues`).
+    """
+
+    value: float
+    bound: float
+    hvps: int
+    converged: bool
+
+
+@dataclass(frozen=True)
+class StochasticEstimate:
+    """A randomised estimate with its standard error.
+
+    Attributes:
+        value: the estimate (e.g. of Tr H).
+        stderr: standard error of ``value``: sample standard deviation of the
+            ``samples`` independent Hutchinson terms over ``sqrt(samples)`` (the
+            deterministic low-rank part of Hutch++ adds nothing).
+        hvps: Hessian-vector products spent.
+        probes: random vectors drawn (sketch plus Hutchinson probes).
+        samples: Hutchinson samples behind ``stderr``.
+        estimator: ``"hutchinson"`` or ``"hutch++"``.
+    """
+
+    value: float
+    stderr: float
+    hvps: int
+    probes: int
+    samples: int
+    estimator: str
+
+    @property
+    def rel_stderr(self) -> float:
+        """``stderr / |value|`` (``inf`` when the value is 0)."""
+        return self.stderr / abs(self.value) if self.value != 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class FrobeniusEstimate:
+    """An estimate of ``||H||_F = sqrt(Tr H^2)`` and of ``Tr H^2`` itself.
+
+    ``squared`` is unbiased for Tr H^2; ``value = sqrt(squared)`` is slightly biased low
+    (Jensen), by O(stderr^2 / value). ``stderr`` follows from ``squared_stderr`` by the
+    delta method: ``stderr = squared_stderr / (2 value)``.
+    """
+
+    value: float
+    stderr: float
+    squared: float
+    squared_stderr: float
+    hvps: int
+    probes: int
+    samples: int
+
+    @property
+    def rel_stderr(self) -> float:
+        """``stderr / value`` (``inf`` when the value is 0)."""
+        return self.stderr / self.value if self.value != 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class SpectralDensity:
+    """A smoothed spectral density from stochastic Lanczos quadrature.
+
+    ``phi(t) = (1/probes) sum_k sum_i weights_ki N(t; nodes_ki, sigma^2)``, sampled on
+    ``grid``; ``values`` integrate to 1 over ``grid`` (trapezoid rule).
+
+    Attributes:
+        grid: evaluation points (grid_size,), float64, CPU.
+        values: density at ``grid`` (grid_size,), float64, CPU.
+        nodes: Gauss quadrature nodes (Ritz values) of all probes, concatenated.
+        weights: matching weights; each probe's weights sum to 1, so
+            ``sum(weights * nodes) / probes`` estimates Tr(H) / P.
+        sigma: Gaussian broadening width.
+        hvps: Hessian-vector products spent.
+        probes: number of random start vectors.
+        iterations: Lanczos steps per probe (the largest, if some probe stopped early
+            on an invariant subspace).
+    """
+
+    grid: Tensor
+    values: Tensor
+    nodes: Tensor
+    weights: Tensor
+    sigma: float
+    hvps: int
+    probes: int
+    iterations: int
+
+    def moment(self, order: int) -> float:
+        """Quadrature estimate of ``Tr(H^order) / P`` (exact in expectation for
+        ``order <= 2 * iterations - 1``)."""
+        return float((self.weights * self.nodes**order).sum() / self.probes)
+
+    @property
+    def mean(self) -> float:
+        """Estimate of Tr(H) / P."""
+        return self.moment(1)

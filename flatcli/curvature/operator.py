@@ -1,0 +1,417 @@
+"""The Hessian (or Gauss-Newton matrix) of the training loss as a linear operator.
+
+For a classifier f(x; w) with logits z_i = f(x_i; w), probabilities p_i = softmax(z_i)
+and the mean cross-entropy L(w) = (1/N) sum_i -log p_{i, y_i}, the operator applies
+
+    Hessian:  H = (1/N) sum_i [ J_i^T (diag p_i - p_i p_i^T) J_i
+                                + sum_c (p_ic - [c = y_i]) d^2 z_ic / dw^2 ]
+    GGN:      G = (1/N) sum_i J_i^T (diag p_i - p_i p_i^T) J_i,      J_i = dz_i/dw,
+
+plus ``l2 * I`` when asked (the Hessian of the coupled regulariser (l2/2) ||w||^2), to a
+block of K vectors V (P x K) in ONE pass over the data (Granziol 2020, "Flatness is a
+False Friend", measures H of the loss without the regulariser; see docs/paper.md).
+
+Hessian-vector products use torch.func (Pearlmutter 1994, "Fast exact multiplication by
+the Hessian"):
+
+* double backward (reverse-over-reverse): ``_, vjp_fn = vjp(grad(L), w)`` once per batch,
+  then ``vmap(vjp_fn)`` over the K vectors (H is symmetric, so v^T H = (H v)^T);
+* forward-over-reverse: ``vmap(v -> jvp(grad(L), (w,), (v,))[1])``;
+* GGN: ``J v`` by jvp of the logits, multiply by ``diag p - p p^T``, then ``J^T`` by vjp.
+
+Measured costs (bench/hvp_methods.py, MLP 784-64-10, 50,890 parameters, 4,000 inputs in
+one batch, float32, CPU with 2 cores shared with other jobs, median of 7):
+
+    ===================================  ========  ==================
+    quantity                             time      ratio to gradient
+    ===================================  ========  ==================
+    gradient                             see AUTO_METHOD_MEASUREMENTS below
+    ===================================  ========  ==================
+
+The ``method="auto"`` choice per device type is the table ``AUTO_METHOD``; the numbers
+behind it are kept in ``AUTO_METHOD_MEASUREMENTS``.
+
+Model state: dropout and every other train/eval switch is in eval mode. BatchNorm either
+uses its running statistics (``bn_mode="eval"``, as PyHessian does) or the statistics of
+each batch (``bn_mode="batch"``, as the paper's authors did), the latter through
+``torch.func.replace_all_batch_norm_modules_`` on a structural copy of the model. The
+user's model is never mutated: the copy shares no state that we write, parameters and
+buffers are passed to ``torch.func.functional_call`` explicitly, and running statistics
+are never updated.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import scipy.sparse.linalg
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, replace_all_batch_norm_modules_, vjp, vmap
+
+from flatcli.errors import UsageError
+
+
+class Curvature(str, enum.Enum):
+    """Which curvature matrix the operator applies."""
+
+    HESSIAN = "hessian"
+    GGN = "ggn"
+
+
+class BatchNormMode(str, enum.Enum):
+    """Which statistics BatchNorm layers normalise with."""
+
+    EVAL = "eval"  # running statistics
+    BATCH = "batch"  # statistics of the current batch
+
+
+class HvpMethod(str, enum.Enum):
+    """How a Hessian-vector product is computed."""
+
+    AUTO = "auto"
+    DOUBLE_BACKWARD = "double_backward"
+    FORWARD_OVER_REVERSE = "forward_over_reverse"
+
+
+# What bench/hvp_methods.py measured (seconds, median), per device type. ``None`` marks a
+# device type on which no measurement was made yet.
+AUTO_METHOD_MEASUREMENTS: dict[str, dict[str, float] | None] = {
+    "cpu": None,
+    "cuda": None,
+}
+
+# ``method="auto"`` resolves through this table; device types missing from it use the
+# "cpu" entry.
+AUTO_METHOD: dict[str, HvpMethod] = {
+    "cpu": HvpMethod.DOUBLE_BACKWARD,
+    "cuda": HvpMethod.DOUBLE_BACKWARD,
+}
+
+
+def _parse_enum(enum_cls: type[enum.Enum], value: Any, option: str) -> Any:
+    try:
+        return enum_cls(value)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in enum_cls)
+        raise UsageError(f"unknown {option} {value!r}", f"choose one of {choices}") from None
+
+
+def _data_pass(
+    batch_fn: Callable[[Tensor, Tensor], tuple[Tensor, ...]],
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[Tensor, ...]:
+    """One pass over the data: ``sum_b (n_b / N) * batch_fn(X_b, y_b)``.
+
+    ``batch_fn`` returns per-batch *means* (of a loss, a gradient, a block of HVPs ...);
+    weighting each by its share ``n_b / N`` of the samples makes the sum exactly the
+    mean over all N samples, also when N is not a multiple of ``batch_size`` (the last,
+    shorter batch gets a smaller weight). Floating-point inputs are cast to ``dtype``;
+    every batch is moved to ``device`` just before use.
+    """
+    n_total = inputs.shape[0]
+    totals: list[Tensor] | None = None
+    for start in range(0, n_total, batch_size):
+        x = inputs[start : start + batch_size]
+        y = targets[start : start + batch_size]
+        x = x.to(device=device, dtype=dtype if x.is_floating_point() else None, non_blocking=True)
+        y = y.to(device=device, non_blocking=True)
+        weight = x.shape[0] / n_total
+        outs = batch_fn(x, y)
+        if totals is None:
+            totals = [out * weight for out in outs]
+        else:
+            for total, out in zip(totals, outs, strict=True):
+                total.add_(out, alpha=weight)
+    # Data-parallel extension point: with each torch.distributed rank iterating over its
+    # own shard (and n_total the GLOBAL sample count), the shard sums ``totals`` are
+    # combined here by ``torch.distributed.all_reduce(t, op=SUM)`` for each t.
+    assert totals is not None
+    return tuple(totals)
+
+
+def _structural_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares (does not duplicate) parameters and buffers.
+
+    Its modules' attributes (training flags, BatchNorm settings) can then be changed
+    without touching the user's model; the shared tensors are only ever read.
+    """
+    memo: dict[int, Any] = {id(t): t for t in model.parameters()}
+    memo.update({id(t): t for t in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+class CurvatureOperator:
+    """Hessian (or GGN) of the mean cross-entropy over a data set, as a linear operator
+    on the flat parameter vector.
+
+    Args:
+        model: a classifier returning logits (N, C) (or (N, C, ...) for the Hessian).
+            Not modified.
+        inputs, targets: the data (N, ...) and integer class labels (N,). They may live
+            on any device; batches are moved to the model's device.
+        curvature: ``"hessian"`` or ``"ggn"`` (generalised Gauss-Newton).
+        bn_mode: ``"eval"`` (BatchNorm running statistics) or ``"batch"`` (batch
+            statistics, the loss of each batch normalised with its own statistics).
+        batch_size: samples per forward pass; ``None`` = all at once. Results are the
+            exact full-data mean in ``"eval"`` mode whatever the batch size.
+        chunk_size: most vectors per vmapped call (bounds memory); ``None`` = all K.
+        l2: adds ``l2 * I``.
+        param_names: restrict to these parameters (others held fixed): the operator is
+            then the corresponding diagonal block. Default: every parameter that
+            requires grad, in ``named_parameters()`` order.
+        dtype: computation dtype; ``None`` = the parameters' dtype. Parameters, buffers
+            and floating-point inputs are cast (the model itself is not).
+        method: ``"double_backward"``, ``"forward_over_reverse"`` or ``"auto"`` (the
+            table ``AUTO_METHOD`` per device type). The GGN always uses jvp then vjp.
+        progress: called with the number of HVPs done so far after each data pass.
+
+    The flat vector concatenates the selected parameters, each flattened row-major, in
+    ``param_names`` order. The operator snapshots the selected parameters; do not
+    modify the model in place while using it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        *,
+        curvature: str = "hessian",
+        bn_mode: str = "eval",
+        batch_size: int | None = None,
+        chunk_size: int | None = None,
+        l2: float = 0.0,
+        param_names: Sequence[str] | None = None,
+        dtype: torch.dtype | None = None,
+        method: str = "auto",
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.curvature = _parse_enum(Curvature, curvature, "curvature")
+        self.bn_mode = _parse_enum(BatchNormMode, bn_mode, "BatchNorm mode")
+        requested_method = _parse_enum(HvpMethod, method, "HVP method")
+        if inputs.shape[0] != targets.shape[0]:
+            raise UsageError(
+                f"{inputs.shape[0]} inputs but {targets.shape[0]} targets",
+                "pass one integer class label per input",
+            )
+        if inputs.shape[0] == 0:
+            raise UsageError("the data set is empty", "pass at least one sample")
+        if targets.is_floating_point() or targets.is_complex() or targets.dim() != 1:
+            raise UsageError(
+                "targets must be a 1-D tensor of integer class labels",
+                f"got dtype {targets.dtype} and shape {tuple(targets.shape)}",
+            )
+        for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
+            if value is not None and value < 1:
+                raise UsageError(f"{name} must be a positive integer, got {value}")
+
+        all_params = dict(model.named_parameters())
+        if not all_params:
+            raise UsageError("the model has no parameters")
+        if param_names is None:
+            selected = [n for n, p in all_params.items() if p.requires_grad]
+        else:
+            selected = list(dict.fromkeys(param_names))
+            unknown = [n for n in selected if n not in all_params]
+            if unknown:
+                raise UsageError(
+                    f"unknown parameter name(s): {', '.join(unknown)}",
+                    f"the model has {', '.join(all_params)}",
+                )
+        if not selected:
+            raise UsageError("no parameters selected", "pass param_names or unfreeze parameters")
+
+        first = next(iter(all_params.values()))
+        self.device: torch.device = first.device
+        self.dtype: torch.dtype = first.dtype if dtype is None else dtype
+        if not self.dtype.is_floating_point:
+            raise UsageError(f"dtype must be a floating-point type, got {self.dtype}")
+
+        self._model = _structural_copy(model)
+        self._model.eval()  # dropout off; BatchNorm on running statistics
+        if self.bn_mode is BatchNormMode.BATCH:
+            replace_all_batch_norm_modules_(self._model)  # running stats -> None (on the copy)
+            for module in self._model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.train()  # batch statistics; nothing is tracked any more
+
+        def cast(t: Tensor) -> Tensor:
+            t = t.detach()
+            return t.to(self.dtype) if t.is_floating_point() else t
+
+        self.param_names: tuple[str, ...] = tuple(selected)
+        self.param_shapes: tuple[torch.Size, ...] = tuple(all_params[n].shape for n in selected)
+        self._numels = [all_params[n].numel() for n in selected]
+        self.params: Tensor = torch.cat([cast(all_params[n]).reshape(-1) for n in selected])
+        self.num_params: int = self.params.numel()
+        # Held fixed: unselected parameters and the (copy's) buffers.
+        self._fixed: dict[str, Tensor] = {
+            n: cast(p) for n, p in all_params.items() if n not in set(selected)
+        }
+        self._fixed.update({n: cast(b) for n, b in self._model.named_buffers()})
+
+        self.method = (
+            AUTO_METHOD.get(self.device.type, AUTO_METHOD["cpu"])
+            if requested_method is HvpMethod.AUTO
+            else requested_method
+        )
+        self.num_samples: int = inputs.shape[0]
+        self.batch_size: int = self.num_samples if batch_size is None else batch_size
+        self.chunk_size = chunk_size
+        self.l2 = float(l2)
+        self.progress = progress
+        self.hvps: int = 0
+        self._inputs = inputs
+        self._targets = targets
+
+    # ----------------------------------------------------------------- flat vectors
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_params, self.num_params)
+
+    def unflatten(self, v: Tensor) -> dict[str, Tensor]:
+        """Split a flat vector (P,) into ``{name: tensor of the parameter's shape}``."""
+        pieces = torch.split(v, self._numels)
+        return {
+            n: t.reshape(s) for n, t, s in zip(self.param_names, pieces, self.param_shapes, strict=True)
+        }
+
+    def flatten(self, tensors: dict[str, Tensor] | Iterable[Tensor]) -> Tensor:
+        """Inverse of :meth:`unflatten` (a dict keyed by name, or tensors in order)."""
+        if isinstance(tensors, dict):
+            tensors = [tensors[n] for n in self.param_names]
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    # ---------------------------------------------------------------- the functions
+
+    def _logits(self, theta: Tensor, x: Tensor) -> Tensor:
+        tensors = {**self._fixed, **self.unflatten(theta)}
+        return functional_call(self._model, tensors, (x,))
+
+    def _loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(self._logits(theta, x), y)
+
+    def _pass(self, batch_fn: Callable[[Tensor, Tensor], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+        return _data_pass(
+            batch_fn,
+            self._inputs,
+            self._targets,
+            batch_size=self.batch_size,
+            device=self.device,
+            dtype=self.dtype,
+        )
+
+    def _hessian_block(self, x: Tensor, y: Tensor, vs: Tensor) -> Tensor:
+        """(K, P) -> (K, P): rows H_b v_k for the batch's mean loss."""
+        theta = self.params
+        grad_fn = grad(self._loss)
+        if self.method is HvpMethod.DOUBLE_BACKWARD:
+            _, vjp_fn = vjp(lambda t: grad_fn(t, x, y), theta)
+            return vmap(lambda v: vjp_fn(v)[0], chunk_size=self.chunk_size)(vs)
+        return vmap(
+            lambda v: jvp(lambda t: grad_fn(t, x, y), (theta,), (v,))[1],
+            chunk_size=self.chunk_size,
+        )(vs)
+
+    def _ggn_block(self, x: Tensor, y: Tensor, vs: Tensor) -> Tensor:
+        """(K, P) -> (K, P): rows J^T (diag p - p p^T) J v_k / n_b for the batch."""
+        theta = self.params
+
+        def logits(t: Tensor) -> Tensor:
+            return self._logits(t, x)
+
+        z, vjp_fn = vjp(logits, theta)
+        p = torch.softmax(z.detach(), dim=1)
+        n_terms = z.numel() // z.shape[1]  # cross-entropy averages over these
+
+        def one(v: Tensor) -> Tensor:
+            jv = jvp(logits, (theta,), (v,))[1]
+            m = p * jv - p * (p * jv).sum(dim=1, keepdim=True)
+            return vjp_fn(m / n_terms)[0]
+
+        return vmap(one, chunk_size=self.chunk_size)(vs)
+
+    # ------------------------------------------------------------------- public API
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """``H V`` for V of shape (P, K), in one pass over the data (K HVPs)."""
+        if V.dim() != 2 or V.shape[0] != self.num_params:
+            raise UsageError(
+                f"expected a block of shape ({self.num_params}, K), got {tuple(V.shape)}"
+            )
+        V = V.to(device=self.device, dtype=self.dtype)
+        k = V.shape[1]
+        if k == 0:
+            return V.clone()
+        vs = V.T.contiguous()
+        block = self._ggn_block if self.curvature is Curvature.GGN else self._hessian_block
+        (hv,) = self._pass(lambda x, y: (block(x, y, vs),))
+        out = hv.T
+        if self.l2:
+            out = out + self.l2 * V
+        self.hvps += k
+        if self.progress is not None:
+            self.progress(self.hvps)
+        return out
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``H v`` for v of shape (P,) (one pass over the data)."""
+        if v.dim() != 1:
+            raise UsageError(f"expected a vector of shape ({self.num_params},), got {tuple(v.shape)}")
+        return self.matmat(v.unsqueeze(1)).squeeze(1)
+
+    def __matmul__(self, other: Tensor) -> Tensor:
+        return self.matvec(other) if other.dim() == 1 else self.matmat(other)
+
+    def gradient(self) -> Tensor:
+        """Flat gradient (P,) of the mean cross-entropy (without the l2 term)."""
+        grad_fn = grad(self._loss)
+        (g,) = self._pass(lambda x, y: (grad_fn(self.params, x, y),))
+        return g
+
+    @torch.no_grad()
+    def loss_and_accuracy(self) -> tuple[float, float]:
+        """Mean cross-entropy (without the l2 term) and accuracy at the measured point,
+        with the same BatchNorm mode, batches and dtype as the curvature."""
+
+        def batch_fn(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            z = self._logits(self.params, x)
+            loss = F.cross_entropy(z, y)
+            acc = (z.argmax(dim=1) == y).to(self.dtype).mean()
+            return loss, acc
+
+        loss, acc = self._pass(batch_fn)
+        return float(loss), float(acc)
+
+    def to_scipy(self) -> scipy.sparse.linalg.LinearOperator:
+        """A float64 scipy ``LinearOperator`` applying this operator (for references)."""
+
+        def matmat(x: np.ndarray) -> np.ndarray:
+            t = torch.as_tensor(np.asarray(x, dtype=np.float64).reshape(self.num_params, -1))
+            return self.matmat(t).detach().to("cpu", torch.float64).numpy()
+
+        def matvec(x: np.ndarray) -> np.ndarray:
+            return matmat(x).reshape(-1)
+
+        return scipy.sparse.linalg.LinearOperator(
+            shape=self.shape, dtype=np.float64, matvec=matvec, rmatvec=matvec, matmat=matmat
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"CurvatureOperator({self.curvature.value}, P={self.num_params}, N={self.num_samples}, "
+            f"bn_mode={self.bn_mode.value}, method={self.method.value}, dtype={self.dtype}, "
+            f"device={self.device}, l2={self.l2})"
+        )

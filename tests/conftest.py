@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny, fast problems built from the embedded digits data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _isolate(tmp_path, monkeypatch):
+    # Never touch the user's cache, never depend on the working directory.
+    monkeypatch.setenv("FLATCLI_DATA", str(tmp_path / "data-cache"))
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def make_config():
+    from flatcli.config import make_train_config
+
+    def make(**kw):
+        base = dict(dataset="digits", model="logreg", epochs=2, batch_size=64, device="cpu")
+        base.update(kw)
+        return make_train_config(**base)
+
+    return make
