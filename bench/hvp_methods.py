@@ -32,16 +32,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    fn()  # warm-up (allocations, kernel selection)
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _time_round_robin(
+    fns: dict[str, Callable[[], object]], device: torch.device, repeats: int
+) -> dict[str, tuple[float, float]]:
+    """(median, min) seconds per function; the functions take turns, so that a burst of
+    load on a shared machine hits all of them alike."""
+    for fn in fns.values():  # warm-up (allocations, kernel selection, lazy imports)
         fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
 def _data(data_dir: str | None, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,31 +84,35 @@ def main() -> None:
     v = torch.randn(p, generator=gen).to(device)
     block = torch.randn(p, args.k, generator=gen).to(device)
 
-    rows: list[tuple[str, float]] = [
-        ("gradient", _median_time(ops["double_backward"].gradient, device, args.repeats))
-    ]
-    for name, op in ops.items():
-        rows.append((f"1 HVP, {name}", _median_time(lambda op=op: op.matvec(v), device, args.repeats)))
-    for name, op in ops.items():
-        rows.append(
-            (f"{args.k} HVPs (block), {name}", _median_time(lambda op=op: op.matmat(block), device, args.repeats))
-        )
+    db, fr = ops["double_backward"], ops["forward_over_reverse"]
+    k = args.k
+    fns: dict[str, Callable[[], object]] = {
+        "gradient": db.gradient,
+        "1 HVP, double_backward": lambda: db.matvec(v),
+        "1 HVP, forward_over_reverse": lambda: fr.matvec(v),
+        f"{k} HVPs (block), double_backward": lambda: db.matmat(block),
+        f"{k} HVPs (block), forward_over_reverse": lambda: fr.matmat(block),
+    }
+    results = _time_round_robin(fns, device, args.repeats)
 
-    data = "MNIST " + args.data_dir if args.data_dir else "random data"
-    print(f"MLP 784-64-10 ({p:,} parameters), {args.n} inputs ({data}), one batch, "
-          f"{device}, torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
-    grad_time = rows[0][1]
-    single = {name: t for name, t in rows[1:3]}
-    print(f"{'quantity':<44}{'time (ms)':>10}{'/ gradient':>12}{'/ 1 HVP':>10}")
-    for name, t in rows:
+    data = f"MNIST from {args.data_dir}" if args.data_dir else "random data"
+    print(
+        f"MLP 784-64-10 ({p:,} parameters), {args.n} inputs ({data}), one batch, {device}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats"
+    )
+    grad_median = results["gradient"][0]
+    print(f"{'quantity':<42}{'median ms':>10}{'min ms':>9}{'/ gradient':>12}{'/ its 1 HVP':>13}")
+    for name, (median, fastest) in results.items():
+        method = name.rsplit(", ", 1)[-1]
         per_single = ""
-        for method, t1 in single.items():
-            if name.endswith(method) and "block" in name:
-                per_single = f"{t / t1:10.2f}"
-        print(f"{name:<44}{1e3 * t:10.1f}{t / grad_time:12.2f}{per_single}")
-    blocks = {n.rsplit(", ", 1)[1]: t for n, t in rows[3:]}
-    best = min(blocks, key=blocks.__getitem__)
-    print(f"fastest block of {args.k} on {device.type}: {best}")
+        if "block" in name:
+            per_single = f"{median / results[f'1 HVP, {method}'][0]:13.2f}"
+        print(f"{name:<42}{1e3 * median:10.1f}{1e3 * fastest:9.1f}{median / grad_median:12.2f}{per_single}")
+    for kind in ("1 HVP", f"{k} HVPs (block)"):
+        best = min(
+            ("double_backward", "forward_over_reverse"), key=lambda m: results[f"{kind}, {m}"][0]
+        )
+        print(f"fastest for {kind} on {device.type}: {best}")
 
 
 if __name__ == "__main__":

@@ -143,6 +143,9 @@ def regularised_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter
     ``grad <- grad + l2 w`` (coupled) and ``w <- w (1 - lr mu)`` (decoupled, at the
     current scheduled ``lr``), then the optimiser's own update.
     """
+    if not (l2 or weight_decay):
+        optimizer.step()
+        return
     with torch.no_grad():
         with_grad = [p for p in params if p.grad is not None]
         if l2:
@@ -180,7 +183,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: 
         total_loss += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
         if on_batch is not None:
-            on_batch(b, float(loss.detach()))
+            on_batch(b, loss.detach())
     return float(total_loss) / n, int(correct) / n
 
 

@@ -68,7 +68,7 @@ def train(
             bar.update(batch_task, total=batches, completed=0)
 
         def on_batch(epoch: int, batch: int, loss: float) -> None:
-            bar.update(batch_task, completed=batch + 1, info=f"loss {loss:.4f}")
+            bar.update(batch_task, completed=batch + 1, info=f"loss {float(loss):.4f}")
 
         def on_epoch(r: EpochRecord) -> None:
             bar.update(epochs_task, completed=r.epoch,
