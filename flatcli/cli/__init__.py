@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from . import sharpness as _sharpness
 from . import train as _train
 
 app = typer.Typer(
@@ -32,6 +33,7 @@ def _root(
 
 
 app.command("train")(_train.train)
+app.command("sharpness")(_sharpness.sharpness)
 
 
 def main() -> None:

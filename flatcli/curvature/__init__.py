@@ -1,0 +1,69 @@
+"""The Hessian engine: curvature operators and the estimators that use them.
+
+* operator: :class:`CurvatureOperator` applies the Hessian (or GGN) of the mean
+  cross-entropy to a block of vectors in one data pass.
+* spectrum ends: :func:`lanczos`, :func:`lambda_max`, :func:`lambda_min`,
+  :func:`extreme_eigenvalues`.
+* trace and norm: :func:`hutchpp_trace`, :func:`hutchinson_trace`, :func:`frobenius`.
+* density: :func:`slq_density`.
+* exact references: :func:`dense_hessian`, :func:`exact_spectrum`,
+  :func:`hessian_via_torch_func`, :func:`logistic_regression_hessian`,
+  :func:`logistic_regression_trace`.
+"""
+
+from flatcli.curvature._results import (
+    EigenEstimate,
+    FrobeniusEstimate,
+    LanczosResult,
+    SpectralDensity,
+    StochasticEstimate,
+)
+from flatcli.curvature.density import slq_density
+from flatcli.curvature.exact import (
+    dense_hessian,
+    exact_spectrum,
+    hessian_via_torch_func,
+    logistic_regression_hessian,
+    logistic_regression_trace,
+)
+from flatcli.curvature.lanczos import extreme_eigenvalues, lambda_max, lambda_min, lanczos
+from flatcli.curvature.operator import (
+    AUTO_METHOD,
+    BatchNormMode,
+    Curvature,
+    CurvatureOperator,
+    HvpMethod,
+)
+from flatcli.curvature.trace import frobenius, hutchinson_trace, hutchpp_trace
+
+__all__ = [
+    # operator
+    "CurvatureOperator",
+    "Curvature",
+    "BatchNormMode",
+    "HvpMethod",
+    "AUTO_METHOD",
+    # extreme eigenvalues
+    "lanczos",
+    "lambda_max",
+    "lambda_min",
+    "extreme_eigenvalues",
+    # trace and Frobenius norm
+    "hutchpp_trace",
+    "hutchinson_trace",
+    "frobenius",
+    # spectral density
+    "slq_density",
+    # exact references and closed forms
+    "dense_hessian",
+    "exact_spectrum",
+    "hessian_via_torch_func",
+    "logistic_regression_hessian",
+    "logistic_regression_trace",
+    # results
+    "LanczosResult",
+    "EigenEstimate",
+    "StochasticEstimate",
+    "FrobeniusEstimate",
+    "SpectralDensity",
+]

@@ -1,0 +1,352 @@
+"""The sharpness report: which estimator answers which measure, at one point in weight space.
+
+Measures of the curvature of the mean cross-entropy L(w) over a data set (the Hessian H,
+or the generalised Gauss-Newton matrix G; without the regulariser unless asked, as
+Granziol 2020 measures it):
+
+=============  ==========================================  ===============================
+measure        definition                                  estimator (uncertainty)
+=============  ==========================================  ===============================
+lambda_max     largest eigenvalue of H                     Lanczos, full reorthogonalisation
+                                                           (Ritz residual bound)
+lambda_min     smallest eigenvalue of H                    same run when both are asked for
+spectral_norm  max(|lambda_max|, |lambda_min|)             from the two (larger bound)
+trace          Tr H = sum of eigenvalues                   Hutch++ (standard error)
+frobenius      ||H||_F = sqrt(Tr H^2)                      Hutch++-style on H^2 (std. error)
+density        spectral density of H                       stochastic Lanczos quadrature
+=============  ==========================================  ===============================
+
+With ``exact=True`` the dense matrix is built (refused when it would not fit) and every
+measure comes from its eigenvalues, with zero uncertainty; for logistic regression the
+closed form H = (1/N) sum_i (diag p_i - p_i p_i^T) kron x_i x_i^T needs no autograd.
+
+Measures are a registry (:data:`MEASURES`) of functions of a :class:`MeasureContext`,
+which shares work between them (one Lanczos run for both extremes, one dense spectrum).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .curvature import (CurvatureOperator, EigenEstimate, FrobeniusEstimate, SpectralDensity, StochasticEstimate,
+                        dense_hessian, extreme_eigenvalues, frobenius, hutchpp_trace, lambda_max, lambda_min,
+                        logistic_regression_hessian, slq_density)
+from .errors import UsageError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class SharpnessConfig:
+    """What to measure and how (every field is part of the cache key)."""
+
+    measures: tuple[str, ...] = ("lambda_max", "trace", "frobenius")
+    split: str = "train"
+    samples: int | None = None
+    batch_size: int | None = 2048
+    curvature: str = "hessian"
+    bn_mode: str = "eval"
+    include_l2: bool = False
+    exact: bool = False
+    tol: float = 1e-4
+    max_iter: int = 100
+    probes: int = 99
+    density_iterations: int = 64
+    density_probes: int = 8
+    rho: float = 0.05
+    seed: int = 0
+    dtype: str = "float32"
+    per_layer: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.measures if m not in MEASURES]
+        if unknown or not self.measures:
+            raise UsageError(f"unknown measure {', '.join(unknown) or '(none given)'}",
+                             hint=f"choose from: {', '.join(MEASURES)}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"unknown dtype {self.dtype!r}", hint="use float32 or float64")
+        if self.split not in ("train", "test"):
+            raise UsageError(f"unknown split {self.split!r}", hint="use train or test")
+        for name in ("max_iter", "probes", "density_iterations", "density_probes"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name.replace('_', '-')} must be positive")
+        if not self.tol > 0:
+            raise UsageError("tol must be positive")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UsageError("batch size must be positive")
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A measured number and its uncertainty: a rigorous bound (eigenvalues) or a
+    standard error (stochastic estimates); 0 for exact values."""
+
+    value: float
+    uncertainty: float
+    kind: str  # "bound", "stderr" or "exact"
+    hvps: int = 0
+
+    def as_dict(self) -> dict:
+        key = "bound" if self.kind in ("bound", "exact") else "stderr"
+        return {"value": self.value, key: self.uncertainty}
+
+
+@dataclass(frozen=True)
+class Density:
+    grid: list[float]
+    values: list[float]
+    hvps: int = 0
+
+    def as_dict(self) -> dict:
+        return {"grid": self.grid, "values": self.values}
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    name: str
+    params: tuple[str, ...]
+    num_params: int
+    measures: dict[str, Any]
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "params": list(self.params), "num_params": self.num_params,
+                **{k: v.as_dict() for k, v in self.measures.items()}}
+
+
+@dataclass(frozen=True)
+class SharpnessReport:
+    """Everything ``flatcli sharpness`` measured at one point."""
+
+    checkpoint: str | None
+    dataset: str | None
+    split: str
+    num_samples: int
+    num_params: int
+    curvature: str
+    bn_mode: str
+    dtype: str
+    device: str
+    seed: int
+    loss: float
+    accuracy: float
+    weight_norm: float
+    l2: float
+    measures: dict[str, Any]
+    hvps: int
+    seconds: float
+    exact: bool = False
+    layers: list[LayerReport] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        head = {k: getattr(self, k) for k in ("checkpoint", "dataset", "split", "num_samples", "num_params",
+                                               "curvature", "bn_mode", "dtype", "device", "seed", "loss",
+                                               "accuracy", "weight_norm")}
+        head["include_l2"] = self.l2
+        head["exact"] = self.exact
+        body = {k: v.as_dict() for k, v in self.measures.items()}
+        tail: dict[str, Any] = {"hvps": self.hvps, "seconds": self.seconds}
+        if self.layers:
+            tail = {"layers": [layer.as_dict() for layer in self.layers], **tail}
+        return {**head, **body, **tail}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SharpnessReport":
+        """Rebuild a report from :meth:`as_dict` (used by the ``sharpness.json`` cache)."""
+        measures = {}
+        for name in MEASURES:
+            if name in d:
+                measures[name] = _measure_from_dict(d[name])
+        for extra in ("spectral_norm",):
+            if extra in d:
+                measures[extra] = _measure_from_dict(d[extra])
+        layers = [LayerReport(x["name"], tuple(x["params"]), x["num_params"],
+                              {k: _measure_from_dict(v) for k, v in x.items() if isinstance(v, dict)})
+                  for x in d.get("layers", [])]
+        return cls(d["checkpoint"], d["dataset"], d["split"], d["num_samples"], d["num_params"], d["curvature"],
+                   d["bn_mode"], d["dtype"], d["device"], d["seed"], d["loss"], d["accuracy"], d["weight_norm"],
+                   d.get("include_l2", 0.0), measures, d["hvps"], d["seconds"], d.get("exact", False), layers)
+
+
+def _measure_from_dict(d: dict):
+    if "grid" in d:
+        return Density(d["grid"], d["values"])
+    if "stderr" in d:
+        return Estimate(d["value"], d["stderr"], "stderr")
+    return Estimate(d["value"], d["bound"], "bound" if d["bound"] else "exact")
+
+
+class MeasureContext:
+    """Shared state of one measurement: the operator and work reused across measures."""
+
+    def __init__(self, op: CurvatureOperator, config: SharpnessConfig, model: nn.Module,
+                 inputs: torch.Tensor, targets: torch.Tensor, closed_form: bool) -> None:
+        self.op, self.config, self.model = op, config, model
+        self.inputs, self.targets = inputs, targets
+        self.closed_form = closed_form
+        self._extremes: tuple[EigenEstimate, EigenEstimate] | None = None
+        self._spectrum: torch.Tensor | None = None
+
+    # -- shared work ---------------------------------------------------------------
+    def spectrum(self) -> torch.Tensor:
+        """Exact eigenvalues (float64, ascending) of the dense matrix."""
+        if self._spectrum is None:
+            if self.closed_form:
+                weight, bias = (p.detach() for p in self.model.parameters())
+                h = logistic_regression_hessian(weight.double(), bias.double(),
+                                                self.inputs.flatten(1).double(), self.targets)
+                h = h + self.op.l2 * torch.eye(h.shape[0], dtype=h.dtype)
+            else:
+                h = dense_hessian(self.op).double()
+            self._spectrum = torch.linalg.eigvalsh(h.cpu())
+        return self._spectrum
+
+    def extremes(self) -> tuple[EigenEstimate, EigenEstimate]:
+        if self._extremes is None:
+            c = self.config
+            self._extremes = extreme_eigenvalues(self.op, tol=c.tol, max_iter=c.max_iter, seed=c.seed)
+        return self._extremes
+
+
+def _lambda_max(ctx: MeasureContext) -> Estimate:
+    if ctx.config.exact:
+        return Estimate(float(ctx.spectrum()[-1]), 0.0, "exact")
+    if "lambda_min" in ctx.config.measures:
+        est = ctx.extremes()[1]
+    else:
+        c = ctx.config
+        est = lambda_max(ctx.op, tol=c.tol, max_iter=c.max_iter, seed=c.seed)
+    return Estimate(est.value, est.bound, "bound", est.hvps)
+
+
+def _lambda_min(ctx: MeasureContext) -> Estimate:
+    if ctx.config.exact:
+        return Estimate(float(ctx.spectrum()[0]), 0.0, "exact")
+    if "lambda_max" in ctx.config.measures:
+        est = ctx.extremes()[0]
+        return Estimate(est.value, est.bound, "bound", 0)  # the HVPs are counted under lambda_max
+    c = ctx.config
+    est = lambda_min(ctx.op, tol=c.tol, max_iter=c.max_iter, seed=c.seed)
+    return Estimate(est.value, est.bound, "bound", est.hvps)
+
+
+def _trace(ctx: MeasureContext) -> Estimate:
+    if ctx.config.exact:
+        return Estimate(float(ctx.spectrum().sum()), 0.0, "exact")
+    est = hutchpp_trace(ctx.op, probes=ctx.config.probes, seed=ctx.config.seed)
+    return Estimate(est.value, est.stderr, "stderr", est.hvps)
+
+
+def _frobenius(ctx: MeasureContext) -> Estimate:
+    if ctx.config.exact:
+        return Estimate(float(ctx.spectrum().pow(2).sum().sqrt()), 0.0, "exact")
+    est = frobenius(ctx.op, probes=ctx.config.probes, seed=ctx.config.seed + 1)
+    return Estimate(est.value, est.stderr, "stderr", est.hvps)
+
+
+def _density(ctx: MeasureContext) -> Density:
+    c = ctx.config
+    if c.exact:
+        eig = ctx.spectrum()
+        d = density_from_eigenvalues(eig)
+        return Density(d[0].tolist(), d[1].tolist())
+    est = slq_density(ctx.op, probes=c.density_probes, iterations=c.density_iterations, seed=c.seed + 2)
+    return Density(est.grid.tolist(), est.values.tolist(), est.hvps)
+
+
+def density_from_eigenvalues(eig: torch.Tensor, grid_size: int = 512, sigma: float | None = None):
+    """Gaussian-broadened density of given eigenvalues (the exact counterpart of SLQ)."""
+    eig = eig.double().cpu()
+    lo, hi = float(eig.min()), float(eig.max())
+    width = max(hi - lo, 1e-12)
+    sigma = sigma or width / 200
+    grid = torch.linspace(lo - 4 * sigma - 0.01 * width, hi + 4 * sigma + 0.01 * width, grid_size, dtype=torch.float64)
+    values = torch.exp(-0.5 * ((grid[:, None] - eig[None, :]) / sigma) ** 2).sum(1)
+    values = values / (len(eig) * sigma * math.sqrt(2 * math.pi))
+    return grid, values
+
+
+#: name -> function of the context. Order is the order of the report.
+MEASURES: dict[str, Callable[[MeasureContext], Any]] = {
+    "lambda_max": _lambda_max,
+    "lambda_min": _lambda_min,
+    "trace": _trace,
+    "frobenius": _frobenius,
+    "density": _density,
+}
+
+
+def _is_plain_logreg(model: nn.Module) -> bool:
+    params = list(model.parameters())
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    others = [m for m in model.modules() if list(m.children()) == [] and not isinstance(m, (nn.Linear, nn.Flatten))]
+    return len(linears) == 1 and not others and len(params) == 2 and linears[0].bias is not None
+
+
+def measure(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: SharpnessConfig, *,
+            l2: float = 0.0, progress: Callable[[int], None] | None = None,
+            checkpoint: str | None = None, dataset: str | None = None) -> SharpnessReport:
+    """Measure ``config.measures`` of ``model`` on (inputs, targets); see the module doc.
+
+    ``l2`` is the coupled-L2 coefficient added as ``l2 * I`` when ``config.include_l2``.
+    The model's device decides where the work runs; ``config.dtype`` its precision.
+    """
+    start = time.perf_counter()
+    dtype = DTYPES[config.dtype]
+    device = next(model.parameters()).device
+    coeff = l2 if config.include_l2 else 0.0
+    op_kwargs = dict(curvature=config.curvature, bn_mode=config.bn_mode, batch_size=config.batch_size,
+                     l2=coeff, dtype=dtype, progress=progress)
+    op = CurvatureOperator(model, inputs, targets, **op_kwargs)
+    closed_form = config.exact and config.curvature == "hessian" and _is_plain_logreg(model)
+    ctx = MeasureContext(op, config, model, inputs, targets, closed_form)
+    loss, accuracy = op.loss_and_accuracy()
+    results = {name: MEASURES[name](ctx) for name in config.measures}
+    if "lambda_max" in results and "lambda_min" in results:
+        hi, lo = results["lambda_max"], results["lambda_min"]
+        results["spectral_norm"] = max((hi, lo), key=lambda e: abs(e.value))
+        results["spectral_norm"] = replace(results["spectral_norm"], value=abs(results["spectral_norm"].value),
+                                           uncertainty=max(hi.uncertainty, lo.uncertainty), hvps=0)
+    layers: list[LayerReport] = []
+    hvps = op.hvps
+    if config.per_layer:
+        for name, names in parameter_groups(model).items():
+            sub = CurvatureOperator(model, inputs, targets, param_names=names, **op_kwargs)
+            sub_ctx = MeasureContext(sub, config, model, inputs, targets, closed_form=False)
+            layers.append(LayerReport(name, tuple(names), sub.num_params,
+                                      {m: MEASURES[m](sub_ctx) for m in config.measures if m != "density"}))
+            hvps += sub.hvps
+    weight_norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()))
+    return SharpnessReport(checkpoint, dataset, config.split, len(targets), op.num_params, config.curvature,
+                           config.bn_mode, config.dtype, str(device), config.seed, loss, accuracy, weight_norm,
+                           coeff, results, hvps, time.perf_counter() - start, config.exact, layers)
+
+
+def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Parameters grouped by the module that owns them (a layer's weight and bias)."""
+    groups: dict[str, list[str]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            owner = name.rsplit(".", 1)[0] if "." in name else name
+            groups.setdefault(owner, []).append(name)
+    return groups
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
