@@ -1,0 +1,172 @@
+"""``flatcli sharpness``: the report agrees with exact dense computation; JSON; cache; bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from flatcli import load_dataset, train
+from flatcli.cli import app
+from flatcli.curvature import hessian_via_torch_func
+from flatcli.measures import SharpnessConfig, measure
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two tiny trained runs on digits: logistic regression (with L2) and an MLP."""
+    from flatcli.config import make_train_config
+
+    root = tmp_path_factory.mktemp("runs")
+    base = dict(dataset="digits", epochs=3, device="cpu", train_samples=300)
+    train(make_train_config(model="logreg", l2=1e-2, out=root / "logreg", **base))
+    train(make_train_config(model="mlp", model_kwargs={"width": 12}, out=root / "mlp", **base))
+    return root
+
+
+def _exact_eigs(run_dir, samples=300):
+    from flatcli import load_checkpoint
+
+    model, _ = load_checkpoint(run_dir)
+    x, y = load_dataset("digits", samples=samples).tensors
+    h = hessian_via_torch_func(model.double(), x.double(), y)
+    return torch.linalg.eigvalsh(h)
+
+
+@pytest.mark.parametrize("name", ["logreg", "mlp"])
+def test_iterative_measures_agree_with_the_dense_float64_hessian(runs, name):
+    eigs = _exact_eigs(runs / name)
+    result = runner.invoke(app, ["sharpness", str(runs / name), "--samples", "300", "--dtype", "float64",
+                                 "--measures", "lambda_max,lambda_min,trace,frobenius", "--tol", "1e-8",
+                                 "--json", "--no-cache"])
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["lambda_max"]["value"] == pytest.approx(float(eigs[-1]), rel=1e-6)
+    assert abs(doc["lambda_min"]["value"] - float(eigs[0])) <= 1e-6 * float(eigs.abs().max())
+    assert abs(doc["trace"]["value"] - float(eigs.sum())) <= 4 * doc["trace"]["stderr"]
+    fro = float(eigs.pow(2).sum().sqrt())
+    assert abs(doc["frobenius"]["value"] - fro) <= 4 * doc["frobenius"]["stderr"] + 1e-9 * fro
+    assert doc["spectral_norm"]["value"] == pytest.approx(float(eigs.abs().max()), rel=1e-6)
+    for key in ("checkpoint", "dataset", "split", "num_samples", "num_params", "curvature", "bn_mode", "dtype",
+                "device", "seed", "loss", "accuracy", "weight_norm", "hvps", "seconds"):
+        assert key in doc
+    assert doc["num_samples"] == 300 and doc["num_params"] == len(eigs)
+
+
+@pytest.mark.parametrize("name", ["logreg", "mlp"])
+def test_exact_mode_equals_dense_eigenvalues(runs, name):
+    eigs = _exact_eigs(runs / name)
+    result = runner.invoke(app, ["sharpness", str(runs / name), "--samples", "300", "--exact", "--dtype",
+                                 "float64", "--measures", "lambda_max,trace,frobenius,density", "--json"])
+    doc = json.loads(result.stdout)
+    assert doc["lambda_max"] == {"value": pytest.approx(float(eigs[-1]), rel=1e-9), "bound": 0.0}
+    assert doc["trace"]["value"] == pytest.approx(float(eigs.sum()), rel=1e-9)
+    grid, values = torch.tensor(doc["density"]["grid"]), torch.tensor(doc["density"]["values"])
+    assert float(torch.trapezoid(values, grid)) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_include_l2_adds_the_checkpoints_coefficient(runs):
+    plain = runner.invoke(app, ["sharpness", str(runs / "logreg"), "--exact", "--dtype", "float64",
+                                "--measures", "lambda_max,trace", "--json"])
+    with_l2 = runner.invoke(app, ["sharpness", str(runs / "logreg"), "--exact", "--dtype", "float64",
+                                  "--measures", "lambda_max,trace", "--include-l2", "--json"])
+    a, b = json.loads(plain.stdout), json.loads(with_l2.stdout)
+    assert b["lambda_max"]["value"] == pytest.approx(a["lambda_max"]["value"] + 1e-2, rel=1e-9)
+    assert b["trace"]["value"] == pytest.approx(a["trace"]["value"] + 1e-2 * a["num_params"], rel=1e-9)
+    assert b["include_l2"] == 1e-2 and a["include_l2"] == 0.0
+
+
+def test_results_are_cached_in_the_run_directory_by_settings(runs):
+    args = ["sharpness", str(runs / "mlp"), "--measures", "lambda_max", "--json", "--samples", "200"]
+    first = json.loads(runner.invoke(app, args).stdout)
+    cache = json.loads((runs / "mlp" / "sharpness.json").read_text())["entries"]
+    assert any('"samples": 200' in key for key in cache)
+    second = json.loads(runner.invoke(app, args).stdout)
+    assert second == first  # served from the cache: same seconds, same everything
+    third = json.loads(runner.invoke(app, args + ["--no-cache"]).stdout)
+    assert third["lambda_max"]["value"] == pytest.approx(first["lambda_max"]["value"], rel=1e-4)
+    assert third["seconds"] != first["seconds"]
+
+
+def test_per_layer_gives_each_layers_diagonal_block(runs):
+    doc = json.loads(runner.invoke(app, ["sharpness", str(runs / "mlp"), "--per-layer", "--exact", "--dtype",
+                                         "float64", "--measures", "trace", "--json", "--samples", "300"]).stdout)
+    # the trace is the sum of the diagonal blocks' traces
+    assert sum(layer["trace"]["value"] for layer in doc["layers"]) == pytest.approx(doc["trace"]["value"], rel=1e-9)
+    assert sum(layer["num_params"] for layer in doc["layers"]) == doc["num_params"]
+
+
+def test_batchnorm_buffers_are_untouched_by_a_measurement():
+    from flatcli import build_model
+
+    torch.manual_seed(0)
+    model = build_model("cnn", input_shape=(1, 8, 8), num_classes=10, channels=4, batchnorm=True)
+    model.train()
+    x, y = load_dataset("digits", samples=64).tensors
+    with torch.no_grad():
+        model(x)  # give the running statistics some non-default values
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for mode in ("eval", "batch"):
+        report = measure(model, x, y, SharpnessConfig(measures=("lambda_max",), bn_mode=mode, max_iter=10))
+        assert report.bn_mode == mode
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_plain_state_dict_with_a_model_factory(tmp_path):
+    from safetensors.torch import save_file
+
+    factory = tmp_path / "mymodel.py"
+    factory.write_text("import torch\n"
+                       "def build():\n"
+                       "    torch.manual_seed(0)\n"
+                       "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))\n"
+                       "def wrong():\n"
+                       "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))\n")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mymodel", factory)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    save_file({k: v.contiguous() for k, v in mod.build().state_dict().items()}, str(tmp_path / "w.safetensors"))
+    ok = runner.invoke(app, ["sharpness", str(tmp_path / "w.safetensors"), "--model-factory", f"{factory}:build",
+                             "--dataset", "digits", "--measures", "lambda_max", "--json"])
+    assert ok.exit_code == 0, ok.stderr
+    assert json.loads(ok.stdout)["num_params"] == 650
+    bad = runner.invoke(app, ["sharpness", str(tmp_path / "w.safetensors"), "--model-factory", f"{factory}:wrong",
+                              "--dataset", "digits"])
+    assert bad.exit_code == 1 and "do not match" in bad.stderr
+    missing = runner.invoke(app, ["sharpness", str(tmp_path / "w.safetensors"), "--model-factory",
+                                  "no_such_module_xyz:build", "--dataset", "digits"])
+    assert missing.exit_code != 0 and "cannot import" in missing.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--measures", "sharpest"], "unknown measure"),
+    (["--samples", "100000"], "only"),
+    (["--split", "validation"], "unknown split"),
+])
+def test_bad_input_is_one_clear_line(runs, args, message):
+    result = runner.invoke(app, ["sharpness", str(runs / "mlp"), *args])
+    assert result.exit_code != 0 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_exact_refuses_a_model_too_large(tmp_path):
+    from flatcli import build_model, save_checkpoint
+
+    model = build_model("mlp", input_shape=(1, 28, 28), num_classes=10, width=64)
+    meta = {"arch": {"name": "mlp", "kwargs": {"width": 64, "depth": 1}},
+            "dataset": {"name": "digits", "num_classes": 10, "input_shape": [1, 28, 28]}}
+    save_checkpoint(tmp_path / "big.safetensors", model, meta)
+    # a digits-shaped data set does not fit a 28x28 model; use the library directly on random data
+    from flatcli.errors import TooLargeError
+
+    x, y = torch.randn(10, 1, 28, 28), torch.randint(0, 10, (10,))
+    with pytest.raises(TooLargeError):
+        measure(model, x, y, SharpnessConfig(measures=("trace",), exact=True, dtype="float64"))
