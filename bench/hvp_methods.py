@@ -12,6 +12,7 @@ torchvision MNIST root, e.g. ../shared/data/mnist5k). Quantities, each the media
 The ratios to the gradient choose ``AUTO_METHOD`` in flatcli/curvature/operator.py.
 
     python bench/hvp_methods.py [--device cpu|cuda] [--data-dir DIR] [--k 16] [--repeats 7]
+                                [--threads N]
 """
 
 from __future__ import annotations
@@ -67,7 +68,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4000, help="number of inputs")
     parser.add_argument("--k", type=int, default=16, help="vectors in a block")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="CPU threads for torch (default: torch's choice); 1 is steadier on a busy machine",
+    )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
@@ -76,16 +83,12 @@ def main() -> None:
     x, y = _data(args.data_dir, args.n, gen)
     x, y = x.to(device), y.to(device)
 
-    ops = {
-        m: CurvatureOperator(model, x, y, method=m)
-        for m in ("double_backward", "forward_over_reverse")
-    }
-    p = ops["double_backward"].num_params
+    db = CurvatureOperator(model, x, y, method="double_backward")
+    fr = CurvatureOperator(model, x, y, method="forward_over_reverse")
+    p, k = db.num_params, args.k
     v = torch.randn(p, generator=gen).to(device)
-    block = torch.randn(p, args.k, generator=gen).to(device)
+    block = torch.randn(p, k, generator=gen).to(device)
 
-    db, fr = ops["double_backward"], ops["forward_over_reverse"]
-    k = args.k
     fns: dict[str, Callable[[], object]] = {
         "gradient": db.gradient,
         "1 HVP, double_backward": lambda: db.matvec(v),

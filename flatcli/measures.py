@@ -16,6 +16,17 @@ frobenius      ||H||_F = sqrt(Tr H^2)                      Hutch++-style on H^2 
 density        spectral density of H                       stochastic Lanczos quadrature
 =============  ==========================================  ===============================
 
+Measures that see through the scale of the weights (beyond the paper; see ``scale``):
+
+=======================  ================================================  ================
+lambda_max_normalised    lambda_max ||w||^2                                 as lambda_max
+trace_normalised         Tr(H) ||w||^2                                      as trace
+adaptive_sharpness       E_{d ~ |w| * N(0, rho^2)} [L(w + d) - L(w)]        Monte Carlo (s.e.)
+                         (Kwon et al. 2021; Andriushchenko et al. 2023)
+relative_flatness        sum_{s,s'} <w_s, w_s'> Tr(H_{s,s'}) of the last    exact closed form
+                         layer (Petzka et al. 2021)
+=======================  ================================================  ================
+
 With ``exact=True`` the dense matrix is built (refused when it would not fit) and every
 measure comes from its eigenvalues, with zero uncertainty; for logistic regression the
 closed form H = (1/N) sum_i (diag p_i - p_i p_i^T) kron x_i x_i^T needs no autograd.
@@ -64,6 +75,8 @@ class SharpnessConfig:
     density_iterations: int = 64
     density_probes: int = 8
     rho: float = 0.05
+    sharpness_samples: int = 64
+    logit_normalise: bool = False
     seed: int = 0
     dtype: str = "float32"
     per_layer: bool = False
@@ -77,7 +90,9 @@ class SharpnessConfig:
             raise UsageError(f"unknown dtype {self.dtype!r}", hint="use float32 or float64")
         if self.split not in ("train", "test"):
             raise UsageError(f"unknown split {self.split!r}", hint="use train or test")
-        for name in ("max_iter", "probes", "density_iterations", "density_probes"):
+        if not self.rho > 0:
+            raise UsageError(f"rho must be positive, got {self.rho}")
+        for name in ("max_iter", "probes", "density_iterations", "density_probes", "sharpness_samples"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name.replace('_', '-')} must be positive")
         if not self.tol > 0:
@@ -198,6 +213,14 @@ class MeasureContext:
         self.closed_form = closed_form
         self._extremes: tuple[EigenEstimate, EigenEstimate] | None = None
         self._spectrum: torch.Tensor | None = None
+        self._results: dict[str, Any] = {}
+        self.weight_norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()))
+
+    def get(self, name: str) -> Any:
+        """The result of measure ``name``, computed once per context."""
+        if name not in self._results:
+            self._results[name] = MEASURES[name](self)
+        return self._results[name]
 
     # -- shared work ---------------------------------------------------------------
     def spectrum(self) -> torch.Tensor:
@@ -266,6 +289,33 @@ def _density(ctx: MeasureContext) -> Density:
     return Density(est.grid.tolist(), est.values.tolist(), est.hvps)
 
 
+def _normalised(base: str) -> Callable[[MeasureContext], Estimate]:
+    def compute(ctx: MeasureContext) -> Estimate:
+        est = ctx.get(base)
+        w2 = ctx.weight_norm ** 2
+        hvps = 0 if base in ctx.config.measures else est.hvps  # counted once
+        return Estimate(est.value * w2, est.uncertainty * w2, est.kind, hvps)
+
+    compute.__doc__ = f"{base} times ||w||^2 (invariant to a global rescaling of a homogeneous model)."
+    return compute
+
+
+def _adaptive_sharpness(ctx: MeasureContext) -> Estimate:
+    from .scale import adaptive_sharpness
+
+    c = ctx.config
+    est = adaptive_sharpness(ctx.model, ctx.inputs, ctx.targets, rho=c.rho, samples=c.sharpness_samples,
+                             seed=c.seed, logit_normalise=c.logit_normalise, batch_size=c.batch_size)
+    return Estimate(est.value, est.stderr, "stderr")
+
+
+def _relative_flatness(ctx: MeasureContext) -> Estimate:
+    from .scale import relative_flatness
+
+    return Estimate(relative_flatness(ctx.model, ctx.inputs, ctx.targets, batch_size=ctx.config.batch_size),
+                    0.0, "exact")
+
+
 def density_from_eigenvalues(eig: torch.Tensor, grid_size: int = 512, sigma: float | None = None):
     """Gaussian-broadened density of given eigenvalues (the exact counterpart of SLQ)."""
     eig = eig.double().cpu()
@@ -285,7 +335,15 @@ MEASURES: dict[str, Callable[[MeasureContext], Any]] = {
     "trace": _trace,
     "frobenius": _frobenius,
     "density": _density,
+    "lambda_max_normalised": _normalised("lambda_max"),
+    "trace_normalised": _normalised("trace"),
+    "adaptive_sharpness": _adaptive_sharpness,
+    "relative_flatness": _relative_flatness,
 }
+
+
+#: Measures that make sense for one layer's diagonal block.
+PER_LAYER = ("lambda_max", "lambda_min", "trace", "frobenius")
 
 
 def _is_plain_logreg(model: nn.Module) -> bool:
@@ -313,7 +371,7 @@ def measure(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, confi
     closed_form = config.exact and config.curvature == "hessian" and _is_plain_logreg(model)
     ctx = MeasureContext(op, config, model, inputs, targets, closed_form)
     loss, accuracy = op.loss_and_accuracy()
-    results = {name: MEASURES[name](ctx) for name in config.measures}
+    results = {name: ctx.get(name) for name in config.measures}
     if "lambda_max" in results and "lambda_min" in results:
         hi, lo = results["lambda_max"], results["lambda_min"]
         results["spectral_norm"] = max((hi, lo), key=lambda e: abs(e.value))
@@ -326,11 +384,10 @@ def measure(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, confi
             sub = CurvatureOperator(model, inputs, targets, param_names=names, **op_kwargs)
             sub_ctx = MeasureContext(sub, config, model, inputs, targets, closed_form=False)
             layers.append(LayerReport(name, tuple(names), sub.num_params,
-                                      {m: MEASURES[m](sub_ctx) for m in config.measures if m != "density"}))
+                                      {m: sub_ctx.get(m) for m in config.measures if m in PER_LAYER}))
             hvps += sub.hvps
-    weight_norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()))
     return SharpnessReport(checkpoint, dataset, config.split, len(targets), op.num_params, config.curvature,
-                           config.bn_mode, config.dtype, str(device), config.seed, loss, accuracy, weight_norm,
+                           config.bn_mode, config.dtype, str(device), config.seed, loss, accuracy, ctx.weight_norm,
                            coeff, results, hvps, time.perf_counter() - start, config.exact, layers)
 
 

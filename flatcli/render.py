@@ -86,3 +86,48 @@ def density_histogram(grid, values, bins: int = 24, width: int = 40) -> str:
         n = 0 if mass <= 1e-6 else int(round(width * (6 + np.log10(min(mass, 1.0))) / 6))
         lines.append(f"[{lo:11.4g}, {hi:11.4g})  {'#' * n:<{width}} {mass:.1e}")
     return "\n".join(lines)
+
+
+def sweep_table(rows, layers: str = "all") -> Table:
+    """One row per scale factor of the weight-scaling sweep."""
+    table = Table(title=f"weights of {'all layers' if layers == 'all' else 'the ' + layers + ' layer'} "
+                        "multiplied by a", title_justify="left")
+    for col in ("a", "||w||", "loss", "accuracy"):
+        table.add_column(col, justify="right")
+    names = list(rows[0].measures) if rows else []
+    for name in names:
+        table.add_column(_MEASURE_LABELS.get(name, name), justify="right")
+    for row in rows:
+        table.add_row(f"{row.scale:g}", f"{row.weight_norm:.4g}", f"{row.loss:.4g}", f"{row.accuracy:.2%}",
+                      *[f"{row.measures[n].value:.4g}" for n in names])
+    return table
+
+
+def rank_table(report) -> list[Table]:
+    """The layers with their fan-in, then the bounds and the measured ranks."""
+    b, m = report.bound, report.measured
+    layers = Table(title="layers counted by the bound", title_justify="left")
+    for col in ("layer", "kind", "fan-in", "neurons", "(C-1)(fan-in+1)"):
+        layers.add_column(col, justify="left" if col in ("layer", "kind") else "right")
+    for info in b.layers:
+        layers.add_row(info.name, info.kind, str(info.fan_in), str(info.neurons),
+                       f"{(b.num_classes - 1) * (info.fan_in + 1):,}")
+    ranks = Table(title="rank", title_justify="left")
+    ranks.add_column("quantity")
+    ranks.add_column("value", justify="right")
+    ranks.add_column("fraction of P", justify="right")
+    p = b.num_params
+    rows = [("parameters P", p), ("paper bound (C-1) sum(fan-in+1)", b.paper_bound),
+            ("data bound N(C-1)", b.data_bound)]
+    if m.exact:
+        rows += [(f"Hessian numerical rank (|lambda| > {m.threshold:.2g} max)", m.numerical_rank),
+                 ("GGN numerical rank", m.ggn_rank)]
+        rows += [(f"effective rank (|lambda| > {k:g} lambda_max)", v) for k, v in m.effective_rank.items()]
+        for label, value in rows:
+            ranks.add_row(label, f"{value:,}", f"{value / p:.2%}")
+    else:
+        for label, value in rows:
+            ranks.add_row(label, f"{value:,}", f"{value / p:.2%}")
+        ranks.add_row(f"effective rank, SLQ estimate (|lambda| > {m.fraction:g} lambda_max)",
+                      f"{m.value:,.0f} ± {m.stderr:,.0f}", f"{m.value / p:.2%}")
+    return [layers, ranks]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from . import rank_bound as _rank_bound
 from . import sharpness as _sharpness
 from . import train as _train
 
@@ -34,6 +35,7 @@ def _root(
 
 app.command("train")(_train.train)
 app.command("sharpness")(_sharpness.sharpness)
+app.command("rank-bound")(_rank_bound.rank_bound)
 
 
 def main() -> None:

@@ -40,9 +40,19 @@ def handle_errors(command: Callable) -> Callable:
                 fail("interrupted", 130)
             finally:
                 for w in caught:
+                    if not _ours(w):
+                        continue
                     err.print(f"[yellow]warning:[/] {_escape(str(w.message).splitlines()[0])}", highlight=False)
 
     return wrapper
+
+
+def _ours(w: warnings.WarningMessage) -> bool:
+    """Show flatcli's own warnings (and RuntimeWarnings such as NaN weights), not libraries' deprecations."""
+    import os
+
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return issubclass(w.category, RuntimeWarning) or os.path.abspath(w.filename).startswith(package)
 
 
 def _escape(text: str) -> str:

@@ -18,43 +18,75 @@ MeasuresOpt = Annotated[str, typer.Option(
     "--measures", help=f"Comma-separated, any of: {', '.join(MEASURES)}.")]
 
 
-def build_config(measures: str, split: str, samples, batch_size, curvature, bn_mode, include_l2, exact, tol,
-                 max_iter, probes, seed, dtype, per_layer, rho: float = 0.05) -> SharpnessConfig:
+def build_config(measures: str, **options) -> SharpnessConfig:
     names = tuple(m.strip() for m in measures.split(",") if m.strip())
-    return SharpnessConfig(measures=names, split=split, samples=samples, batch_size=batch_size,
-                           curvature=curvature, bn_mode=bn_mode, include_l2=include_l2, exact=exact, tol=tol,
-                           max_iter=max_iter, probes=probes, seed=seed, dtype=dtype, per_layer=per_layer, rho=rho)
+    return SharpnessConfig(measures=names, **options)
+
+
+Split = Annotated[str, typer.Option(help="train or test.")]
+Samples = Annotated[Optional[int], typer.Option(help="Measure on a deterministic subset of N images.")]
+BatchSize = Annotated[int, typer.Option(help="Images per forward pass (memory; with --bn-mode batch also the statistics).")]
+CurvatureOpt = Annotated[str, typer.Option(help="hessian or ggn (generalised Gauss-Newton).")]
+BnMode = Annotated[str, typer.Option(help="BatchNorm: eval (running statistics) or batch (batch statistics, as the paper's authors).")]
+IncludeL2 = Annotated[bool, typer.Option(help="Add the checkpoint's coupled L2 coefficient times the identity.")]
+Exact = Annotated[bool, typer.Option(help="Dense matrix and its eigenvalues (small models only).")]
+Tol = Annotated[float, typer.Option(help="Lanczos: stop when the Ritz residual is below tol * |lambda|.")]
+MaxIter = Annotated[int, typer.Option(help="Lanczos: most iterations.")]
+Probes = Annotated[int, typer.Option(help="Trace/Frobenius: random probe vectors (Hutch++).")]
+Dtype = Annotated[str, typer.Option(help="float32 or float64.")]
+Rho = Annotated[float, typer.Option(help="adaptive_sharpness: relative noise scale rho (perturbation |w| * N(0, rho^2)).")]
+LogitNormalise = Annotated[bool, typer.Option(help="adaptive_sharpness: normalise the logits (scale-invariant for linear models).")]
+ModelFactory = Annotated[Optional[str], typer.Option(help="MODULE:FUNCTION (or FILE.py:FUNCTION) building the nn.Module of a plain safetensors state dict.")]
+DatasetOverride = Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set (default: the checkpoint's).")]
+NoCache = Annotated[bool, typer.Option("--no-cache", help="Recompute even if sharpness.json has the result.")]
 
 
 @handle_errors
 def sharpness(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint (.safetensors) or a run directory.")],
     measures: MeasuresOpt = "lambda_max,trace,frobenius",
-    split: Annotated[str, typer.Option(help="train or test.")] = "train",
-    samples: Annotated[Optional[int], typer.Option(help="Measure on a deterministic subset of N images.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass (memory).")] = 2048,
-    curvature: Annotated[str, typer.Option(help="hessian or ggn (generalised Gauss-Newton).")] = "hessian",
-    bn_mode: Annotated[str, typer.Option(help="BatchNorm: eval (running statistics) or batch (batch statistics, as the paper's authors).")] = "eval",
-    include_l2: Annotated[bool, typer.Option(help="Add the checkpoint's coupled L2 coefficient times the identity.")] = False,
-    exact: Annotated[bool, typer.Option(help="Dense matrix and its eigenvalues (small models only).")] = False,
-    tol: Annotated[float, typer.Option(help="Lanczos: stop when the Ritz residual is below tol * |lambda|.")] = 1e-4,
-    max_iter: Annotated[int, typer.Option(help="Lanczos: most iterations.")] = 100,
-    probes: Annotated[int, typer.Option(help="Trace/Frobenius: random probe vectors (Hutch++).")] = 99,
+    split: Split = "train",
+    samples: Samples = None,
+    batch_size: BatchSize = 2048,
+    curvature: CurvatureOpt = "hessian",
+    bn_mode: BnMode = "eval",
+    include_l2: IncludeL2 = False,
+    exact: Exact = False,
+    tol: Tol = 1e-4,
+    max_iter: MaxIter = 100,
+    probes: Probes = 99,
+    rho: Rho = 0.05,
+    logit_normalise: LogitNormalise = False,
     seed: opt.Seed = 0,
-    dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
+    dtype: Dtype = "float32",
     device: opt.Device = "auto",
     per_layer: Annotated[bool, typer.Option(help="Also measure each layer's diagonal block.")] = False,
+    scale: Annotated[Optional[str], typer.Option(help="Weight-scaling sweep: comma-separated factors, e.g. 0.5,1,2,4,8.")] = None,
+    scale_layer: Annotated[str, typer.Option(help="Sweep: scale all layers or only the last.")] = "all",
     data_dir: opt.DataDir = None,
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set (default: the checkpoint's).")] = None,
-    model_factory: Annotated[Optional[str], typer.Option(help="MODULE:FUNCTION building the nn.Module of a plain safetensors state dict.")] = None,
+    dataset: DatasetOverride = None,
+    model_factory: ModelFactory = None,
     plot: Annotated[Optional[Path], typer.Option(help="Draw the density to this PNG (needs matplotlib).")] = None,
     density_out: Annotated[Optional[Path], typer.Option(help="Write the density points to this CSV.")] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute even if sharpness.json has the result.")] = False,
+    no_cache: NoCache = False,
     json_: opt.Json = False,
 ) -> None:
-    """Measure the curvature (Hessian eigenvalues, trace, Frobenius norm, spectrum) of the training loss."""
-    config = build_config(measures, split, samples, batch_size, curvature, bn_mode, include_l2, exact, tol,
-                          max_iter, probes, seed, dtype, per_layer)
+    """Measure the curvature of the training loss: Hessian eigenvalues, trace, Frobenius norm, spectrum,
+    and measures that see through the scale of the weights.
+
+    lambda_max / lambda_min: Lanczos with full reorthogonalisation, the Ritz residual as the error bound.
+    trace: Hutch++; frobenius: sqrt(Tr H^2), Hutch++-style, each with a standard error. density: stochastic
+    Lanczos quadrature. lambda_max_normalised / trace_normalised: times ||w||^2. adaptive_sharpness:
+    E over d ~ |w| * N(0, rho^2) of L(w + d) - L(w) (Kwon et al. 2021; Andriushchenko et al. 2023).
+    relative_flatness: sum over s, s' of <w_s, w_s'> Tr(H_ss') of the last layer (Petzka et al. 2021).
+    """
+    config = build_config(measures, split=split, samples=samples, batch_size=batch_size, curvature=curvature,
+                          bn_mode=bn_mode, include_l2=include_l2, exact=exact, tol=tol, max_iter=max_iter,
+                          probes=probes, seed=seed, dtype=dtype, per_layer=per_layer, rho=rho,
+                          logit_normalise=logit_normalise)
+    if scale is not None:
+        _sweep(checkpoint, config, scale, scale_layer, dataset, data_dir, device, model_factory, json_)
+        return
     if (plot or density_out) and "density" not in config.measures:
         raise UsageError("--plot and --density-out need 'density' in --measures")
     if plot is not None:
@@ -85,6 +117,21 @@ def sharpness(
         out.print(layers_table(report))
     if density is not None:
         out.print(density_histogram(density.grid, density.values), highlight=False)
+
+
+def _sweep(checkpoint, config, scale, scale_layer, dataset, data_dir, device, model_factory, json_) -> None:
+    from ..render import sweep_table
+    from ..sharpness import load_point
+    from ..sweep import parse_scales, scaling_sweep
+
+    scales = parse_scales(scale)
+    point = load_point(checkpoint, split=config.split, samples=config.samples, dataset=dataset,
+                       data_dir=str(data_dir) if data_dir else None, device=device, model_factory=model_factory)
+    rows = scaling_sweep(point.model, point.inputs, point.targets, scales, config, layers=scale_layer)
+    if json_:
+        print_json([row.as_dict() for row in rows])
+        return
+    out.print(sweep_table(rows, scale_layer))
 
 
 def _plot(density, path: Path) -> None:

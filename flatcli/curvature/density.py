@@ -57,31 +57,30 @@ def _lanczos_lockstep(
     eps = torch.finfo(op.dtype).eps
     basis = torch.empty(k, steps, n, device=op.device, dtype=op.dtype)
     basis[:, 0] = (starts / torch.linalg.vector_norm(starts, dim=0)).T
-    alphas = torch.zeros(k, steps, dtype=torch.float64)
+    alphas = torch.zeros(k, steps, dtype=torch.float64)  # small tridiagonal data: CPU
     betas = torch.zeros(k, steps, dtype=torch.float64)
     lengths = [steps] * k
-    active = torch.arange(k)
+    active = torch.arange(k)  # probes still running (CPU indices)
 
     for j in range(steps):
-        all_active = active.numel() == k
-        current = basis[:, j] if all_active else basis[active, j]  # (a, P)
-        w = op.matmat(current.T).T
-        previous = basis[:, : j + 1] if all_active else basis[active, : j + 1]
+        on_device = active.to(op.device)
+        # slices (views) while every probe runs; index copies only after one stopped
+        previous = basis[:, : j + 1] if active.numel() == k else basis[on_device, : j + 1]
+        w = op.matmat(previous[:, j].T).T  # ONE data pass for all running probes
         w, coeffs = _block_orthogonalise(w, previous)
-        alpha = coeffs[:, j]
         beta = torch.linalg.vector_norm(w, dim=1)
-        alphas[active, j] = alpha.to("cpu", torch.float64)
+        alphas[active, j] = coeffs[:, j].to("cpu", torch.float64)
         if j + 1 == steps:
             break
         beta_cpu = beta.to("cpu", torch.float64)
         scale = torch.cat([alphas[active, : j + 1], betas[active, :j]], dim=1).abs().amax(dim=1)
-        invariant = beta_cpu <= 64 * eps * scale
+        invariant = beta_cpu <= 64 * eps * scale  # this probe's Krylov space is invariant
         for probe in active[invariant].tolist():
             lengths[probe] = j + 1
         keep = ~invariant
         betas[active[keep], j] = beta_cpu[keep]
         keep_dev = keep.to(op.device)
-        basis[active[keep], j + 1] = w[keep_dev] / beta[keep_dev].unsqueeze(1)
+        basis[on_device[keep_dev], j + 1] = w[keep_dev] / beta[keep_dev].unsqueeze(1)
         active = active[keep]
         if active.numel() == 0:
             break

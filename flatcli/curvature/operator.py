@@ -19,17 +19,31 @@ the Hessian"):
 * forward-over-reverse: ``vmap(v -> jvp(grad(L), (w,), (v,))[1])``;
 * GGN: ``J v`` by jvp of the logits, multiply by ``diag p - p p^T``, then ``J^T`` by vjp.
 
-Measured costs (bench/hvp_methods.py, MLP 784-64-10, 50,890 parameters, 4,000 inputs in
-one batch, float32, CPU with 2 cores shared with other jobs, median of 7):
+Measured costs (``python bench/hvp_methods.py --threads 1 --repeats 11``; MLP 784-64-10,
+50,890 parameters, 4,000 random inputs in one batch, float32, torch 2.14.1, CPU with one
+thread on a 2-core machine shared with other jobs; medians, ms):
 
-    ===================================  ========  ==================
-    quantity                             time      ratio to gradient
-    ===================================  ========  ==================
-    gradient                             see AUTO_METHOD_MEASUREMENTS below
-    ===================================  ========  ==================
+    =======================================  =======  ==========  ====================
+    quantity                                 time     / gradient  / one HVP, same method
+    =======================================  =======  ==========  ====================
+    gradient                                  19.2      1.00
+    1 HVP, double backward                    25.9      1.35
+    1 HVP, forward-over-reverse               39.4      2.05
+    16 HVPs in one block, double backward    204.5     10.65       7.9
+    16 HVPs in one block, forward-over-rev.  214.0     11.14       5.4
+    =======================================  =======  ==========  ====================
 
-The ``method="auto"`` choice per device type is the table ``AUTO_METHOD``; the numbers
-behind it are kept in ``AUTO_METHOD_MEASUREMENTS``.
+Real MNIST digits (``--data-dir``) gave the same picture (single HVP: double backward
+2.3x a gradient, forward-over-reverse 3.1x; blocks of 16 within 2% of each other).
+Double backward is 1.3-1.5x faster for the single products Lanczos needs and ties on
+blocks, so ``auto`` picks it on the CPU. With 2 threads on the busy machine every
+timing swung by up to 10x (OpenMP spin-waiting), so those runs were not used. No GPU was
+available: on CUDA ``auto`` also picks double backward, unmeasured, because reverse mode
+has the wider operator coverage in torch (forward-mode AD still misses or mis-derives
+some ops, e.g. pytorch/pytorch#196699, nested forward mode through batch_norm) and
+because it builds the gradient graph once per batch and reuses it for every chunk of
+vectors, where forward-over-reverse recomputes it per chunk. Rerun the benchmark with ``--device cuda``
+and update ``AUTO_METHOD`` when a GPU is at hand.
 
 Model state: dropout and every other train/eval switch is in eval mode. BatchNorm either
 uses its running statistics (``bn_mode="eval"``, as PyHessian does) or the statistics of
@@ -45,16 +59,18 @@ from __future__ import annotations
 import copy
 import enum
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse.linalg
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, replace_all_batch_norm_modules_, vjp, vmap
 
 from flatcli.errors import UsageError
+
+if TYPE_CHECKING:  # scipy is optional (a test/benchmark dependency)
+    import scipy.sparse.linalg
 
 
 class Curvature(str, enum.Enum):
@@ -79,15 +95,8 @@ class HvpMethod(str, enum.Enum):
     FORWARD_OVER_REVERSE = "forward_over_reverse"
 
 
-# What bench/hvp_methods.py measured (seconds, median), per device type. ``None`` marks a
-# device type on which no measurement was made yet.
-AUTO_METHOD_MEASUREMENTS: dict[str, dict[str, float] | None] = {
-    "cpu": None,
-    "cuda": None,
-}
-
-# ``method="auto"`` resolves through this table; device types missing from it use the
-# "cpu" entry.
+# ``method="auto"`` resolves through this table (see the module docstring for the
+# measurements behind it); device types missing from it use the "cpu" entry.
 AUTO_METHOD: dict[str, HvpMethod] = {
     "cpu": HvpMethod.DOUBLE_BACKWARD,
     "cuda": HvpMethod.DOUBLE_BACKWARD,
@@ -127,7 +136,11 @@ def _data_pass(
         x = x.to(device=device, dtype=dtype if x.is_floating_point() else None, non_blocking=True)
         y = y.to(device=device, non_blocking=True)
         weight = x.shape[0] / n_total
-        outs = batch_fn(x, y)
+        # torch.func transforms ignore an outer no_grad; it only stops ordinary autograd
+        # from recording (batch-statistics BatchNorm's double backward otherwise returns
+        # tensors that require grad and keep a graph alive).
+        with torch.no_grad():
+            outs = batch_fn(x, y)
         if totals is None:
             totals = [out * weight for out in outs]
         else:
@@ -179,6 +192,18 @@ class CurvatureOperator:
     The flat vector concatenates the selected parameters, each flattened row-major, in
     ``param_names`` order. The operator snapshots the selected parameters; do not
     modify the model in place while using it.
+
+    Example:
+        >>> import torch
+        >>> torch.manual_seed(0) and None
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        >>> x, y = torch.randn(100, 4), torch.randint(0, 3, (100,))
+        >>> op = CurvatureOperator(model, x, y, batch_size=32, dtype=torch.float64)
+        >>> op.num_params, op.param_names
+        (67, ('0.weight', '0.bias', '2.weight', '2.bias'))
+        >>> hv = op.matmat(torch.randn(67, 5, dtype=torch.float64))  # one pass, 5 HVPs
+        >>> hv.shape, op.hvps
+        (torch.Size([67, 5]), 5)
     """
 
     def __init__(
@@ -256,8 +281,9 @@ class CurvatureOperator:
         self.params: Tensor = torch.cat([cast(all_params[n]).reshape(-1) for n in selected])
         self.num_params: int = self.params.numel()
         # Held fixed: unselected parameters and the (copy's) buffers.
+        chosen = set(selected)
         self._fixed: dict[str, Tensor] = {
-            n: cast(p) for n, p in all_params.items() if n not in set(selected)
+            n: cast(p) for n, p in all_params.items() if n not in chosen
         }
         self._fixed.update({n: cast(b) for n, b in self._model.named_buffers()})
 
@@ -266,6 +292,14 @@ class CurvatureOperator:
             if requested_method is HvpMethod.AUTO
             else requested_method
         )
+        # the per-batch block product, by (curvature, method)
+        blocks: dict[tuple[Curvature, HvpMethod], Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+            (Curvature.HESSIAN, HvpMethod.DOUBLE_BACKWARD): self._hvp_double_backward,
+            (Curvature.HESSIAN, HvpMethod.FORWARD_OVER_REVERSE): self._hvp_forward_over_reverse,
+            (Curvature.GGN, HvpMethod.DOUBLE_BACKWARD): self._ggn_block,
+            (Curvature.GGN, HvpMethod.FORWARD_OVER_REVERSE): self._ggn_block,
+        }
+        self._block = blocks[(self.curvature, self.method)]
         self.num_samples: int = inputs.shape[0]
         self.batch_size: int = self.num_samples if batch_size is None else batch_size
         self.chunk_size = chunk_size
@@ -313,13 +347,16 @@ class CurvatureOperator:
             dtype=self.dtype,
         )
 
-    def _hessian_block(self, x: Tensor, y: Tensor, vs: Tensor) -> Tensor:
-        """(K, P) -> (K, P): rows H_b v_k for the batch's mean loss."""
-        theta = self.params
+    def _hvp_double_backward(self, x: Tensor, y: Tensor, vs: Tensor) -> Tensor:
+        """(K, P) -> (K, P): rows H_b v_k; the gradient graph is built once per batch."""
         grad_fn = grad(self._loss)
-        if self.method is HvpMethod.DOUBLE_BACKWARD:
-            _, vjp_fn = vjp(lambda t: grad_fn(t, x, y), theta)
-            return vmap(lambda v: vjp_fn(v)[0], chunk_size=self.chunk_size)(vs)
+        _, vjp_fn = vjp(lambda t: grad_fn(t, x, y), self.params)
+        return vmap(lambda v: vjp_fn(v)[0], chunk_size=self.chunk_size)(vs)
+
+    def _hvp_forward_over_reverse(self, x: Tensor, y: Tensor, vs: Tensor) -> Tensor:
+        """(K, P) -> (K, P): rows H_b v_k as directional derivatives of the gradient."""
+        grad_fn = grad(self._loss)
+        theta = self.params
         return vmap(
             lambda v: jvp(lambda t: grad_fn(t, x, y), (theta,), (v,))[1],
             chunk_size=self.chunk_size,
@@ -356,8 +393,7 @@ class CurvatureOperator:
         if k == 0:
             return V.clone()
         vs = V.T.contiguous()
-        block = self._ggn_block if self.curvature is Curvature.GGN else self._hessian_block
-        (hv,) = self._pass(lambda x, y: (block(x, y, vs),))
+        (hv,) = self._pass(lambda x, y: (self._block(x, y, vs),))
         out = hv.T
         if self.l2:
             out = out + self.l2 * V
@@ -396,7 +432,9 @@ class CurvatureOperator:
         return float(loss), float(acc)
 
     def to_scipy(self) -> scipy.sparse.linalg.LinearOperator:
-        """A float64 scipy ``LinearOperator`` applying this operator (for references)."""
+        """A float64 scipy ``LinearOperator`` applying this operator (for references and
+        benchmarks; needs scipy)."""
+        import scipy.sparse.linalg
 
         def matmat(x: np.ndarray) -> np.ndarray:
             t = torch.as_tensor(np.asarray(x, dtype=np.float64).reshape(self.num_params, -1))

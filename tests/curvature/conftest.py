@@ -83,7 +83,7 @@ DATASETS = ("random", "digits")
 
 
 @functools.lru_cache(maxsize=None)
-def make_problem(kind: str, dataset: str) -> Problem:
+def build_problem(kind: str, dataset: str) -> Problem:
     """Seeded model on a data set; BatchNorm models get non-trivial running statistics
     (a few train-mode forward passes) and are left in train mode, as after training."""
     if dataset == "random":
@@ -107,18 +107,13 @@ def make_problem(kind: str, dataset: str) -> Problem:
 ALL_PROBLEMS = [(m, d) for m in MODELS for d in DATASETS]
 
 
-@pytest.fixture(params=ALL_PROBLEMS, ids=lambda p: f"{p[0]}-{p[1]}")
-def problem(request: pytest.FixtureRequest) -> Problem:
-    return make_problem(*request.param)
-
-
 @functools.lru_cache(maxsize=None)
 def _reference(kind: str, dataset: str, bn_mode: str) -> Tensor:
-    p = make_problem(kind, dataset)
+    p = build_problem(kind, dataset)
     return hessian_via_torch_func(p.model, p.inputs, p.targets, bn_mode=bn_mode)
 
 
-def reference_hessian(problem: Problem, bn_mode: str = "eval") -> Tensor:
+def dense_reference(problem: Problem, bn_mode: str = "eval") -> Tensor:
     """Dense float64 Hessian of the mean cross-entropy by torch.func.hessian (cached)."""
     kind, dataset = problem.name.split("-")
     return _reference(kind, dataset, bn_mode)
@@ -151,3 +146,49 @@ def matrix_with_spectrum(eigenvalues: Tensor, seed: int = 0) -> Tensor:
     n = eigenvalues.numel()
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
     return (q * eigenvalues.to(torch.float64)) @ q.T
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Run these tiny problems on one CPU thread (restored afterwards): extra threads
+    only add synchronisation, and on a busy 2-core machine OpenMP's spin-waiting made
+    some products 10-100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# Fixtures (test modules take the helpers from here rather than importing conftest,
+# whose module name is not unique across the test tree).
+
+
+@pytest.fixture(params=ALL_PROBLEMS, ids=lambda p: f"{p[0]}-{p[1]}")
+def problem(request: pytest.FixtureRequest) -> Problem:
+    """Every model on every data set."""
+    return build_problem(*request.param)
+
+
+@pytest.fixture(scope="session")
+def make_problem():
+    """``make_problem(kind, dataset) -> Problem`` (cached; kinds in MODELS, data sets
+    "random" (N = 37, 3 classes) and "digits" (N = 200, 10 classes))."""
+    return build_problem
+
+
+@pytest.fixture(scope="session")
+def reference_hessian():
+    """``reference_hessian(problem, bn_mode="eval") -> (P, P) float64``."""
+    return dense_reference
+
+
+@pytest.fixture(scope="session")
+def dense_operator():
+    """The :class:`DenseOperator` class: wraps a symmetric matrix as an operator."""
+    return DenseOperator
+
+
+@pytest.fixture(scope="session")
+def spectrum_matrix():
+    """``spectrum_matrix(eigenvalues, seed=0)``: Q diag(eigenvalues) Q^T, float64."""
+    return matrix_with_spectrum

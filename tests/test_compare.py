@@ -1,0 +1,171 @@
+"""Comparing runs: ratios to the first run, and a verdict per pair and measure.
+
+Specification:
+- ratios[i][m] = run_i / run_0 for every shared measure, the weight norm and test loss;
+- the sharper run generalising better means flatness *disagrees* (agrees=False);
+  generalising worse means it agrees (agrees=True);
+- a sharpness difference within tie_sigmas combined uncertainties, or an accuracy
+  difference within the binomial standard error of the test accuracies (or a given
+  threshold in points), is a tie: agrees=None and the text says "tie";
+- n runs give a verdict for each of the n(n-1)/2 pairs and each shared measure.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from flatcli.compare import (
+    Measure,
+    RunSummary,
+    Verdict,
+    accuracy_threshold_points,
+    compare,
+)
+from flatcli.errors import UsageError
+from flatcli.scale import normalised_measures
+
+
+def run(name, test_accuracy, measures, *, weight_norm=10.0, test_loss=1.0, test_size=10_000, **kw):
+    base = dict(
+        optimizer="sgd", l2=0.0, weight_decay=0.0, averaging=None, train_loss=0.01,
+        train_accuracy=1.0,
+    )
+    base.update(kw)
+    return RunSummary(
+        name=name, test_accuracy=test_accuracy, weight_norm=weight_norm, test_loss=test_loss,
+        measures={k: Measure(*v) for k, v in measures.items()}, test_size=test_size, **base,
+    )
+
+
+# The PreResNet-110 / CIFAR-100 numbers of docs/paper.md (accuracies illustrative).
+SGD_WD = dict(name="sgd-wd", test_accuracy=0.77, measures={"lambda_max": (30.4, 0.1)}, weight_norm=45.5)
+SGD = dict(name="sgd", test_accuracy=0.75, measures={"lambda_max": (3.77, 0.05)}, weight_norm=307.0)
+
+
+def test_ratios_are_relative_to_the_first_run():
+    a = run(**SGD_WD, test_loss=0.9)
+    b = run(**SGD, test_loss=1.2)
+    result = compare([a, b])
+    assert result.ratios[0] == {"lambda_max": 1.0, "weight_norm": 1.0, "test_loss": 1.0}
+    assert result.ratios[1]["lambda_max"] == pytest.approx(3.77 / 30.4)
+    assert result.ratios[1]["weight_norm"] == pytest.approx(307.0 / 45.5)
+    assert result.ratios[1]["test_loss"] == pytest.approx(1.2 / 0.9)
+
+
+def test_sharper_run_generalising_better_is_a_disagreement():
+    (v,) = compare([run(**SGD), run(**SGD_WD)]).verdicts
+    assert isinstance(v, Verdict)
+    assert (v.a, v.b, v.measure) == ("sgd", "sgd-wd", "lambda_max")
+    assert v.sharpness_ratio == pytest.approx(30.4 / 3.77)
+    assert v.accuracy_difference_points == pytest.approx(2.0)
+    assert v.agrees is False and not v.sharpness_tie and not v.accuracy_tie
+    assert "sgd-wd is 8.06x sharper than sgd by lambda_max" in v.text
+    assert "generalises 2.00 points better" in v.text
+    assert "disagrees" in v.text
+
+
+def test_sharper_run_generalising_worse_is_an_agreement():
+    a = run("flat", 0.80, {"trace": (5.0, 0.2)})
+    b = run("sharp", 0.70, {"trace": (50.0, 1.0)})
+    (v,) = compare([a, b]).verdicts
+    assert v.agrees is True
+    assert v.sharpness_ratio == pytest.approx(10.0)
+    assert v.accuracy_difference_points == pytest.approx(-10.0)
+    assert "sharp is 10x sharper than flat by Tr(H)" in v.text and "flat generalises 10.00 points better" in v.text
+    assert "agrees" in v.text and "disagrees" not in v.text
+
+
+def test_sharpness_within_combined_uncertainty_is_a_tie():
+    # |11 - 10| = 1 <= 2 * sqrt(0.5^2 + 0.5^2) = 1.41
+    a = run("a", 0.70, {"lambda_max": (10.0, 0.5)})
+    b = run("b", 0.80, {"lambda_max": (11.0, 0.5)})
+    (v,) = compare([a, b]).verdicts
+    assert v.sharpness_tie and v.agrees is None and "tie" in v.text
+    # the same difference with exact values (uncertainty 0) is no tie
+    (v,) = compare([run("a", 0.70, {"lambda_max": (10.0, 0.0)}), run("b", 0.80, {"lambda_max": (11.0, 0.0)})]).verdicts
+    assert not v.sharpness_tie and v.agrees is False
+    # and tie_sigmas sets the width: 1 <= 0.5 * 1.41 fails
+    (v,) = compare([a, b], tie_sigmas=0.5).verdicts
+    assert not v.sharpness_tie
+
+
+def test_accuracy_within_the_binomial_standard_error_is_a_tie():
+    # 1,000 test samples: pooled p = 0.9025, SE = sqrt(p (1-p) (2/1000)) = 1.327 points
+    a = run("a", 0.900, {"lambda_max": (1.0, 0.0)}, test_size=1000)
+    b = run("b", 0.905, {"lambda_max": (9.0, 0.0)}, test_size=1000)
+    se = 100 * math.sqrt(0.9025 * 0.0975 * 2 / 1000)
+    assert accuracy_threshold_points(a, b) == pytest.approx(se)
+    (v,) = compare([a, b]).verdicts
+    assert v.accuracy_tie and v.agrees is None and "tie" in v.text
+    # 100,000 test samples: SE = 0.13 points, so 0.5 points is a real difference
+    a2 = run("a", 0.900, {"lambda_max": (1.0, 0.0)}, test_size=100_000)
+    b2 = run("b", 0.905, {"lambda_max": (9.0, 0.0)}, test_size=100_000)
+    (v,) = compare([a2, b2]).verdicts
+    assert not v.accuracy_tie and v.agrees is False
+
+
+def test_an_explicit_accuracy_threshold_replaces_the_standard_error():
+    a = run("a", 0.900, {"lambda_max": (1.0, 0.0)}, test_size=None)
+    b = run("b", 0.905, {"lambda_max": (9.0, 0.0)}, test_size=None)
+    with pytest.raises(UsageError, match="test_size"):
+        compare([a, b])
+    (v,) = compare([a, b], tie_accuracy=1.0).verdicts
+    assert v.accuracy_tie
+    (v,) = compare([a, b], tie_accuracy=0.1).verdicts
+    assert not v.accuracy_tie and v.agrees is False
+
+
+def test_three_runs_give_every_pair_and_every_shared_measure():
+    measures = lambda lm, tr: {"trace": (tr, 0.0), "lambda_max": (lm, 0.0)}  # noqa: E731
+    runs = [run("r0", 0.70, measures(1.0, 10.0)), run("r1", 0.75, measures(2.0, 30.0)), run("r2", 0.80, measures(4.0, 5.0))]
+    result = compare(runs)
+    pairs = [(v.a, v.b, v.measure) for v in result.verdicts]
+    assert pairs == [
+        ("r0", "r1", "lambda_max"), ("r0", "r1", "trace"),
+        ("r0", "r2", "lambda_max"), ("r0", "r2", "trace"),
+        ("r1", "r2", "lambda_max"), ("r1", "r2", "trace"),
+    ]
+    agrees = {(v.a, v.b, v.measure): v.agrees for v in result.verdicts}
+    assert agrees[("r0", "r1", "trace")] is False  # r1 sharper and better
+    assert agrees[("r0", "r2", "lambda_max")] is False  # r2 sharper and better
+    assert agrees[("r1", "r2", "lambda_max")] is False
+    assert agrees[("r0", "r2", "trace")] is True  # r2 flatter and better
+    assert agrees[("r1", "r2", "trace")] is True
+    assert [sorted(r) for r in result.ratios] == [["lambda_max", "test_loss", "trace", "weight_norm"]] * 3
+
+
+def test_weight_norm_normalisation_flips_the_papers_verdict():
+    # docs/paper.md: weight decay raises lambda_max 8x for SGD, but times ||w||^2
+    # the no-wd solution is the sharper one.
+    def with_normalised(spec):
+        lam, unc = spec["measures"]["lambda_max"]
+        extra = normalised_measures(lam, None, spec["weight_norm"])
+        measures = {"lambda_max": (lam, unc), **{k: (v, 0.0) for k, v in extra.items()}}
+        return run(**{**spec, "measures": measures})
+
+    result = compare([with_normalised(SGD), with_normalised(SGD_WD)])
+    by_measure = {v.measure: v for v in result.verdicts}
+    assert list(by_measure) == ["lambda_max", "lambda_max_normalised"]
+    assert by_measure["lambda_max"].agrees is False
+    assert by_measure["lambda_max_normalised"].agrees is True
+    assert by_measure["lambda_max_normalised"].sharpness_ratio == pytest.approx((30.4 * 45.5**2) / (3.77 * 307.0**2))
+
+
+def test_gap_is_in_points():
+    assert run("a", 0.75, {}, train_accuracy=0.99).gap == pytest.approx(24.0)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: run("a", 77.0, {}),  # a percentage, not a fraction
+        lambda: Measure(1.0, -0.1),
+        lambda: compare([run("a", 0.5, {})]),
+        lambda: compare([run("a", 0.5, {}), run("a", 0.6, {})]),
+    ],
+)
+def test_bad_input_is_a_usage_error(bad):
+    with pytest.raises(UsageError):
+        bad()
