@@ -27,8 +27,9 @@ in percentage points (1 point = 0.01).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 from flatcli.errors import UsageError
 
@@ -215,10 +216,9 @@ def verdict(
     else:
         sharper, flatter = (b, a) if mb.value > ma.value else (a, b)
         hi, lo = max(ma.value, mb.value), min(ma.value, mb.value)
-        times = f"{hi / lo:.3g}x sharper" if lo > 0 else f"sharper ({values})"
-        sharp_words = f"{sharper.name} is {times} than {flatter.name} by {label}"
-        if lo > 0:
-            sharp_words += f" ({values})"
+        ordered = f"{_fmt(sharper.measures[measure].value)} vs {_fmt(flatter.measures[measure].value)}"
+        times = f"{hi / lo:.3g}x sharper" if lo > 0 else "sharper"
+        sharp_words = f"{sharper.name} is {times} than {flatter.name} by {label} ({ordered})"
 
     if acc_tie:
         acc_words = f"their test accuracies tie ({accs}; |difference| {abs(diff_points):.2f} <= {accuracy_points:.2f} points)"
@@ -305,3 +305,71 @@ __all__ = [
     "compare",
     "verdict",
 ]
+
+
+# ----------------------------------------------------------------------------------------
+# From checkpoints to summaries
+
+#: Measures ``flatcli compare`` reports by default: the paper's and the scale-aware ones.
+DEFAULT_COMPARE_MEASURES = ("lambda_max", "trace", "frobenius", "lambda_max_normalised", "trace_normalised",
+                            "adaptive_sharpness", "relative_flatness")
+
+
+def summarise(name: str, info: Any, report: Any, test_size: int | None) -> RunSummary:
+    """A :class:`RunSummary` from a checkpoint's metadata and its sharpness report."""
+    train_opts, metrics = info.train or {}, info.metrics or {}
+    measures = {k: Measure(v.value, v.uncertainty) for k, v in report.measures.items()
+                if hasattr(v, "uncertainty") and math.isfinite(v.value)}
+    return RunSummary(
+        name=name, optimizer=str(train_opts.get("optimizer", "?")), l2=float(train_opts.get("l2", 0.0) or 0.0),
+        weight_decay=float(train_opts.get("weight_decay", 0.0) or 0.0), averaging=train_opts.get("average_from"),
+        train_loss=float(metrics.get("train_loss", report.loss)),
+        train_accuracy=float(metrics.get("train_accuracy", report.accuracy)),
+        test_loss=float(metrics["test_loss"]), test_accuracy=float(metrics["test_accuracy"]),
+        weight_norm=report.weight_norm, measures=measures, test_size=test_size)
+
+
+def compare_checkpoints(paths: Sequence[Any], config: Any, *, data_dir: str | None = None, device: str = "auto",
+                        use_cache: bool = True, progress: Callable[[int], None] | None = None,
+                        tie_sigmas: float = 2.0) -> Comparison:
+    """Measure (or reuse cached) sharpness of each checkpoint and compare them."""
+    from pathlib import Path
+
+    from .checkpoint import resolve_checkpoint_path
+    from .data import load_dataset
+    from .sharpness import load_point, sharpness
+    from .training import evaluate
+
+    summaries = []
+    names: list[str] = []
+    for path in paths:
+        ckpt = resolve_checkpoint_path(path)
+        name = ckpt.parent.name if ckpt.name == "model.safetensors" else Path(ckpt).stem
+        while name in names:
+            name += "'"
+        names.append(name)
+        report = sharpness(ckpt, config, data_dir=data_dir, device=device, use_cache=use_cache, progress=progress)
+        point = load_point(ckpt, split="test", data_dir=data_dir, device=device)
+        info = point.info
+        if "test_accuracy" not in (info.metrics or {}):
+            test_loss, test_acc = evaluate(point.model, point.inputs, point.targets)
+            x, y = load_dataset(point.dataset, "train", data_dir).tensors
+            train_loss, train_acc = evaluate(point.model, x, y)
+            info = replace(info, metrics={"test_loss": test_loss, "test_accuracy": test_acc,
+                                          "train_loss": train_loss, "train_accuracy": train_acc})
+        summaries.append(summarise(name, info, report, len(point.targets)))
+    return compare(summaries, tie_sigmas=tie_sigmas)
+
+
+def comparison_as_dict(comparison: Comparison) -> dict:
+    """The JSON document of ``flatcli compare --json``: runs, ratios, verdicts."""
+    runs = []
+    for r in comparison.runs:
+        runs.append({"name": r.name, "optimizer": r.optimizer, "l2": r.l2, "weight_decay": r.weight_decay,
+                     "averaging": r.averaging, "train_loss": r.train_loss, "test_loss": r.test_loss,
+                     "train_accuracy": r.train_accuracy, "test_accuracy": r.test_accuracy,
+                     "generalisation_gap": r.gap, "weight_norm": r.weight_norm, "test_size": r.test_size,
+                     **{k: {"value": m.value, "uncertainty": m.uncertainty} for k, m in r.measures.items()}})
+    return {"runs": runs,
+            "ratios": [{"name": r.name, **ratios} for r, ratios in zip(comparison.runs, comparison.ratios)],
+            "verdicts": [asdict(v) for v in comparison.verdicts]}

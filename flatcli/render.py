@@ -131,3 +131,38 @@ def rank_table(report) -> list[Table]:
         ranks.add_row(f"effective rank, SLQ estimate (|lambda| > {m.fraction:g} lambda_max)",
                       f"{m.value:,.0f} ± {m.stderr:,.0f}", f"{m.value / p:.2%}")
     return [layers, ranks]
+
+
+def comparison_table(comparison) -> Table:
+    """Runs as columns; each cell shows the value, its uncertainty and the ratio to the first run."""
+    from .compare import MEASURE_ORDER
+
+    runs, ratios = comparison.runs, comparison.ratios
+    table = Table(title="runs compared (ratio to the first run in brackets)", title_justify="left")
+    table.add_column("")
+    for r in runs:
+        table.add_column(r.name, justify="right")
+    table.add_row("optimiser", *[r.optimizer for r in runs])
+    table.add_row("l2 (coupled)", *[f"{r.l2:g}" for r in runs])
+    table.add_row("weight decay (decoupled)", *[f"{r.weight_decay:g}" for r in runs])
+    table.add_row("averaging from epoch", *[str(r.averaging) if r.averaging else "-" for r in runs])
+    table.add_row("train loss", *[f"{r.train_loss:.4g}" for r in runs])
+    table.add_row("test loss", *[f"{r.test_loss:.4g} ({q.get('test_loss', float('nan')):.2f}x)"
+                                 for r, q in zip(runs, ratios)])
+    table.add_row("test accuracy", *[f"{r.test_accuracy:.2%}" for r in runs])
+    table.add_row("generalisation gap (points)", *[f"{r.gap:.2f}" for r in runs])
+    table.add_row("||w||", *[f"{r.weight_norm:.4g} ({q.get('weight_norm', float('nan')):.2f}x)"
+                            for r, q in zip(runs, ratios)])
+    names = [m for m in MEASURE_ORDER if any(m in r.measures for r in runs)]
+    names += sorted({m for r in runs for m in r.measures} - set(names))
+    for m in names:
+        cells = []
+        for r, q in zip(runs, ratios):
+            if m not in r.measures:
+                cells.append("-")
+                continue
+            est = r.measures[m]
+            unc = f" ± {est.uncertainty:.2g}" if est.uncertainty else ""
+            cells.append(f"{est.value:.4g}{unc} ({q.get(m, float('nan')):.2f}x)")
+        table.add_row(MEASURE_ORDER.get(m, m), *cells)
+    return table

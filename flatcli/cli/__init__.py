@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from . import compare as _compare
 from . import rank_bound as _rank_bound
 from . import sharpness as _sharpness
 from . import train as _train
@@ -36,6 +37,7 @@ def _root(
 app.command("train")(_train.train)
 app.command("sharpness")(_sharpness.sharpness)
 app.command("rank-bound")(_rank_bound.rank_bound)
+app.command("compare")(_compare.compare)
 
 
 def main() -> None:
