@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, vmap
+from torch.func import functional_call, vjp, vmap
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "mnist5k"
@@ -222,28 +222,31 @@ def rel_err(value: float, ref: float) -> float:
 def ggn_diagonal(model: nn.Module, x: Tensor, y: Tensor, chunk: int) -> Tensor:
     """Exact diagonal of the Gauss-Newton matrix of the mean cross-entropy (float64).
 
-    diag G = (1/N) sum_i sum_c ((J_i^T B_i)_{:, c})^2 with J_i the per-sample Jacobian of
-    the logits and A_i = diag p_i - p_i p_i^T = B_i B_i^T, B_i = diag(sqrt p_i) - p_i sqrt(p_i)^T.
-    Flat order: ``named_parameters()`` (flatcli's operator uses the same order).
+    diag G = (1/N) sum_i sum_c (J_i^T b_ic)^2, with J_i the per-sample Jacobian of the
+    logits and b_ic the columns of B_i = diag(sqrt p_i) - p_i sqrt(p_i)^T, for which
+    B_i B_i^T = diag p_i - p_i p_i^T; each J_i^T b_ic is one per-sample vjp. Flat order:
+    ``named_parameters()`` (flatcli's operator uses the same order).
     """
     m = copy.deepcopy(model).double().eval()
     params = {n: p.detach() for n, p in m.named_parameters()}
-    buffers = {n: b for n, b in m.named_buffers()}
+    buffers = dict(m.named_buffers())
 
-    def logits(theta: dict[str, Tensor], xi: Tensor) -> Tensor:
-        return functional_call(m, {**theta, **buffers}, (xi.unsqueeze(0),)).squeeze(0)
+    def one(xi: Tensor, bi: Tensor) -> dict[str, Tensor]:
+        def logits(theta: dict[str, Tensor]) -> Tensor:
+            return functional_call(m, {**theta, **buffers}, (xi.unsqueeze(0),)).squeeze(0)
 
-    per_sample_jac = vmap(jacrev(logits), in_dims=(None, 0))
+        _, vjp_fn = vjp(logits, params)
+        return vmap(lambda b: vjp_fn(b)[0])(bi.T)  # name -> (C, *shape): rows J_i^T b_ic
+
+    per_sample = vmap(one)
     diag = {n: torch.zeros_like(p) for n, p in params.items()}
     for start in range(0, x.shape[0], chunk):
         xc = x[start : start + chunk].double()
         with torch.no_grad():
             p = torch.softmax(functional_call(m, {**params, **buffers}, (xc,)), dim=1)
         sp = p.sqrt()
-        b = torch.diag_embed(sp) - p.unsqueeze(2) * sp.unsqueeze(1)  # (n, C, C): B[c', c]
-        jac = per_sample_jac(params, xc)  # name -> (n, C, *shape)
-        for n, j in jac.items():
-            jb = torch.einsum("nc...,ncd->nd...", j, b)
+        b = torch.diag_embed(sp) - p.unsqueeze(2) * sp.unsqueeze(1)  # (n, C, C), B[c', c]
+        for n, jb in per_sample(xc, b).items():
             diag[n] += jb.pow(2).sum(dim=(0, 1))
     return torch.cat([d.reshape(-1) for d in diag.values()]) / x.shape[0]
 

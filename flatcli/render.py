@@ -166,3 +166,30 @@ def comparison_table(comparison) -> Table:
             cells.append(f"{est.value:.4g}{unc} ({q.get(m, float('nan')):.2f}x)")
         table.add_row(MEASURE_ORDER.get(m, m), *cells)
     return table
+
+
+def demo_report(console, result) -> None:
+    """Print the demo: comparisons, rank, sweep, then the claims that held or did not."""
+    for (model, title), comparison in result.comparisons.items():
+        table = comparison_table(comparison)
+        table.title = f"{model}: {title}"
+        console.print(table)
+        for v in comparison.verdicts:
+            console.print(f"  - {v.text}", highlight=False)
+    for model, report in result.ranks.items():
+        for table in rank_table(report):
+            table.title = f"{model}: {table.title}"
+            console.print(table)
+        console.print(report.statement, highlight=False)
+    console.print(sweep_table(result.sweep))
+    summary = Table(title=f"the paper's claims on {result.config.dataset} (computed from the numbers above)",
+                    title_justify="left", show_lines=True)
+    summary.add_column("claim")
+    summary.add_column("model")
+    summary.add_column("held?")
+    summary.add_column("evidence")
+    mark = {True: "[green]yes[/]", False: "[red]no[/]", None: "[yellow]tie / inconclusive[/]"}
+    for c in result.claims:
+        summary.add_row(c.claim, c.model, mark[c.held], c.evidence)
+    console.print(summary)
+    console.print(f"{len(result.runs)} runs under {result.config.out}; {result.seconds:.0f} s in all.")

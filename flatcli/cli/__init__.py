@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from . import compare as _compare
+from . import demo as _demo
 from . import rank_bound as _rank_bound
 from . import sharpness as _sharpness
 from . import train as _train
@@ -38,6 +39,7 @@ app.command("train")(_train.train)
 app.command("sharpness")(_sharpness.sharpness)
 app.command("rank-bound")(_rank_bound.rank_bound)
 app.command("compare")(_compare.compare)
+app.command("demo")(_demo.demo)
 
 
 def main() -> None:
