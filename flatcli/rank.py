@@ -39,7 +39,6 @@ form, also when it has no bias (the bound is then looser by C - 1 for that layer
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -48,9 +47,7 @@ from typing import Any, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 from flatcli.errors import TooLargeError, UsageError
 from flatcli.models import LayerInfo, layer_fan_ins
@@ -225,61 +222,6 @@ class MeasuredRank:
     exact: bool = True
 
 
-class _FlatProblem:
-    """Mean cross-entropy of a float64, eval-mode copy of ``model`` as a function of one
-    flat parameter vector (all parameters, in ``named_parameters`` order)."""
-
-    def __init__(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> None:
-        first = next(model.parameters())
-        self.model = copy.deepcopy(model).to(dtype=torch.float64).eval()
-        self.device = first.device
-        named = list(self.model.named_parameters())
-        self.names = [n for n, _ in named]
-        self.shapes = [p.shape for _, p in named]
-        self.sizes = [p.numel() for _, p in named]
-        self.w0 = torch.cat([p.detach().reshape(-1) for _, p in named])
-        inputs = inputs.to(self.device)
-        self.inputs = inputs.to(torch.float64) if inputs.is_floating_point() else inputs
-        self.targets = targets.to(self.device)
-
-    def unflatten(self, w: Tensor) -> dict[str, Tensor]:
-        return {n: t.view(s) for n, s, t in zip(self.names, self.shapes, torch.split(w, self.sizes))}
-
-    def logits(self, w: Tensor, x: Tensor) -> Tensor:
-        return functional_call(self.model, self.unflatten(w), (x,))
-
-    def loss(self, w: Tensor) -> Tensor:
-        return F.cross_entropy(self.logits(w, self.inputs), self.targets)
-
-
-def _dense_hessian(problem: _FlatProblem, block: int = 128) -> Tensor:
-    """H = [H e_1 ... H e_P] by forward-over-reverse products, ``block`` columns at a time."""
-    p = problem.w0.numel()
-    g = grad(problem.loss)
-
-    def hvp(v: Tensor) -> Tensor:
-        return jvp(g, (problem.w0,), (v,))[1]
-
-    eye = torch.eye(p, dtype=problem.w0.dtype, device=problem.w0.device)
-    h = torch.cat([vmap(hvp)(eye[s : s + block]) for s in range(0, p, block)])
-    return 0.5 * (h + h.T)
-
-
-def _dense_ggn(problem: _FlatProblem, samples_per_chunk: int) -> Tensor:
-    """G = (1/N) sum_i J_i^T (diag p_i - p_i p_i^T) J_i, accumulated over chunks of samples."""
-    p = problem.w0.numel()
-    n = problem.targets.numel()
-    out = torch.zeros(p, p, dtype=problem.w0.dtype, device=problem.w0.device)
-    for s in range(0, n, samples_per_chunk):
-        x = problem.inputs[s : s + samples_per_chunk]
-        jac = jacrev(problem.logits)(problem.w0, x)  # (b, C, P)
-        prob = torch.softmax(problem.logits(problem.w0, x), dim=1).detach()  # (b, C)
-        a_jac = prob[:, :, None] * jac - prob[:, :, None] * torch.einsum("bc,bcp->bp", prob, jac)[:, None, :]
-        out += torch.einsum("bcp,bcq->pq", jac, a_jac)
-    out /= n
-    return 0.5 * (out + out.T)
-
-
 def measured_rank(
     model: nn.Module,
     inputs: Tensor,
@@ -291,11 +233,11 @@ def measured_rank(
 ) -> MeasuredRank:
     """Exact Hessian and GGN ranks of the mean cross-entropy on ``(inputs, targets)``.
 
-    A float64 copy of the model in eval mode (BatchNorm running statistics, no dropout)
-    is differentiated with torch.func on the model's device; ``model`` itself is not
-    changed. The Hessian is assembled from P forward-over-reverse Hessian-vector
-    products, the GGN from per-sample Jacobians; both are symmetrised and their
-    eigenvalues computed with ``torch.linalg.eigvalsh``. All parameters count.
+    Both matrices come from :class:`flatcli.curvature.CurvatureOperator` in float64 and
+    eval mode (BatchNorm running statistics, no dropout), applied to blocks of unit
+    vectors (:func:`flatcli.curvature.dense_hessian`); ``model`` itself is not changed.
+    Both are symmetrised and their eigenvalues computed with ``torch.linalg.eigvalsh``.
+    All parameters count.
 
     Args:
         threshold: relative threshold of :func:`numerical_rank`; default
@@ -318,12 +260,14 @@ def measured_rank(
             f"inputs and targets must hold the same number (> 0) of samples, got "
             f"{tuple(inputs.shape)} and {tuple(targets.shape)}"
         )
-    problem = _FlatProblem(model, inputs, targets)
-    num_classes = problem.logits(problem.w0, problem.inputs[:1]).shape[1]
-    # keep each chunk's Jacobian (b, C, P) float64 near 32 MiB
-    chunk = max(1, (32 * 2**20) // (8 * num_classes * p * 2))
-    h_eigs = torch.linalg.eigvalsh(_dense_hessian(problem))
-    g_eigs = torch.linalg.eigvalsh(_dense_ggn(problem, chunk))
+    from flatcli.curvature import CurvatureOperator, dense_hessian
+
+    def spectrum(curvature: str) -> Tensor:
+        op = CurvatureOperator(model, inputs, targets, curvature=curvature, dtype=torch.float64)
+        h = dense_hessian(op, max_bytes=need)
+        return torch.linalg.eigvalsh(0.5 * (h + h.T))
+
+    h_eigs, g_eigs = spectrum("hessian"), spectrum("ggn")
     rel = default_rank_threshold(p) if threshold is None else float(threshold)
     return MeasuredRank(
         num_params=p,

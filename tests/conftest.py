@@ -5,6 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+# The suite's problems are small: one thread is as fast, and immune to the 10-100x
+# slow-downs of OpenMP spin-waits when another process holds the machine's other core.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _isolate(tmp_path, monkeypatch):
