@@ -10,7 +10,10 @@ from .checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
 from .config import TrainConfig, make_train_config
 from .data import DATASETS, load_dataset
 from .errors import FlatcliError
+from .measures import MEASURES, SharpnessConfig, SharpnessReport, measure
 from .models import MODELS, build_model
+from .rank import rank_bound, rank_report
+from .sharpness import sharpness
 from .training import TrainResult, evaluate, train
 
 __all__ = [
@@ -19,6 +22,8 @@ __all__ = [
     # training and checkpoints
     "train", "TrainConfig", "make_train_config", "TrainResult", "evaluate",
     "load_checkpoint", "save_checkpoint", "CheckpointInfo",
+    # curvature
+    "sharpness", "measure", "SharpnessConfig", "SharpnessReport", "MEASURES", "rank_bound", "rank_report",
     # errors
     "FlatcliError",
 ]

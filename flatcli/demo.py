@@ -137,7 +137,7 @@ def run_demo(config: DemoConfig, on_step: Callable[[str], None] | None = None) -
                            device=config.device)
         ranks[model] = rank_report(point.model, point.inputs, point.targets,
                                    int(point.info.dataset["num_classes"]), seed=config.seed)
-    sweep_model = config.models[-1]
+    sweep_model = config.models[0]  # logistic regression by default: scaling it is exactly function-preserving
     step(f"scaling sweep of {sweep_model}-sgd")
     point = load_point(runs[f"{sweep_model}-sgd"], samples=config.measure_samples, data_dir=config.data_dir,
                        device=config.device)
