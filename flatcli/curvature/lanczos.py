@@ -133,7 +133,9 @@ def lanczos(
         theta, s = _ritz(alphas, betas)
         spectral_scale = float(theta.abs().max())
         wanted = _wanted(m, k, which_)
-        residuals = _residuals(s, beta, dropped)
+        # A residual below the operator's rounding level (eps ||H||) is not resolved by
+        # products computed in op.dtype: never report less than that.
+        residuals = _residuals(s, beta, dropped).clamp(min=eps * spectral_scale)
         floor = math.sqrt(eps) * spectral_scale
         small_enough = all(
             residuals[i] <= tol * max(abs(float(theta[i])), floor) for i in wanted
