@@ -467,7 +467,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
     agree = ", ".join(f"{k} {float((t - hv_64).norm()) / nrm:.1e}" for k, t in
                       (("flatcli", hv_f), ("PyHessian", hv_p), ("curvlinops", hv_c)))
     ref_rows.append(["H v agreement", "||Hv - Hv(float64)|| / ||Hv||, float32", "-", 3, agree, "-"])
-    print_table(f"1. exact references ({time.perf_counter() - t_ref:.0f} s)",
+    print_table(f"1. references ({time.perf_counter() - t_ref:.0f} s)",
                 ["quantity", "method", "seconds", "HVPs", "value", "note"], ref_rows)
 
     # -------------------------------------------------------------- 2. lambda_max
@@ -610,12 +610,12 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
         return [(s, needed(rel_sd_of(fn(flat_op(chunk_size=chunk), probes=3 * s, seed=1000 + s))))
                 for s in args.sketch_grid]
 
-    def sketch_choices(grid: list[tuple[int, int]]) -> tuple[int, int]:
-        """(s for the adaptive mode: least predicted 2 s + n; s for a fixed budget 3 s: the
-        smallest s whose s remainder samples suffice)."""
-        adaptive = min(grid, key=lambda g: 2 * g[0] + g[1])[0]
-        fixed = next((s for s, n in grid if n <= s), grid[-1][0])
-        return adaptive, fixed
+    def sketch_choice(grid: list[tuple[int, int]]) -> int:
+        """The smallest s on the grid whose s remainder samples suffice, so that the
+        budget 3 s (two data passes) meets the target. (Smaller sketches with more
+        remainder samples need fewer HVPs but more data passes, each of which costs a
+        forward and backward pass: slower.)"""
+        return next((s for s, n in grid if n <= s), grid[-1][0])
 
     def add_stoch(rows: list, tool: str, setting: str, fn: Callable[[], tuple[float, float | None, int]],
                   ref: float, n_needed: int | None = None) -> float:
@@ -644,10 +644,10 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
     nn_ph = needed(se_ * math.sqrt(len(ph_pilot)) / abs(m_))
     n_h, n_ph = min(nn_h, max_n), min(nn_ph, max_n)
     grid = hpp_pilot(hutchpp_trace, lambda e: e.stderr * math.sqrt(e.samples) / abs(e.value))
-    s_best, s_fixed = sketch_choices(grid)
+    s_fixed = sketch_choice(grid)
     print(f"\n  pilots (not timed), samples needed for {TARGET_SE:.0%}: Hutchinson {nn_h}, PyHessian {nn_ph}"
           f" (runs capped at {max_n}); Hutch++ remainder " + ", ".join(f"s={s}: {n}" for s, n in grid)
-          + f" -> adaptive from probes=3*{s_best}, fixed probes=3*{s_fixed}")
+          + f" -> probes=3*{s_fixed}")
 
     def f_hutch() -> tuple[float, float, int]:
         e = hutchinson_trace(flat_op(chunk_size=chunk), probes=n_h, seed=0)
@@ -674,17 +674,12 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
         return float(curvlinops.hutchpp_trace(op_c, num_matvecs=3 * s_fixed)), None, 3 * s_fixed
 
     def f_hpp_adaptive() -> tuple[float, float, int]:
-        e = hutchpp_trace(flat_op(chunk_size=chunk), probes=3 * s_best, seed=0, target_rel_stderr=TARGET_SE,
+        e = hutchpp_trace(flat_op(chunk_size=chunk), probes=3 * s_fixed, seed=0, target_rel_stderr=TARGET_SE,
                           max_hvps=10**6)
         return e.value, e.stderr, e.hvps
 
-    def f_hpp_fixed() -> tuple[float, float, int]:
-        e = hutchpp_trace(flat_op(chunk_size=chunk), probes=3 * s_fixed, seed=0)
-        return e.value, e.stderr, e.hvps
-
-    t_flat = add_stoch(tr_rows, "flatcli Hutch++", f"adaptive: probes={3 * s_best}, target_rel_stderr=0.01",
+    t_flat = add_stoch(tr_rows, "flatcli Hutch++", f"probes={3 * s_fixed}, target_rel_stderr=0.01",
                        f_hpp_adaptive, tr_ref)
-    add_stoch(tr_rows, "flatcli Hutch++", f"fixed: probes={3 * s_fixed}", f_hpp_fixed, tr_ref)
     plain = {
         "flatcli Hutchinson": add_stoch(tr_rows, "flatcli Hutchinson", f"probes={n_h} (Rademacher, one pass)",
                                         f_hutch, tr_ref, nn_h),
@@ -698,7 +693,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
     fastest = min(plain, key=plain.get)
     key = "trace: flatcli Hutch++ / fastest plain Hutchinson"
     summary[key] = verdict(t_flat / plain[fastest], TARGET_TRACE_RATIO) + f" [{fastest}]"
-    print(f"  ratio flatcli Hutch++ (adaptive) / fastest plain Hutchinson ({fastest}): {summary[key]}")
+    print(f"  ratio flatcli Hutch++ / fastest plain Hutchinson ({fastest}): {summary[key]}")
     print("  vs each plain Hutchinson: " + ", ".join(f"{k} {t_flat / t:.3g}" for k, t in plain.items()))
 
     # ------------------------------------------------------------ 3b. Frobenius
@@ -719,22 +714,18 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
         fro = math.sqrt(max(sq, 0.0))
         return fro, sq_se / (2 * fro), n
 
-    _, rse_pilot, _ = plain_fro(args.pilot, 2002, flat_op())
-    nn_pf = needed(rse_pilot * math.sqrt(args.pilot))
+    fro_pilot, se_pilot, _ = plain_fro(args.pilot, 2002, flat_op())
+    nn_pf = needed(se_pilot / fro_pilot * math.sqrt(args.pilot))
     n_pf = min(nn_pf, max_n)
     fgrid = hpp_pilot(frobenius, lambda e: e.squared_stderr * math.sqrt(e.samples) / (2 * e.squared))
-    fs_best, fs_fixed = sketch_choices(fgrid)
+    fs_fixed = sketch_choice(fgrid)
     print(f"\n  pilots (not timed), samples needed for {TARGET_SE:.0%} of ||H||_F: plain ||Hg||^2 {nn_pf} (runs "
           f"capped at {max_n}); flatcli remainder " + ", ".join(f"s={s}: {n}" for s, n in fgrid)
-          + f" -> adaptive from probes=3*{fs_best}, fixed probes=3*{fs_fixed}")
+          + f" -> probes=3*{fs_fixed}")
 
     def f_fro_adaptive() -> tuple[float, float, int]:
-        e = frobenius(flat_op(chunk_size=chunk), probes=3 * fs_best, seed=0, target_rel_stderr=TARGET_SE,
+        e = frobenius(flat_op(chunk_size=chunk), probes=3 * fs_fixed, seed=0, target_rel_stderr=TARGET_SE,
                       max_hvps=10**6)
-        return e.value, e.stderr, e.hvps
-
-    def f_fro_fixed() -> tuple[float, float, int]:
-        e = frobenius(flat_op(chunk_size=chunk), probes=3 * fs_fixed, seed=0)
         return e.value, e.stderr, e.hvps
 
     def f_cl_fro() -> tuple[float, None, int]:
@@ -747,9 +738,8 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
             done += k
         return math.sqrt(total / n_pf), None, n_pf
 
-    t_flat = add_stoch(fro_rows, "flatcli frobenius", f"adaptive: probes={3 * fs_best}, target_rel_stderr=0.01",
+    t_flat = add_stoch(fro_rows, "flatcli frobenius", f"probes={3 * fs_fixed}, target_rel_stderr=0.01",
                        f_fro_adaptive, fro_ref)
-    add_stoch(fro_rows, "flatcli frobenius", f"fixed: probes={3 * fs_fixed}", f_fro_fixed, fro_ref)
     plain = {
         "script baseline": add_stoch(fro_rows, "script baseline", f"mean ||Hg||^2, {n_pf} Gaussian g (op.matmat)",
                                      lambda: plain_fro(n_pf, 0, flat_op()), fro_ref, nn_pf),
@@ -762,7 +752,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
     fastest = min(plain, key=plain.get)
     key = "Frobenius: flatcli / fastest plain Hutchinson"
     summary[key] = verdict(t_flat / plain[fastest], TARGET_TRACE_RATIO) + f" [{fastest}]"
-    print(f"  ratio flatcli frobenius (adaptive) / fastest plain Hutchinson ({fastest}): {summary[key]}")
+    print(f"  ratio flatcli frobenius / fastest plain Hutchinson ({fastest}): {summary[key]}")
     if any(n > max_n for n in (nn_h, nn_ph, nn_pf)):
         print(f"  * capped runs: 's @1%' scales the measured seconds by (samples needed) / (samples run)")
     ph.restore()
@@ -830,7 +820,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-cache", action="store_true", help="always retrain")
     parser.add_argument("--long", type=float, default=4.0, help="runs longer than this (s) are timed once")
     parser.add_argument("--hvp-repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default %(default)s: on cores shared with other jobs, 2 OpenMP threads "
+                             "made every op wait for a descheduled thread, 10-40x slower and erratic)")
     parser.add_argument("--chunk", type=int, default=128, help="most probes per data pass (memory)")
     parser.add_argument("--max-samples", type=int, default=1500, help="cap on plain Hutchinson samples")
     parser.add_argument("--block", type=int, default=256, help="unit vectors per pass for --exact-reference")

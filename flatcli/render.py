@@ -182,14 +182,9 @@ def demo_report(console, result) -> None:
             console.print(table)
         console.print(report.statement, highlight=False)
     console.print(sweep_table(result.sweep))
-    summary = Table(title=f"the paper's claims on {result.config.dataset} (computed from the numbers above)",
-                    title_justify="left", show_lines=True)
-    summary.add_column("claim")
-    summary.add_column("model")
-    summary.add_column("held?")
-    summary.add_column("evidence")
-    mark = {True: "[green]yes[/]", False: "[red]no[/]", None: "[yellow]tie / inconclusive[/]"}
+    console.print(f"\n[bold]The paper's claims on {result.config.dataset}[/] (computed from the numbers above)")
+    mark = {True: "[green]held[/]", False: "[red]did not hold[/]", None: "[yellow]tie / inconclusive[/]"}
     for c in result.claims:
-        summary.add_row(c.claim, c.model, mark[c.held], c.evidence)
-    console.print(summary)
+        console.print(f"- {c.claim} \\[{c.model}]: {mark[c.held]}", highlight=False)
+        console.print(f"    {c.evidence}", highlight=False, markup=False)
     console.print(f"{len(result.runs)} runs under {result.config.out}; {result.seconds:.0f} s in all.")

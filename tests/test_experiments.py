@@ -134,4 +134,4 @@ def test_demo_cli_prints_the_claims_table(tmp_path):
     result = runner.invoke(app, ["demo", "--models", "logreg", "--epochs", 2, "--train-samples", 200,
                                  "--samples", 200, "--out", tmp_path / "d"])
     assert result.exit_code == 0, result.stderr
-    assert "the paper's claims" in result.stdout and "held?" in result.stdout
+    assert "The paper's claims on digits" in result.stdout and "[logreg]" in result.stdout

@@ -15,7 +15,7 @@ from ._common import err, handle_errors, out, print_json
 def demo(
     dataset: opt.Dataset = "digits",
     data_dir: opt.DataDir = None,
-    models: Annotated[str, typer.Option(help="Comma-separated models (logreg, mlp, cnn, ...).")] = "logreg,mlp",
+    models: Annotated[str, typer.Option(help="Comma-separated models (logreg, mlp, cnn, ...).")] = "logreg,mlp,cnn",
     epochs: Annotated[int, typer.Option(help="Epochs per run.")] = 60,
     train_samples: Annotated[Optional[int], typer.Option(help="Train on a deterministic subset.")] = None,
     samples: Annotated[Optional[int], typer.Option(help="Measure curvature on a deterministic subset.")] = None,
