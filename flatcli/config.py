@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import UsageError, UnknownNameError
 
 #: Default learning rate per optimiser (used when ``lr`` is not given).
 DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}
@@ -99,7 +99,7 @@ def make_train_config(recipe: str | None = None, **given) -> TrainConfig:
     values: dict = {}
     if recipe is not None:
         if recipe not in RECIPES:
-            raise UsageError(f"unknown recipe {recipe!r}", hint=f"choose one of: {', '.join(RECIPES)}")
+            raise UnknownNameError(f"unknown recipe {recipe!r}", hint=f"choose one of: {', '.join(RECIPES)}")
         values.update(RECIPES[recipe])
         epochs = given.get("epochs", TrainConfig.epochs)
         values["average_from"] = max(1, min(epochs, int(values["average_from"] * epochs) + 1))

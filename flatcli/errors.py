@@ -42,3 +42,7 @@ class RunExistsError(FlatcliError):
 
 class TooLargeError(FlatcliError):
     """A computation that would not fit in memory (e.g. a dense Hessian)."""
+
+
+class UnknownNameError(FlatcliError):
+    """A name (model, data set, measure, optimiser, ...) that no registry knows (exit code 1)."""

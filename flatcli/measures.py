@@ -52,7 +52,7 @@ from torch import nn
 from .curvature import (CurvatureOperator, EigenEstimate, FrobeniusEstimate, SpectralDensity, StochasticEstimate,
                         dense_hessian, extreme_eigenvalues, frobenius, hutchpp_trace, lambda_max, lambda_min,
                         logistic_regression_hessian, slq_density)
-from .errors import UsageError
+from .errors import UsageError, UnknownNameError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -84,12 +84,12 @@ class SharpnessConfig:
     def __post_init__(self) -> None:
         unknown = [m for m in self.measures if m not in MEASURES]
         if unknown or not self.measures:
-            raise UsageError(f"unknown measure {', '.join(unknown) or '(none given)'}",
+            raise UnknownNameError(f"unknown measure {', '.join(unknown) or '(none given)'}",
                              hint=f"choose from: {', '.join(MEASURES)}")
         if self.dtype not in DTYPES:
-            raise UsageError(f"unknown dtype {self.dtype!r}", hint="use float32 or float64")
+            raise UnknownNameError(f"unknown dtype {self.dtype!r}", hint="use float32 or float64")
         if self.split not in ("train", "test"):
-            raise UsageError(f"unknown split {self.split!r}", hint="use train or test")
+            raise UnknownNameError(f"unknown split {self.split!r}", hint="use train or test")
         if not self.rho > 0:
             raise UsageError(f"rho must be positive, got {self.rho}")
         for name in ("max_iter", "probes", "density_iterations", "density_probes", "sharpness_samples"):

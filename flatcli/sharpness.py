@@ -41,7 +41,7 @@ class MeasuredPoint:
 def import_factory(spec: str) -> Callable[[], nn.Module]:
     """``MODULE:FUNCTION`` (module importable or a path to a .py file) -> the function."""
     if ":" not in spec:
-        raise UsageError(f"--model-factory {spec!r} is not MODULE:FUNCTION")
+        raise CheckpointError(f"--model-factory {spec!r} is not MODULE:FUNCTION")
     module_name, func_name = spec.rsplit(":", 1)
     try:
         if module_name.endswith(".py") or os.sep in module_name:
@@ -49,27 +49,27 @@ def import_factory(spec: str) -> Callable[[], nn.Module]:
 
             path = Path(module_name)
             if not path.is_file():
-                raise UsageError(f"--model-factory: no file {path}")
+                raise CheckpointError(f"--model-factory: no file {path}")
             loader_spec = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(loader_spec)
             loader_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(module_name)
-    except UsageError:
+    except CheckpointError:
         raise
     except Exception as exc:  # any import failure of user code is the user's to fix
-        raise UsageError(f"--model-factory: cannot import {module_name} ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"--model-factory: cannot import {module_name} ({type(exc).__name__}: {exc})") from None
     func = getattr(module, func_name, None)
     if not callable(func):
-        raise UsageError(f"--model-factory: {module_name} has no function {func_name}")
+        raise CheckpointError(f"--model-factory: {module_name} has no function {func_name}")
 
     def build() -> nn.Module:
         try:
             model = func()
         except Exception as exc:
-            raise UsageError(f"--model-factory {spec} failed: {type(exc).__name__}: {exc}") from None
+            raise CheckpointError(f"--model-factory {spec} failed: {type(exc).__name__}: {exc}") from None
         if not isinstance(model, nn.Module):
-            raise UsageError(f"--model-factory {spec} returned {type(model).__name__}, not a torch.nn.Module")
+            raise CheckpointError(f"--model-factory {spec} returned {type(model).__name__}, not a torch.nn.Module")
         return model
 
     return build

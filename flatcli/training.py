@@ -41,7 +41,7 @@ from .checkpoint import (LAST_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE, atomic
                          save_checkpoint, save_state)
 from .config import TrainConfig
 from .data import augment_batch, get_spec, load_dataset
-from .errors import RunExistsError, UsageError
+from .errors import RunExistsError, UsageError, UnknownNameError
 from .models import build_model, resolve_kwargs
 
 OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], TrainConfig], torch.optim.Optimizer]] = {
@@ -80,7 +80,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         return torch.device(name)
     except RuntimeError:
-        raise UsageError(f"unknown device {name!r}", hint="use auto, cpu or cuda") from None
+        raise UnknownNameError(f"unknown device {name!r}", hint="use auto, cpu or cuda") from None
 
 
 @dataclass(frozen=True)
@@ -302,4 +302,4 @@ def final_metrics(model: nn.Module, x_train, y_train, x_test, y_test) -> dict:
 
 
 def _unknown(kind: str, name: str, registry: dict):
-    raise UsageError(f"unknown {kind} {name!r}", hint=f"choose one of: {', '.join(registry)}")
+    raise UnknownNameError(f"unknown {kind} {name!r}", hint=f"choose one of: {', '.join(registry)}")

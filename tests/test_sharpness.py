@@ -142,17 +142,18 @@ def test_plain_state_dict_with_a_model_factory(tmp_path):
     assert bad.exit_code == 1 and "do not match" in bad.stderr
     missing = runner.invoke(app, ["sharpness", str(tmp_path / "w.safetensors"), "--model-factory",
                                   "no_such_module_xyz:build", "--dataset", "digits"])
-    assert missing.exit_code != 0 and "cannot import" in missing.stderr
+    assert missing.exit_code == 1 and "cannot import" in missing.stderr
 
 
 @pytest.mark.parametrize("args, message", [
     (["--measures", "sharpest"], "unknown measure"),
     (["--samples", "100000"], "only"),
     (["--split", "validation"], "unknown split"),
+    (["--curvature", "fisher"], "unknown curvature"),
 ])
 def test_bad_input_is_one_clear_line(runs, args, message):
     result = runner.invoke(app, ["sharpness", str(runs / "mlp"), *args])
-    assert result.exit_code != 0 and result.stdout == ""
+    assert result.exit_code == 1 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0]
 

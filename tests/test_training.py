@@ -164,11 +164,17 @@ def test_existing_runs_and_files_are_never_overwritten_unless_asked(make_config)
 
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(lr=-1.0), dict(batch_size=0), dict(l2=-0.1),
-                                 dict(weight_decay=-1.0), dict(epochs=3, average_from=4),
-                                 dict(recipe="nope")])
-def test_bad_options_are_usage_errors(bad):
+                                 dict(weight_decay=-1.0), dict(epochs=3, average_from=4)])
+def test_bad_option_values_are_usage_errors(bad):
     with pytest.raises(UsageError):
         make_train_config(**bad)
+
+
+def test_unknown_names_say_what_is_known():
+    from flatcli.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="gadam, swa"):
+        make_train_config(recipe="nope")
 
 
 def test_recipes_fill_defaults_and_explicit_options_win():

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, hessian
 
 from flatcli.curvature._probes import LinearOperatorLike
-from flatcli.errors import TooLargeError, UsageError
+from flatcli.errors import TooLargeError, UsageError, UnknownNameError
 
 DEFAULT_MAX_BYTES = 2 * 2**30
 
@@ -122,7 +122,7 @@ def hessian_via_torch_func(
     order as :class:`~flatcli.curvature.operator.CurvatureOperator`.
     """
     if bn_mode not in ("eval", "batch"):
-        raise UsageError(f"unknown BatchNorm mode {bn_mode!r}", "choose 'eval' or 'batch'")
+        raise UnknownNameError(f"unknown BatchNorm mode {bn_mode!r}", "choose 'eval' or 'batch'")
     net = copy.deepcopy(model).to(dtype).eval()
     if bn_mode == "batch":
         _decompose_batch_norms(net)

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, replace_all_batch_norm_modules_, vjp, vmap
 
-from flatcli.errors import UsageError
+from flatcli.errors import UsageError, UnknownNameError
 
 if TYPE_CHECKING:  # scipy is optional (a test/benchmark dependency)
     import scipy.sparse.linalg
@@ -108,7 +108,7 @@ def _parse_enum(enum_cls: type[enum.Enum], value: Any, option: str) -> Any:
         return enum_cls(value)
     except ValueError:
         choices = ", ".join(repr(m.value) for m in enum_cls)
-        raise UsageError(f"unknown {option} {value!r}", f"choose one of {choices}") from None
+        raise UnknownNameError(f"unknown {option} {value!r}", f"choose one of {choices}") from None
 
 
 def _data_pass(

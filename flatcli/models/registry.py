@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from flatcli.errors import FlatcliError, UsageError
+from flatcli.errors import FlatcliError, UsageError, UnknownNameError
 
 # ----------------------------------------------------------------------------------------
 # The registry
@@ -81,7 +81,7 @@ def model_names() -> list[str]:
 
 def _spec(name: str) -> ModelSpec:
     if name not in MODELS:
-        raise UsageError(f"unknown model {name!r}", hint=f"choose one of: {', '.join(MODELS)}")
+        raise UnknownNameError(f"unknown model {name!r}", hint=f"choose one of: {', '.join(MODELS)}")
     return MODELS[name]
 
 

