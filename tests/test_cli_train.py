@@ -65,3 +65,13 @@ def test_python_dash_m_runs_the_cli():
 
     proc = subprocess.run([sys.executable, "-m", "flatcli", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip()
+
+
+def test_parser_errors_of_the_console_script_are_one_line_too():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "flatcli", "train", "--epochs", "abc"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--epochs" in lines[0] and "Traceback" not in proc.stderr

@@ -31,8 +31,15 @@ def _print_version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
                                  callback=_print_version),
+    threads: int = typer.Option(0, "--threads", envvar="FLATCLI_THREADS", min=0,
+                                help="CPU threads for torch (0: torch's default). On a machine that other jobs "
+                                     "keep busy, 1 avoids OpenMP spin-wait slow-downs."),
 ) -> None:
     """Train classifiers and measure the curvature of their loss."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 app.command("train")(_train.train)
@@ -43,4 +50,20 @@ app.command("demo")(_demo.demo)
 
 
 def main() -> None:
-    app()
+    """The console script: like ``app()``, but a usage error is one line on stderr, exit code 2."""
+    import sys
+
+    from ._common import err
+
+    try:
+        code = app(standalone_mode=False)
+    except Exception as exc:  # the CLI parser's own errors carry format_message and exit_code
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            from rich.markup import escape
+
+            err.print(f"[bold red]error:[/] {escape(exc.format_message())} (see flatcli --help)", highlight=False)
+            sys.exit(exc.exit_code)
+        if type(exc).__name__ == "Abort":  # Ctrl-C at a prompt
+            sys.exit(130)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
