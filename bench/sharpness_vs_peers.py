@@ -86,6 +86,9 @@ class ModelSpec:
     kwargs: dict
     train: dict  # make_train_config options
     samples: int | None  # measurement data: None = the whole training set
+    chunk: int  # most vectors per vmapped call (CurvatureOperator chunk_size), see --chunk
+    ref_sketch: int  # float64 sketch for the ||H||_F reference
+    ref_samples: int  # float64 remainder probes for the ||H||_F reference
 
 
 def _die(message: str) -> None:
@@ -385,6 +388,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
     from flatcli.curvature.operator import AUTO_METHOD
 
     quick = args.quick
+    chunk = args.chunk or spec.chunk
     timer = Timer(1 if quick else 3, args.long)
     summary: dict[str, str] = {}
     t_model = time.perf_counter()
@@ -408,7 +412,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
     # ------------------------------------------------------------------ 1. references
     t_ref = time.perf_counter()
     m64 = copy.deepcopy(model).double()
-    op64 = CurvatureOperator(m64, x.double(), y, dtype=torch.float64, chunk_size=args.chunk)
+    op64 = CurvatureOperator(m64, x.double(), y, dtype=torch.float64, chunk_size=chunk)
     v0 = np.random.default_rng(0).standard_normal(p_count)
     counted = CountingScipy(op64.to_scipy())
     t0 = time.perf_counter()
@@ -444,11 +448,11 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
         ref_rows.append(["  check", f"max|e_k^T H e_k - G_kk| / max G_kk, {k} random k", s_check, k,
                          f"{dev:.1e}", "ok" if dev < 1e-8 else "FAILED"])
         t0 = time.perf_counter()
-        d = deflated_square_estimate(op64, args.ref_sketch, args.ref_samples, seed=11)
+        d = deflated_square_estimate(op64, spec.ref_sketch, spec.ref_samples, seed=11)
         s_defl = time.perf_counter() - t0
         fro_ref = math.sqrt(d["sq"])
         fro_ref_se = d["sq_se"] / (2 * fro_ref)
-        ref_rows.append(["||H||_F", f"float64 deflated: sketch {args.ref_sketch}, {args.ref_samples} Gaussian",
+        ref_rows.append(["||H||_F", f"float64 deflated: sketch {spec.ref_sketch}, {spec.ref_samples} Gaussian",
                          s_defl, d["hvps"], f"{fro_ref:.10g}", f"se {fro_ref_se / fro_ref:.1e} rel"])
         ref_rows.append(["  trace", "same pass (cross-check of the exact trace)", "(same)", "(same)",
                          f"{d['trace']:.10g}", f"{(d['trace'] - tr_ref) / d['trace_se']:+.1f} se off"])
@@ -598,24 +602,24 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
 
     # ------------------------------------------------------------ 3. trace
     t_sec = time.perf_counter()
-    chunk = args.chunk
     max_n = min(args.max_samples, p_count - 1)  # curvlinops wants fewer products than P
 
     def needed(rel_sd: float) -> int:
         """Samples for a relative standard error of TARGET_SE, given the per-sample rel. sd."""
         return max(2, math.ceil((rel_sd / TARGET_SE) ** 2))
 
-    def hpp_pilot(fn: Callable[..., Any], rel_sd_of: Callable[[Any], float]) -> list[tuple[int, int]]:
-        """[(sketch s, remainder samples needed)] over the sketch grid (budget 3 s each)."""
-        return [(s, needed(rel_sd_of(fn(flat_op(chunk_size=chunk), probes=3 * s, seed=1000 + s))))
-                for s in args.sketch_grid]
-
-    def sketch_choice(grid: list[tuple[int, int]]) -> int:
-        """The smallest s on the grid whose s remainder samples suffice, so that the
-        budget 3 s (two data passes) meets the target. (Smaller sketches with more
-        remainder samples need fewer HVPs but more data passes, each of which costs a
-        forward and backward pass: slower.)"""
-        return next((s for s, n in grid if n <= s), grid[-1][0])
+    def hpp_pilot(fn: Callable[..., Any], rel_sd_of: Callable[[Any], float]) -> tuple[list[tuple[int, int]], int]:
+        """Pilot runs (budget 3 s: s sketch, s projection, s remainder products) over the
+        sketch grid: [(s, remainder samples needed)], and the chosen s: the smallest whose
+        s remainder samples suffice, so that two data passes meet the target. (A smaller
+        sketch with more remainder samples needs fewer HVPs but more data passes, each
+        costing a forward and a backward pass: slower.)"""
+        grid = []
+        for s in args.sketch_grid:
+            grid.append((s, needed(rel_sd_of(fn(flat_op(chunk_size=chunk), probes=3 * s, seed=1000 + s)))))
+            if grid[-1][1] <= s:
+                return grid, s
+        return grid, grid[-1][0]
 
     def add_stoch(rows: list, tool: str, setting: str, fn: Callable[[], tuple[float, float | None, int]],
                   ref: float, n_needed: int | None = None) -> float:
@@ -643,8 +647,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
     m_, se_ = mean_stderr(ph_pilot)
     nn_ph = needed(se_ * math.sqrt(len(ph_pilot)) / abs(m_))
     n_h, n_ph = min(nn_h, max_n), min(nn_ph, max_n)
-    grid = hpp_pilot(hutchpp_trace, lambda e: e.stderr * math.sqrt(e.samples) / abs(e.value))
-    s_fixed = sketch_choice(grid)
+    grid, s_fixed = hpp_pilot(hutchpp_trace, lambda e: e.stderr * math.sqrt(e.samples) / abs(e.value))
     print(f"\n  pilots (not timed), samples needed for {TARGET_SE:.0%}: Hutchinson {nn_h}, PyHessian {nn_ph}"
           f" (runs capped at {max_n}); Hutch++ remainder " + ", ".join(f"s={s}: {n}" for s, n in grid)
           + f" -> probes=3*{s_fixed}")
@@ -717,8 +720,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
     fro_pilot, se_pilot, _ = plain_fro(args.pilot, 2002, flat_op())
     nn_pf = needed(se_pilot / fro_pilot * math.sqrt(args.pilot))
     n_pf = min(nn_pf, max_n)
-    fgrid = hpp_pilot(frobenius, lambda e: e.squared_stderr * math.sqrt(e.samples) / (2 * e.squared))
-    fs_fixed = sketch_choice(fgrid)
+    fgrid, fs_fixed = hpp_pilot(frobenius, lambda e: e.squared_stderr * math.sqrt(e.samples) / (2 * e.squared))
     print(f"\n  pilots (not timed), samples needed for {TARGET_SE:.0%} of ||H||_F: plain ||Hg||^2 {nn_pf} (runs "
           f"capped at {max_n}); flatcli remainder " + ", ".join(f"s={s}: {n}" for s, n in fgrid)
           + f" -> probes=3*{fs_fixed}")
@@ -759,34 +761,58 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
 
     # ------------------------------------------------------------ 4. HVP costs
     t_sec = time.perf_counter()
-    ops = {m: flat_op(method=m) for m in ("double_backward", "forward_over_reverse")}
+    methods = ("double_backward", "forward_over_reverse")
+    ops = {m: flat_op(method=m) for m in methods}
+    chunked = {m: flat_op(method=m, chunk_size=chunk) for m in methods} if chunk < K_BLOCK else {}
     gen = torch.Generator().manual_seed(5)
     v = torch.randn(p_count, generator=gen)
     block = torch.randn(p_count, K_BLOCK, generator=gen)
     fns: dict[str, Callable[[], Any]] = {"gradient": ops["double_backward"].gradient}
-    for m, op in ops.items():
-        fns[f"1 HVP, {m}"] = lambda op=op: op.matvec(v)
-        fns[f"{K_BLOCK} HVPs (block), {m}"] = lambda op=op: op.matmat(block)
-    med = round_robin(fns, 2 if quick else args.hvp_repeats)
+    for m in methods:
+        fns[f"1 {m}"] = lambda op=ops[m]: op.matvec(v)
+        fns[f"block {m}"] = lambda op=ops[m]: op.matmat(block)
+        if chunked:
+            fns[f"chunked {m}"] = lambda op=chunked[m]: op.matmat(block)
+    # peers' single HVPs, for comparison: PyHessian reuses the graph of the gradient it
+    # built once (one backward pass per HVP); curvlinops runs forward-over-reverse.
+    ph_model = copy.deepcopy(model)
+    ph_model.zero_grad(set_to_none=True)
+    h = pyh.hessian(ph_model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+    ph_v = [t.view_as(p) for t, p in zip(torch.split(v, [p.numel() for p in h.params]), h.params)]
+    fns["PyHessian"] = lambda: pyh.hessian_vector_product(h.gradsH, h.params, ph_v)
+    op_c = curvlinops_hessian(curvlinops, model, x, y)
+    fns["curvlinops"] = lambda: op_c @ v
+    reps = 2 if quick else args.hvp_repeats
+    med = round_robin(fns, reps)
     auto = AUTO_METHOD.get("cpu").value
     g = med["gradient"]
-    hv_rows = [["gradient", "-", g, "1.00", "-"]]
-    for m in ops:
-        single, blk = med[f"1 HVP, {m}"], med[f"{K_BLOCK} HVPs (block), {m}"]
+    hv_rows = [["gradient", "flatcli op.gradient()", g, "1.00", "-"]]
+    for m in methods:
+        single, blk = med[f"1 {m}"], med[f"block {m}"]
         tag = " (auto)" if m == auto else ""
-        hv_rows.append([f"1 HVP", m + tag, single, f"{single / g:.2f}", "-"])
-        hv_rows.append([f"{K_BLOCK} HVPs, one block", m + tag, blk, f"{blk / g:.2f}", f"{blk / single:.2f}"])
-    print_table(f"4. HVP costs, flatcli operator, float32 (median of {2 if quick else args.hvp_repeats}, "
-                f"round-robin; {time.perf_counter() - t_sec:.0f} s)",
+        hv_rows.append(["1 HVP", m + tag, single, f"{single / g:.2f}", "-"])
+        hv_rows.append([f"{K_BLOCK} HVPs, one pass", m + tag, blk, f"{blk / g:.2f}", f"{blk / single:.2f}"])
+        if chunked:
+            c = med[f"chunked {m}"]
+            hv_rows.append([f"{K_BLOCK} HVPs, one pass", f"{m}{tag}, chunk_size={chunk}", c, f"{c / g:.2f}",
+                            f"{c / single:.2f}"])
+    hv_rows.append(["1 HVP", "PyHessian (gradient graph reused)", med["PyHessian"], f"{med['PyHessian'] / g:.2f}", "-"])
+    hv_rows.append(["1 HVP", "curvlinops (fwd-over-rev)", med["curvlinops"], f"{med['curvlinops'] / g:.2f}", "-"])
+    del h, ph_model
+    print_table(f"4. HVP costs, float32 (median of {reps}, round-robin; {time.perf_counter() - t_sec:.0f} s)",
                 ["quantity", "method", "seconds", "/ gradient", "block / single"], hv_rows)
-    single, blk = med[f"1 HVP, {auto}"], med[f"{K_BLOCK} HVPs (block), {auto}"]
+    single, blk = med[f"1 {auto}"], med[f"block {auto}"]
     summary[f"HVP / gradient ({auto}, auto)"] = verdict(single / g, TARGET_HVP_GRAD)
     summary[f"block{K_BLOCK} / single ({auto}, auto)"] = verdict(blk / single, TARGET_BLOCK)
-    best_single = min(ops, key=lambda m: med[f"1 HVP, {m}"])
-    best_block = min(ops, key=lambda m: med[f"{K_BLOCK} HVPs (block), {m}"])
+    if chunked:
+        summary[f"block{K_BLOCK} / single ({auto}, chunk_size={chunk})"] = verdict(
+            med[f"chunked {auto}"] / single, TARGET_BLOCK)
+    best_single = min(methods, key=lambda m: med[f"1 {m}"])
+    best_block = min(methods, key=lambda m: med[f"block {m}"])
     print(f"  auto picks {auto} on cpu; fastest measured here: single {best_single}, block {best_block}")
-    for k in (f"HVP / gradient ({auto}, auto)", f"block{K_BLOCK} / single ({auto}, auto)"):
-        print(f"  {k}: {summary[k]}")
+    for k in summary:
+        if k.startswith(("HVP /", "block")):
+            print(f"  {k}: {summary[k]}")
     print(f"\n  {spec.name}: {time.perf_counter() - t_model:.0f} s in all")
     return summary
 
@@ -823,8 +849,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default %(default)s: on cores shared with other jobs, 2 OpenMP threads "
                              "made every op wait for a descheduled thread, 10-40x slower and erratic)")
-    parser.add_argument("--chunk", type=int, default=128, help="most probes per data pass (memory)")
-    parser.add_argument("--max-samples", type=int, default=1500, help="cap on plain Hutchinson samples")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="most vectors per vmapped call, for flatcli (chunk_size) and curvlinops (vectors per "
+                             "call) in section 3 (default: 32 for the MLP, 4 for the CNN, the fastest measured)")
+    parser.add_argument("--max-samples", type=int, default=500,
+                        help="cap on plain Hutchinson samples; capped runs are extrapolated (default %(default)s)")
     parser.add_argument("--block", type=int, default=256, help="unit vectors per pass for --exact-reference")
     args = parser.parse_args(argv)
 
@@ -852,17 +881,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.check_coords = 16 if q else 64
     args.jac_chunk = 50
     specs = {
-        "mlp": ModelSpec("mlp", {"width": 64}, {"epochs": 5}, 1000 if q else None),
-        "cnn": ModelSpec("cnn", {"channels": args.cnn_channels},
-                         {"epochs": 8, "optimizer": "adam", "lr": 3e-3},
-                         args.cnn_samples or (64 if q else 256)),
+        "mlp": ModelSpec("mlp", {"width": 64}, {"epochs": 5}, 1000 if q else None, 32,
+                         64 if q else 200, 32 if q else 64),
+        "cnn": ModelSpec("cnn", {"channels": args.cnn_channels}, {"epochs": 8, "optimizer": "adam", "lr": 3e-3},
+                         args.cnn_samples or (64 if q else 256), 4, 32 if q else 48, 32),
     }
     torch.manual_seed(0)
     t0 = time.perf_counter()
     summaries = {}
     for name in models:
         spec = specs[name]
-        args.ref_sketch, args.ref_samples = (64, 32) if q else (200, 64)
         summaries[name] = bench_model(spec, args, pyh, curvlinops)
     print(f"\n{'=' * 100}\nSUMMARY ({time.perf_counter() - t0:.0f} s in all)")
     for name, summary in summaries.items():

@@ -39,16 +39,6 @@ from flatcli.rank import (
 C, D = 10, 64  # digits: 10 classes, 8 x 8 inputs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny problems: one intra-op thread avoids oversubscription on shared CPUs
-    # (several times faster here); the previous setting is restored afterwards.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def digits():
     x, y = load_dataset("digits", "train").tensors

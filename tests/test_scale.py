@@ -43,16 +43,6 @@ C = 10
 TIGHT = 1e-9  # relative tolerance for identities that hold up to float64 rounding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny problems: one intra-op thread avoids oversubscription on shared CPUs
-    # (several times faster here); the previous setting is restored afterwards.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def digits():
     x, y = load_dataset("digits", "train").tensors

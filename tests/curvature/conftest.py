@@ -148,17 +148,6 @@ def matrix_with_spectrum(eigenvalues: Tensor, seed: int = 0) -> Tensor:
     return (q * eigenvalues.to(torch.float64)) @ q.T
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run these tiny problems on one CPU thread (restored afterwards): extra threads
-    only add synchronisation, and on a busy 2-core machine OpenMP's spin-waiting made
-    some products 10-100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # Fixtures (test modules take the helpers from here rather than importing conftest,
 # whose module name is not unique across the test tree).
 
