@@ -49,9 +49,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .curvature import (CurvatureOperator, EigenEstimate, FrobeniusEstimate, SpectralDensity, StochasticEstimate,
-                        dense_hessian, extreme_eigenvalues, frobenius, hutchpp_trace, lambda_max, lambda_min,
-                        logistic_regression_hessian, slq_density)
+from .curvature import (CurvatureOperator, EigenEstimate, dense_hessian, extreme_eigenvalues, frobenius,
+                        hutchpp_trace, lambda_max, lambda_min, logistic_regression_hessian, slq_density,
+                        suggest_chunk_size)
 from .errors import UsageError, UnknownNameError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -64,7 +64,8 @@ class SharpnessConfig:
     measures: tuple[str, ...] = ("lambda_max", "trace", "frobenius")
     split: str = "train"
     samples: int | None = None
-    batch_size: int | None = 2048
+    batch_size: int | None = 1024
+    memory_gb: float = 2.0
     curvature: str = "hessian"
     bn_mode: str = "eval"
     include_l2: bool = False
@@ -365,7 +366,10 @@ def measure(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, confi
     dtype = DTYPES[config.dtype]
     device = next(model.parameters()).device
     coeff = l2 if config.include_l2 else 0.0
-    op_kwargs = dict(curvature=config.curvature, bn_mode=config.bn_mode, batch_size=config.batch_size,
+    batch = min(config.batch_size or len(targets), len(targets))
+    widen = max(1, dtype.itemsize // next(model.parameters()).element_size())  # float64 on a float32 model
+    chunk = suggest_chunk_size(model, inputs, batch, budget_bytes=int(config.memory_gb * 2**30 / widen))
+    op_kwargs = dict(curvature=config.curvature, bn_mode=config.bn_mode, batch_size=batch, chunk_size=chunk,
                      l2=coeff, dtype=dtype, progress=progress)
     op = CurvatureOperator(model, inputs, targets, **op_kwargs)
     closed_form = config.exact and config.curvature == "hessian" and _is_plain_logreg(model)

@@ -11,7 +11,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from ..compare import DEFAULT_COMPARE_MEASURES, compare_checkpoints, comparison_as_dict
 from . import options as opt
 from ._common import err, handle_errors, out, print_json
-from .sharpness import (BatchSize, BnMode, CurvatureOpt, Dtype, Exact, IncludeL2, LogitNormalise, MaxIter, NoCache,
+from .sharpness import (BatchSize, BnMode, MemoryGb, CurvatureOpt, Dtype, Exact, IncludeL2, LogitNormalise, MaxIter, NoCache,
                         Probes, Rho, Samples, Split, Tol, build_config)
 
 
@@ -21,7 +21,8 @@ def compare(
     measures: Annotated[str, typer.Option(help="Comma-separated measures (see flatcli sharpness --help).")] = ",".join(DEFAULT_COMPARE_MEASURES),
     split: Split = "train",
     samples: Samples = None,
-    batch_size: BatchSize = 2048,
+    batch_size: BatchSize = 1024,
+    memory_gb: MemoryGb = 2.0,
     curvature: CurvatureOpt = "hessian",
     bn_mode: BnMode = "eval",
     include_l2: IncludeL2 = False,
@@ -48,7 +49,8 @@ def compare(
         from ..errors import UsageError
 
         raise UsageError("compare needs at least two runs")
-    config = build_config(measures, split=split, samples=samples, batch_size=batch_size, curvature=curvature,
+    config = build_config(measures, split=split, samples=samples, batch_size=batch_size, memory_gb=memory_gb,
+                          curvature=curvature,
                           bn_mode=bn_mode, include_l2=include_l2, exact=exact, tol=tol, max_iter=max_iter,
                           probes=probes, seed=seed, dtype=dtype, rho=rho, logit_normalise=logit_normalise)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,

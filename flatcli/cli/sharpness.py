@@ -26,6 +26,7 @@ def build_config(measures: str, **options) -> SharpnessConfig:
 Split = Annotated[str, typer.Option(help="train or test.")]
 Samples = Annotated[Optional[int], typer.Option(help="Measure on a deterministic subset of N images.")]
 BatchSize = Annotated[int, typer.Option(help="Images per forward pass (memory; with --bn-mode batch also the statistics).")]
+MemoryGb = Annotated[float, typer.Option(help="Memory budget for a block of Hessian-vector products (sets the vmap chunk size).")]
 CurvatureOpt = Annotated[str, typer.Option(help="hessian or ggn (generalised Gauss-Newton).")]
 BnMode = Annotated[str, typer.Option(help="BatchNorm: eval (running statistics) or batch (batch statistics, as the paper's authors).")]
 IncludeL2 = Annotated[bool, typer.Option(help="Add the checkpoint's coupled L2 coefficient times the identity.")]
@@ -47,7 +48,8 @@ def sharpness(
     measures: MeasuresOpt = "lambda_max,trace,frobenius",
     split: Split = "train",
     samples: Samples = None,
-    batch_size: BatchSize = 2048,
+    batch_size: BatchSize = 1024,
+    memory_gb: MemoryGb = 2.0,
     curvature: CurvatureOpt = "hessian",
     bn_mode: BnMode = "eval",
     include_l2: IncludeL2 = False,
@@ -80,7 +82,8 @@ def sharpness(
     E over d ~ |w| * N(0, rho^2) of L(w + d) - L(w) (Kwon et al. 2021; Andriushchenko et al. 2023).
     relative_flatness: sum over s, s' of <w_s, w_s'> Tr(H_ss') of the last layer (Petzka et al. 2021).
     """
-    config = build_config(measures, split=split, samples=samples, batch_size=batch_size, curvature=curvature,
+    config = build_config(measures, split=split, samples=samples, batch_size=batch_size, memory_gb=memory_gb,
+                          curvature=curvature,
                           bn_mode=bn_mode, include_l2=include_l2, exact=exact, tol=tol, max_iter=max_iter,
                           probes=probes, seed=seed, dtype=dtype, per_layer=per_layer, rho=rho,
                           logit_normalise=logit_normalise)

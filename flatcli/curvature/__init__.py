@@ -33,10 +33,12 @@ from flatcli.curvature.operator import (
     Curvature,
     CurvatureOperator,
     HvpMethod,
+    suggest_chunk_size,
 )
 from flatcli.curvature.trace import frobenius, hutchinson_trace, hutchpp_trace
 
 __all__ = [
+    "suggest_chunk_size",
     # operator
     "CurvatureOperator",
     "Curvature",
