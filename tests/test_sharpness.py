@@ -171,3 +171,19 @@ def test_exact_refuses_a_model_too_large(tmp_path):
     x, y = torch.randn(10, 1, 28, 28), torch.randint(0, 10, (10,))
     with pytest.raises(TooLargeError):
         measure(model, x, y, SharpnessConfig(measures=("trace",), exact=True, dtype="float64"))
+
+
+def test_chunk_size_follows_the_memory_budget_and_chunking_changes_no_result():
+    from flatcli import build_model
+    from flatcli.curvature import CurvatureOperator, suggest_chunk_size
+
+    torch.manual_seed(0)
+    model = build_model("cnn", input_shape=(1, 8, 8), num_classes=10, channels=4)
+    x, y = load_dataset("digits", samples=64).tensors
+    small = suggest_chunk_size(model, x, 64, budget_bytes=2**20)
+    large = suggest_chunk_size(model, x, 64, budget_bytes=2**26)
+    assert 1 <= small < large
+    v = torch.randn(sum(p.numel() for p in model.parameters()), 6, dtype=torch.float64)
+    one = CurvatureOperator(model, x, y, dtype=torch.float64, chunk_size=1).matmat(v)
+    all_ = CurvatureOperator(model, x, y, dtype=torch.float64).matmat(v)
+    assert torch.allclose(one, all_, rtol=1e-10, atol=1e-12)
