@@ -33,12 +33,14 @@ from flatcli.curvature.operator import (
     Curvature,
     CurvatureOperator,
     HvpMethod,
+    activation_bytes_per_sample,
     suggest_chunk_size,
 )
 from flatcli.curvature.trace import frobenius, hutchinson_trace, hutchpp_trace
 
 __all__ = [
     "suggest_chunk_size",
+    "activation_bytes_per_sample",
     # operator
     "CurvatureOperator",
     "Curvature",

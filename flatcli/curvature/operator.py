@@ -153,6 +153,24 @@ def _data_pass(
     return tuple(totals)
 
 
+def activation_bytes_per_sample(model: nn.Module, inputs: Tensor) -> int:
+    """Bytes of all leaf modules' outputs for one input (one forward pass, eval mode)."""
+    sizes: list[int] = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: sizes.append(out.numel() * out.element_size()))
+             for m in model.modules() if not list(m.children())]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            first = next(model.parameters())
+            model(inputs[:1].to(device=first.device, dtype=first.dtype))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return max(sum(sizes), 1)
+
+
 def suggest_chunk_size(model: nn.Module, inputs: Tensor, batch_size: int, *,
                        budget_bytes: int = 2 * 2**30, overhead: float = 2.0) -> int:
     """How many vectors one vmapped call may carry within ``budget_bytes``.
@@ -163,20 +181,7 @@ def suggest_chunk_size(model: nn.Module, inputs: Tensor, batch_size: int, *,
     output); ``overhead`` covers the extra copies (measured: a small CNN on 1024 MNIST
     images took 1.1x the leaf outputs per vector in peak memory, double backward).
     """
-    sizes: list[int] = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out: sizes.append(out.numel() * out.element_size()))
-             for m in model.modules() if not list(m.children())]
-    try:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            first = next(model.parameters())
-            model(inputs[:1].to(device=first.device, dtype=first.dtype))
-        model.train(was_training)
-    finally:
-        for h in hooks:
-            h.remove()
-    per_vector = overhead * batch_size * max(sum(sizes), 1)
+    per_vector = overhead * batch_size * activation_bytes_per_sample(model, inputs)
     return max(1, int(budget_bytes // per_vector))
 
 
@@ -248,6 +253,7 @@ class CurvatureOperator:
         dtype: torch.dtype | None = None,
         method: str = "auto",
         progress: Callable[[int], None] | None = None,
+        cache_graph: bool | None = None,
     ) -> None:
         self.curvature = _parse_enum(Curvature, curvature, "curvature")
         self.bn_mode = _parse_enum(BatchNormMode, bn_mode, "BatchNorm mode")
@@ -333,6 +339,13 @@ class CurvatureOperator:
         self.l2 = float(l2)
         self.progress = progress
         self.hvps: int = 0
+        # Double backward: keep each batch's gradient graph (its vjp function) between
+        # products, so that a product costs one backward-of-backward instead of a
+        # forward, a backward and that (as PyHessian does with its retained graph).
+        # Default: when the data is a single batch; pass True when memory allows more.
+        single_batch = self.batch_size >= self.num_samples
+        self._cache: list | None = [] if (single_batch if cache_graph is None else cache_graph) else None
+        self._batch_index = 0
         self._inputs = inputs
         self._targets = targets
 
@@ -364,7 +377,18 @@ class CurvatureOperator:
     def _loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(self._logits(theta, x), y)
 
+    def _cached_vjp(self, make: Callable[[], Callable]) -> Callable:
+        """The current batch's vjp function, built once when graphs are cached."""
+        index = self._batch_index
+        self._batch_index += 1
+        if self._cache is None:
+            return make()
+        if index == len(self._cache):
+            self._cache.append(make())
+        return self._cache[index]
+
     def _pass(self, batch_fn: Callable[[Tensor, Tensor], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+        self._batch_index = 0
         return _data_pass(
             batch_fn,
             self._inputs,
@@ -377,7 +401,7 @@ class CurvatureOperator:
     def _hvp_double_backward(self, x: Tensor, y: Tensor, vs: Tensor) -> Tensor:
         """(K, P) -> (K, P): rows H_b v_k; the gradient graph is built once per batch."""
         grad_fn = grad(self._loss)
-        _, vjp_fn = vjp(lambda t: grad_fn(t, x, y), self.params)
+        vjp_fn = self._cached_vjp(lambda: vjp(lambda t: grad_fn(t, x, y), self.params)[1])
         return vmap(lambda v: vjp_fn(v)[0], chunk_size=self.chunk_size)(vs)
 
     def _hvp_forward_over_reverse(self, x: Tensor, y: Tensor, vs: Tensor) -> Tensor:

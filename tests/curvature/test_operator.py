@@ -350,3 +350,15 @@ def test_mismatched_data_and_bad_blocks_raise_usage_errors(make_problem) -> None
     op = op_for(problem)
     with pytest.raises(UsageError, match="shape"):
         op.matmat(torch.zeros(op.num_params + 1, 2, dtype=F64))
+
+
+def test_cached_gradient_graphs_give_the_same_products_over_several_batches(make_problem) -> None:
+    problem = make_problem("mlp_relu", "digits")
+    v = torch.randn(sum(p.numel() for p in problem.model.parameters()), 3, dtype=torch.float64)
+    fresh = CurvatureOperator(problem.model, problem.inputs, problem.targets, batch_size=37, dtype=torch.float64,
+                              cache_graph=False, method="double_backward")
+    cached = CurvatureOperator(problem.model, problem.inputs, problem.targets, batch_size=37, dtype=torch.float64,
+                               cache_graph=True, method="double_backward")
+    expected = fresh.matmat(v)
+    for _ in range(2):  # the second call runs on the cached graphs
+        assert torch.allclose(cached.matmat(v), expected, rtol=1e-12, atol=1e-14)
