@@ -370,6 +370,8 @@ def measure(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, confi
     widen = max(1, dtype.itemsize // next(model.parameters()).element_size())  # float64 on a float32 model
     budget = int(config.memory_gb * 2**30 / widen)
     chunk = suggest_chunk_size(model, inputs, batch, budget_bytes=budget)
+    if device.type == "cpu":  # measured on CPU: 4-8 vectors per vmapped call is fastest (bench/README.md)
+        chunk = min(chunk, 8)
     # keep every batch's gradient graph (a product then costs about one gradient) when
     # the graphs of the whole data set fit in the budget too
     cache = 4 * len(targets) * activation_bytes_per_sample(model, inputs) <= budget
