@@ -8,7 +8,6 @@ the checkpoint's content hash, so that a second request with the same settings (
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from collections.abc import Callable
@@ -20,8 +19,8 @@ from torch import nn
 
 from .checkpoint import CheckpointInfo, atomic_write_text, load_checkpoint, resolve_checkpoint_path
 from .data import load_dataset
-from .errors import CheckpointError, DataError, UsageError
-from .measures import DTYPES, SharpnessConfig, SharpnessReport, file_digest, measure
+from .errors import CheckpointError, DataError
+from .measures import SharpnessConfig, SharpnessReport, file_digest, measure
 from .training import resolve_device
 
 CACHE_FILE = "sharpness.json"

@@ -1,7 +1,6 @@
 """Checkpoints: round trip, metadata, and every way a file can be wrong."""
 
 import json
-import warnings
 from pathlib import Path
 
 import pytest

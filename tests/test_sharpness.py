@@ -1,7 +1,6 @@
 """``flatcli sharpness``: the report agrees with exact dense computation; JSON; cache; bad input."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -66,7 +66,6 @@ def test_paper_schedule_holds_decays_linearly_then_holds():
 def test_averaging_equals_the_mean_of_the_epoch_snapshots(make_config):
     snapshots = []
     config = make_config(epochs=4, average_from=2, out=Path("avg"), model="mlp", model_kwargs={"width": 8})
-    from flatcli.training import TrainCallbacks
     import flatcli.training as training
 
     original = training.train_one_epoch
