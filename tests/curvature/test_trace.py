@@ -37,7 +37,7 @@ def test_hutchpp_within_4_stderr_of_the_exact_trace(make_problem, reference_hess
         est = hutchpp_trace(op, probes=60, seed=seed)
         assert est.stderr > 0
         assert abs(est.value - exact) <= 4 * est.stderr, (seed, est, exact)
-    assert est.hvps == 60 and est.samples == 20 and est.estimator == "hutch++"
+    assert est.hvps == 60 and est.samples == 30 and est.estimator == "hutch++"  # sketch 15, >= 30 samples
     assert len(passes) == 2 * len(SEEDS)  # two data passes per estimate
 
 
@@ -84,9 +84,9 @@ def test_hutchpp_beats_hutchinson_at_equal_cost_on_a_hessian_with_outliers(make_
 def test_hutchpp_is_exact_when_the_sketch_spans_the_range(dense_operator, spectrum_matrix) -> None:
     spectrum = torch.cat([torch.tensor([5.0, 3.0, -2.0, 1.0], dtype=F64), torch.zeros(36, dtype=F64)])
     op = dense_operator(spectrum_matrix(spectrum))
-    est = hutchpp_trace(op, probes=15, seed=0)  # sketch of 5 >= rank 4
+    est = hutchpp_trace(op, probes=40, seed=0)  # sketch of 5 >= rank 4, 30 remainder samples
     assert est.value == pytest.approx(7.0, abs=1e-12) and est.stderr <= 1e-12
-    fro = frobenius(op, probes=15, seed=0)
+    fro = frobenius(op, probes=40, seed=0)
     assert fro.squared == pytest.approx(39.0, abs=1e-11) and fro.squared_stderr <= 1e-11
 
 
@@ -96,8 +96,8 @@ def test_adaptive_mode_adds_blocks_until_the_target(make_problem, reference_hess
     first = hutchpp_trace(op, probes=12, seed=3)
     assert first.rel_stderr > 0.05
     est = hutchpp_trace(op, probes=12, seed=3, target_rel_stderr=0.05, max_hvps=2000)
-    assert est.rel_stderr <= 0.05 and est.hvps > 12 and est.samples > 4
-    assert est.hvps == 8 + est.samples  # sketch + projection + remainder blocks of 4
+    assert est.rel_stderr <= 0.05 and est.hvps > 12 and est.samples > 10
+    assert est.hvps == 2 + est.samples  # sketch + projection (1 each: the budget goes to samples) + remainder
     assert abs(est.value - exact) <= 4 * est.stderr
     capped = hutchinson_trace(op, probes=10, seed=3, target_rel_stderr=1e-9, max_hvps=35)
     assert capped.hvps == 35 and capped.samples == 35  # budget respected exactly
@@ -126,3 +126,11 @@ def test_probes_follow_the_operator_dtype(make_problem, reference_hessian) -> No
 def test_bad_arguments_raise_usage_errors(dense_operator, call) -> None:
     with pytest.raises(UsageError):
         call(dense_operator(torch.eye(4, dtype=F64)))
+
+
+def test_hutchpp_keeps_at_least_30_remainder_samples_when_the_budget_allows() -> None:
+    from flatcli.curvature.trace import _split_budget
+
+    assert _split_budget(99) == (33, 33)  # thirds when that leaves >= 30 samples
+    assert _split_budget(60) == (15, 30)
+    assert _split_budget(24) == (1, 22)  # too small a budget: keep a sketch of 1, the rest to samples
