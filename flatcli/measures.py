@@ -51,7 +51,7 @@ from torch import nn
 
 from .curvature import (CurvatureOperator, EigenEstimate, dense_hessian, extreme_eigenvalues, frobenius,
                         hutchpp_trace, lambda_max, lambda_min, logistic_regression_hessian, slq_density,
-                        activation_bytes_per_sample, suggest_chunk_size)
+                        memory_bounded)
 from .errors import UsageError, UnknownNameError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -366,17 +366,10 @@ def measure(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, confi
     dtype = DTYPES[config.dtype]
     device = next(model.parameters()).device
     coeff = l2 if config.include_l2 else 0.0
-    batch = min(config.batch_size or len(targets), len(targets))
     widen = max(1, dtype.itemsize // next(model.parameters()).element_size())  # float64 on a float32 model
-    budget = int(config.memory_gb * 2**30 / widen)
-    chunk = suggest_chunk_size(model, inputs, batch, budget_bytes=budget)
-    if device.type == "cpu":  # measured on CPU: 4-8 vectors per vmapped call is fastest (bench/README.md)
-        chunk = min(chunk, 8)
-    # keep every batch's gradient graph (a product then costs about one gradient) when
-    # the graphs of the whole data set fit in the budget too
-    cache = 4 * len(targets) * activation_bytes_per_sample(model, inputs) <= budget
-    op_kwargs = dict(curvature=config.curvature, bn_mode=config.bn_mode, batch_size=batch, chunk_size=chunk,
-                     l2=coeff, dtype=dtype, progress=progress, cache_graph=cache)
+    bounded = memory_bounded(model, inputs, config.batch_size, budget_bytes=int(config.memory_gb * 2**30 / widen))
+    op_kwargs = dict(curvature=config.curvature, bn_mode=config.bn_mode, l2=coeff, dtype=dtype, progress=progress,
+                     **bounded)
     op = CurvatureOperator(model, inputs, targets, **op_kwargs)
     closed_form = config.exact and config.curvature == "hessian" and _is_plain_logreg(model)
     ctx = MeasureContext(op, config, model, inputs, targets, closed_form)

@@ -600,9 +600,9 @@ def rank_report(model: nn.Module, inputs: Tensor, targets: Tensor, num_classes: 
         measured: MeasuredRank | RankEstimate = measured_rank(model, inputs, targets, threshold=threshold,
                                                               max_params=max_params)
     else:
-        from flatcli.curvature import CurvatureOperator, slq_density
+        from flatcli.curvature import CurvatureOperator, memory_bounded, slq_density
 
-        op = CurvatureOperator(model, inputs, targets)
+        op = CurvatureOperator(model, inputs, targets, **memory_bounded(model, inputs))
         density = slq_density(op, probes=probes, iterations=iterations, seed=seed)
         measured = estimated_rank(density, bound.num_params, fraction)
     linear = is_linear_model(model)

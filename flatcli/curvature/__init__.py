@@ -34,11 +34,13 @@ from flatcli.curvature.operator import (
     CurvatureOperator,
     HvpMethod,
     activation_bytes_per_sample,
+    memory_bounded,
     suggest_chunk_size,
 )
 from flatcli.curvature.trace import frobenius, hutchinson_trace, hutchpp_trace
 
 __all__ = [
+    "memory_bounded",
     "suggest_chunk_size",
     "activation_bytes_per_sample",
     # operator

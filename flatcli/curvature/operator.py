@@ -185,6 +185,23 @@ def suggest_chunk_size(model: nn.Module, inputs: Tensor, batch_size: int, *,
     return max(1, int(budget_bytes // per_vector))
 
 
+def memory_bounded(model: nn.Module, inputs: Tensor, batch_size: int | None = 1024, *,
+                   budget_bytes: int = 2 * 2**30) -> dict[str, Any]:
+    """Operator settings that keep a block product within ``budget_bytes``.
+
+    ``batch_size`` (capped at N), the vmap ``chunk_size`` from
+    :func:`suggest_chunk_size` (at most 8 vectors on the CPU, the fastest measured
+    there: bench/README.md), and ``cache_graph`` when every batch's gradient graph fits.
+    """
+    n = inputs.shape[0]
+    batch = min(batch_size or n, n)
+    chunk = suggest_chunk_size(model, inputs, batch, budget_bytes=budget_bytes)
+    if next(model.parameters()).device.type == "cpu":
+        chunk = min(chunk, 8)
+    cache = 4 * n * activation_bytes_per_sample(model, inputs) <= budget_bytes
+    return {"batch_size": batch, "chunk_size": chunk, "cache_graph": cache}
+
+
 def _structural_copy(model: nn.Module) -> nn.Module:
     """A copy of the module tree that shares (does not duplicate) parameters and buffers.
 
