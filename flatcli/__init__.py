@@ -4,7 +4,7 @@ A command-line tool and library to test "Flatness is a False Friend" (Granziol 2
 on your own models. See README.md for the commands; the public Python API is below.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
 from .config import TrainConfig, make_train_config

@@ -49,9 +49,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .curvature import (CurvatureOperator, EigenEstimate, dense_hessian, extreme_eigenvalues, frobenius,
-                        hutchpp_trace, lambda_max, lambda_min, logistic_regression_hessian, slq_density,
-                        memory_bounded)
+from .curvature import (CurvatureOperator, EigenEstimate, FrobeniusEstimate, StochasticEstimate, dense_hessian,
+                        extreme_eigenvalues, lambda_max, lambda_min, logistic_regression_hessian, memory_bounded,
+                        slq_density, trace_and_frobenius)
 from .errors import UsageError, UnknownNameError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -213,6 +213,8 @@ class MeasureContext:
         self.inputs, self.targets = inputs, targets
         self.closed_form = closed_form
         self._extremes: tuple[EigenEstimate, EigenEstimate] | None = None
+        self._trace_norm: tuple[StochasticEstimate, FrobeniusEstimate] | None = None
+        self._claimed: set[str] = set()
         self._spectrum: torch.Tensor | None = None
         self._results: dict[str, Any] = {}
         self.weight_norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()))
@@ -236,6 +238,20 @@ class MeasureContext:
                 h = dense_hessian(self.op).double()
             self._spectrum = torch.linalg.eigvalsh(h.cpu())
         return self._spectrum
+
+    def claim(self, work: str, hvps: int) -> int:
+        """``hvps`` the first time shared ``work`` is reported, 0 after (counted once)."""
+        if work in self._claimed:
+            return 0
+        self._claimed.add(work)
+        return hvps
+
+    def trace_and_norm(self) -> tuple[StochasticEstimate, FrobeniusEstimate]:
+        """Tr H and ||H||_F from ONE block Krylov Hutch++ run (the same products)."""
+        if self._trace_norm is None:
+            c = self.config
+            self._trace_norm = trace_and_frobenius(self.op, probes=c.probes, seed=c.seed)
+        return self._trace_norm
 
     def extremes(self) -> tuple[EigenEstimate, EigenEstimate]:
         if self._extremes is None:
@@ -269,15 +285,15 @@ def _lambda_min(ctx: MeasureContext) -> Estimate:
 def _trace(ctx: MeasureContext) -> Estimate:
     if ctx.config.exact:
         return Estimate(float(ctx.spectrum().sum()), 0.0, "exact")
-    est = hutchpp_trace(ctx.op, probes=ctx.config.probes, seed=ctx.config.seed)
-    return Estimate(est.value, est.stderr, "stderr", est.hvps)
+    est = ctx.trace_and_norm()[0]
+    return Estimate(est.value, est.stderr, "stderr", ctx.claim("trace_and_norm", est.hvps))
 
 
 def _frobenius(ctx: MeasureContext) -> Estimate:
     if ctx.config.exact:
         return Estimate(float(ctx.spectrum().pow(2).sum().sqrt()), 0.0, "exact")
-    est = frobenius(ctx.op, probes=ctx.config.probes, seed=ctx.config.seed + 1)
-    return Estimate(est.value, est.stderr, "stderr", est.hvps)
+    est = ctx.trace_and_norm()[1]
+    return Estimate(est.value, est.stderr, "stderr", ctx.claim("trace_and_norm", est.hvps))
 
 
 def _density(ctx: MeasureContext) -> Density:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import __version__
 from .checkpoint import CheckpointInfo, atomic_write_text, load_checkpoint, resolve_checkpoint_path
 from .data import load_dataset
 from .errors import CheckpointError, DataError
@@ -99,7 +100,10 @@ def sharpness(path: str | os.PathLike, config: SharpnessConfig | None = None, *,
     point = load_point(ckpt, split=config.split, samples=config.samples, dataset=dataset, data_dir=data_dir,
                        device=device, model_factory=model_factory)
     cache = ckpt.parent / CACHE_FILE if ckpt.name == "model.safetensors" else None
-    key = json.dumps({"config": json.loads(config.key()), "dataset": point.dataset, "device": str(
+    # The version is part of the key: a release may change an estimator (0.2.0: block Krylov
+    # Hutch++), and a cached result must come from the code that would compute it now.
+    key = json.dumps({"flatcli": __version__, "config": json.loads(config.key()), "dataset": point.dataset,
+                      "device": str(
         next(point.model.parameters()).device), "checkpoint": file_digest(ckpt)}, sort_keys=True)
     if use_cache and cache is not None:
         hit = _read_cache(cache).get(key)

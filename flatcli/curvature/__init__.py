@@ -4,7 +4,8 @@
   cross-entropy to a block of vectors in one data pass.
 * spectrum ends: :func:`lanczos`, :func:`lambda_max`, :func:`lambda_min`,
   :func:`extreme_eigenvalues`.
-* trace and norm: :func:`hutchpp_trace`, :func:`hutchinson_trace`, :func:`frobenius`.
+* trace and norm: :func:`trace_and_frobenius` (both from the same products),
+  :func:`hutchpp_trace`, :func:`hutchinson_trace`, :func:`frobenius`.
 * density: :func:`slq_density`.
 * exact references: :func:`dense_hessian`, :func:`exact_spectrum`,
   :func:`hessian_via_torch_func`, :func:`logistic_regression_hessian`,
@@ -37,7 +38,7 @@ from flatcli.curvature.operator import (
     memory_bounded,
     suggest_chunk_size,
 )
-from flatcli.curvature.trace import frobenius, hutchinson_trace, hutchpp_trace
+from flatcli.curvature.trace import frobenius, hutchinson_trace, hutchpp_trace, trace_and_frobenius
 
 __all__ = [
     "memory_bounded",
@@ -55,6 +56,7 @@ __all__ = [
     "lambda_min",
     "extreme_eigenvalues",
     # trace and Frobenius norm
+    "trace_and_frobenius",
     "hutchpp_trace",
     "hutchinson_trace",
     "frobenius",

@@ -1,6 +1,7 @@
-"""Trace (Hutch++, Hutchinson) and Frobenius estimators: within 4 standard errors of the
-exact values with fixed seeds, standard errors that shrink with more probes, and the
-advertised costs (HVPs and data passes).
+"""Trace (block Krylov Hutch++, Hutchinson) and Frobenius estimators: within 4 standard
+errors of the exact values with fixed seeds, standard errors that shrink with more
+probes, the advertised costs (HVPs and data passes), and trace and Frobenius norm from
+the same products.
 
 The coverage tests use 20 Hutchinson samples: with 10, the sample standard deviation of
 the skewed terms g^T B g is itself noisy enough that |error| > 4 stderr happened for
@@ -12,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flatcli.curvature import CurvatureOperator, frobenius, hutchinson_trace, hutchpp_trace
+from flatcli.curvature import CurvatureOperator, frobenius, hutchinson_trace, hutchpp_trace, trace_and_frobenius
+from flatcli.curvature.trace import DEPTH, _split_budget
 from flatcli.errors import UsageError
 
 F64 = torch.float64
@@ -37,8 +39,8 @@ def test_hutchpp_within_4_stderr_of_the_exact_trace(make_problem, reference_hess
         est = hutchpp_trace(op, probes=60, seed=seed)
         assert est.stderr > 0
         assert abs(est.value - exact) <= 4 * est.stderr, (seed, est, exact)
-    assert est.hvps == 60 and est.samples == 30 and est.estimator == "hutch++"  # sketch 15, >= 30 samples
-    assert len(passes) == 2 * len(SEEDS)  # two data passes per estimate
+    assert est.hvps == 60 and est.samples == 30 and est.estimator == "hutch++"  # 3 blocks of 10, 30 samples
+    assert len(passes) == DEPTH * len(SEEDS)  # one data pass per Krylov step, samples on the last
 
 
 @pytest.mark.parametrize("kind, dataset", PROBLEMS)
@@ -61,7 +63,7 @@ def test_frobenius_within_4_stderr_of_the_exact_norm(make_problem, reference_hes
         assert abs(est.value - exact) <= 4 * est.stderr, (seed, est, exact)
         assert est.value == pytest.approx(est.squared**0.5)
         assert est.stderr == pytest.approx(est.squared_stderr / (2 * est.value))
-    assert est.hvps == 60 and len(passes) == 2 * len(SEEDS)
+    assert est.hvps == 60 and len(passes) == DEPTH * len(SEEDS)
 
 
 def test_standard_errors_shrink_as_probes_grow(make_problem, reference_hessian) -> None:
@@ -84,7 +86,7 @@ def test_hutchpp_beats_hutchinson_at_equal_cost_on_a_hessian_with_outliers(make_
 def test_hutchpp_is_exact_when_the_sketch_spans_the_range(dense_operator, spectrum_matrix) -> None:
     spectrum = torch.cat([torch.tensor([5.0, 3.0, -2.0, 1.0], dtype=F64), torch.zeros(36, dtype=F64)])
     op = dense_operator(spectrum_matrix(spectrum))
-    est = hutchpp_trace(op, probes=40, seed=0)  # sketch of 5 >= rank 4, 30 remainder samples
+    est = hutchpp_trace(op, probes=40, seed=0)  # Krylov space of 3 blocks of 3 holds the rank-4 range
     assert est.value == pytest.approx(7.0, abs=1e-12) and est.stderr <= 1e-12
     fro = frobenius(op, probes=40, seed=0)
     assert fro.squared == pytest.approx(39.0, abs=1e-11) and fro.squared_stderr <= 1e-11
@@ -97,7 +99,7 @@ def test_adaptive_mode_adds_blocks_until_the_target(make_problem, reference_hess
     assert first.rel_stderr > 0.05
     est = hutchpp_trace(op, probes=12, seed=3, target_rel_stderr=0.05, max_hvps=2000)
     assert est.rel_stderr <= 0.05 and est.hvps > 12 and est.samples > 10
-    assert est.hvps == 2 + est.samples  # sketch + projection (1 each: the budget goes to samples) + remainder
+    assert est.hvps == 3 + est.samples  # 3 Krylov blocks of 1 (the budget goes to samples) + remainder
     assert abs(est.value - exact) <= 4 * est.stderr
     capped = hutchinson_trace(op, probes=10, seed=3, target_rel_stderr=1e-9, max_hvps=35)
     assert capped.hvps == 35 and capped.samples == 35  # budget respected exactly
@@ -128,9 +130,52 @@ def test_bad_arguments_raise_usage_errors(dense_operator, call) -> None:
         call(dense_operator(torch.eye(4, dtype=F64)))
 
 
-def test_hutchpp_keeps_at_least_30_remainder_samples_when_the_budget_allows() -> None:
-    from flatcli.curvature.trace import _split_budget
+def test_budget_split_keeps_a_third_and_at_least_30_remainder_samples_when_it_can() -> None:
+    assert _split_budget(99) == (22, 3, 33)  # (block, depth, remainder): 22 * 3 + 33 = 99
+    assert _split_budget(60) == (10, 3, 30)
+    assert _split_budget(40) == (3, 3, 31)  # the rounding remainder goes to the samples
+    assert _split_budget(24) == (1, 3, 21)  # too small a budget: blocks of 1, the rest to samples
+    assert _split_budget(4) == (1, 2, 2)
 
-    assert _split_budget(99) == (33, 33)  # thirds when that leaves >= 30 samples
-    assert _split_budget(60) == (15, 30)
-    assert _split_budget(24) == (1, 22)  # too small a budget: keep a sketch of 1, the rest to samples
+
+@pytest.mark.parametrize("kind, dataset", PROBLEMS)
+def test_trace_and_frobenius_share_their_products(make_problem, reference_hessian, kind: str, dataset: str) -> None:
+    op, dense, passes = setup(make_problem, reference_hessian, kind, dataset)
+    tr, fro = trace_and_frobenius(op, probes=60, seed=4)
+    assert tr.hvps == fro.hvps == 60 and len(passes) == DEPTH  # both for the price of one
+    assert abs(tr.value - float(torch.trace(dense))) <= 4 * tr.stderr
+    assert abs(fro.squared - float(dense.pow(2).sum())) <= 4 * fro.squared_stderr
+    alone_tr, alone_fro = hutchpp_trace(op, probes=60, seed=4), frobenius(op, probes=60, seed=4)
+    assert (alone_tr.value, alone_tr.stderr) == (tr.value, tr.stderr)  # same seed, same draws
+    assert (alone_fro.value, alone_fro.stderr) == (fro.value, fro.stderr)
+
+
+def test_the_krylov_subspace_beats_a_one_pass_sketch_at_equal_cost(make_problem, reference_hessian) -> None:
+    """Against Hutch++ as published (Q = orth(H S), s = 15, then H Q: 30 products) with
+    the same 30 remainder samples (60 products in all), written here from its definition,
+    on the logistic regression whose Hessian has 9 outliers: the 30-dimensional Krylov
+    space removes more of them, so the remainders' standard errors are smaller."""
+    op, _, _ = setup(make_problem, reference_hessian, "logreg", "digits")
+    from flatcli.curvature._probes import gaussian, generator, rademacher
+
+    def one_pass_hutchpp(seed: int) -> tuple[float, float]:
+        gen = generator(op, seed)
+        q, _ = torch.linalg.qr(op.matmat(gaussian(op, 15, gen)))
+        g = rademacher(op, 30, gen)
+        g = g - q @ (q.T @ g)
+        g = g - q @ (q.T @ g)
+        hg = op.matmat(g)
+        return float((g * hg).sum(0).std() / 30**0.5), float(hg.pow(2).sum(0).std() / 30**0.5)
+
+    one_pass = [one_pass_hutchpp(s) for s in SEEDS]
+    krylov = [trace_and_frobenius(op, probes=60, seed=s) for s in SEEDS]
+    assert sum(t.stderr for t, _ in krylov) < 0.9 * sum(se for se, _ in one_pass)
+    assert sum(f.squared_stderr for _, f in krylov) < 0.5 * sum(se for _, se in one_pass)
+
+
+def test_a_subspace_that_fills_the_space_gives_the_exact_values(dense_operator, spectrum_matrix) -> None:
+    spectrum = torch.linspace(-1.0, 4.0, 12, dtype=F64)
+    op = dense_operator(spectrum_matrix(spectrum))
+    tr, fro = trace_and_frobenius(op, probes=60, seed=0)  # blocks of 10 > P = 12: Q = I after 2 steps
+    assert tr.value == pytest.approx(float(spectrum.sum()), abs=1e-12) and tr.stderr <= 1e-12
+    assert fro.squared == pytest.approx(float(spectrum.pow(2).sum()), abs=1e-11)
