@@ -404,7 +404,8 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
     import scipy.sparse.linalg as sla
 
     from flatcli import load_dataset
-    from flatcli.curvature import CurvatureOperator, frobenius, hutchinson_trace, hutchpp_trace, lambda_max
+    from flatcli.curvature import (CurvatureOperator, frobenius, hutchinson_trace, hutchpp_trace, lambda_max,
+                                  trace_and_frobenius)
     from flatcli.curvature.operator import AUTO_METHOD
 
     quick = args.quick
@@ -523,6 +524,15 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
             flat_rows.append((sec, err))
             eig_rows.append(["flatcli Lanczos", f"tol={tol:g} ({label})", sec, r.hvps, err,
                              f"bound/value {r.bound / r.value:.1e}", reps])
+    # the fewest Lanczos steps that reach the target (Ritz values only grow with the steps,
+    # so the first step count that reaches it is the answer): the same oracle as
+    # PyHessian's below, for an algorithm-to-algorithm comparison
+    flat_oracle = next((k for k in range(1, 200) if rel_err(run_flat(1e-12, k).value, lam_ref) < TARGET_EIG), None)
+    flat_oracle_sec = None
+    if flat_oracle is not None:
+        flat_oracle_sec, r, reps = timer(lambda: run_flat(1e-12, flat_oracle))
+        eig_rows.append(["flatcli Lanczos", f"max_iter={flat_oracle} (oracle: fewest steps)", flat_oracle_sec,
+                         r.hvps, rel_err(r.value, lam_ref), f"bound/value {r.bound / r.value:.1e}", reps])
 
     # PyHessian power iteration: a run with tol=0 records the Rayleigh quotients it
     # computes, which determine (same seed) where each tol would stop and the fewest
@@ -561,6 +571,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
         eig_rows.append(["PyHessian power it.", f"not within 1e-3 after {traj_len} iterations", "-", traj_len,
                          f"{errs[-1]:.1e} MISSED", "-", "-"])
     peer_rows = []
+    ph_oracle_sec = None
     for label, max_iter, tol in ph_settings:
         def run_ph(max_iter: int = max_iter, tol: float = tol) -> tuple[float, int, float]:
             m = ph.fresh()  # not timed
@@ -576,6 +587,8 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
         sec = statistics.median(times)
         err = rel_err(val, lam_ref)
         peer_rows.append((sec, err))
+        if tol == 0.0:
+            ph_oracle_sec = sec
         eig_rows.append(["PyHessian power it.", label, sec, f"{calls} (+1 grad)", err,
                          "MISSED" if err >= TARGET_EIG else "-", len(times)])
 
@@ -620,6 +633,9 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
     else:
         summary["lambda_max: flatcli / fastest peer time"] = "n/a (a tool missed the accuracy) MISSED"
         print("  ratio: n/a, a tool did not reach the accuracy  MISSED")
+    if flat_oracle_sec is not None and ph_oracle_sec is not None:
+        print(f"  oracle against oracle (fewest Lanczos steps / fewest power iterations): "
+              f"{flat_oracle_sec / ph_oracle_sec:.3g}")
     ph.restore()
     ph = PyHessianTools(pyh, model, x, y)
 
@@ -631,17 +647,17 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
         """Samples for a relative standard error of TARGET_SE, given the per-sample rel. sd."""
         return max(2, math.ceil((rel_sd / TARGET_SE) ** 2))
 
-    def hpp_pilot(fn: Callable[..., Any], rel_sd_of: Callable[[Any], float]) -> tuple[list[tuple[int, int]], int]:
-        """Pilot runs (budget 3 s: s sketch, s projection, s remainder products) over the
-        sketch grid: [(s, remainder samples needed)], and the chosen s: the smallest whose
-        s remainder samples suffice, so that two data passes meet the target. (A smaller
-        sketch with more remainder samples needs fewer HVPs but more data passes, each
-        costing a forward and a backward pass: slower.)"""
+    def hpp_pilot(fn: Callable[..., Any], rel_sd_of: Callable[[Any], float]) -> tuple[list[tuple[int, int, int]], int]:
+        """Pilot runs over the budget grid: [(probes, remainder samples, samples needed)],
+        and the chosen budget: the smallest whose remainder samples suffice, so that the
+        Krylov passes alone meet the target (a smaller budget topped up adaptively needs
+        fewer HVPs but more data passes, each costing a forward and a backward pass)."""
         grid = []
-        for s in args.sketch_grid:
-            grid.append((s, needed(rel_sd_of(fn(flat_op(chunk_size=chunk), probes=3 * s, seed=1000 + s)))))
-            if grid[-1][1] <= s:
-                return grid, s
+        for m in args.probe_grid:
+            e = fn(flat_op(chunk_size=chunk), probes=m, seed=1000 + m)
+            grid.append((m, e.samples, needed(rel_sd_of(e))))
+            if grid[-1][2] <= grid[-1][1]:
+                return grid, m
         return grid, grid[-1][0]
 
     def add_stoch(rows: list, tool: str, setting: str, fn: Callable[[], tuple[float, float | None, int]],
@@ -675,10 +691,10 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
     m_, se_ = mean_stderr(ph_pilot)
     nn_ph = needed(se_ * math.sqrt(len(ph_pilot)) / abs(m_))
     n_h, n_ph = min(nn_h, max_n), min(nn_ph, max_n)
-    grid, s_fixed = hpp_pilot(hutchpp_trace, lambda e: e.stderr * math.sqrt(e.samples) / abs(e.value))
+    grid, m_fixed = hpp_pilot(hutchpp_trace, lambda e: e.stderr * math.sqrt(e.samples) / abs(e.value))
     print(f"\n  pilots (not timed), samples needed for {TARGET_SE:.0%}: Hutchinson {nn_h}, PyHessian {nn_ph}"
-          f" (runs capped at {max_n}); Hutch++ remainder " + ", ".join(f"s={s}: {n}" for s, n in grid)
-          + f" -> probes=3*{s_fixed}")
+          f" (runs capped at {max_n}); flatcli Hutch++ " + ", ".join(f"probes={m} ({n} remainder): {k}"
+                                                                    for m, n, k in grid) + f" -> probes={m_fixed}")
 
     def f_hutch() -> tuple[float, float, int]:
         e = hutchinson_trace(flat_op(chunk_size=chunk), probes=n_h, seed=0)
@@ -702,14 +718,14 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
     def f_cl_hpp() -> tuple[float, None, int]:
         torch.manual_seed(0)
         op_c = curvlinops_hessian(curvlinops, model, x, y)
-        return float(curvlinops.hutchpp_trace(op_c, num_matvecs=3 * s_fixed)), None, 3 * s_fixed
+        return float(curvlinops.hutchpp_trace(op_c, num_matvecs=m_fixed)), None, m_fixed
 
     def f_hpp_adaptive() -> tuple[float, float, int]:
-        e = hutchpp_trace(flat_op(chunk_size=chunk), probes=3 * s_fixed, seed=0, target_rel_stderr=TARGET_SE,
+        e = hutchpp_trace(flat_op(chunk_size=chunk), probes=m_fixed, seed=0, target_rel_stderr=TARGET_SE,
                           max_hvps=10**6)
         return e.value, e.stderr, e.hvps
 
-    t_flat, _ = add_stoch(tr_rows, "flatcli Hutch++", f"probes={3 * s_fixed}, target_rel_stderr=0.01",
+    t_flat, _ = add_stoch(tr_rows, "flatcli Hutch++", f"probes={m_fixed}, target_rel_stderr=0.01",
                           f_hpp_adaptive, tr_ref)
     t_h, scale_h = add_stoch(tr_rows, "flatcli Hutchinson", f"probes={n_h} (Rademacher, one pass)",
                              f_hutch, tr_ref, nn_h)
@@ -717,7 +733,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
     t_cl, _ = add_stoch(tr_rows, "curvlinops Hutchinson", f"num_matvecs={n_h} (calls of <= {chunk})",
                         f_cl_hutch, tr_ref, nn_h, scale_like=scale_h)
     plain = {"flatcli Hutchinson": t_h, "PyHessian": t_ph, "curvlinops Hutchinson": t_cl}
-    add_stoch(tr_rows, "curvlinops Hutch++", f"num_matvecs={3 * s_fixed}", f_cl_hpp, tr_ref)
+    add_stoch(tr_rows, "curvlinops Hutch++", f"num_matvecs={m_fixed}", f_cl_hpp, tr_ref)
     print_table(f"3a. trace at {TARGET_SE:.0%} standard error (reference {tr_ref:.8g}; "
                 f"{time.perf_counter() - t_sec:.0f} s incl. pilots)", header, finish(tr_rows, t_flat))
     fastest = min(plain, key=plain.get)
@@ -740,13 +756,13 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
     fro_pilot, se_pilot, _ = plain_fro(args.pilot, 2002, flat_op(chunk_size=chunk))
     nn_pf = needed(se_pilot / fro_pilot * math.sqrt(args.pilot))
     n_pf = min(nn_pf, max_n)
-    fgrid, fs_fixed = hpp_pilot(frobenius, lambda e: e.squared_stderr * math.sqrt(e.samples) / (2 * e.squared))
+    fgrid, fm_fixed = hpp_pilot(frobenius, lambda e: e.squared_stderr * math.sqrt(e.samples) / (2 * e.squared))
     print(f"\n  pilots (not timed), samples needed for {TARGET_SE:.0%} of ||H||_F: plain ||Hg||^2 {nn_pf} (runs "
-          f"capped at {max_n}); flatcli remainder " + ", ".join(f"s={s}: {n}" for s, n in fgrid)
-          + f" -> probes=3*{fs_fixed}")
+          f"capped at {max_n}); flatcli " + ", ".join(f"probes={m} ({n} remainder): {k}" for m, n, k in fgrid)
+          + f" -> probes={fm_fixed}")
 
     def f_fro_adaptive() -> tuple[float, float, int]:
-        e = frobenius(flat_op(chunk_size=chunk), probes=3 * fs_fixed, seed=0, target_rel_stderr=TARGET_SE,
+        e = frobenius(flat_op(chunk_size=chunk), probes=fm_fixed, seed=0, target_rel_stderr=TARGET_SE,
                       max_hvps=10**6)
         return e.value, e.stderr, e.hvps
 
@@ -760,8 +776,16 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
             done += k
         return math.sqrt(total / n_pf), None, n_pf
 
-    t_flat, _ = add_stoch(fro_rows, "flatcli frobenius", f"probes={3 * fs_fixed}, target_rel_stderr=0.01",
+    t_flat, _ = add_stoch(fro_rows, "flatcli frobenius", f"probes={fm_fixed}, target_rel_stderr=0.01",
                           f_fro_adaptive, fro_ref)
+
+    def f_joint() -> tuple[float, float, int]:
+        _, e = trace_and_frobenius(flat_op(chunk_size=chunk), probes=max(m_fixed, fm_fixed), seed=0,
+                                   target_rel_stderr=TARGET_SE, max_hvps=10**6)
+        return e.value, e.stderr, e.hvps
+
+    add_stoch(fro_rows, "flatcli trace_and_frobenius", f"probes={max(m_fixed, fm_fixed)}, both to 1% (trace too)",
+              f_joint, fro_ref)
     t_b, scale_b = add_stoch(fro_rows, "script baseline", f"mean ||Hg||^2, {n_pf} Gaussian g (one op.matmat)",
                              lambda: plain_fro(n_pf, 0, flat_op(chunk_size=chunk)), fro_ref, nn_pf)
     t_cl, _ = add_stoch(fro_rows, "curvlinops hutchinson_squared_fro", f"num_matvecs={n_pf} (calls of <= {chunk})",
@@ -903,11 +927,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.cl_tols = [1e-1, 1e-2, 1e-3, 1e-4, 1e-6]
     args.cl_ncvs = [None, 8]
     args.pilot = 16 if q else 64
-    # s >= 16 remainder samples: with fewer, the sample standard error is unreliable when
-    # the sketch misses one of the outliers (the CNN has 9). At probes=24 (s=8), over 30
-    # seeds, (error / reported stderr) had rms 1.5 on this CNN and 4 (max 14) on a less
-    # trained one; at probes=48 it had rms 1.1 on both.
-    args.sketch_grid = [16, 32, 64]
+    # budgets of at least 48: the split then keeps >= 30 remainder samples (with a handful,
+    # the sample standard error is unreliable when the subspace misses one of the outliers;
+    # the CNN has 9: at 8 remainder samples, over 30 seeds, (error / reported stderr) had
+    # rms 1.5 on this CNN and 4 (max 14) on a less trained one).
+    args.probe_grid = [48, 66, 99, 150]
     args.check_coords = 16 if q else 64
     args.jac_chunk = 50
     specs = {

@@ -11,8 +11,8 @@ lambda_max     largest eigenvalue of H                     Lanczos, full reortho
                                                            (Ritz residual bound)
 lambda_min     smallest eigenvalue of H                    same run when both are asked for
 spectral_norm  max(|lambda_max|, |lambda_min|)             from the two (larger bound)
-trace          Tr H = sum of eigenvalues                   Hutch++ (standard error)
-frobenius      ||H||_F = sqrt(Tr H^2)                      Hutch++-style on H^2 (std. error)
+trace          Tr H = sum of eigenvalues                   block Krylov Hutch++ (std. error)
+frobenius      ||H||_F = sqrt(Tr H^2)                      same products as trace (std. error)
 density        spectral density of H                       stochastic Lanczos quadrature
 =============  ==========================================  ===============================
 

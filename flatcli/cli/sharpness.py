@@ -33,7 +33,7 @@ IncludeL2 = Annotated[bool, typer.Option(help="Add the checkpoint's coupled L2 c
 Exact = Annotated[bool, typer.Option(help="Dense matrix and its eigenvalues (small models only).")]
 Tol = Annotated[float, typer.Option(help="Lanczos: stop when the Ritz residual is below tol * |lambda|.")]
 MaxIter = Annotated[int, typer.Option(help="Lanczos: most iterations.")]
-Probes = Annotated[int, typer.Option(help="Trace/Frobenius: random probe vectors (Hutch++).")]
+Probes = Annotated[int, typer.Option(help="Trace/Frobenius: Hessian-vector products (block Krylov Hutch++; both share them).")]
 Dtype = Annotated[str, typer.Option(help="float32 or float64.")]
 Rho = Annotated[float, typer.Option(help="adaptive_sharpness: relative noise scale rho (perturbation |w| * N(0, rho^2)).")]
 LogitNormalise = Annotated[bool, typer.Option(help="adaptive_sharpness: normalise the logits (scale-invariant for linear models).")]
@@ -77,8 +77,8 @@ def sharpness(
     and measures that see through the scale of the weights.
 
     lambda_max / lambda_min: Lanczos with full reorthogonalisation, the Ritz residual as the error bound.
-    trace: Hutch++; frobenius: sqrt(Tr H^2), Hutch++-style, each with a standard error. density: stochastic
-    Lanczos quadrature. lambda_max_normalised / trace_normalised: times ||w||^2. adaptive_sharpness:
+    trace: block Krylov Hutch++; frobenius: sqrt(Tr H^2) from the same products; each with a standard
+    error. density: stochastic Lanczos quadrature. lambda_max_normalised / trace_normalised: times ||w||^2. adaptive_sharpness:
     E over d ~ |w| * N(0, rho^2) of L(w + d) - L(w) (Kwon et al. 2021; Andriushchenko et al. 2023).
     relative_flatness: sum over s, s' of <w_s, w_s'> Tr(H_ss') of the last layer (Petzka et al. 2021).
     """

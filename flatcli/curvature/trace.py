@@ -288,7 +288,7 @@ def trace_and_frobenius(
 
     if target_rel_stderr is not None:
         block = tr_samples.numel()
-        while any(getattr(e, "rel_stderr") > target_rel_stderr
+        while any(e.rel_stderr > target_rel_stderr
                   for e, name in zip(estimates(), ("trace", "frobenius")) if name in targets):
             k = min(block, budget - (op.hvps - start))
             if k < 1:
