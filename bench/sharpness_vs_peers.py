@@ -26,16 +26,19 @@ epochs SGD for the CNN). For each model it prints four tables:
    operator included). PyHessian's settings come from one recorded run: its stopping
    rule (relative change of the Rayleigh quotient < tol) applied to the recorded
    quotients gives where each tol stops; the chosen settings are then run for real.
-   Ratio: flatcli / fastest peer row (target <= 0.5).
+   Ratio: flatcli / fastest peer row (target <= 0.5); also flatcli's fewest Lanczos steps
+   against PyHessian's fewest iterations (oracle against oracle).
 3. Trace and ||H||_F at the same standard error, 1% of the value: each estimator with an
    error bar gets its sample count from a pilot of its own (not timed), then that run is
    timed. curvlinops returns no error bar: its Hutchinson uses the count of flatcli's
-   Hutchinson pilot (same Rademacher estimator), its Hutch++ the sketch flatcli's pilot
-   chose (same structure: s sketch, s projection, s remainder products). flatcli's
-   Hutch++ and Frobenius estimator run adaptively (``target_rel_stderr=0.01``) from
-   ``probes=3s``, s the smallest of 16, 32, 64 whose s remainder samples the pilot
-   predicts to suffice (two data passes; fewer than 16 remainder samples make the
-   sample stderr unreliable when the sketch misses one of the Hessian's outliers).
+   Hutchinson pilot (same Rademacher estimator), its Hutch++ the budget flatcli's pilot
+   chose. flatcli's block Krylov Hutch++ and Frobenius estimator run adaptively
+   (``target_rel_stderr=0.01``) from the budget on the grid 48, 66, 99, 150 with the
+   fewest products predicted by the pilot: (probes - remainder) + max(remainder, samples
+   needed), the adaptive run adding the shortfall in one more data pass. Every budget
+   keeps >= 30 remainder samples: with fewer, the sample stderr is unreliable when the
+   subspace misses one of the Hessian's outliers. A row also gives both at 1% from ONE
+   ``trace_and_frobenius`` run.
    Plain Hutchinson for ||H||_F^2 is mean ||H g||^2 over Gaussian g, written here with
    ``op.matmat`` ("script baseline"). Plain runs are capped at ``--max-samples``; a
    capped run's time is scaled to 1% by (achieved stderr / 1%)^2 (marked *). Vectors are
@@ -649,16 +652,15 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
 
     def hpp_pilot(fn: Callable[..., Any], rel_sd_of: Callable[[Any], float]) -> tuple[list[tuple[int, int, int]], int]:
         """Pilot runs over the budget grid: [(probes, remainder samples, samples needed)],
-        and the chosen budget: the smallest whose remainder samples suffice, so that the
-        Krylov passes alone meet the target (a smaller budget topped up adaptively needs
-        fewer HVPs but more data passes, each costing a forward and a backward pass)."""
+        and the chosen budget: the fewest predicted products, (probes - remainder) +
+        max(remainder, needed), the adaptive run topping up the remainder when needed
+        (one more data pass); a tie goes to the budget that needs no top-up."""
         grid = []
         for m in args.probe_grid:
             e = fn(flat_op(chunk_size=chunk), probes=m, seed=1000 + m)
             grid.append((m, e.samples, needed(rel_sd_of(e))))
-            if grid[-1][2] <= grid[-1][1]:
-                return grid, m
-        return grid, grid[-1][0]
+        best = min(grid, key=lambda g: (g[0] - g[1] + max(g[1], g[2]), g[2] > g[1]))
+        return grid, best[0]
 
     def add_stoch(rows: list, tool: str, setting: str, fn: Callable[[], tuple[float, float | None, int]],
                   ref: float, n_needed: int | None = None, scale_like: float | None = None) -> tuple[float, float]:

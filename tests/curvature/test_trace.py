@@ -107,6 +107,17 @@ def test_adaptive_mode_adds_blocks_until_the_target(make_problem, reference_hess
     assert fro.rel_stderr <= 0.01 and fro.hvps > 12
 
 
+def test_adaptive_top_ups_take_the_count_the_spread_predicts(make_problem, reference_hessian) -> None:
+    from flatcli.curvature.trace import _top_up
+
+    assert _top_up(30, 0.02, 0.01) == 99  # 4x the samples for half the error, +10%: 30 * 3 * 1.1 more
+    assert _top_up(30, 0.0100001, 0.01) == 2  # never fewer than 2
+    op, _, passes = setup(make_problem, reference_hessian, "mlp_tanh", "digits")
+    est = hutchpp_trace(op, probes=12, seed=3, target_rel_stderr=0.05, max_hvps=2000)
+    assert est.rel_stderr <= 0.05
+    assert len(passes) <= DEPTH + 2  # the Krylov passes, then one or two top-ups, not a block at a time
+
+
 def test_probes_follow_the_operator_dtype(make_problem, reference_hessian) -> None:
     problem = make_problem("mlp_tanh", "digits")
     op32 = CurvatureOperator(problem.model, problem.inputs, problem.targets)  # float32
