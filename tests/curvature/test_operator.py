@@ -76,13 +76,16 @@ def test_batches_weighted_exactly_when_n_is_not_a_multiple_of_batch_size(kind: s
         assert a == pytest.approx(b, rel=1e-12)
 
 
-def test_chunked_vmap_gives_the_same_block(make_problem) -> None:
+@pytest.mark.parametrize("method", ["double_backward", "forward_over_reverse"])
+def test_chunked_vmap_and_the_loop_give_the_same_block(make_problem, method: str) -> None:
     problem = make_problem("cnn", "random")
     v = random_block(problem.num_params, 7)
-    whole = op_for(problem).matmat(v)
-    torch.testing.assert_close(op_for(problem, chunk_size=3).matmat(v), whole, **TOL)
+    whole = op_for(problem, method=method).matmat(v)
+    torch.testing.assert_close(op_for(problem, method=method, chunk_size=3).matmat(v), whole, **TOL)
+    torch.testing.assert_close(op_for(problem, method=method, chunk_size=1).matmat(v), whole, **TOL)  # loop
     ggn = op_for(problem, curvature="ggn").matmat(v)
     torch.testing.assert_close(op_for(problem, curvature="ggn", chunk_size=2).matmat(v), ggn, **TOL)
+    torch.testing.assert_close(op_for(problem, curvature="ggn", chunk_size=1).matmat(v), ggn, **TOL)
 
 
 def dense_ggn(problem, bn_mode: str) -> torch.Tensor:
