@@ -186,3 +186,13 @@ def test_chunk_size_follows_the_memory_budget_and_chunking_changes_no_result():
     one = CurvatureOperator(model, x, y, dtype=torch.float64, chunk_size=1).matmat(v)
     all_ = CurvatureOperator(model, x, y, dtype=torch.float64).matmat(v)
     assert torch.allclose(one, all_, rtol=1e-10, atol=1e-12)
+
+
+def test_on_the_cpu_a_block_is_a_loop_over_its_vectors_sharing_each_batch_graph():
+    from flatcli import build_model
+    from flatcli.curvature import memory_bounded
+
+    model = build_model("mlp", input_shape=(1, 8, 8), num_classes=10, width=16)
+    x, _ = load_dataset("digits", samples=64).tensors
+    settings = memory_bounded(model, x, 32)
+    assert settings == {"batch_size": 32, "chunk_size": 1, "cache_graph": True}
