@@ -73,6 +73,7 @@ class SharpnessConfig:
     tol: float = 1e-4
     max_iter: int = 100
     probes: int = 99
+    target_stderr: float | None = None  # relative; trace/Frobenius add probes until met
     density_iterations: int = 64
     density_probes: int = 8
     rho: float = 0.05
@@ -98,6 +99,8 @@ class SharpnessConfig:
                 raise UsageError(f"{name.replace('_', '-')} must be positive")
         if not self.tol > 0:
             raise UsageError("tol must be positive")
+        if self.target_stderr is not None and not self.target_stderr > 0:
+            raise UsageError(f"target-stderr must be positive, got {self.target_stderr}")
         if self.batch_size is not None and self.batch_size < 1:
             raise UsageError("batch size must be positive")
 
@@ -250,7 +253,9 @@ class MeasureContext:
         """Tr H and ||H||_F from ONE block Krylov Hutch++ run (the same products)."""
         if self._trace_norm is None:
             c = self.config
-            self._trace_norm = trace_and_frobenius(self.op, probes=c.probes, seed=c.seed)
+            targets = tuple(m for m in ("trace", "frobenius") if m in c.measures) or ("trace", "frobenius")
+            self._trace_norm = trace_and_frobenius(self.op, probes=c.probes, seed=c.seed,
+                                                   target_rel_stderr=c.target_stderr, targets=targets)
         return self._trace_norm
 
     def extremes(self) -> tuple[EigenEstimate, EigenEstimate]:

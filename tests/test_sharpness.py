@@ -55,6 +55,24 @@ def test_iterative_measures_agree_with_the_dense_float64_hessian(runs, name):
     assert doc["num_samples"] == 300 and doc["num_params"] == len(eigs)
 
 
+def test_target_stderr_adds_probes_until_both_estimates_meet_it(runs):
+    eigs = _exact_eigs(runs / "mlp")
+    base = ["sharpness", str(runs / "mlp"), "--samples", "300", "--dtype", "float64", "--measures",
+            "trace,frobenius", "--probes", "30", "--json", "--no-cache"]
+    plain = json.loads(runner.invoke(app, base).stdout)
+    result = runner.invoke(app, base + ["--target-stderr", "0.05"])
+    doc = json.loads(result.stdout)
+    assert plain["trace"]["stderr"] > 0.05 * plain["trace"]["value"]  # 30 products are not enough ...
+    assert doc["trace"]["stderr"] <= 0.05 * doc["trace"]["value"]  # ... so more were added
+    assert doc["frobenius"]["stderr"] <= 0.05 * doc["frobenius"]["value"] and doc["hvps"] > plain["hvps"]
+    assert abs(doc["trace"]["value"] - float(eigs.sum())) <= 4 * doc["trace"]["stderr"]
+    assert "note:" not in result.stderr
+    capped = runner.invoke(app, base + ["--target-stderr", "0.001"])  # beyond 10 x 30 products
+    assert capped.exit_code == 0 and "ran out" in capped.stderr and json.loads(capped.stdout)["hvps"] <= 300
+    bad = runner.invoke(app, base + ["--target-stderr", "0"])
+    assert bad.exit_code != 0 and len(bad.stderr.strip().splitlines()) == 1 and "target-stderr" in bad.stderr
+
+
 @pytest.mark.parametrize("name", ["logreg", "mlp"])
 def test_exact_mode_equals_dense_eigenvalues(runs, name):
     eigs = _exact_eigs(runs / name)

@@ -26,7 +26,7 @@ def build_config(measures: str, **options) -> SharpnessConfig:
 Split = Annotated[str, typer.Option(help="train or test.")]
 Samples = Annotated[Optional[int], typer.Option(help="Measure on a deterministic subset of N images.")]
 BatchSize = Annotated[int, typer.Option(help="Images per forward pass (memory; with --bn-mode batch also the statistics).")]
-MemoryGb = Annotated[float, typer.Option(help="Memory budget for a block of Hessian-vector products (sets the vmap chunk size).")]
+MemoryGb = Annotated[float, typer.Option(help="Memory budget for a block of Hessian-vector products (vmap chunk size, keeping gradient graphs).")]
 CurvatureOpt = Annotated[str, typer.Option(help="hessian or ggn (generalised Gauss-Newton).")]
 BnMode = Annotated[str, typer.Option(help="BatchNorm: eval (running statistics) or batch (batch statistics, as the paper's authors).")]
 IncludeL2 = Annotated[bool, typer.Option(help="Add the checkpoint's coupled L2 coefficient times the identity.")]
@@ -34,6 +34,7 @@ Exact = Annotated[bool, typer.Option(help="Dense matrix and its eigenvalues (sma
 Tol = Annotated[float, typer.Option(help="Lanczos: stop when the Ritz residual is below tol * |lambda|.")]
 MaxIter = Annotated[int, typer.Option(help="Lanczos: most iterations.")]
 Probes = Annotated[int, typer.Option(help="Trace/Frobenius: Hessian-vector products (block Krylov Hutch++; both share them).")]
+TargetStderr = Annotated[Optional[float], typer.Option(help="Trace/Frobenius: add probes until the relative standard error is at most this (e.g. 0.01; at most 10x --probes in all).")]
 Dtype = Annotated[str, typer.Option(help="float32 or float64.")]
 Rho = Annotated[float, typer.Option(help="adaptive_sharpness: relative noise scale rho (perturbation |w| * N(0, rho^2)).")]
 LogitNormalise = Annotated[bool, typer.Option(help="adaptive_sharpness: normalise the logits (scale-invariant for linear models).")]
@@ -57,6 +58,7 @@ def sharpness(
     tol: Tol = 1e-4,
     max_iter: MaxIter = 100,
     probes: Probes = 99,
+    target_stderr: TargetStderr = None,
     rho: Rho = 0.05,
     logit_normalise: LogitNormalise = False,
     seed: opt.Seed = 0,
@@ -85,7 +87,8 @@ def sharpness(
     config = build_config(measures, split=split, samples=samples, batch_size=batch_size, memory_gb=memory_gb,
                           curvature=curvature,
                           bn_mode=bn_mode, include_l2=include_l2, exact=exact, tol=tol, max_iter=max_iter,
-                          probes=probes, seed=seed, dtype=dtype, per_layer=per_layer, rho=rho,
+                          probes=probes, target_stderr=target_stderr, seed=seed, dtype=dtype, per_layer=per_layer,
+                          rho=rho,
                           logit_normalise=logit_normalise)
     if scale is not None:
         _sweep(checkpoint, config, scale, scale_layer, dataset, data_dir, device, model_factory, json_)
@@ -110,6 +113,13 @@ def sharpness(
         density_out.write_text("eigenvalue,density\n" + "".join(f"{g!r},{v!r}\n" for g, v in zip(density.grid, density.values)))
     if density is not None and plot is not None:
         _plot(density, plot)
+    if config.target_stderr is not None:  # said on stderr, so that --json stays one document
+        for name in ("trace", "frobenius"):
+            est = report.measures.get(name)
+            if est is not None and est.value and est.uncertainty > config.target_stderr * abs(est.value):
+                err.print(f"note: {name} reached a relative standard error of {est.uncertainty / abs(est.value):.3g}, "
+                          f"not {config.target_stderr:g}: the budget of 10 x --probes = {10 * config.probes} "
+                          "products ran out; raise --probes")
     if json_:
         print_json(report.as_dict())
         return
