@@ -211,8 +211,10 @@ class MeasureContext:
     """Shared state of one measurement: the operator and work reused across measures."""
 
     def __init__(self, op: CurvatureOperator, config: SharpnessConfig, model: nn.Module,
-                 inputs: torch.Tensor, targets: torch.Tensor, closed_form: bool) -> None:
+                 inputs: torch.Tensor, targets: torch.Tensor, closed_form: bool,
+                 status: Callable[[str], None] | None = None) -> None:
         self.op, self.config, self.model = op, config, model
+        self.status = status
         self.inputs, self.targets = inputs, targets
         self.closed_form = closed_form
         self._extremes: tuple[EigenEstimate, EigenEstimate] | None = None
@@ -226,7 +228,26 @@ class MeasureContext:
         """The result of measure ``name``, computed once per context."""
         if name not in self._results:
             self._results[name] = MEASURES[name](self)
+            result = self._results[name]
+            if isinstance(result, Estimate):
+                self.say(f"{name} {result.value:.6g} ± {result.uncertainty:.2g}")
         return self._results[name]
+
+    def say(self, text: str) -> None:
+        """Pass the current estimate to the ``status`` callback (a progress display)."""
+        if self.status is not None:
+            self.status(text)
+
+    def lanczos_callback(self, label: str) -> Callable[[int, tuple[float, ...], tuple[float, ...]], None] | None:
+        """A Lanczos callback that reports ``label``'s running Ritz values and bounds."""
+        if self.status is None:
+            return None
+
+        def report(step: int, values: tuple[float, ...], bounds: tuple[float, ...]) -> None:
+            text = ", ".join(f"{v:.6g} ± {b:.2g}" for v, b in zip(values, bounds))
+            self.say(f"{label} (Lanczos step {step}): {text}")
+
+        return report
 
     # -- shared work ---------------------------------------------------------------
     def spectrum(self) -> torch.Tensor:
@@ -261,7 +282,8 @@ class MeasureContext:
     def extremes(self) -> tuple[EigenEstimate, EigenEstimate]:
         if self._extremes is None:
             c = self.config
-            self._extremes = extreme_eigenvalues(self.op, tol=c.tol, max_iter=c.max_iter, seed=c.seed)
+            self._extremes = extreme_eigenvalues(self.op, tol=c.tol, max_iter=c.max_iter, seed=c.seed,
+                                                 callback=self.lanczos_callback("lambda_min, lambda_max"))
         return self._extremes
 
 
@@ -272,7 +294,8 @@ def _lambda_max(ctx: MeasureContext) -> Estimate:
         est = ctx.extremes()[1]
     else:
         c = ctx.config
-        est = lambda_max(ctx.op, tol=c.tol, max_iter=c.max_iter, seed=c.seed)
+        est = lambda_max(ctx.op, tol=c.tol, max_iter=c.max_iter, seed=c.seed,
+                         callback=ctx.lanczos_callback("lambda_max"))
     return Estimate(est.value, est.bound, "bound", est.hvps)
 
 
@@ -283,7 +306,8 @@ def _lambda_min(ctx: MeasureContext) -> Estimate:
         est = ctx.extremes()[0]
         return Estimate(est.value, est.bound, "bound", 0)  # the HVPs are counted under lambda_max
     c = ctx.config
-    est = lambda_min(ctx.op, tol=c.tol, max_iter=c.max_iter, seed=c.seed)
+    est = lambda_min(ctx.op, tol=c.tol, max_iter=c.max_iter, seed=c.seed,
+                     callback=ctx.lanczos_callback("lambda_min"))
     return Estimate(est.value, est.bound, "bound", est.hvps)
 
 
@@ -377,10 +401,13 @@ def _is_plain_logreg(model: nn.Module) -> bool:
 
 def measure(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: SharpnessConfig, *,
             l2: float = 0.0, progress: Callable[[int], None] | None = None,
+            status: Callable[[str], None] | None = None,
             checkpoint: str | None = None, dataset: str | None = None) -> SharpnessReport:
     """Measure ``config.measures`` of ``model`` on (inputs, targets); see the module doc.
 
     ``l2`` is the coupled-L2 coefficient added as ``l2 * I`` when ``config.include_l2``.
+    ``progress`` gets the HVPs done after each data pass, ``status`` the current
+    estimate as text (each Lanczos step, each finished measure).
     The model's device decides where the work runs; ``config.dtype`` its precision.
     """
     start = time.perf_counter()
@@ -393,7 +420,7 @@ def measure(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, confi
                      **bounded)
     op = CurvatureOperator(model, inputs, targets, **op_kwargs)
     closed_form = config.exact and config.curvature == "hessian" and _is_plain_logreg(model)
-    ctx = MeasureContext(op, config, model, inputs, targets, closed_form)
+    ctx = MeasureContext(op, config, model, inputs, targets, closed_form, status)
     loss, accuracy = op.loss_and_accuracy()
     results = {name: ctx.get(name) for name in config.measures}
     if "lambda_max" in results and "lambda_min" in results:

@@ -34,6 +34,10 @@ def _uncertainty(estimate) -> str:
     return f"{sign} {estimate.uncertainty:.2g}" + (" (bound)" if estimate.kind == "bound" else " (s.e.)")
 
 
+# measures computed from the products of another one (their HVPs are counted there)
+_SHARED = {"frobenius": "trace", "lambda_min": "lambda_max"}
+
+
 def sharpness_table(report) -> Table:
     """The measures of a :class:`~flatcli.measures.SharpnessReport`, one row each."""
     title = (f"{report.curvature} of the mean cross-entropy on {report.dataset or 'data'} ({report.split}, "
@@ -50,8 +54,9 @@ def sharpness_table(report) -> Table:
     for name, est in report.measures.items():
         if not hasattr(est, "uncertainty"):
             continue
+        shared = est.kind != "exact" and name in _SHARED and _SHARED[name] in report.measures
         table.add_row(_MEASURE_LABELS.get(name, name.replace("_", " ")), f"{est.value:.5g}", _uncertainty(est),
-                      str(est.hvps) if est.hvps else "")
+                      str(est.hvps) if est.hvps else f"(with {_SHARED[name]})" if shared else "")
     table.caption = f"{report.hvps} Hessian-vector products in {report.seconds:.2f} s"
     return table
 

@@ -93,7 +93,8 @@ def load_point(path: str | os.PathLike, *, split: str = "train", samples: int | 
 def sharpness(path: str | os.PathLike, config: SharpnessConfig | None = None, *, dataset: str | None = None,
               data_dir: str | None = None, device: str = "auto",
               model_factory: str | Callable[[], nn.Module] | None = None, use_cache: bool = True,
-              progress: Callable[[int], None] | None = None) -> SharpnessReport:
+              progress: Callable[[int], None] | None = None,
+              status: Callable[[str], None] | None = None) -> SharpnessReport:
     """Measure the curvature of a checkpoint (file or run directory); see ``measures``."""
     config = config or SharpnessConfig()
     ckpt = resolve_checkpoint_path(path)
@@ -110,7 +111,7 @@ def sharpness(path: str | os.PathLike, config: SharpnessConfig | None = None, *,
         if hit is not None:
             return SharpnessReport.from_dict(hit)
     l2 = float(point.info.train.get("l2", 0.0) or 0.0)
-    report = measure(point.model, point.inputs, point.targets, config, l2=l2, progress=progress,
+    report = measure(point.model, point.inputs, point.targets, config, l2=l2, progress=progress, status=status,
                      checkpoint=str(ckpt), dataset=point.dataset)
     if cache is not None:
         entries = _read_cache(cache)

@@ -214,3 +214,18 @@ def test_on_the_cpu_a_block_is_a_loop_over_its_vectors_sharing_each_batch_graph(
     x, _ = load_dataset("digits", samples=64).tensors
     settings = memory_bounded(model, x, 32)
     assert settings == {"batch_size": 32, "chunk_size": 1, "cache_graph": True}
+
+
+def test_status_reports_the_running_estimate_and_each_result():
+    from flatcli import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mlp", input_shape=(1, 8, 8), num_classes=10, width=16)
+    x, y = load_dataset("digits", samples=100).tensors
+    said: list[str] = []
+    report = measure(model, x, y, SharpnessConfig(measures=("lambda_max", "trace"), probes=12), status=said.append)
+    steps = [s for s in said if s.startswith("lambda_max (Lanczos step")]
+    assert len(steps) == report.measures["lambda_max"].hvps >= 2  # one line per step
+    lam, tr = report.measures["lambda_max"], report.measures["trace"]
+    assert f"lambda_max {lam.value:.6g} ± {lam.uncertainty:.2g}" in said
+    assert said[-1] == f"trace {tr.value:.6g} ± {tr.uncertainty:.2g}"

@@ -104,9 +104,15 @@ def sharpness(
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
                   transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("measuring", total=None)
+        state = {"hvps": 0, "estimate": ""}
+
+        def show(**change) -> None:  # HVPs done and the current estimate
+            state.update(change)
+            bar.update(task, description=f"measuring: {state['hvps']} HVPs  {state['estimate']}")
+
         report = run_sharpness(checkpoint, config, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
                                device=device, model_factory=model_factory, use_cache=not no_cache,
-                               progress=lambda n: bar.update(task, description=f"measuring: {n} HVPs"))
+                               progress=lambda n: show(hvps=n), status=lambda text: show(estimate=text))
 
     density = report.measures.get("density")
     if density is not None and density_out is not None:

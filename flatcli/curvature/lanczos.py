@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -35,6 +36,9 @@ from torch import Tensor
 from flatcli.curvature._probes import LinearOperatorLike, gaussian, generator
 from flatcli.curvature._results import EigenEstimate, LanczosResult
 from flatcli.errors import UsageError
+
+#: Called after every Lanczos step with (step, wanted Ritz values, their residual bounds).
+Callback = Callable[[int, tuple[float, ...], tuple[float, ...]], None]
 
 
 class Which(str, enum.Enum):
@@ -73,6 +77,7 @@ def lanczos(
     seed: int = 0,
     which: str = "largest",
     return_vectors: bool = False,
+    callback: Callback | None = None,
 ) -> LanczosResult:
     """The k largest and/or smallest eigenvalues of a symmetric operator.
 
@@ -85,6 +90,8 @@ def lanczos(
         seed: seeds the Gaussian start vector (drawn on the operator's device/dtype).
         which: ``"largest"``, ``"smallest"`` or ``"both"``.
         return_vectors: also return the Ritz vectors (P, n) on the operator's device.
+        callback: called after every step with (step, wanted Ritz values, their
+            residual bounds): the current estimate, e.g. for a progress display.
 
     Returns:
         A :class:`LanczosResult` with the wanted Ritz values (ascending), their
@@ -141,6 +148,8 @@ def lanczos(
             residuals[i] <= tol * max(abs(float(theta[i])), floor) for i in wanted
         )
         invariant = beta <= 64 * eps * max(spectral_scale, abs(alphas[-1]))
+        if callback is not None:
+            callback(m, tuple(float(theta[i]) for i in wanted), tuple(float(residuals[i]) for i in wanted))
         if m >= k and (small_enough or invariant):
             converged = True
             break
@@ -204,29 +213,32 @@ def _residuals(s: Tensor, beta: float, dropped: list[tuple[int, float]]) -> Tens
 
 
 def lambda_max(
-    op: LinearOperatorLike, *, tol: float = 1e-6, max_iter: int = 100, seed: int = 0
+    op: LinearOperatorLike, *, tol: float = 1e-6, max_iter: int = 100, seed: int = 0,
+    callback: Callback | None = None,
 ) -> EigenEstimate:
     """The largest eigenvalue (the most positive, not the largest in modulus)."""
-    r = lanczos(op, k=1, tol=tol, max_iter=max_iter, seed=seed, which="largest")
+    r = lanczos(op, k=1, tol=tol, max_iter=max_iter, seed=seed, which="largest", callback=callback)
     return EigenEstimate(r.eigenvalues[-1], r.residuals[-1], r.hvps, r.converged)
 
 
 def lambda_min(
-    op: LinearOperatorLike, *, tol: float = 1e-6, max_iter: int = 100, seed: int = 0
+    op: LinearOperatorLike, *, tol: float = 1e-6, max_iter: int = 100, seed: int = 0,
+    callback: Callback | None = None,
 ) -> EigenEstimate:
     """The smallest (most negative) eigenvalue."""
-    r = lanczos(op, k=1, tol=tol, max_iter=max_iter, seed=seed, which="smallest")
+    r = lanczos(op, k=1, tol=tol, max_iter=max_iter, seed=seed, which="smallest", callback=callback)
     return EigenEstimate(r.eigenvalues[0], r.residuals[0], r.hvps, r.converged)
 
 
 def extreme_eigenvalues(
-    op: LinearOperatorLike, *, tol: float = 1e-6, max_iter: int = 100, seed: int = 0
+    op: LinearOperatorLike, *, tol: float = 1e-6, max_iter: int = 100, seed: int = 0,
+    callback: Callback | None = None,
 ) -> tuple[EigenEstimate, EigenEstimate]:
     """``(lambda_min, lambda_max)`` from ONE Lanczos run (``which="both"``).
 
     Both estimates report the hvps of that shared run; do not add them up.
     """
-    r = lanczos(op, k=1, tol=tol, max_iter=max_iter, seed=seed, which="both")
+    r = lanczos(op, k=1, tol=tol, max_iter=max_iter, seed=seed, which="both", callback=callback)
     low = EigenEstimate(r.eigenvalues[0], r.residuals[0], r.hvps, r.converged)
     high = EigenEstimate(r.eigenvalues[-1], r.residuals[-1], r.hvps, r.converged)
     return low, high

@@ -147,3 +147,12 @@ def test_float32_operator_converges_to_float32_accuracy(make_problem, reference_
 def test_bad_arguments_raise_usage_errors(dense_operator, kwargs: dict) -> None:
     with pytest.raises(UsageError):
         lanczos(dense_operator(torch.eye(3, dtype=F64)), **kwargs)
+
+
+def test_callback_sees_every_step_and_ends_on_the_result(dense_operator, spectrum_matrix) -> None:
+    op = dense_operator(spectrum_matrix(torch.linspace(-1.0, 5.0, 30, dtype=torch.float64)))
+    seen: list[tuple[int, tuple[float, ...], tuple[float, ...]]] = []
+    result = lanczos(op, k=1, which="both", tol=1e-10, callback=lambda *step: seen.append(step))
+    assert [s for s, _, _ in seen] == list(range(1, result.iterations + 1))
+    assert seen[-1][1] == result.eigenvalues and seen[-1][2] == result.residuals
+    assert all(len(values) == len(bounds) <= 2 for _, values, bounds in seen)
