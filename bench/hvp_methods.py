@@ -6,13 +6,16 @@ torchvision MNIST root, e.g. ../shared/data/mnist5k). Quantities, each the media
 --repeats runs after one warm-up:
 
 * gradient of the mean loss (one data pass);
-* one HVP by double backward and by forward-over-reverse;
-* a block of K (default 16) HVPs by each method (one vmapped data pass).
+* one HVP by double backward (standalone, and with the gradient graph kept between
+  products) and by forward-over-reverse;
+* a block of K (default 16) HVPs by each, in one data pass, for each ``--chunks`` size
+  (vectors per vmapped call; 1 is a loop over the vectors).
 
-The ratios to the gradient choose ``AUTO_METHOD`` in flatcli/curvature/operator.py.
+The ratios to the gradient choose ``AUTO_METHOD`` in flatcli/curvature/operator.py, and
+the chunk rows the chunk ``memory_bounded`` uses on that device (the CPU: 1).
 
     python bench/hvp_methods.py [--device cpu|cuda] [--data-dir DIR] [--k 16] [--repeats 7]
-                                [--threads N]
+                                [--threads N] [--chunks 1,4,16] [--n 4000]
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4000, help="number of inputs")
     parser.add_argument("--k", type=int, default=16, help="vectors in a block")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--chunks", default="1,4,16", help="chunk sizes for the block rows (default: %(default)s)")
     parser.add_argument(
         "--threads", type=int, default=None,
         help="CPU threads for torch (default: torch's choice); 1 is steadier on a busy machine",
@@ -83,19 +87,23 @@ def main() -> None:
     x, y = _data(args.data_dir, args.n, gen)
     x, y = x.to(device), y.to(device)
 
-    db = CurvatureOperator(model, x, y, method="double_backward")
-    fr = CurvatureOperator(model, x, y, method="forward_over_reverse")
-    p, k = db.num_params, args.k
+    variants = {
+        "double_backward": dict(method="double_backward", cache_graph=False),
+        "double_backward, graph kept": dict(method="double_backward", cache_graph=True),
+        "forward_over_reverse": dict(method="forward_over_reverse"),
+    }
+    chunks = sorted({int(c) for c in args.chunks.split(",") if c.strip()})
+    grad_op = CurvatureOperator(model, x, y)
+    p, k = grad_op.num_params, args.k
     v = torch.randn(p, generator=gen).to(device)
     block = torch.randn(p, k, generator=gen).to(device)
 
-    fns: dict[str, Callable[[], object]] = {
-        "gradient": db.gradient,
-        "1 HVP, double_backward": lambda: db.matvec(v),
-        "1 HVP, forward_over_reverse": lambda: fr.matvec(v),
-        f"{k} HVPs (block), double_backward": lambda: db.matmat(block),
-        f"{k} HVPs (block), forward_over_reverse": lambda: fr.matmat(block),
-    }
+    fns: dict[str, Callable[[], object]] = {"gradient": grad_op.gradient}
+    for name, kw in variants.items():
+        fns[f"1 HVP, {name}"] = lambda op=CurvatureOperator(model, x, y, **kw): op.matvec(v)
+        for c in chunks:
+            op = CurvatureOperator(model, x, y, chunk_size=c, **kw)
+            fns[f"{k} HVPs (block, chunk {c}), {name}"] = lambda op=op: op.matmat(block)
     results = _time_round_robin(fns, device, args.repeats)
 
     data = f"MNIST from {args.data_dir}" if args.data_dir else "random data"
@@ -104,18 +112,18 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats"
     )
     grad_median = results["gradient"][0]
-    print(f"{'quantity':<42}{'median ms':>10}{'min ms':>9}{'/ gradient':>12}{'/ its 1 HVP':>13}")
+    print(f"{'quantity':<52}{'median ms':>10}{'min ms':>9}{'/ gradient':>12}{'/ its 1 HVP':>13}")
     for name, (median, fastest) in results.items():
-        method = name.rsplit(", ", 1)[-1]
+        method = name.split("), ", 1)[-1] if "block" in name else ""
         per_single = ""
         if "block" in name:
             per_single = f"{median / results[f'1 HVP, {method}'][0]:13.2f}"
-        print(f"{name:<42}{1e3 * median:10.1f}{1e3 * fastest:9.1f}{median / grad_median:12.2f}{per_single}")
-    for kind in ("1 HVP", f"{k} HVPs (block)"):
-        best = min(
-            ("double_backward", "forward_over_reverse"), key=lambda m: results[f"{kind}, {m}"][0]
-        )
-        print(f"fastest for {kind} on {device.type}: {best}")
+        print(f"{name:<52}{1e3 * median:10.1f}{1e3 * fastest:9.1f}{median / grad_median:12.2f}{per_single}")
+    singles = {n: results[f"1 HVP, {n}"][0] for n in variants}
+    print(f"fastest single HVP on {device.type}: {min(singles, key=singles.get)}")
+    blocks = {n: t[0] for n, t in results.items() if "block" in n}
+    best = min(blocks, key=blocks.get)
+    print(f"fastest block of {k} on {device.type}: {best} ({blocks[best] / min(singles.values()):.2f} fastest singles)")
 
 
 if __name__ == "__main__":
