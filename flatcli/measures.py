@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .curvature import (CurvatureOperator, EigenEstimate, FrobeniusEstimate, StochasticEstimate, dense_hessian,
+from .curvature import (DEFAULT_BATCH, CurvatureOperator, EigenEstimate, FrobeniusEstimate, StochasticEstimate, dense_hessian,
                         extreme_eigenvalues, lambda_max, lambda_min, logistic_regression_hessian, memory_bounded,
                         slq_density, trace_and_frobenius)
 from .errors import UsageError, UnknownNameError
@@ -64,7 +64,7 @@ class SharpnessConfig:
     measures: tuple[str, ...] = ("lambda_max", "trace", "frobenius")
     split: str = "train"
     samples: int | None = None
-    batch_size: int | None = 1024
+    batch_size: int | None = None  # None: automatic (memory_bounded); 1024 with bn_mode "batch"
     memory_gb: float = 2.0
     curvature: str = "hessian"
     bn_mode: str = "eval"
@@ -351,14 +351,14 @@ def _adaptive_sharpness(ctx: MeasureContext) -> Estimate:
 
     c = ctx.config
     est = adaptive_sharpness(ctx.model, ctx.inputs, ctx.targets, rho=c.rho, samples=c.sharpness_samples,
-                             seed=c.seed, logit_normalise=c.logit_normalise, batch_size=c.batch_size)
+                             seed=c.seed, logit_normalise=c.logit_normalise, batch_size=ctx.op.batch_size)
     return Estimate(est.value, est.stderr, "stderr")
 
 
 def _relative_flatness(ctx: MeasureContext) -> Estimate:
     from .scale import relative_flatness
 
-    return Estimate(relative_flatness(ctx.model, ctx.inputs, ctx.targets, batch_size=ctx.config.batch_size),
+    return Estimate(relative_flatness(ctx.model, ctx.inputs, ctx.targets, batch_size=ctx.op.batch_size),
                     0.0, "exact")
 
 
@@ -415,7 +415,10 @@ def measure(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, confi
     device = next(model.parameters()).device
     coeff = l2 if config.include_l2 else 0.0
     widen = max(1, dtype.itemsize // next(model.parameters()).element_size())  # float64 on a float32 model
-    bounded = memory_bounded(model, inputs, config.batch_size, budget_bytes=int(config.memory_gb * 2**30 / widen))
+    batch = config.batch_size
+    if batch is None and config.bn_mode == "batch":  # the batch sets the statistics: never by device
+        batch = DEFAULT_BATCH
+    bounded = memory_bounded(model, inputs, batch, budget_bytes=int(config.memory_gb * 2**30 / widen))
     op_kwargs = dict(curvature=config.curvature, bn_mode=config.bn_mode, l2=coeff, dtype=dtype, progress=progress,
                      **bounded)
     op = CurvatureOperator(model, inputs, targets, **op_kwargs)

@@ -229,3 +229,32 @@ def test_status_reports_the_running_estimate_and_each_result():
     lam, tr = report.measures["lambda_max"], report.measures["trace"]
     assert f"lambda_max {lam.value:.6g} ± {lam.uncertainty:.2g}" in said
     assert said[-1] == f"trace {tr.value:.6g} ± {tr.uncertainty:.2g}"
+
+
+def test_automatic_batches_keep_a_batchs_activations_small_on_the_cpu():
+    from flatcli import build_model
+    from flatcli.curvature import DEFAULT_BATCH, activation_bytes_per_sample, auto_batch_size, memory_bounded
+    from flatcli.curvature.operator import CPU_BATCH_BYTES, MIN_AUTO_BATCH
+
+    x = torch.randn(3000, 1, 28, 28)
+    cnn = build_model("cnn", input_shape=(1, 28, 28), num_classes=10, channels=16)
+    per_image = activation_bytes_per_sample(cnn, x)
+    batch = auto_batch_size(cnn, x)
+    assert MIN_AUTO_BATCH <= batch < DEFAULT_BATCH and batch == CPU_BATCH_BYTES // per_image
+    assert memory_bounded(cnn, x)["batch_size"] == batch and memory_bounded(cnn, x, 500)["batch_size"] == 500
+    mlp = build_model("mlp", input_shape=(1, 28, 28), num_classes=10, width=64)
+    assert auto_batch_size(mlp, x) == DEFAULT_BATCH and auto_batch_size(mlp, x[:100]) == 100  # capped at N
+
+
+def test_batch_statistics_use_the_documented_batch_whatever_the_device(monkeypatch):
+    import flatcli.measures as measures_module
+    from flatcli import build_model
+
+    seen = []
+    real = measures_module.memory_bounded
+    monkeypatch.setattr(measures_module, "memory_bounded", lambda m, x, b, **kw: seen.append(b) or real(m, x, b, **kw))
+    model = build_model("mlp", input_shape=(1, 8, 8), num_classes=10, width=8)
+    x, y = load_dataset("digits", samples=50).tensors
+    measure(model, x, y, SharpnessConfig(measures=("trace",), probes=6, bn_mode="batch"))
+    measure(model, x, y, SharpnessConfig(measures=("trace",), probes=6))
+    assert seen == [1024, None]  # batch statistics: 1024 (capped at N); eval mode: automatic

@@ -21,7 +21,7 @@ def compare(
     measures: Annotated[str, typer.Option(help="Comma-separated measures (see flatcli sharpness --help).")] = ",".join(DEFAULT_COMPARE_MEASURES),
     split: Split = "train",
     samples: Samples = None,
-    batch_size: BatchSize = 1024,
+    batch_size: BatchSize = None,
     memory_gb: MemoryGb = 2.0,
     curvature: CurvatureOpt = "hessian",
     bn_mode: BnMode = "eval",

@@ -25,7 +25,7 @@ def build_config(measures: str, **options) -> SharpnessConfig:
 
 Split = Annotated[str, typer.Option(help="train or test.")]
 Samples = Annotated[Optional[int], typer.Option(help="Measure on a deterministic subset of N images.")]
-BatchSize = Annotated[int, typer.Option(help="Images per forward pass (memory; with --bn-mode batch also the statistics).")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Images per forward pass (memory; with --bn-mode batch also the statistics). Default: on the CPU as many as keep a batch's activations within 8 MiB (32 to 1024), else 1024; with --bn-mode batch always 1024.")]
 MemoryGb = Annotated[float, typer.Option(help="Memory budget for a block of Hessian-vector products (vmap chunk size, keeping gradient graphs).")]
 CurvatureOpt = Annotated[str, typer.Option(help="hessian or ggn (generalised Gauss-Newton).")]
 BnMode = Annotated[str, typer.Option(help="BatchNorm: eval (running statistics) or batch (batch statistics, as the paper's authors).")]
@@ -49,7 +49,7 @@ def sharpness(
     measures: MeasuresOpt = "lambda_max,trace,frobenius",
     split: Split = "train",
     samples: Samples = None,
-    batch_size: BatchSize = 1024,
+    batch_size: BatchSize = None,
     memory_gb: MemoryGb = 2.0,
     curvature: CurvatureOpt = "hessian",
     bn_mode: BnMode = "eval",

@@ -30,11 +30,13 @@ from flatcli.curvature.exact import (
 from flatcli.curvature.lanczos import extreme_eigenvalues, lambda_max, lambda_min, lanczos
 from flatcli.curvature.operator import (
     AUTO_METHOD,
+    DEFAULT_BATCH,
     BatchNormMode,
     Curvature,
     CurvatureOperator,
     HvpMethod,
     activation_bytes_per_sample,
+    auto_batch_size,
     memory_bounded,
     suggest_chunk_size,
 )
@@ -42,6 +44,8 @@ from flatcli.curvature.trace import frobenius, hutchinson_trace, hutchpp_trace, 
 
 __all__ = [
     "memory_bounded",
+    "auto_batch_size",
+    "DEFAULT_BATCH",
     "suggest_chunk_size",
     "activation_bytes_per_sample",
     # operator
