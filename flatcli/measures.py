@@ -287,28 +287,27 @@ class MeasureContext:
         return self._extremes
 
 
-def _lambda_max(ctx: MeasureContext) -> Estimate:
+def _spectrum_end(ctx: MeasureContext, name: str) -> Estimate:
+    """``lambda_max`` or ``lambda_min``: exact, from the shared run for both ends when
+    both are asked for (its HVPs counted under lambda_max), or from a run of its own."""
+    high = name == "lambda_max"
     if ctx.config.exact:
-        return Estimate(float(ctx.spectrum()[-1]), 0.0, "exact")
-    if "lambda_min" in ctx.config.measures:
-        est = ctx.extremes()[1]
-    else:
-        c = ctx.config
-        est = lambda_max(ctx.op, tol=c.tol, max_iter=c.max_iter, seed=c.seed,
-                         callback=ctx.lanczos_callback("lambda_max"))
+        return Estimate(float(ctx.spectrum()[-1 if high else 0]), 0.0, "exact")
+    if ("lambda_min" if high else "lambda_max") in ctx.config.measures:
+        est = ctx.extremes()[1 if high else 0]
+        return Estimate(est.value, est.bound, "bound", est.hvps if high else 0)
+    c = ctx.config
+    est = (lambda_max if high else lambda_min)(ctx.op, tol=c.tol, max_iter=c.max_iter, seed=c.seed,
+                                               callback=ctx.lanczos_callback(name))
     return Estimate(est.value, est.bound, "bound", est.hvps)
+
+
+def _lambda_max(ctx: MeasureContext) -> Estimate:
+    return _spectrum_end(ctx, "lambda_max")
 
 
 def _lambda_min(ctx: MeasureContext) -> Estimate:
-    if ctx.config.exact:
-        return Estimate(float(ctx.spectrum()[0]), 0.0, "exact")
-    if "lambda_max" in ctx.config.measures:
-        est = ctx.extremes()[0]
-        return Estimate(est.value, est.bound, "bound", 0)  # the HVPs are counted under lambda_max
-    c = ctx.config
-    est = lambda_min(ctx.op, tol=c.tol, max_iter=c.max_iter, seed=c.seed,
-                     callback=ctx.lanczos_callback("lambda_min"))
-    return Estimate(est.value, est.bound, "bound", est.hvps)
+    return _spectrum_end(ctx, "lambda_min")
 
 
 def _trace(ctx: MeasureContext) -> Estimate:

@@ -187,7 +187,8 @@ def activation_bytes_per_sample(model: nn.Module, inputs: Tensor) -> int:
 
 
 def suggest_chunk_size(model: nn.Module, inputs: Tensor, batch_size: int, *,
-                       budget_bytes: int = 2 * 2**30, overhead: float = 2.0) -> int:
+                       budget_bytes: int = 2 * 2**30, overhead: float = 2.0,
+                       per_sample: int | None = None) -> int:
     """How many vectors one vmapped call may carry within ``budget_bytes``.
 
     A vmapped Hessian-vector product keeps, per vector, about the activations of one
@@ -196,7 +197,9 @@ def suggest_chunk_size(model: nn.Module, inputs: Tensor, batch_size: int, *,
     output); ``overhead`` covers the extra copies (measured: a small CNN on 1024 MNIST
     images took 1.1x the leaf outputs per vector in peak memory, double backward).
     """
-    per_vector = overhead * batch_size * activation_bytes_per_sample(model, inputs)
+    if per_sample is None:
+        per_sample = activation_bytes_per_sample(model, inputs)
+    per_vector = overhead * batch_size * per_sample
     return max(1, int(budget_bytes // per_vector))
 
 
@@ -208,7 +211,7 @@ CPU_BATCH_BYTES = 8 * 2**20
 MIN_AUTO_BATCH = 32
 
 
-def auto_batch_size(model: nn.Module, inputs: Tensor) -> int:
+def auto_batch_size(model: nn.Module, inputs: Tensor, per_sample: int | None = None) -> int:
     """Samples per forward pass when the user gives none (capped at N).
 
     On the CPU: as many as keep the batch's activations (all leaf modules' outputs)
@@ -218,12 +221,14 @@ def auto_batch_size(model: nn.Module, inputs: Tensor) -> int:
     8 HVPs of the demo's MNIST CNN (5,130 parameters, 170 KB of activations per image,
     4,000 images, one thread) took 4.3-4.6 s in batches of 32-96 and 12.3 s in batches
     of 1024, of which 6.8 s system time (4.8 million page faults). Elsewhere:
-    ``DEFAULT_BATCH``.
+    ``DEFAULT_BATCH``. ``per_sample``: :func:`activation_bytes_per_sample`, if known.
     """
     n = inputs.shape[0]
     if next(model.parameters()).device.type != "cpu":
         return min(DEFAULT_BATCH, n)
-    fits = CPU_BATCH_BYTES // activation_bytes_per_sample(model, inputs)
+    if per_sample is None:
+        per_sample = activation_bytes_per_sample(model, inputs)
+    fits = CPU_BATCH_BYTES // per_sample
     return min(max(MIN_AUTO_BATCH, min(fits, DEFAULT_BATCH)), n)
 
 
@@ -252,11 +257,12 @@ def memory_bounded(model: nn.Module, inputs: Tensor, batch_size: int | None = No
     and by 784 x 1024 (16 vectors folded into one product) 58 ms, 15.4x.
     """
     n = inputs.shape[0]
-    batch = min(batch_size, n) if batch_size else auto_batch_size(model, inputs)
-    chunk = suggest_chunk_size(model, inputs, batch, budget_bytes=budget_bytes)
+    per_sample = activation_bytes_per_sample(model, inputs)  # one forward pass of one input
+    batch = min(batch_size, n) if batch_size else auto_batch_size(model, inputs, per_sample)
+    chunk = suggest_chunk_size(model, inputs, batch, budget_bytes=budget_bytes, per_sample=per_sample)
     if next(model.parameters()).device.type == "cpu":
         chunk = 1
-    cache = 4 * n * activation_bytes_per_sample(model, inputs) <= budget_bytes
+    cache = 4 * n * per_sample <= budget_bytes
     return {"batch_size": batch, "chunk_size": chunk, "cache_graph": cache}
 
 

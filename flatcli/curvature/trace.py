@@ -86,12 +86,13 @@ def _grow(
     target: float | None,
     budget_left: Callable[[], int],
 ) -> Tensor:
-    """Append fresh samples (one data pass per top-up) while the relative stderr misses
-    ``target``; each top-up is the count that the current spread predicts to suffice."""
+    """Append fresh samples (rows; one data pass per top-up) while the relative stderr
+    misses ``target``; each top-up is the count that the current spread predicts to
+    suffice."""
     if target is None:
         return samples
     while (rel := rel_stderr(samples)) > target:
-        n = min(_top_up(samples.numel(), rel, target), budget_left())
+        n = min(_top_up(samples.shape[0], rel, target), budget_left())
         if n < 1:
             break
         samples = torch.cat([samples, new_samples(n)])
@@ -196,11 +197,11 @@ def _fresh_columns(op: LinearOperatorLike, x: Tensor, basis: Tensor, gen: torch.
     the estimator unbiased, since Q is independent of the remainder probes.
     """
     x, _ = torch.linalg.qr(_deflate(x, basis))
-    x = _deflate(x, basis)
+    x = _deflate(x, basis)  # QR of near-dependent columns can bring span(basis) back
     lost = torch.linalg.vector_norm(x, dim=0) < 0.5
     if bool(lost.any()):
         x[:, lost] = _deflate(gaussian(op, int(lost.sum()), gen), basis)
-    x, _ = torch.linalg.qr(_deflate(x, basis))
+    x, _ = torch.linalg.qr(x)  # every column is deflated already
     return x
 
 
@@ -280,28 +281,28 @@ def trace_and_frobenius(
     budget = max_hvps if max_hvps is not None else 10 * probes
     start = op.hvps
     d, more = _deflated_samples(op, probes, gen)
-    tr_samples, sq_samples = d.trace_samples, d.squared_samples
 
-    def estimates() -> tuple[StochasticEstimate, FrobeniusEstimate]:
-        mean, se = _mean_and_stderr(tr_samples)
-        mean2, se2 = _mean_and_stderr(sq_samples)
+    def estimates(samples: Tensor) -> tuple[StochasticEstimate, FrobeniusEstimate]:
+        """From the (n, 2) remainder samples: column 0 for Tr H, column 1 for Tr H^2."""
+        mean, se = _mean_and_stderr(samples[:, 0])
+        mean2, se2 = _mean_and_stderr(samples[:, 1])
         squared = d.squared_part + mean2
         norm = math.sqrt(max(squared, 0.0))
-        common = dict(hvps=op.hvps - start, probes=d.subspace + tr_samples.numel(), samples=tr_samples.numel())
+        n = samples.shape[0]
+        common = dict(hvps=op.hvps - start, probes=d.subspace + n, samples=n)
         trace = StochasticEstimate(value=d.trace_part + mean, stderr=se, estimator="hutch++", **common)
         fro = FrobeniusEstimate(value=norm, stderr=se2 / (2 * norm) if norm > 0 else math.inf,
                                 squared=squared, squared_stderr=se2, **common)
         return trace, fro
 
-    if target_rel_stderr is not None:
-        while (rel := max(e.rel_stderr for e, name in zip(estimates(), ("trace", "frobenius"))
-                          if name in targets)) > target_rel_stderr:
-            k = min(_top_up(tr_samples.numel(), rel, target_rel_stderr), budget - (op.hvps - start))
-            if k < 1:
-                break
-            t, s = more(k)
-            tr_samples, sq_samples = torch.cat([tr_samples, t]), torch.cat([sq_samples, s])
-    return estimates()
+    def rel(samples: Tensor) -> float:
+        return max(e.rel_stderr for e, name in zip(estimates(samples), ("trace", "frobenius")) if name in targets)
+
+    samples = _grow(
+        torch.stack([d.trace_samples, d.squared_samples], dim=1),
+        lambda k: torch.stack(more(k), dim=1), rel, target_rel_stderr, lambda: budget - (op.hvps - start),
+    )
+    return estimates(samples)
 
 
 def hutchpp_trace(
