@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, FlatcliError
 
 FORMAT_VERSION = 1
 METADATA_KEY = "flatcli"
@@ -42,6 +43,15 @@ MODEL_FILE = "model.safetensors"
 LAST_FILE = "last.safetensors"
 STATE_FILE = "resume.safetensors"
 METRICS_FILE = "metrics.jsonl"
+CACHE_FILE = "sharpness.json"
+#: Held (``fcntl.flock``) by the process that trains into a run folder.
+LOCK_FILE = ".flatcli.lock"
+#: Where ``train --overwrite`` writes the new run until it replaces the old one.
+STAGING_DIR = ".flatcli-staging"
+#: The files a run folder may hold; ``--overwrite`` replaces these and nothing else.
+RUN_FILES = (MODEL_FILE, LAST_FILE, METRICS_FILE, STATE_FILE, CACHE_FILE)
+#: The files training writes (and only the process holding the run's lock writes).
+TRAIN_FILES = (MODEL_FILE, LAST_FILE, METRICS_FILE, STATE_FILE)
 
 
 @dataclass(frozen=True)
@@ -71,13 +81,25 @@ class CheckpointInfo:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    ``mkstemp`` creates the temporary with mode 0600; it is given the mode a plain
+    ``open`` would (0666 less the umask) before the rename. A process killed between
+    the two leaves ``.NAME.*.tmp``, which :func:`remove_temporaries` deletes.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        write(Path(tmp))
+        try:
+            write(Path(tmp))
+        except SafetensorError as exc:  # safetensors reports a full disk as "I/O error: ... (os error 28)"
+            code = re.search(r"os error (\d+)", str(exc))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -86,6 +108,38 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def _umask() -> int:
+    # The only portable way to read the umask is to set it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def is_run_file(name: str) -> bool:
+    """Whether a name in a run folder is flatcli's own: a run file, a lock, a temporary, the staging folder."""
+    if name in RUN_FILES or name in (LOCK_FILE, STAGING_DIR):
+        return True
+    bare = name[1:] if name.startswith(".") else name
+    if bare.endswith(".lock"):  # e.g. sharpness.json.lock, .sharpness.json.lock, .sharpness.lock
+        stem = bare[:-len(".lock")]
+        return stem in RUN_FILES or stem in {Path(f).stem for f in RUN_FILES}
+    return name.startswith(".") and name.endswith(".tmp") and any(
+        bare.startswith(f"{f}.") for f in (*RUN_FILES, LOCK_FILE.lstrip(".")))
+
+
+def remove_temporaries(folder: Path, names: tuple[str, ...] = TRAIN_FILES) -> list[Path]:
+    """Delete the ``.NAME.*.tmp`` left by :func:`atomic_write` for each ``NAME``; return them.
+
+    Only the writer of ``NAME`` may call this (a temporary of a live writer would go).
+    """
+    removed = []
+    for name in names:
+        for tmp in Path(folder).glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def _tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -160,24 +214,21 @@ def load_checkpoint(
     p = resolve_checkpoint_path(path)
     tensors, doc = read_metadata(p)
     if model_factory is not None:
+        info = checkpoint_info(p, doc or {}, need_arch=False)
         model = model_factory()
-        doc = doc or {}
-        info = CheckpointInfo(p, doc.get("arch", {"name": "custom", "kwargs": {}}), doc.get("dataset", {}),
-                              doc.get("train", {}), doc.get("metrics", {}), doc.get("format_version", FORMAT_VERSION))
     else:
         if doc is None:
             raise CheckpointError(
                 f"{p} has no flatcli metadata, so its architecture is unknown",
                 hint="pass --model-factory MODULE:FUNCTION (Python: model_factory=...) that builds the model",
             )
+        info = checkpoint_info(p, doc)
+        ds = info.dataset
         try:
-            info = CheckpointInfo(p, doc["arch"], doc["dataset"], doc.get("train", {}), doc.get("metrics", {}),
-                                  doc.get("format_version", FORMAT_VERSION))
-            ds = info.dataset
             model = build_model(info.arch["name"], input_shape=tuple(ds["input_shape"]),
-                                num_classes=int(ds["num_classes"]), **info.arch.get("kwargs", {}))
-        except KeyError as exc:
-            raise CheckpointError(f"{p} metadata lacks {exc}") from None
+                                num_classes=ds["num_classes"], **info.arch["kwargs"])
+        except FlatcliError as exc:  # a bad value in the file is the file's fault, not an option's
+            raise CheckpointError(f"{p} metadata describes no buildable model: {exc}") from None
     load_state(model, tensors, p)
     model.to(map_location).eval()
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -186,14 +237,87 @@ def load_checkpoint(
     return model, info
 
 
+def checkpoint_info(p: Path, doc: Any, need_arch: bool = True) -> CheckpointInfo:
+    """The metadata document ``doc`` of ``p`` checked for JSON types, as a :class:`CheckpointInfo`.
+
+    Every field a command reads later is checked here, so that a hand-edited or foreign
+    file is one :class:`CheckpointError`, not a TypeError deep inside a measure.
+    """
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{p} has malformed flatcli metadata: {what}")
+
+    if not isinstance(doc, dict):
+        raise bad(f"a JSON {_json_type(doc)} where an object is expected")
+    version = doc.get("format_version", FORMAT_VERSION)
+    if not _is_int(version) or version < 1:
+        raise bad(f"format_version is {version!r}, not a positive integer")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{p} was written by a newer flatcli (checkpoint format {version}; this flatcli "
+                              f"reads up to {FORMAT_VERSION})", hint="upgrade flatcli: pip install -U flatcli")
+    for key in ("arch", "dataset", "train", "metrics"):
+        if key in doc and not isinstance(doc[key], dict):
+            raise bad(f"{key} is a JSON {_json_type(doc[key])}, not an object")
+    if need_arch:
+        for key in ("arch", "dataset"):
+            if key not in doc:
+                raise CheckpointError(f"{p} metadata lacks {key!r}")
+    arch = doc.get("arch", {"name": "custom", "kwargs": {}})
+    if need_arch or "arch" in doc:
+        if not isinstance(arch.get("name"), str):
+            raise bad(f"arch.name is {arch.get('name')!r}, not a model name")
+        if not isinstance(arch.setdefault("kwargs", {}), dict):
+            raise bad(f"arch.kwargs is a JSON {_json_type(arch['kwargs'])}, not an object")
+    dataset = doc.get("dataset", {})
+    if need_arch or "input_shape" in dataset:
+        shape = dataset.get("input_shape")
+        if not (isinstance(shape, list) and shape and all(_is_int(s) and s > 0 for s in shape)):
+            raise bad(f"dataset.input_shape is {shape!r}, not a list of positive integers")
+    if need_arch or "num_classes" in dataset:
+        classes = dataset.get("num_classes")
+        if not (_is_int(classes) and classes >= 2):
+            raise bad(f"dataset.num_classes is {classes!r}, not an integer >= 2")
+    if "name" in dataset and not isinstance(dataset["name"], str):
+        raise bad(f"dataset.name is {dataset['name']!r}, not a data set name")
+    train = doc.get("train", {})
+    for key in ("l2", "weight_decay", "lr", "momentum"):
+        value = train.get(key)
+        if value is not None and not (_is_number(value) and math.isfinite(value) and value >= 0):
+            raise bad(f"train.{key} is {value!r}, not a number >= 0")
+    for key, value in doc.get("metrics", {}).items():
+        if value is not None and not _is_number(value):
+            raise bad(f"metrics.{key} is {value!r}, not a number")
+    return CheckpointInfo(p, arch, dataset, train, doc.get("metrics", {}), version)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
 def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], origin: Path | str) -> None:
-    """Load ``tensors`` into ``model``, naming missing, unexpected and mis-shaped keys."""
+    """Load ``tensors`` into ``model``, naming missing, unexpected, mis-shaped and mis-typed keys.
+
+    A tensor's dtype may differ in precision (it is cast, as ``load_state_dict`` does)
+    but not in kind: integer values where the model holds floating-point ones (or the
+    reverse, e.g. BatchNorm's int64 ``num_batches_tracked``) mean the file is not this
+    model's, and a cast would silently truncate.
+    """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     shapes = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
               if k in tensors and tensors[k].shape != v.shape]
-    if missing or unexpected or shapes:
+    kinds = [f"{k} {str(tensors[k].dtype).removeprefix('torch.')} vs {str(v.dtype).removeprefix('torch.')}"
+             for k, v in expected.items() if k in tensors and _kind(tensors[k].dtype) != _kind(v.dtype)]
+    if missing or unexpected or shapes or kinds:
         parts = []
         if missing:
             parts.append(f"missing {_few(missing)}")
@@ -201,8 +325,15 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], origin: Path 
             parts.append(f"unexpected {_few(unexpected)}")
         if shapes:
             parts.append(f"wrong shape {_few(shapes)}")
+        if kinds:
+            parts.append(f"wrong dtype {_few(kinds)}")
         raise CheckpointError(f"{origin}: tensors do not match the architecture: {'; '.join(parts)}")
     model.load_state_dict(tensors)
+
+
+def _kind(dtype: torch.dtype) -> str:
+    return "complex" if dtype.is_complex else "float" if dtype.is_floating_point else "bool" if dtype == torch.bool \
+        else "integer"
 
 
 def _few(items: list[str], n: int = 3) -> str:
@@ -228,10 +359,10 @@ def _flatten(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor] | None) -> Any:
     if isinstance(obj, dict):
         if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
+            return None if tensors is None else tensors[obj["__tensor__"]]
         if "__dict__" in obj:
             return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in obj["__dict__"]}
         if "__list__" in obj:
@@ -250,9 +381,29 @@ def save_state(path: str | os.PathLike, state: dict) -> None:
                                                     metadata={METADATA_KEY: json.dumps(skeleton)}))
 
 
-def load_state_file(path: str | os.PathLike) -> dict:
-    """Inverse of :func:`save_state`."""
-    tensors, skeleton = read_metadata(path)
+def load_state_file(path: str | os.PathLike, tensors: bool = True) -> dict:
+    """Inverse of :func:`save_state`; with ``tensors=False`` only the JSON part (tensors are None)."""
+    if tensors:
+        data, skeleton = read_metadata(path)
+    else:
+        data, skeleton = None, _read_skeleton(Path(path))
     if skeleton is None:
         raise CheckpointError(f"{path} is not a flatcli training state")
-    return _unflatten(skeleton, tensors)
+    try:
+        state = _unflatten(skeleton, data)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        state = None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a flatcli training state (its metadata is malformed)")
+    return state
+
+
+def _read_skeleton(p: Path) -> Any:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+        return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{p} is not a readable safetensors file ({_first_line(exc)})") from None

@@ -20,6 +20,11 @@ Two kinds of ties keep the verdicts honest:
 A tie on either side gives ``agrees = None`` and a text that says "tie". Otherwise the
 flatness hypothesis *agrees* when the sharper run has the lower test accuracy.
 
+A measure that did not converge (a Lanczos run stopped before its tolerance, a standard
+error from too few samples: ``Measure.converged`` False) carries no usable uncertainty, so
+neither a tie nor a difference can be called: its verdict says "not converged" with
+``agrees = None``.
+
 Accuracies are fractions in [0, 1], as flatcli reports them; differences are printed
 in percentage points (1 point = 0.01).
 """
@@ -38,16 +43,20 @@ from flatcli.errors import UsageError
 class Measure:
     """A sharpness value and its uncertainty (Lanczos bound or standard error; 0 if exact).
 
-    Every measure is oriented so that larger means sharper.
+    Every measure is oriented so that larger means sharper. ``converged=False``: the
+    estimator stopped before its uncertainty means what it says (see
+    :class:`flatcli.measures.Estimate`); the uncertainty may then be infinite, and no
+    verdict is given on the measure.
     """
 
     value: float
     uncertainty: float = 0.0
+    converged: bool = True
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.value):
             raise UsageError(f"a measure value must be finite, got {self.value}")
-        if not (self.uncertainty >= 0 and math.isfinite(self.uncertainty)):
+        if not (self.uncertainty >= 0 and (math.isfinite(self.uncertainty) or not self.converged)):
             raise UsageError(f"an uncertainty must be finite and >= 0, got {self.uncertainty}")
 
 
@@ -110,8 +119,10 @@ class Verdict:
         accuracy_difference_points: ``100 * (test_accuracy_b - test_accuracy_a)``.
         sharpness_tie, accuracy_tie: whether each difference is within its tie threshold.
         agrees: True when the sharper run has the lower test accuracy (the flatness
-            hypothesis holds for this pair), False when it has the higher one, None on a tie.
+            hypothesis holds for this pair), False when it has the higher one, None on a
+            tie or when a measure did not converge.
         text: one sentence with the numbers.
+        converged: both runs' values of the measure converged (else no verdict).
     """
 
     a: str
@@ -123,6 +134,7 @@ class Verdict:
     accuracy_tie: bool
     agrees: bool | None
     text: str
+    converged: bool = True
 
 
 @dataclass(frozen=True)
@@ -207,6 +219,15 @@ def verdict(
     acc_tie = abs(diff_points) <= accuracy_points
     values = f"{_fmt(ma.value)} vs {_fmt(mb.value)}"
     accs = f"test accuracy {100 * a.test_accuracy:.2f}% vs {100 * b.test_accuracy:.2f}%"
+
+    if not (ma.converged and mb.converged):  # no uncertainty to judge a tie or a difference by
+        which = " and ".join(r.name for r, m in ((a, ma), (b, mb)) if not m.converged)
+        return Verdict(
+            a=a.name, b=b.name, measure=measure, sharpness_ratio=_ratio(mb.value, ma.value),
+            accuracy_difference_points=diff_points, sharpness_tie=False, accuracy_tie=acc_tie, agrees=None,
+            text=f"{label} of {which} did not converge ({values}): not converged, no verdict on flatness.",
+            converged=False,
+        )
 
     if sharp_tie:
         sharp_words = (
@@ -315,10 +336,18 @@ DEFAULT_COMPARE_MEASURES = ("lambda_max", "trace", "frobenius", "lambda_max_norm
                             "adaptive_sharpness", "relative_flatness")
 
 
+def _measure(estimate: Any) -> Measure:
+    """A :class:`Measure` from a :class:`flatcli.measures.Estimate`; a NaN or infinite
+    uncertainty (e.g. a standard error of one sample) is an unconverged one."""
+    unc = float(estimate.uncertainty)
+    converged = bool(getattr(estimate, "converged", True)) and math.isfinite(unc)
+    return Measure(float(estimate.value), unc if math.isfinite(unc) else math.inf, converged)
+
+
 def summarise(name: str, info: Any, report: Any, test_size: int | None) -> RunSummary:
     """A :class:`RunSummary` from a checkpoint's metadata and its sharpness report."""
     train_opts, metrics = info.train or {}, info.metrics or {}
-    measures = {k: Measure(v.value, v.uncertainty) for k, v in report.measures.items()
+    measures = {k: _measure(v) for k, v in report.measures.items()
                 if hasattr(v, "uncertainty") and math.isfinite(v.value)}
     return RunSummary(
         name=name, optimizer=str(train_opts.get("optimizer", "?")), l2=float(train_opts.get("l2", 0.0) or 0.0),
@@ -329,27 +358,113 @@ def summarise(name: str, info: Any, report: Any, test_size: int | None) -> RunSu
         weight_norm=report.weight_norm, measures=measures, test_size=test_size)
 
 
-def compare_checkpoints(paths: Sequence[Any], config: Any, *, data_dir: str | None = None, device: str = "auto",
-                        use_cache: bool = True, progress: Callable[[int], None] | None = None,
-                        tie_sigmas: float = 2.0) -> Comparison:
-    """Measure (or reuse cached) sharpness of each checkpoint and compare them."""
+@dataclass(frozen=True)
+class CheckedRun:
+    """A checkpoint that exists and loads, and the data sets it was trained and is measured on."""
+
+    name: str
+    checkpoint: Any  # Path
+    trained_on: str
+    measured_on: str
+
+
+def check_runs(paths: Sequence[Any], *, dataset: str | None = None) -> list[CheckedRun]:
+    """Check every run before anything is measured: each checkpoint exists and loads, all
+    were trained on ONE data set (else their accuracies say nothing about each other), and
+    the data set measured on (``dataset``, default the training set) fits each model.
+
+    Raises :class:`~flatcli.errors.CheckpointError` or :class:`~flatcli.errors.DataError`
+    (one line naming the run and both data sets); warns when a run is measured on another
+    data set (of the same input shape and classes) than it was trained on.
+    """
+    import warnings
     from pathlib import Path
 
-    from .checkpoint import resolve_checkpoint_path
+    from .checkpoint import MODEL_FILE, load_checkpoint, resolve_checkpoint_path
+    from .data import get_spec
+    from .errors import DataError
+
+    checked: list[CheckedRun] = []
+    for path in paths:
+        ckpt = resolve_checkpoint_path(path)
+        with warnings.catch_warnings():  # said again when the run is measured
+            warnings.simplefilter("ignore")
+            _, info = load_checkpoint(ckpt)
+        trained = info.dataset.get("name") if isinstance(info.dataset, dict) else None
+        if not trained or not isinstance(trained, str):
+            raise DataError(f"{ckpt} does not say which data set it was trained on",
+                            hint="compare needs runs of flatcli train, whose metadata names the data set")
+        _check_metrics(ckpt, info.metrics if isinstance(info.metrics, dict) else {})
+        name = ckpt.parent.name if ckpt.name == MODEL_FILE else Path(ckpt).stem
+        while name in [c.name for c in checked]:
+            name += "'"
+        checked.append(CheckedRun(name, ckpt, trained, dataset or trained))
+        first = checked[0]
+        if trained != first.trained_on:
+            raise DataError(f"cannot compare runs trained on different data sets: {first.name} on "
+                            f"{first.trained_on}, {name} on {trained}",
+                            hint="compare runs of one data set")
+        measured = dataset or trained
+        if measured != trained:
+            spec = get_spec(measured)
+            shape = tuple(info.dataset.get("input_shape") or ())
+            classes = info.dataset.get("num_classes")
+            if shape != tuple(spec.input_shape) or classes != spec.num_classes:
+                raise DataError(f"{name} was trained on {trained} (input {_shape(shape)}, {classes} classes) and "
+                                f"cannot be measured on {measured} (input {_shape(spec.input_shape)}, "
+                                f"{spec.num_classes} classes)")
+            warnings.warn(f"{name} was trained on {trained} but is measured on {measured}", UserWarning,
+                          stacklevel=2)
+    return checked
+
+
+def _check_metrics(ckpt: Any, metrics: dict) -> None:
+    """The recorded metrics that :func:`summarise` reads are numbers (accuracies fractions)."""
+    from .errors import CheckpointError
+
+    for key in ("test_loss", "test_accuracy", "train_loss", "train_accuracy"):
+        if key not in metrics:
+            continue
+        value = metrics[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise CheckpointError(f"{ckpt} metadata: metrics.{key} is {value!r}, not a number")
+        if key.endswith("accuracy") and not 0 <= value <= 1:
+            raise CheckpointError(f"{ckpt} metadata: metrics.{key} is {value!r}, not a fraction in [0, 1]")
+    if "test_accuracy" in metrics and "test_loss" not in metrics:
+        raise CheckpointError(f"{ckpt} metadata: metrics has a test_accuracy but no test_loss")
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "x".join(str(n) for n in shape) or "?"
+
+
+def compare_checkpoints(paths: Sequence[Any], config: Any, *, data_dir: str | None = None, device: str = "auto",
+                        use_cache: bool = True, progress: Callable[[int], None] | None = None,
+                        tie_sigmas: float = 2.0, dataset: str | None = None) -> Comparison:
+    """Measure (or reuse cached) sharpness of each checkpoint and compare them.
+
+    Everything is checked before anything is measured: the options, every checkpoint and
+    the data sets (:func:`check_runs`; ``dataset`` measures all runs on another data set
+    than they were trained on), and that the data load.
+    """
     from .data import load_dataset
     from .sharpness import load_point, sharpness
     from .training import evaluate
 
+    if len(paths) < 2:
+        raise UsageError(f"a comparison needs at least two runs, got {len(paths)}")
+    if not (tie_sigmas >= 0 and math.isfinite(tie_sigmas)):
+        raise UsageError(f"tie-sigmas must be a finite number >= 0, got {tie_sigmas}")
+    runs = check_runs(paths, dataset=dataset)
+    # the data every run needs, loaded once now so that a missing file stops us before measuring
+    load_dataset(runs[0].measured_on, config.split, data_dir, samples=config.samples)
+    load_dataset(runs[0].trained_on, "test", data_dir)
+
     summaries = []
-    names: list[str] = []
-    for path in paths:
-        ckpt = resolve_checkpoint_path(path)
-        name = ckpt.parent.name if ckpt.name == "model.safetensors" else Path(ckpt).stem
-        while name in names:
-            name += "'"
-        names.append(name)
-        report = sharpness(ckpt, config, data_dir=data_dir, device=device, use_cache=use_cache, progress=progress)
-        point = load_point(ckpt, split="test", data_dir=data_dir, device=device)
+    for run in runs:
+        report = sharpness(run.checkpoint, config, dataset=run.measured_on, data_dir=data_dir, device=device,
+                           use_cache=use_cache, progress=progress)
+        point = load_point(run.checkpoint, split="test", data_dir=data_dir, device=device)
         info = point.info
         if "test_accuracy" not in (info.metrics or {}):
             test_loss, test_acc = evaluate(point.model, point.inputs, point.targets)
@@ -357,7 +472,7 @@ def compare_checkpoints(paths: Sequence[Any], config: Any, *, data_dir: str | No
             train_loss, train_acc = evaluate(point.model, x, y)
             info = replace(info, metrics={"test_loss": test_loss, "test_accuracy": test_acc,
                                           "train_loss": train_loss, "train_accuracy": train_acc})
-        summaries.append(summarise(name, info, report, len(point.targets)))
+        summaries.append(summarise(run.name, info, report, len(point.targets)))
     return compare(summaries, tie_sigmas=tie_sigmas)
 
 
@@ -369,7 +484,8 @@ def comparison_as_dict(comparison: Comparison) -> dict:
                      "averaging": r.averaging, "train_loss": r.train_loss, "test_loss": r.test_loss,
                      "train_accuracy": r.train_accuracy, "test_accuracy": r.test_accuracy,
                      "generalisation_gap": r.gap, "weight_norm": r.weight_norm, "test_size": r.test_size,
-                     **{k: {"value": m.value, "uncertainty": m.uncertainty} for k, m in r.measures.items()}})
+                     **{k: {"value": m.value, "uncertainty": m.uncertainty, "converged": m.converged}
+                        for k, m in r.measures.items()}})
     return {"runs": runs,
             "ratios": [{"name": r.name, **ratios} for r, ratios in zip(comparison.runs, comparison.ratios)],
             "verdicts": [asdict(v) for v in comparison.verdicts]}

@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .errors import UsageError, UnknownNameError
+from .errors import CheckpointError, UsageError, UnknownNameError
 
 #: Default learning rate per optimiser (used when ``lr`` is not given).
 DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}
@@ -70,6 +70,9 @@ class TrainConfig:
                 f"--average-from {self.average_from} is outside the run's epochs 1..{self.epochs}")
         if self.train_samples is not None:
             _positive("train samples", self.train_samples)
+        if self.overwrite and self.resume:
+            raise UsageError("--overwrite and --resume contradict each other",
+                             hint="--resume continues the run in --out, --overwrite replaces it")
 
     @property
     def final_lr(self) -> float:
@@ -112,6 +115,59 @@ def make_train_config(recipe: str | None = None, **given) -> TrainConfig:
     if "out" in values:
         values["out"] = Path(values["out"])
     return TrainConfig(**values)
+
+
+#: Options that say where and how a run is written or read, not what the run is.
+LOCATION_OPTIONS = ("out", "overwrite", "resume", "data_dir", "download", "device")
+
+
+def resume_config(stored: dict | None, recipe: str | None = None, **given) -> TrainConfig:
+    """The configuration that continues a run whose recorded options are ``stored``.
+
+    ``given`` are the options given now (``None``: not given). Each given option must
+    equal the run's (so ``--resume`` alone continues it as it was); ``epochs`` may
+    differ, and :func:`flatcli.training.train` checks that the epochs already run are
+    unaffected. ``stored`` None (a state saved before options were recorded) falls back
+    to :func:`make_train_config`. Raises a UsageError naming both values of each
+    contradiction.
+    """
+    given = {k: v for k, v in given.items() if v is not None}
+    location = {k: given.pop(k) for k in LOCATION_OPTIONS if k in given}
+    location["resume"] = True
+    if stored is None:
+        return make_train_config(recipe, **given, **location)
+    # The run's device is kept unless another is given (a run may move, e.g. to a GPU).
+    values = {k: v for k, v in stored.items()
+              if k in TrainConfig.__dataclass_fields__ and (k == "device" or k not in LOCATION_OPTIONS)}
+    problems = []
+    if recipe is not None and recipe != stored.get("recipe"):
+        problems.append(contradiction("recipe", recipe, stored.get("recipe")))
+    stored_kwargs = stored.get("model_kwargs") or {}
+    for key, value in (given.pop("model_kwargs", None) or {}).items():
+        if stored_kwargs.get(key) != value:
+            problems.append(contradiction(key, value, stored_kwargs.get(key, "(none)")))
+    epochs = given.pop("epochs", None)
+    for key, value in given.items():
+        if key in values and values[key] != value:
+            problems.append(contradiction(key, value, values[key]))
+    if problems:
+        raise UsageError("; ".join(problems), hint="--resume alone continues the run with its own options")
+    if epochs is not None:
+        values["epochs"] = epochs
+    try:
+        return TrainConfig(**{**values, **location})
+    except (TypeError, ValueError) as exc:  # a hand-edited state: its options are not a config
+        raise CheckpointError(f"{location.get('out', 'the run')}: the run's recorded options are malformed ({exc})",
+                              hint="start the run again with --overwrite") from None
+
+
+def contradiction(key: str, given, stored) -> str:
+    """``--lr 0.5 contradicts the run's lr 0.05``."""
+    return f"--{key.replace('_', '-')} {_show(given)} contradicts the run's {key} {_show(stored)}"
+
+
+def _show(value) -> str:
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def with_changes(config: TrainConfig, **changes) -> TrainConfig:

@@ -160,6 +160,8 @@ def _pair_claim(model: str, comparison: Comparison, claim: str) -> Claim:
     evidence = (f"lambda_max {a.measures['lambda_max'].value:.4g} -> {b.measures['lambda_max'].value:.4g} "
                 f"({v.sharpness_ratio:.2f}x), ||w|| {a.weight_norm:.3g} -> {b.weight_norm:.3g}, test accuracy "
                 f"{a.test_accuracy:.2%} -> {b.test_accuracy:.2%}")
+    if not v.converged:  # no bound to call a difference by
+        return Claim(claim, model, None, f"lambda_max did not converge (raise --max-iter); {evidence}")
     if sharper == "B" and better == "B":
         return Claim(claim, model, True, f"held: {b.name} is sharper and generalises better; {evidence}")
     if sharper == "B":

@@ -40,9 +40,17 @@ class RunExistsError(FlatcliError):
     """A run directory that already holds a run and was not meant to be overwritten."""
 
 
+class OutputError(FlatcliError):
+    """A file or folder that cannot be written: read-only, full disk, no permission."""
+
+
 class TooLargeError(FlatcliError):
     """A computation that would not fit in memory (e.g. a dense Hessian)."""
 
 
 class UnknownNameError(FlatcliError):
     """A name (model, data set, measure, optimiser, ...) that no registry knows (exit code 1)."""
+
+
+class NonFiniteError(FlatcliError):
+    """Weights, a loss or a curvature that is NaN or infinite: nothing can be measured there."""

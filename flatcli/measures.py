@@ -29,7 +29,10 @@ relative_flatness        sum_{s,s'} <w_s, w_s'> Tr(H_{s,s'}) of the last    exac
 
 With ``exact=True`` the dense matrix is built (refused when it would not fit) and every
 measure comes from its eigenvalues, with zero uncertainty; for logistic regression the
-closed form H = (1/N) sum_i (diag p_i - p_i p_i^T) kron x_i x_i^T needs no autograd.
+closed form H = (1/N) sum_i (diag p_i - p_i p_i^T) kron x_i x_i^T needs no autograd. It is
+used only for a model that provably computes W x.flatten(1) + b (flatcli's ``logreg``, or
+logits and products checked against the generic operator): a one-layer model that scales
+its logits has a different Hessian.
 
 Measures are a registry (:data:`MEASURES`) of functions of a :class:`MeasureContext`,
 which shares work between them (one Lanczos run for both extremes, one dense spectrum).
@@ -50,11 +53,13 @@ import torch
 from torch import nn
 
 from .curvature import (DEFAULT_BATCH, CurvatureOperator, EigenEstimate, FrobeniusEstimate, StochasticEstimate, dense_hessian,
-                        extreme_eigenvalues, lambda_max, lambda_min, logistic_regression_hessian, memory_bounded,
+                        extreme_eigenvalues, lambda_max, lambda_min, memory_bounded,
                         slq_density, trace_and_frobenius)
-from .errors import UsageError, UnknownNameError
+from .curvature.exact import single_linear, verified_logistic_regression_hessian
+from .errors import NonFiniteError, UsageError, UnknownNameError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+BN_MODES = ("eval", "batch", "full")
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,7 @@ class SharpnessConfig:
     measures: tuple[str, ...] = ("lambda_max", "trace", "frobenius")
     split: str = "train"
     samples: int | None = None
-    batch_size: int | None = None  # None: automatic (memory_bounded); 1024 with bn_mode "batch"
+    batch_size: int | None = None  # None: automatic (memory_bounded); 1024 with bn_mode "batch", N with "full"
     memory_gb: float = 2.0
     curvature: str = "hessian"
     bn_mode: str = "eval"
@@ -82,6 +87,11 @@ class SharpnessConfig:
     seed: int = 0
     dtype: str = "float32"
     per_layer: bool = False
+    # The batch whose statistics define the matrix with bn_mode "batch" (the loss is the
+    # sample-weighted sum over batches of this size, each normalised by its own mean and
+    # variance): batch_size, else DEFAULT_BATCH; never a memory heuristic's. None in the
+    # other modes ("full": one batch of every measured sample). Derived, in the cache key.
+    bn_batch_size: int | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.measures if m not in MEASURES]
@@ -97,12 +107,30 @@ class SharpnessConfig:
         for name in ("max_iter", "probes", "density_iterations", "density_probes", "sharpness_samples"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name.replace('_', '-')} must be positive")
-        if not self.tol > 0:
-            raise UsageError("tol must be positive")
+        # tol >= 1 (or inf) accepts any Ritz value after one step: not a tolerance at all
+        if not (0 < self.tol < 1):
+            raise UsageError(f"tol must lie in (0, 1), got {self.tol}", hint="e.g. --tol 1e-4")
+        if not (math.isfinite(self.memory_gb) and self.memory_gb > 0):
+            raise UsageError(f"memory-gb must be a positive number, got {self.memory_gb}")
+        if not math.isfinite(self.rho):
+            raise UsageError(f"rho must be finite, got {self.rho}")
+        if self.samples is not None and self.samples < 1:
+            raise UsageError(f"samples must be positive, got {self.samples}")
+        stochastic_trace = {"trace", "frobenius", "trace_normalised"} & set(self.measures)
+        if stochastic_trace and not self.exact and self.probes < 4:  # checked here, not after other measures
+            raise UsageError(f"probes must be at least 4 for {', '.join(sorted(stochastic_trace))}, got {self.probes}",
+                             hint="block Krylov Hutch++ builds a subspace and samples the remainder; "
+                                  "fewer than 13 give a standard error marked not converged")
+        if "adaptive_sharpness" in self.measures and self.sharpness_samples < 2:
+            raise UsageError(f"sharpness-samples must be at least 2 for a standard error, got {self.sharpness_samples}")
         if self.target_stderr is not None and not self.target_stderr > 0:
             raise UsageError(f"target-stderr must be positive, got {self.target_stderr}")
         if self.batch_size is not None and self.batch_size < 1:
             raise UsageError("batch size must be positive")
+        if self.bn_mode not in BN_MODES:
+            raise UnknownNameError(f"unknown BatchNorm mode {self.bn_mode!r}", hint=f"use {', '.join(BN_MODES)}")
+        object.__setattr__(self, "bn_batch_size",
+                           (self.batch_size or DEFAULT_BATCH) if self.bn_mode == "batch" else None)
 
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -111,16 +139,32 @@ class SharpnessConfig:
 @dataclass(frozen=True)
 class Estimate:
     """A measured number and its uncertainty: a rigorous bound (eigenvalues) or a
-    standard error (stochastic estimates); 0 for exact values."""
+    standard error (stochastic estimates); 0 for exact values.
+
+    ``converged=False`` says the uncertainty is NOT what its kind promises:
+
+    * a Lanczos run that stopped (``--max-iter``) before every wanted Ritz residual met
+      ``tol``: the residual only says that SOME eigenvalue lies within it of the value,
+      not that the largest (smallest) one does, and an early Ritz value typically lies
+      well inside the spectrum (``--max-iter 3`` gave 3.56 <= 0.45 where lambda_max is 4.52);
+    * a standard error from fewer than ``flatcli.curvature.trace.MIN_SAMPLES`` samples
+      (Hutch++ with ``--probes`` under 13, adaptive sharpness with fewer Monte Carlo
+      draws), which may be many times too small, or that missed ``--target-stderr``.
+
+    Such a value is shown as "not converged", never as a bound or a standard error, and
+    ``compare`` gives no verdict on it. Measures derived from others (``spectral_norm``,
+    ``*_normalised``) inherit the flag.
+    """
 
     value: float
     uncertainty: float
     kind: str  # "bound", "stderr" or "exact"
     hvps: int = 0
+    converged: bool = True
 
     def as_dict(self) -> dict:
         key = "bound" if self.kind in ("bound", "exact") else "stderr"
-        return {"value": self.value, key: self.uncertainty}
+        return {"value": self.value, key: self.uncertainty, "converged": self.converged}
 
 
 @dataclass(frozen=True)
@@ -168,6 +212,16 @@ class SharpnessReport:
     seconds: float
     exact: bool = False
     layers: list[LayerReport] = field(default_factory=list)
+    #: The measures served from ``sharpness.json`` (not computed by this call); see ``flatcli.sharpness``.
+    cached: tuple[str, ...] = ()
+    #: The batch whose statistics define the matrix (SharpnessConfig.bn_batch_size; with
+    #: bn_mode "full" all num_samples); None with running statistics (bn_mode "eval").
+    bn_batch_size: int | None = None
+
+    @property
+    def fully_cached(self) -> bool:
+        """Every measure came from the cache (this call did no Hessian-vector product)."""
+        return bool(self.cached) and set(self.measures) <= set(self.cached)
 
     def as_dict(self) -> dict:
         head = {k: getattr(self, k) for k in ("checkpoint", "dataset", "split", "num_samples", "num_params",
@@ -175,8 +229,11 @@ class SharpnessReport:
                                                "accuracy", "weight_norm")}
         head["include_l2"] = self.l2
         head["exact"] = self.exact
+        head["bn_batch_size"] = self.bn_batch_size
         body = {k: v.as_dict() for k, v in self.measures.items()}
-        tail: dict[str, Any] = {"hvps": self.hvps, "seconds": self.seconds}
+        tail: dict[str, Any] = {"hvps": self.hvps, "seconds": self.seconds, "cached": self.fully_cached}
+        if self.cached and not self.fully_cached:  # some measures from the cache, the rest computed now
+            tail["cached_measures"] = list(self.cached)
         if self.layers:
             tail = {"layers": [layer.as_dict() for layer in self.layers], **tail}
         return {**head, **body, **tail}
@@ -185,26 +242,27 @@ class SharpnessReport:
     def from_dict(cls, d: dict) -> "SharpnessReport":
         """Rebuild a report from :meth:`as_dict` (used by the ``sharpness.json`` cache)."""
         measures = {}
-        for name in MEASURES:
-            if name in d:
-                measures[name] = _measure_from_dict(d[name])
-        for extra in ("spectral_norm",):
-            if extra in d:
-                measures[extra] = _measure_from_dict(d[extra])
+        for name, value in d.items():  # in the document's order (the order they were asked for)
+            if name in MEASURES or name == "spectral_norm":
+                measures[name] = _measure_from_dict(value)
         layers = [LayerReport(x["name"], tuple(x["params"]), x["num_params"],
                               {k: _measure_from_dict(v) for k, v in x.items() if isinstance(v, dict)})
                   for x in d.get("layers", [])]
         return cls(d["checkpoint"], d["dataset"], d["split"], d["num_samples"], d["num_params"], d["curvature"],
                    d["bn_mode"], d["dtype"], d["device"], d["seed"], d["loss"], d["accuracy"], d["weight_norm"],
-                   d.get("include_l2", 0.0), measures, d["hvps"], d["seconds"], d.get("exact", False), layers)
+                   d.get("include_l2", 0.0), measures, d["hvps"], d["seconds"], d.get("exact", False), layers,
+                   tuple(measures) if d.get("cached") is True else tuple(d.get("cached_measures", ())),
+                   bn_batch_size=d.get("bn_batch_size"))
 
 
 def _measure_from_dict(d: dict):
     if "grid" in d:
         return Density(d["grid"], d["values"])
+    # An entry written before the flag existed cannot say: only an exact value is trusted.
+    converged = d.get("converged", "bound" in d and d["bound"] == 0) is True
     if "stderr" in d:
-        return Estimate(d["value"], d["stderr"], "stderr")
-    return Estimate(d["value"], d["bound"], "bound" if d["bound"] else "exact")
+        return Estimate(d["value"], d["stderr"], "stderr", converged=converged)
+    return Estimate(d["value"], d["bound"], "bound" if d["bound"] else "exact", converged=converged)
 
 
 class MeasureContext:
@@ -253,12 +311,9 @@ class MeasureContext:
     def spectrum(self) -> torch.Tensor:
         """Exact eigenvalues (float64, ascending) of the dense matrix."""
         if self._spectrum is None:
-            if self.closed_form:
-                weight, bias = (p.detach() for p in self.model.parameters())
-                h = logistic_regression_hessian(weight.double(), bias.double(),
-                                                self.inputs.flatten(1).double(), self.targets)
-                h = h + self.op.l2 * torch.eye(h.shape[0], dtype=h.dtype)
-            else:
+            # the closed form only for a model verified to be W x.flatten(1) + b
+            h = verified_logistic_regression_hessian(self.op, self.model) if self.closed_form else None
+            if h is None:
                 h = dense_hessian(self.op).double()
             self._spectrum = torch.linalg.eigvalsh(h.cpu())
         return self._spectrum
@@ -295,11 +350,11 @@ def _spectrum_end(ctx: MeasureContext, name: str) -> Estimate:
         return Estimate(float(ctx.spectrum()[-1 if high else 0]), 0.0, "exact")
     if ("lambda_min" if high else "lambda_max") in ctx.config.measures:
         est = ctx.extremes()[1 if high else 0]
-        return Estimate(est.value, est.bound, "bound", est.hvps if high else 0)
+        return Estimate(est.value, est.bound, "bound", est.hvps if high else 0, est.converged)
     c = ctx.config
     est = (lambda_max if high else lambda_min)(ctx.op, tol=c.tol, max_iter=c.max_iter, seed=c.seed,
                                                callback=ctx.lanczos_callback(name))
-    return Estimate(est.value, est.bound, "bound", est.hvps)
+    return Estimate(est.value, est.bound, "bound", est.hvps, est.converged)
 
 
 def _lambda_max(ctx: MeasureContext) -> Estimate:
@@ -313,15 +368,15 @@ def _lambda_min(ctx: MeasureContext) -> Estimate:
 def _trace(ctx: MeasureContext) -> Estimate:
     if ctx.config.exact:
         return Estimate(float(ctx.spectrum().sum()), 0.0, "exact")
-    est = ctx.trace_and_norm()[0]
-    return Estimate(est.value, est.stderr, "stderr", ctx.claim("trace_and_norm", est.hvps))
+    est = ctx.trace_and_norm()[0]  # converged: >= MIN_SAMPLES remainder samples (see Estimate)
+    return Estimate(est.value, est.stderr, "stderr", ctx.claim("trace_and_norm", est.hvps), est.converged)
 
 
 def _frobenius(ctx: MeasureContext) -> Estimate:
     if ctx.config.exact:
         return Estimate(float(ctx.spectrum().pow(2).sum().sqrt()), 0.0, "exact")
     est = ctx.trace_and_norm()[1]
-    return Estimate(est.value, est.stderr, "stderr", ctx.claim("trace_and_norm", est.hvps))
+    return Estimate(est.value, est.stderr, "stderr", ctx.claim("trace_and_norm", est.hvps), est.converged)
 
 
 def _density(ctx: MeasureContext) -> Density:
@@ -339,7 +394,7 @@ def _normalised(base: str) -> Callable[[MeasureContext], Estimate]:
         est = ctx.get(base)
         w2 = ctx.weight_norm ** 2
         hvps = 0 if base in ctx.config.measures else est.hvps  # counted once
-        return Estimate(est.value * w2, est.uncertainty * w2, est.kind, hvps)
+        return Estimate(est.value * w2, est.uncertainty * w2, est.kind, hvps, est.converged)
 
     compute.__doc__ = f"{base} times ||w||^2 (invariant to a global rescaling of a homogeneous model)."
     return compute
@@ -351,7 +406,10 @@ def _adaptive_sharpness(ctx: MeasureContext) -> Estimate:
     c = ctx.config
     est = adaptive_sharpness(ctx.model, ctx.inputs, ctx.targets, rho=c.rho, samples=c.sharpness_samples,
                              seed=c.seed, logit_normalise=c.logit_normalise, batch_size=ctx.op.batch_size)
-    return Estimate(est.value, est.stderr, "stderr")
+    from .curvature.trace import MIN_SAMPLES
+
+    return Estimate(est.value, est.stderr, "stderr",
+                    converged=c.sharpness_samples >= MIN_SAMPLES and math.isfinite(est.stderr))
 
 
 def _relative_flatness(ctx: MeasureContext) -> Estimate:
@@ -392,10 +450,23 @@ PER_LAYER = ("lambda_max", "lambda_min", "trace", "frobenius")
 
 
 def _is_plain_logreg(model: nn.Module) -> bool:
-    params = list(model.parameters())
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    others = [m for m in model.modules() if list(m.children()) == [] and not isinstance(m, (nn.Linear, nn.Flatten))]
-    return len(linears) == 1 and not others and len(params) == 2 and linears[0].bias is not None
+    """A candidate for the closed form: every parameter belongs to one ``nn.Linear``. What
+    the model computes with them is checked later (verified_logistic_regression_hessian)."""
+    return single_linear(model) is not None
+
+
+def non_finite_tensors(model: nn.Module) -> list[str]:
+    """Names of the model's floating-point parameters and buffers holding a NaN or an Inf."""
+    return [name for name, t in (*model.named_parameters(), *model.named_buffers())
+            if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())]
+
+
+def require_finite_weights(model: nn.Module, where: str = "the model") -> None:
+    """Raise :class:`~flatcli.errors.NonFiniteError` naming the tensors with NaN/Inf values."""
+    bad = non_finite_tensors(model)
+    if bad:
+        few = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise NonFiniteError(f"{where} has non-finite weights (NaN or Inf) in {few}: its curvature is undefined")
 
 
 def measure(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: SharpnessConfig, *,
@@ -410,21 +481,28 @@ def measure(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, confi
     The model's device decides where the work runs; ``config.dtype`` its precision.
     """
     start = time.perf_counter()
+    require_finite_weights(model)  # NaN/Inf weights: one clear error, not a LinAlgError from the eigensolver
     dtype = DTYPES[config.dtype]
     device = next(model.parameters()).device
     coeff = l2 if config.include_l2 else 0.0
     widen = max(1, dtype.itemsize // next(model.parameters()).element_size())  # float64 on a float32 model
-    batch = config.batch_size
-    if batch is None and config.bn_mode == "batch":  # the batch sets the statistics: never by device
-        batch = DEFAULT_BATCH
-    bounded = memory_bounded(model, inputs, batch, budget_bytes=int(config.memory_gb * 2**30 / widen))
+    # with batch statistics the batch defines the matrix: never set by device or memory
+    batch = config.bn_batch_size if config.bn_mode == "batch" else config.batch_size
+    bounded = memory_bounded(model, inputs, batch, budget_bytes=int(config.memory_gb * 2**30 / widen),
+                             bn_mode=config.bn_mode)
     op_kwargs = dict(curvature=config.curvature, bn_mode=config.bn_mode, l2=coeff, dtype=dtype, progress=progress,
                      **bounded)
     op = CurvatureOperator(model, inputs, targets, **op_kwargs)
     closed_form = config.exact and config.curvature == "hessian" and _is_plain_logreg(model)
     ctx = MeasureContext(op, config, model, inputs, targets, closed_form, status)
     loss, accuracy = op.loss_and_accuracy()
-    results = {name: ctx.get(name) for name in config.measures}
+    if not math.isfinite(loss):  # e.g. logits that overflow float32: every HVP would be NaN
+        raise NonFiniteError(f"the loss is {loss} at these weights (logits overflow {config.dtype}?): "
+                             "its curvature is undefined")
+    try:
+        results = {name: ctx.get(name) for name in config.measures}
+    except torch.linalg.LinAlgError as exc:  # a non-finite Hessian-vector product reached an eigensolver
+        raise NonFiniteError(f"the curvature is not finite at these weights ({str(exc).splitlines()[0]})") from None
     if "lambda_max" in results and "lambda_min" in results:
         hi, lo = results["lambda_max"], results["lambda_min"]
         results["spectral_norm"] = max((hi, lo), key=lambda e: abs(e.value))
@@ -441,7 +519,8 @@ def measure(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, confi
             hvps += sub.hvps
     return SharpnessReport(checkpoint, dataset, config.split, len(targets), op.num_params, config.curvature,
                            config.bn_mode, config.dtype, str(device), config.seed, loss, accuracy, ctx.weight_norm,
-                           coeff, results, hvps, time.perf_counter() - start, config.exact, layers)
+                           coeff, results, hvps, time.perf_counter() - start, config.exact, layers,
+                           bn_batch_size=len(targets) if config.bn_mode == "full" else config.bn_batch_size)
 
 
 def parameter_groups(model: nn.Module) -> dict[str, list[str]]:

@@ -246,6 +246,7 @@ def measured_rank(
         max_params: refuse (:class:`TooLargeError`) above this P: the dense matrices
             take 3 * 8 P^2 bytes and P data passes.
     """
+    check_rank_options(threshold=threshold)
     p = sum(t.numel() for t in model.parameters())
     need = 3 * 8 * p * p
     if p > max_params:
@@ -405,23 +406,54 @@ def _register_zoo() -> None:
 _register_zoo()
 
 
-def is_linear_model(model: nn.Module) -> bool:
+def is_linear_model(model: nn.Module, inputs: Tensor | None = None) -> bool:
     """True when ``model`` computes an affine function of its input.
 
     Decided from module types (:data:`LINEAR_MODULES`): Sequential, Flatten, Linear and
     Identity, the zoo's logistic regression, and an MLP of depth 0. Any other module
     (activations, convolutions, BatchNorm, custom classes) makes the answer False, which
-    is the safe side: the rank bound is then reported as an approximation.
+    is the safe side: the rank bound is then reported as an approximation. A type only
+    vouches for its class's ``forward``: a forward hook (per module or global) or an
+    instance attribute ``forward`` can compute anything, so either makes it False too.
+    With ``inputs``, the claim is also checked on them (:func:`_affine_on`): a model
+    that is not affine there is not linear, whatever its types say.
 
     >>> is_linear_model(nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.Linear(3, 2)))
     True
     >>> is_linear_model(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
     False
     """
+    from flatcli.curvature.exact import unhooked
+
     for module in model.modules():
         check = LINEAR_MODULES.get(type(module))
         if check is None or not check(module):
             return False
+    if not unhooked(model):
+        return False
+    return inputs is None or _affine_on(model, inputs)
+
+
+def _affine_on(model: nn.Module, inputs: Tensor, samples: int = 8, rtol: float = 1e-9) -> bool:
+    """f(t a + (1 - t) b) = t f(a) + (1 - t) f(b) for t = 0.3 and t = 2 (an affine f),
+    on up to ``samples`` inputs a and seeded Gaussian b, evaluated in float64 on a copy
+    in eval mode; to ``rtol`` of the outputs' size (float64 rounding is ~1e-15)."""
+    import copy
+
+    try:
+        net = copy.deepcopy(model).to(torch.float64).eval()
+        device = next(net.parameters()).device
+        a = inputs[:samples].to(device=device, dtype=torch.float64)
+        b = torch.randn(a.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device)
+        with torch.no_grad():
+            fa, fb = net(a), net(b)
+            scale = float(fa.abs().max() + fb.abs().max()) + 1e-300
+            for t in (0.3, 2.0):
+                gap = net(t * a + (1 - t) * b) - (t * fa + (1 - t) * fb)
+                if not float(gap.abs().max()) <= rtol * (1 + abs(t)) * scale:
+                    return False
+    except (RuntimeError, TypeError, ValueError):
+        return False
     return True
 
 
@@ -586,12 +618,29 @@ class RankReport:
         return doc
 
 
+def check_rank_options(*, threshold: float | None = None, fraction: float = 1e-2, probes: int = 8,
+                       iterations: int = 80) -> None:
+    """Refuse (:class:`UsageError`) options that cannot be right, before any computation:
+    a ``threshold`` or ``fraction`` outside [0, 1) and (0, 1) (NaN included; 1 or more
+    would count no eigenvalue at all), fewer than 1 probe or iteration."""
+    if threshold is not None and not (0 <= threshold < 1):
+        raise UsageError(f"threshold must lie in [0, 1) (a fraction of max |lambda|), got {threshold}")
+    if not (0 < fraction < 1):
+        raise UsageError(f"fraction must lie in (0, 1), got {fraction}")
+    for key, value in (("probes", probes), ("iterations", iterations)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{key} must be a positive integer, got {value!r}")
+
+
 def rank_report(model: nn.Module, inputs: Tensor, targets: Tensor, num_classes: int, *,
                 exact: bool | None = None, threshold: float | None = None, fraction: float = 1e-2,
                 probes: int = 8, iterations: int = 80, seed: int = 0,
                 max_params: int = DEFAULT_MAX_PARAMS) -> RankReport:
     """Bound and rank of ``model``'s Hessian on the data; exact when P <= ``max_params``
-    (or when ``exact`` is True), else an SLQ estimate of the effective rank."""
+    (or when ``exact`` is True), else an SLQ estimate of the effective rank.
+
+    Every option is checked (:func:`check_rank_options`) before anything is computed."""
+    check_rank_options(threshold=threshold, fraction=fraction, probes=probes, iterations=iterations)
     bound = rank_bound(model, num_classes, len(targets))
     use_exact = bound.num_params <= max_params if exact is None else exact
     if exact:  # asked for explicitly: allow twice the default size before refusing
@@ -605,5 +654,5 @@ def rank_report(model: nn.Module, inputs: Tensor, targets: Tensor, num_classes: 
         op = CurvatureOperator(model, inputs, targets, **memory_bounded(model, inputs))
         density = slq_density(op, probes=probes, iterations=iterations, seed=seed)
         measured = estimated_rank(density, bound.num_params, fraction)
-    linear = is_linear_model(model)
+    linear = is_linear_model(model, inputs)
     return RankReport(bound, measured, rank_statement(bound, measured, linear), linear)

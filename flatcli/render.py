@@ -28,6 +28,9 @@ _MEASURE_LABELS = {
 
 
 def _uncertainty(estimate) -> str:
+    if not getattr(estimate, "converged", True):  # the number is no bound and no standard error
+        what = "residual" if estimate.kind == "bound" else "s.e."
+        return f"not converged ({what} {estimate.uncertainty:.2g})"
     if estimate.kind == "exact":
         return "exact"
     sign = "<=" if estimate.kind == "bound" else "±"
@@ -70,8 +73,13 @@ def layers_table(report) -> Table:
         table.add_column(_MEASURE_LABELS.get(m, m), justify="right")
     for layer in report.layers:
         table.add_row(layer.name, str(layer.num_params),
-                      *[f"{layer.measures[m].value:.4g}" for m in names])
+                      *[_value(layer.measures[m]) for m in names])
     return table
+
+
+def _value(estimate) -> str:
+    """A value for a table without an uncertainty column, marked when not converged."""
+    return f"{estimate.value:.4g}" + ("" if getattr(estimate, "converged", True) else " (not converged)")
 
 
 def density_histogram(grid, values, bins: int = 24, width: int = 40) -> str:
@@ -104,7 +112,7 @@ def sweep_table(rows, layers: str = "all") -> Table:
         table.add_column(_MEASURE_LABELS.get(name, name), justify="right")
     for row in rows:
         table.add_row(f"{row.scale:g}", f"{row.weight_norm:.4g}", f"{row.loss:.4g}", f"{row.accuracy:.2%}",
-                      *[f"{row.measures[n].value:.4g}" for n in names])
+                      *[_value(row.measures[n]) for n in names])
     return table
 
 
@@ -168,6 +176,8 @@ def comparison_table(comparison) -> Table:
                 continue
             est = r.measures[m]
             unc = f" ± {est.uncertainty:.2g}" if est.uncertainty else ""
+            if not getattr(est, "converged", True):
+                unc = " not converged"
             cells.append(f"{est.value:.4g}{unc} ({q.get(m, float('nan')):.2f}x)")
         table.add_row(MEASURE_ORDER.get(m, m), *cells)
     return table

@@ -1,28 +1,39 @@
 """Sharpness of a saved model: load a checkpoint and its data, measure, cache.
 
 :func:`sharpness` is what ``flatcli sharpness`` and ``flatcli compare`` call. A run
-directory keeps its results in ``sharpness.json``, keyed by the settings, the data and
-the checkpoint's content hash, so that a second request with the same settings (say from
-``compare``) costs nothing; ``use_cache=False`` recomputes.
+directory keeps its results in ``sharpness.json``, one per measure, keyed by the settings,
+the exact data measured (sha256 of inputs and labels), the device, the code and the
+checkpoint's content hash, so that a second request for measures already measured with the
+same settings (say from ``compare``; a subset, in any order) computes nothing and gives the
+same numbers; ``use_cache=False`` recomputes. See :class:`ResultCache`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import time
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import CheckpointInfo, atomic_write_text, load_checkpoint, resolve_checkpoint_path
-from .data import load_dataset
-from .errors import CheckpointError, DataError
-from .measures import SharpnessConfig, SharpnessReport, file_digest, measure
+from .checkpoint import MODEL_FILE, CheckpointInfo, atomic_write_text, load_checkpoint, resolve_checkpoint_path
+from . import data as _data
+from .data import DATASETS, tensor_digest
+from .errors import CheckpointError, DataError, NonFiniteError
+from .measures import PER_LAYER, LayerReport, SharpnessConfig, SharpnessReport, measure, non_finite_tensors
 from .training import resolve_device
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: writes stay atomic, concurrent writers may lose an entry
+    fcntl = None
 
 CACHE_FILE = "sharpness.json"
 
@@ -78,16 +89,85 @@ def import_factory(spec: str) -> Callable[[], nn.Module]:
 def load_point(path: str | os.PathLike, *, split: str = "train", samples: int | None = None,
                dataset: str | None = None, data_dir: str | None = None, device: str = "auto",
                model_factory: str | Callable[[], nn.Module] | None = None, download: bool = False) -> MeasuredPoint:
-    """Load a checkpoint and the (unaugmented) data it is to be measured on."""
+    """Load a checkpoint and the (unaugmented) data it is to be measured on.
+
+    Refused here, before any measurement, with one clear error: NaN or Inf weights
+    (:class:`~flatcli.errors.NonFiniteError`), and a data set whose inputs do not have the
+    checkpoint's input shape, or whose labels the model has no output for
+    (:class:`~flatcli.errors.DataError`). Measuring on another data set of the same shape
+    than the checkpoint's is allowed, with a warning.
+    """
     factory = import_factory(model_factory) if isinstance(model_factory, str) else model_factory
-    model, info = load_checkpoint(path, model_factory=factory)
-    name = dataset or info.dataset.get("name")
+    with warnings.catch_warnings(record=True) as caught:  # its NaN warning becomes the error below
+        warnings.simplefilter("always")
+        model, info = load_checkpoint(path, model_factory=factory)
+    bad = non_finite_tensors(model)
+    if bad:
+        few = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise NonFiniteError(f"{info.path} has non-finite weights (NaN or Inf) in {few}: its curvature is undefined",
+                             hint="measure an earlier checkpoint, or retrain with a smaller learning rate")
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    meta = info.dataset if isinstance(info.dataset, dict) else {}
+    trained_on = meta.get("name") if isinstance(meta.get("name"), str) else None
+    name = dataset or trained_on
     if not name:
         raise DataError("the checkpoint does not say which data set it was trained on", hint="pass --dataset")
-    data = load_dataset(name, split, data_dir, download=download, samples=samples)
-    x, y = data.tensors
+    expected = _shape(meta.get("input_shape"))
+    if expected is not None and name in DATASETS and DATASETS[name].input_shape != expected:  # before loading it
+        raise _shape_error(name, DATASETS[name].input_shape, expected, trained_on)
+    x, y = _data.load_dataset(name, split, data_dir, download=download, samples=samples).tensors
+    if expected is not None and tuple(x.shape[1:]) != expected:
+        raise _shape_error(name, tuple(x.shape[1:]), expected, trained_on)
+    if trained_on and name != trained_on:
+        warnings.warn(f"measuring on {name}, but the checkpoint was trained on {trained_on}", stacklevel=2)
     model = model.to(resolve_device(device))
+    _check_model_takes(model, x, y, name)
     return MeasuredPoint(model, info, x, y, name)
+
+
+def _shape(value) -> tuple[int, ...] | None:
+    """The checkpoint's ``input_shape`` as a tuple, None when absent or malformed."""
+    if not isinstance(value, (list, tuple)) or not value:
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return None
+    return tuple(value)
+
+
+def _shape_error(name: str, got: tuple[int, ...], expected: tuple[int, ...], trained_on: str | None) -> DataError:
+    def fmt(shape):
+        return "x".join(map(str, shape))
+
+    origin = f" ({trained_on})" if trained_on else ""
+    return DataError(f"{name} has inputs of shape {fmt(got)}, but the checkpoint takes {fmt(expected)}{origin}",
+                     hint=f"measure it on a data set of shape {fmt(expected)}" + (
+                         f", e.g. --dataset {trained_on}" if trained_on else ""))
+
+
+def _check_model_takes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str) -> None:
+    """One forward pass on one image: the model takes the data and has an output for every label."""
+    if len(x) == 0:
+        raise DataError(f"{name} has no samples")
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    try:
+        with torch.no_grad():
+            out = model(x[:1].to(device))
+    except RuntimeError as exc:  # a model (--model-factory) that does not fit the data's shape
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"the model cannot take {name}'s inputs of shape {tuple(x.shape[1:])}: {text}") from None
+    if out.ndim != 2:
+        raise DataError(f"the model gives outputs of shape {tuple(out.shape[1:])} per image, not one logit per class")
+    top = int(y.max())
+    if top >= out.shape[1]:
+        raise DataError(f"{name} has labels up to {top}, but the model has only {out.shape[1]} outputs")
+
+
+def cache_file(path: str | os.PathLike) -> Path | None:
+    """The ``sharpness.json`` of a run directory (or of its ``model.safetensors``); None for another file."""
+    ckpt = resolve_checkpoint_path(path)
+    return ckpt.parent / CACHE_FILE if ckpt.name == MODEL_FILE else None
 
 
 def sharpness(path: str | os.PathLike, config: SharpnessConfig | None = None, *, dataset: str | None = None,
@@ -95,33 +175,262 @@ def sharpness(path: str | os.PathLike, config: SharpnessConfig | None = None, *,
               model_factory: str | Callable[[], nn.Module] | None = None, use_cache: bool = True,
               progress: Callable[[int], None] | None = None,
               status: Callable[[str], None] | None = None) -> SharpnessReport:
-    """Measure the curvature of a checkpoint (file or run directory); see ``measures``."""
+    """Measure the curvature of a checkpoint (file or run directory); see ``measures``.
+
+    A run directory keeps each measure's result in ``sharpness.json`` (see
+    :class:`ResultCache`), keyed by everything that decides its numbers. Measures found
+    there are not computed again (``report.cached`` names them); ``use_cache=False``
+    recomputes every one. The cache never costs the result: one that cannot be read or
+    written is a warning.
+    """
+    start = time.perf_counter()
     config = config or SharpnessConfig()
     ckpt = resolve_checkpoint_path(path)
     point = load_point(ckpt, split=config.split, samples=config.samples, dataset=dataset, data_dir=data_dir,
                        device=device, model_factory=model_factory)
-    cache = ckpt.parent / CACHE_FILE if ckpt.name == "model.safetensors" else None
-    # The version is part of the key: a release may change an estimator (0.2.0: block Krylov
-    # Hutch++), and a cached result must come from the code that would compute it now.
-    key = json.dumps({"flatcli": __version__, "config": json.loads(config.key()), "dataset": point.dataset,
-                      "device": str(
-        next(point.model.parameters()).device), "checkpoint": file_digest(ckpt)}, sort_keys=True)
-    if use_cache and cache is not None:
-        hit = _read_cache(cache).get(key)
-        if hit is not None:
-            return SharpnessReport.from_dict(hit)
-    l2 = float(point.info.train.get("l2", 0.0) or 0.0)
-    report = measure(point.model, point.inputs, point.targets, config, l2=l2, progress=progress, status=status,
-                     checkpoint=str(ckpt), dataset=point.dataset)
-    if cache is not None:
-        entries = _read_cache(cache)
-        entries[key] = report.as_dict()
-        atomic_write_text(cache, json.dumps({"entries": entries}))
-    return report
+    cache = ResultCache(ckpt.parent / CACHE_FILE) if ckpt.name == MODEL_FILE else None
+    l2 = float(point.info.train.get("l2", 0.0) or 0.0) if isinstance(point.info.train, dict) else 0.0
+
+    def run(cfg: SharpnessConfig) -> SharpnessReport:
+        return measure(point.model, point.inputs, point.targets, cfg, l2=l2, progress=progress, status=status,
+                       checkpoint=str(ckpt), dataset=point.dataset)
+
+    if cache is None:
+        return run(config)
+    key = cache_key(point, config)
+    wanted = {name: measure_slot(name, config) for name in _with_implied(config.measures)}
+    found = cache.lookup(key, wanted, config) if use_cache else None
+    if found is not None and found.hits == set(wanted):  # all from the cache: no model evaluation
+        report = found.report(ckpt, point.dataset, config)
+        return replace(report, hvps=0, seconds=time.perf_counter() - start, cached=tuple(report.measures))
+    todo = _to_compute(config, wanted, found.hits if found is not None else set())
+    computed = run(replace(config, measures=todo))
+    cache.store(key, computed, config)
+    if found is None or not found.hits:
+        return computed
+    return _merge(computed, found.report(ckpt, point.dataset, config, only=found.hits), config,
+                  seconds=time.perf_counter() - start)
 
 
-def _read_cache(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text()).get("entries", {})
-    except (OSError, json.JSONDecodeError, AttributeError):
+# --- the sharpness.json cache ------------------------------------------------------------
+
+#: Version of the cache file's layout; a file of another layout is read as empty.
+CACHE_FORMAT = 2
+
+#: Measures whose numbers depend on which members of their group are asked for together
+#: (one Lanczos run for both ends of the spectrum; one Hutch++ run for trace and
+#: Frobenius norm, whose adaptive top-up follows the targets asked for).
+_WORK_GROUPS: dict[str, tuple[str, ...]] = {
+    "lambda_max": ("lambda_max", "lambda_min"), "lambda_min": ("lambda_max", "lambda_min"),
+    "lambda_max_normalised": ("lambda_max", "lambda_min"), "spectral_norm": ("lambda_max", "lambda_min"),
+    "trace": ("trace", "frobenius"), "frobenius": ("trace", "frobenius"),
+    "trace_normalised": ("trace", "frobenius"),
+}
+
+
+def _with_implied(measures: tuple[str, ...]) -> tuple[str, ...]:
+    """The measures a report holds: those asked for, then spectral_norm when both ends are."""
+    implied = ("spectral_norm",) if {"lambda_max", "lambda_min"} <= set(measures) else ()
+    return (*measures, *implied)
+
+
+def measure_slot(name: str, config: SharpnessConfig) -> str:
+    """Where measure ``name`` of a request ``config`` is cached: its name, plus the measures
+    asked for with it that share its work when that changes its numbers.
+
+    lambda_max asked for with lambda_min comes from their shared Lanczos run, which stops
+    when both ends converge, so it differs (within tol) from lambda_max measured alone:
+    the two live in different slots (``lambda_max@lambda_max+lambda_min`` and
+    ``lambda_max@lambda_max``). Trace and Frobenius norm share their products; their
+    numbers depend on which of them is asked for only through ``target_stderr``. Exact
+    values (one dense spectrum) and the other measures depend on nothing but the settings.
+    """
+    group = _WORK_GROUPS.get(name)
+    if group is None or config.exact or (group == ("trace", "frobenius") and config.target_stderr is None):
+        return name
+    return f"{name}@{'+'.join(m for m in group if m in config.measures)}"
+
+
+def _to_compute(config: SharpnessConfig, wanted: dict[str, str], hits: set[str]) -> tuple[str, ...]:
+    """The measures to compute so that every missing one gets the numbers the whole request would:
+    the missing ones, with every asked-for member of a work group that has a missing one."""
+    missing = set(wanted) - hits
+    groups = {_WORK_GROUPS[m] for m in missing if m in _WORK_GROUPS}
+    return tuple(m for m in config.measures if m in missing or any(m in g for g in groups))
+
+
+def cache_key(point: MeasuredPoint, config: SharpnessConfig) -> str:
+    """What decides a result besides the measure: the code, every setting but the list of
+    measures, the exact data measured (sha256 of the inputs and labels after subsetting),
+    the device, the model and the checkpoint's content (sha256)."""
+    settings = asdict(config)
+    del settings["measures"]
+    first = next(iter(point.model.parameters()), None)
+    return json.dumps({
+        "format": CACHE_FORMAT, "flatcli": __version__, "torch": torch.__version__, "config": settings,
+        "dataset": point.dataset, "data": tensor_digest(point.inputs, point.targets),
+        "device": str(first.device) if first is not None else "cpu",
+        "checkpoint": _sha256(point.info.path), "model": repr(point.model),
+    }, sort_keys=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_NOT_HEAD = ("layers", "hvps", "seconds", "cached", "cached_measures")
+
+
+@dataclass
+class _Found:
+    """What the cache holds of one request: the head (loss, accuracy, ...) and the slots found."""
+
+    head: dict
+    layers: list
+    slots: dict[str, dict]  # measure name -> {"result": ..., "layers": [...]}
+    hits: set[str]
+
+    def report(self, ckpt: Path, dataset: str, config: SharpnessConfig, only: set[str] | None = None
+               ) -> SharpnessReport:
+        names = [m for m in _with_implied(config.measures) if only is None or m in only]
+        doc = {**self.head, "checkpoint": str(ckpt), "dataset": dataset}
+        doc.update({m: self.slots[m]["result"] for m in names})
+        if config.per_layer:
+            doc["layers"] = [{**skeleton, **{m: self.slots[m]["layers"][i] for m in names if m in PER_LAYER}}
+                             for i, skeleton in enumerate(self.layers)]
+        doc.update(hvps=0, seconds=0.0, cached=True)
+        return SharpnessReport.from_dict(doc)
+
+
+class ResultCache:
+    """``sharpness.json`` of one run: per measure results, keyed by :func:`cache_key` and
+    :func:`measure_slot`.
+
+    Layout: ``{"format": 2, "entries": {KEY: {"head": {...}, "layers": [...],
+    "measures": {SLOT: {"result": {...}, "layers": [...]}}}}}``. Every write is a
+    read-modify-write under an exclusive ``fcntl.flock`` of ``sharpness.json.lock`` and an
+    atomic replace, so concurrent processes keep every entry and a killed one leaves the
+    old file. A file that cannot be read, parsed or written, or that has the wrong shape,
+    costs one warning (per instance) and is treated as empty, then replaced on the next write.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self._warned = False
+
+    def _warn(self, text: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(text, stacklevel=3)
+
+    def read(self) -> dict[str, dict]:
+        """The entries; {} for a missing, unreadable, corrupt or older-layout file."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            self._warn(f"cannot read {self.path} ({exc.strerror or exc}); measuring without it")
+            return {}
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return self._corrupt("not JSON")
+        if not isinstance(doc, dict) or not isinstance(doc.get("entries"), dict):
+            return self._corrupt(f"a {type(doc).__name__}, not an object with entries"
+                                 if not isinstance(doc, dict) else "its entries are not an object")
+        if not all(isinstance(v, dict) for v in doc["entries"].values()):
+            return self._corrupt("an entry is not an object")
+        if doc.get("format") != CACHE_FORMAT:  # written by an older flatcli: recomputed, then replaced
+            return {}
+        return doc["entries"]
+
+    def _corrupt(self, why: str) -> dict:
+        self._warn(f"{self.path} is corrupt ({why}); ignoring it (it is replaced on the next write)")
         return {}
+
+    def lookup(self, key: str, wanted: dict[str, str], config: SharpnessConfig) -> _Found | None:
+        """The cached head and the slots of ``wanted`` (measure -> slot) that are present."""
+        entry = self.read().get(key)
+        if entry is None:
+            return None
+        head, layers, slots = entry.get("head"), entry.get("layers"), entry.get("measures")
+        if not (isinstance(head, dict) and isinstance(layers, list) and isinstance(slots, dict)):
+            self._corrupt("an entry lacks head, layers or measures")
+            return None
+        found = {}
+        for name, slot in wanted.items():
+            value = slots.get(slot)
+            if not (isinstance(value, dict) and isinstance(value.get("result"), dict)):
+                continue
+            if config.per_layer and name in PER_LAYER and not (
+                    isinstance(value.get("layers"), list) and len(value["layers"]) == len(layers)):
+                continue
+            found[name] = value
+        result = _Found(head, layers, found, set(found))
+        try:  # a well-formed file whose values are not what a report holds is as good as corrupt
+            result.report(Path("."), "", config, only=result.hits)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            self._corrupt(f"unusable entry: {type(exc).__name__} {exc}")
+            return None
+        return result
+
+    def store(self, key: str, report: SharpnessReport, config: SharpnessConfig) -> bool:
+        """Add ``report``'s measures (computed with ``config``); False (and a warning) if it cannot be written."""
+        doc = report.as_dict()
+        names = list(_with_implied(tuple(m for m in config.measures if m in report.measures)))
+        slots = {}
+        for name in names:
+            slot = {"result": doc[name]}
+            if config.per_layer and name in PER_LAYER:
+                slot["layers"] = [layer[name] for layer in doc.get("layers", [])]
+            slots[measure_slot(name, config)] = slot
+        head = {k: v for k, v in doc.items() if k not in report.measures and k not in _NOT_HEAD}
+        layers = [{k: x[k] for k in ("name", "params", "num_params")} for x in doc.get("layers", [])]
+        return self.update(key, head, layers, slots)
+
+    def update(self, key: str, head: dict, layers: list, slots: dict[str, dict]) -> bool:
+        """Locked read-modify-write of one entry: set its head and layers, add ``slots``."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            return self._cannot_write(exc)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            entries = self.read()
+            entry = entries.get(key)
+            old = entry.get("measures") if isinstance(entry, dict) else None
+            entries[key] = {"head": head, "layers": layers, "measures": {**(old if isinstance(old, dict) else {}),
+                                                                         **slots}}
+            atomic_write_text(self.path, json.dumps({"format": CACHE_FORMAT, "entries": entries}))
+            return True
+        except OSError as exc:  # a read-only folder, a full disk: the result is still returned
+            return self._cannot_write(exc)
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _cannot_write(self, exc: OSError) -> bool:
+        self._warn(f"could not write {self.path} ({exc.strerror or exc}); the result is not cached")
+        return False
+
+
+def _merge(computed: SharpnessReport, cached: SharpnessReport, config: SharpnessConfig, *, seconds: float
+           ) -> SharpnessReport:
+    """One report, in the order asked for, of measures computed now and measures from the cache."""
+    names = _with_implied(config.measures)
+
+    def pick(name):
+        return computed.measures[name] if name in computed.measures else cached.measures[name]
+
+    layers = [LayerReport(now.name, now.params, now.num_params,
+                          {m: (now.measures[m] if m in now.measures else old.measures[m])
+                           for m in config.measures if m in PER_LAYER})
+              for now, old in zip(computed.layers, cached.layers)] if config.per_layer else computed.layers
+    return replace(computed, measures={m: pick(m) for m in names}, layers=layers, seconds=seconds,
+                   cached=tuple(m for m in names if m not in computed.measures))

@@ -19,16 +19,24 @@ Schedules are ``torch.optim.lr_scheduler.LambdaLR`` factors stepped once per epo
 averaging uses ``torch.optim.swa_utils.AveragedModel`` (arithmetic mean, one snapshot per
 epoch from ``average_from``) and ``update_bn`` to recompute BatchNorm statistics over the
 training set (Izmailov et al. 2018; Granziol et al., Gadam).
+
+A run folder is written by one process at a time (a lock), holds only flatcli's files,
+and is replaced by ``--overwrite`` only once the new run is complete (see
+:func:`_run_folder`); a resumed run is held to the options stored with its state.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import math
+import os
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,11 +45,12 @@ from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 from . import __version__
-from .checkpoint import (LAST_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE, atomic_write_text, load_state_file,
+from .checkpoint import (LAST_FILE, LOCK_FILE, METRICS_FILE, MODEL_FILE, RUN_FILES, STAGING_DIR, STATE_FILE,
+                         TRAIN_FILES, atomic_write_text, is_run_file, load_state_file, remove_temporaries,
                          save_checkpoint, save_state)
-from .config import TrainConfig
+from .config import TrainConfig, contradiction
 from .data import augment_batch, get_spec, load_dataset
-from .errors import RunExistsError, UsageError, UnknownNameError
+from .errors import CheckpointError, OutputError, RunExistsError, UsageError, UnknownNameError
 from .models import build_model, resolve_kwargs
 
 OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], TrainConfig], torch.optim.Optimizer]] = {
@@ -72,15 +81,27 @@ SCHEDULES: dict[str, Callable[[TrainConfig], Callable[[int], float]]] = {
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU."""
+    """``auto`` is CUDA when available, else the CPU; any other device must exist here.
+
+    A device is tried by allocating an empty tensor on it, which is what fails later
+    (``mps`` on Linux, ``cuda:3`` on a one-GPU machine) if it is not checked now.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is available")
+        raise UsageError("--device cuda was asked for but no CUDA device is available", hint="use --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
-        raise UnknownNameError(f"unknown device {name!r}", hint="use auto, cpu or cuda") from None
+        raise UsageError(f"unknown device {name!r}", hint="use auto, cpu or cuda") from None
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        why = f" ({text})" if len(text) <= 80 else ""  # torch's dispatcher message runs to a page
+        raise UsageError(f"--device {name} is not available on this machine{why}",
+                         hint="use auto, cpu or cuda") from None
+    return device
 
 
 @dataclass(frozen=True)
@@ -192,64 +213,289 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
-def prepare_run_dir(config: TrainConfig) -> Path:
-    """Choose and check the run directory; never clobber a run unless asked."""
-    if config.out is None:
-        base = Path("runs") / f"{config.dataset}-{config.model}-{config.recipe or config.optimizer}-s{config.seed}"
-        out, k = base, 2
-        while out.exists() and not config.resume:
-            out, k = base.with_name(f"{base.name}-{k}"), k + 1
-    else:
-        out = Path(config.out)
+def default_run_dir(config: TrainConfig) -> Path:
+    """``runs/DATASET-MODEL-OPTIMIZER-sSEED`` (a ``-2``, ``-3``... suffix for a new run when taken)."""
+    base = Path("runs") / f"{config.dataset}-{config.model}-{config.recipe or config.optimizer}-s{config.seed}"
+    out, k = base, 2
+    while out.exists() and not config.resume:
+        out, k = base.with_name(f"{base.name}-{k}"), k + 1
+    return out
+
+
+def _plan(out: Path, config: TrainConfig) -> str:
+    """What training into ``out`` will do: ``fresh``, ``resume`` or ``overwrite``; refuse otherwise.
+
+    A folder holding anything that is not flatcli's own (:func:`is_run_file`) is never
+    written into, so that no ``--out`` (``.`` included) can cost a user's file.
+    """
     if out.exists() and not out.is_dir():
         raise RunExistsError(f"--out {out} is a file, not a run directory")
-    has_run = out.is_dir() and any(out.iterdir())
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if config.resume:
         if not (out / STATE_FILE).is_file():
             why = "it is already complete" if (out / MODEL_FILE).is_file() else "it holds no resumable state"
             raise RunExistsError(f"cannot resume {out}: {why}")
-    elif has_run:
+        return "resume"
+    foreign = [n for n in names if not is_run_file(n)]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise RunExistsError(f"{out} holds files that are not a flatcli run's: {shown}",
+                             hint="choose another --out; --overwrite replaces only a run's own files")
+    if any(n in RUN_FILES for n in names):
         if not config.overwrite:
-            raise RunExistsError(f"{out} already holds a run", hint="pass --overwrite to replace it, --resume to continue it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+            raise RunExistsError(f"{out} already holds a run",
+                                 hint="pass --overwrite to replace it, --resume to continue it")
+        return "overwrite"
+    return "fresh"
+
+
+def _make_dirs(out: Path) -> list[Path]:
+    """Create ``out`` and its missing parents; return those created, innermost first."""
+    missing = []
+    for folder in [out, *out.parents]:
+        if folder.exists():
+            break
+        missing.append(folder)
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)
+    return missing
+
+
+class _RunLock:
+    """An exclusive, non-blocking ``flock`` on ``DIR/.flatcli.lock``, removed on release.
+
+    The file is unlinked while still locked; a process that opened it just before then
+    finds that the path no longer names the inode it locked, and tries again, so two
+    processes never both hold the lock of one folder.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK_FILE
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_pid(fd)
+                os.close(fd)
+                raise RunExistsError(f"{folder} is in use: another flatcli train{holder} is writing to it",
+                                     hint="wait for it to finish, or choose another --out") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self.fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(self.fd)
+        self.fd = None
+
+
+def _read_pid(fd: int) -> str:
+    try:
+        pid = os.pread(fd, 32, 0).decode().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+@dataclass
+class _RunFolder:
+    out: Path  # the run folder
+    work: Path  # where this process writes: ``out``, or its staging folder for --overwrite
+    mode: str
+
+
+@contextlib.contextmanager
+def _run_folder(config: TrainConfig) -> Iterator[_RunFolder]:
+    """Check, create and lock the run folder; on success put the new run in place.
+
+    ``--overwrite`` trains into ``DIR/.flatcli-staging`` and only at the end moves each
+    file over the old one (``os.replace``) and deletes the old run's files the new run
+    lacks, so an error, Ctrl-C or kill during the new run leaves the old run whole. A
+    staging folder that such a kill left behind is discarded by the next train into the
+    folder (``--resume`` included: it continues the old run, if that one was unfinished).
+    A run that fails before its first epoch is saved removes the folders it created;
+    after that its ``resume.safetensors`` stays, for ``--resume``.
+    """
+    out = Path(config.out) if config.out is not None else default_run_dir(config)
+    lock, created, done = None, [], False
+    folder = None
+    try:
+        _plan(out, config)  # refuse before creating or locking anything
+        created = _make_dirs(out)
+        lock = _RunLock(out)
+        mode = _plan(out, config)  # again, under the lock: another process may have finished meanwhile
+        shutil.rmtree(out / STAGING_DIR, ignore_errors=True)
+        remove_temporaries(out)
+        folder = _RunFolder(out, out / STAGING_DIR if mode == "overwrite" else out, mode)
+        if mode == "overwrite":
+            folder.work.mkdir()
+        yield folder
+        if mode == "overwrite":
+            _swap_in(folder.work, out)
+        remove_temporaries(out)
+        done = True
+    except OSError as exc:
+        raise _write_error(exc, out, folder) from None
+    finally:
+        if lock is not None and not done:
+            if folder is not None and folder.mode == "overwrite":
+                shutil.rmtree(folder.work, ignore_errors=True)
+            if folder is not None:
+                with contextlib.suppress(OSError):
+                    remove_temporaries(out)
+            if created and not (out / STATE_FILE).exists():
+                for name in TRAIN_FILES:
+                    with contextlib.suppress(OSError):
+                        (out / name).unlink(missing_ok=True)
+                lock.release()
+                for path in created:  # innermost first; a folder someone else wrote into stays
+                    with contextlib.suppress(OSError):
+                        path.rmdir()
+        if lock is not None:
+            lock.release()
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Move the new run's files over the old ones, ``model.safetensors`` last, then drop the old extras."""
+    remove_temporaries(staging)
+    new = sorted((p.name for p in staging.iterdir()), key=lambda name: name == MODEL_FILE)
+    for name in new:
+        os.replace(staging / name, out / name)
+    for name in RUN_FILES:
+        if name not in new:
+            (out / name).unlink(missing_ok=True)
+    staging.rmdir()
+
+
+def _write_error(exc: OSError, out: Path, folder: _RunFolder | None) -> OutputError:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if folder is None:
+        message = f"cannot create or lock the run folder {out}: {reason}"
+    else:
+        message = f"cannot write the run in {out}: {reason}" + (
+            "; the old run is kept" if folder.mode == "overwrite" else "")
+    if exc.errno == errno.ENOSPC:
+        hint = "free some disk space, or choose another --out"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "the folder is not writable: choose another --out"
+    else:
+        hint = None
+    return OutputError(message, hint=hint)
+
+
+def read_run_options(out: str | os.PathLike) -> dict | None:
+    """The options an unfinished run in ``out`` was started with (None if its state predates them)."""
+    out = Path(out)
+    _plan(out, TrainConfig(resume=True))
+    options = load_state_file(out / STATE_FILE, tensors=False).get("options")
+    return options if isinstance(options, dict) else None
+
+
+def _check_resume(options: dict, state: dict, config: TrainConfig) -> None:
+    """Refuse to continue a run with options other than its own (``epochs`` may change).
+
+    ``epochs`` may change when the learning rates of the epochs already run do not
+    depend on it: the schedule's factors for epochs ``0..done`` must be unchanged (the
+    factor after epoch ``done`` is already in the saved optimiser). A cosine schedule
+    therefore fixes the epochs; ``constant`` and ``paper`` with averaging do not.
+    """
+    done = state.get("epoch")
+    stored = state.get("options")
+    if not isinstance(done, int) or not isinstance(state.get("history"), list):
+        raise CheckpointError(f"{config.out / STATE_FILE} is not a flatcli training state")
+    problems = []
+    if isinstance(stored, dict):
+        for key, value in options.items():
+            if key in ("epochs", "device") or key not in stored or stored[key] == value:
+                continue
+            if key == "model_kwargs" and isinstance(stored[key], dict):
+                problems += [contradiction(k, v, stored[key].get(k)) for k, v in value.items()
+                             if stored[key].get(k) != v]
+            else:
+                problems.append(contradiction(key, value, stored[key]))
+    if config.epochs < done:
+        problems.append(f"--epochs {config.epochs} is fewer than the {done} epochs the run has done")
+    elif isinstance(stored, dict) and not problems and isinstance(stored.get("epochs"), int) \
+            and stored["epochs"] != config.epochs:
+        before = replace(config, epochs=stored["epochs"])  # all else is equal (no problems above)
+        old_f, new_f = SCHEDULES[config.schedule](before), SCHEDULES[config.schedule](config)
+        if any(old_f(e) != new_f(e) for e in range(done + 1)):
+            problems.append(contradiction("epochs", config.epochs, stored["epochs"])
+                            + f": the {config.schedule} schedule of the {done} epochs already run depends on it")
+    if problems:
+        raise UsageError("; ".join(problems), hint="--resume alone continues the run with its own options")
 
 
 def train(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> TrainResult:
-    """Train ``config.model`` on ``config.dataset`` and save the run; see the module doc."""
+    """Train ``config.model`` on ``config.dataset`` and save the run; see the module doc.
+
+    Every option is checked, the model built and the data loaded before the run folder
+    is touched; the folder is then locked for the whole run (see :func:`_run_folder`).
+    """
     cb = callbacks or TrainCallbacks()
     device = resolve_device(config.device)
     spec = get_spec(config.dataset)
     kwargs = resolve_kwargs(config.model, **config.model_kwargs)
+    if config.optimizer not in OPTIMIZERS:
+        _unknown("optimizer", config.optimizer, OPTIMIZERS)
+    if config.schedule not in SCHEDULES:
+        _unknown("schedule", config.schedule, SCHEDULES)
+    augment = spec.augment_by_default if config.augment is None else config.augment
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, input_shape=spec.input_shape, num_classes=spec.num_classes, **kwargs)
     train_set = load_dataset(config.dataset, "train", config.data_dir, download=config.download,
                              samples=config.train_samples)
     test_set = load_dataset(config.dataset, "test", config.data_dir, download=config.download)
-    out = prepare_run_dir(config)
+    #: What the run is (not where it is written): stored with its resume state, recorded in its checkpoints.
+    options = {**config.recorded(), "model_kwargs": kwargs, "augment": augment}
 
+    with _run_folder(config) as run:
+        try:
+            return _train_in(run, config, options, model, spec, device, augment, train_set, test_set, cb)
+        except OSError as exc:
+            raise _write_error(exc, run.out, run) from None
+
+
+def _train_in(run: _RunFolder, config: TrainConfig, options: dict, model: nn.Module, spec, device: torch.device,
+              augment: bool, train_set, test_set, cb: TrainCallbacks) -> TrainResult:
+    out = run.work
     x_train, y_train = (t.to(device) for t in train_set.tensors)
     x_test, y_test = test_set.tensors
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, input_shape=spec.input_shape, num_classes=spec.num_classes, **kwargs).to(device)
-    optimizer = OPTIMIZERS[config.optimizer](list(model.parameters()), config) if config.optimizer in OPTIMIZERS \
-        else _unknown("optimizer", config.optimizer, OPTIMIZERS)
-    if config.schedule not in SCHEDULES:
-        _unknown("schedule", config.schedule, SCHEDULES)
+    model = model.to(device)
+    optimizer = OPTIMIZERS[config.optimizer](list(model.parameters()), config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, SCHEDULES[config.schedule](config))
     averaged = AveragedModel(model) if config.average_from else None
-    augment = spec.augment_by_default if config.augment is None else config.augment
 
     history: list[EpochRecord] = []
     start_epoch, elapsed = 0, 0.0
-    if config.resume:
+    if run.mode == "resume":
         state = load_state_file(out / STATE_FILE)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if averaged is not None:
-            averaged.load_state_dict(state["averaged"])
-        start_epoch, elapsed = state["epoch"], state["elapsed"]
-        history = [EpochRecord(**r) for r in state["history"]]
+        _check_resume(options, state, replace(config, out=run.out))
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if averaged is not None:
+                averaged.load_state_dict(state["averaged"])
+            history = [EpochRecord(**r) for r in state["history"]]
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{out / STATE_FILE} does not match this run's model and optimiser "
+                                  f"({_first_line(exc)})", hint="was it made by another flatcli version?") from None
+        start_epoch, elapsed = state["epoch"], float(state.get("elapsed", 0.0))
 
     n_batches = math.ceil(len(y_train) / config.batch_size)
     cb.on_start(start_epoch, config.epochs, n_batches)
@@ -270,16 +516,15 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> Train
         save_state(out / STATE_FILE, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "averaged": averaged.state_dict() if averaged else None,
-            "epoch": epoch, "elapsed": elapsed, "history": [r.__dict__ for r in history]})
+            "epoch": epoch, "elapsed": elapsed, "history": [r.__dict__ for r in history], "options": options})
         atomic_write_text(out / METRICS_FILE, "".join(json.dumps(r.__dict__) + "\n" for r in history))
         cb.on_epoch(record)
 
     final = model
     base_meta = {
-        "arch": {"name": config.model, "kwargs": kwargs},
+        "arch": {"name": config.model, "kwargs": options["model_kwargs"]},
         "dataset": spec.describe(),
-        "train": {**config.recorded(), "model_kwargs": kwargs, "augment": augment,
-                  "torch_version": torch.__version__, "flatcli_version": __version__},
+        "train": {**options, "torch_version": torch.__version__, "flatcli_version": __version__},
     }
     if averaged is not None:
         save_checkpoint(out / LAST_FILE, model, {**base_meta, "metrics": final_metrics(model, x_train, y_train,
@@ -289,9 +534,14 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> Train
         final = averaged.module
     metrics = final_metrics(final, x_train, y_train, x_test, y_test)
     metrics["epochs"] = config.epochs
-    path = save_checkpoint(out / MODEL_FILE, final, {**base_meta, "metrics": metrics})
+    save_checkpoint(out / MODEL_FILE, final, {**base_meta, "metrics": metrics})
     (out / STATE_FILE).unlink(missing_ok=True)
-    return TrainResult(out, path, {**metrics, "seconds": elapsed}, history)
+    return TrainResult(run.out, run.out / MODEL_FILE, {**metrics, "seconds": elapsed}, history)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def final_metrics(model: nn.Module, x_train, y_train, x_test, y_test) -> dict:

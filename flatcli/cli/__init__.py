@@ -37,6 +37,13 @@ def _root(
 ) -> None:
     """Train classifiers and measure the curvature of their loss."""
     if threads:
+        import os
+
+        most = 4 * (os.cpu_count() or 1)
+        if threads > most:  # OpenMP aborts (or segfaults) when asked for absurd pools
+            from ._common import fail
+
+            fail(f"--threads {threads} is more than 4x this machine's {os.cpu_count()} CPUs", 2)
         import torch
 
         torch.set_num_threads(threads)
@@ -61,6 +68,8 @@ def main() -> None:
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
             from rich.markup import escape
 
+            if not exc.format_message():  # bare `flatcli`: the help was the message
+                sys.exit(exc.exit_code)
             err.print(f"[bold red]error:[/] {escape(exc.format_message())} (see flatcli --help)", highlight=False)
             sys.exit(exc.exit_code)
         if type(exc).__name__ == "Abort":  # Ctrl-C at a prompt

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -11,8 +11,8 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from ..compare import DEFAULT_COMPARE_MEASURES, compare_checkpoints, comparison_as_dict
 from . import options as opt
 from ._common import err, handle_errors, out, print_json
-from .sharpness import (BatchSize, BnMode, MemoryGb, CurvatureOpt, Dtype, Exact, IncludeL2, LogitNormalise, MaxIter, NoCache,
-                        Probes, Rho, Samples, Split, Tol, build_config)
+from .sharpness import (BatchSize, BnMode, MemoryGb, CurvatureOpt, Dtype, Exact, IncludeL2, LogitNormalise,
+                        MaxIter, NoCache, Probes, Rho, Samples, Split, Tol, build_config)
 
 
 @handle_errors
@@ -37,6 +37,7 @@ def compare(
     dtype: Dtype = "float32",
     device: opt.Device = "auto",
     data_dir: opt.DataDir = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Measure every run on this data set (default: the one they were trained on; all runs must share it).")] = None,
     no_cache: NoCache = False,
     json_: opt.Json = False,
 ) -> None:
@@ -44,6 +45,8 @@ def compare(
     ratios to the first run, and for each pair a verdict on whether flatness agrees with generalisation.
 
     Sharpness comes from each run's cached sharpness.json when the settings match, else it is measured.
+    Every run and option is checked before anything is measured; runs trained on different data sets are
+    refused, and a measure that did not converge gets no verdict.
     """
     if len(runs) < 2:
         from ..errors import UsageError
@@ -57,7 +60,7 @@ def compare(
                   transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("measuring", total=None)
         comparison = compare_checkpoints(runs, config, data_dir=str(data_dir) if data_dir else None, device=device,
-                                         use_cache=not no_cache, tie_sigmas=tie_sigmas,
+                                         use_cache=not no_cache, tie_sigmas=tie_sigmas, dataset=dataset,
                                          progress=lambda n: bar.update(task, description=f"measuring: {n} HVPs"))
     if json_:
         print_json(comparison_as_dict(comparison))

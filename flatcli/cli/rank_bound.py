@@ -31,10 +31,14 @@ def rank_bound(
     The bound is exact for linear models (logistic regression; for deep linear nets, for the GGN); for
     nonlinear nets it bounds the effective rank under a Kronecker-factored approximation. Both are reported.
     """
-    from ..rank import rank_report
+    from ..errors import UsageError
+    from ..rank import check_rank_options, rank_report
     from ..render import rank_table
     from ..sharpness import load_point
 
+    check_rank_options(threshold=threshold, fraction=fraction)  # before anything is loaded or computed
+    if samples is not None and samples < 1:
+        raise UsageError(f"samples must be positive, got {samples}")
     point = load_point(checkpoint, samples=samples, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
                        device=device, model_factory=model_factory)
     num_classes = int(point.info.dataset.get("num_classes") or _num_classes(point))

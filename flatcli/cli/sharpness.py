@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from ..errors import UsageError
+from ..errors import FlatcliError, UsageError
 from ..measures import MEASURES, SharpnessConfig
 from ..sharpness import sharpness as run_sharpness
 from . import options as opt
@@ -28,12 +28,12 @@ Samples = Annotated[Optional[int], typer.Option(help="Measure on a deterministic
 BatchSize = Annotated[Optional[int], typer.Option(help="Images per forward pass (memory; with --bn-mode batch also the statistics). Default: on the CPU as many as keep a batch's activations within 8 MiB (32 to 1024), else 1024; with --bn-mode batch always 1024.")]
 MemoryGb = Annotated[float, typer.Option(help="Memory budget for a block of Hessian-vector products (vmap chunk size, keeping gradient graphs).")]
 CurvatureOpt = Annotated[str, typer.Option(help="hessian or ggn (generalised Gauss-Newton).")]
-BnMode = Annotated[str, typer.Option(help="BatchNorm: eval (running statistics) or batch (batch statistics, as the paper's authors).")]
+BnMode = Annotated[str, typer.Option(help="BatchNorm: eval (running statistics), batch (statistics of each batch of --batch-size, default 1024 whatever the machine or memory: the batch size defines the matrix and is recorded as bn_batch_size; as the paper's authors) or full (statistics of the whole measured set, one batch of all samples).")]
 IncludeL2 = Annotated[bool, typer.Option(help="Add the checkpoint's coupled L2 coefficient times the identity.")]
 Exact = Annotated[bool, typer.Option(help="Dense matrix and its eigenvalues (small models only).")]
-Tol = Annotated[float, typer.Option(help="Lanczos: stop when the Ritz residual is below tol * |lambda|.")]
+Tol = Annotated[float, typer.Option(help="Lanczos: stop when the Ritz residual is below tol * |lambda| (0 < tol < 1). A run stopped by --max-iter first is reported as not converged.")]
 MaxIter = Annotated[int, typer.Option(help="Lanczos: most iterations.")]
-Probes = Annotated[int, typer.Option(help="Trace/Frobenius: Hessian-vector products (block Krylov Hutch++; both share them).")]
+Probes = Annotated[int, typer.Option(help="Trace/Frobenius: Hessian-vector products (block Krylov Hutch++; both share them). At least 4; under 13 the standard error rests on fewer than 10 samples and is reported as not converged.")]
 TargetStderr = Annotated[Optional[float], typer.Option(help="Trace/Frobenius: add probes until the relative standard error is at most this (e.g. 0.01; at most 10x --probes in all).")]
 Dtype = Annotated[str, typer.Option(help="float32 or float64.")]
 Rho = Annotated[float, typer.Option(help="adaptive_sharpness: relative noise scale rho (perturbation |w| * N(0, rho^2)).")]
@@ -91,15 +91,24 @@ def sharpness(
                           rho=rho,
                           logit_normalise=logit_normalise)
     if scale is not None:
+        if plot is not None or density_out is not None:
+            raise UsageError("--plot and --density-out do not apply to a --scale sweep")
         _sweep(checkpoint, config, scale, scale_layer, dataset, data_dir, device, model_factory, json_)
         return
     if (plot or density_out) and "density" not in config.measures:
         raise UsageError("--plot and --density-out need 'density' in --measures")
+    for option, path in (("--plot", plot), ("--density-out", density_out)):  # before any computation
+        if path is not None:
+            check_output_path(path, option)
     if plot is not None:
         try:
-            import matplotlib  # noqa: F401
+            from matplotlib.figure import Figure
         except ImportError:
             raise UsageError("--plot needs matplotlib", hint="pip install 'flatcli[plot]'") from None
+        formats = Figure().canvas.get_supported_filetypes()
+        if plot.suffix.lstrip(".").lower() not in formats:
+            raise UsageError(f"--plot {plot}: unknown image format {plot.suffix or '(none)'}",
+                             hint=f"use one of: {', '.join('.' + f for f in sorted(formats))}")
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
                   transient=True, disable=not err.is_terminal) as bar:
@@ -114,11 +123,48 @@ def sharpness(
                                device=device, model_factory=model_factory, use_cache=not no_cache,
                                progress=lambda n: show(hvps=n), status=lambda text: show(estimate=text))
 
+    if report.cached:
+        _say_cached(report, checkpoint)
+    _print_report(report, config, json_)
     density = report.measures.get("density")
+    failed = []  # the result is printed first: a file that cannot be written never costs it
     if density is not None and density_out is not None:
-        density_out.write_text("eigenvalue,density\n" + "".join(f"{g!r},{v!r}\n" for g, v in zip(density.grid, density.values)))
+        try:
+            density_out.write_text("eigenvalue,density\n" + "".join(f"{g!r},{v!r}\n" for g, v in zip(density.grid, density.values)))
+        except OSError as exc:
+            failed.append(f"{density_out} ({exc.strerror or exc})")
     if density is not None and plot is not None:
-        _plot(density, plot)
+        try:
+            _plot(density, plot)
+        except (OSError, ValueError) as exc:
+            failed.append(f"{plot} ({getattr(exc, 'strerror', None) or exc})")
+    if failed:
+        raise FlatcliError(f"could not write {' and '.join(failed)}; the result is printed above")
+
+
+def check_output_path(path: Path, option: str) -> None:
+    """A file that can be created: not a folder, in a folder that exists (UsageError, exit 2)."""
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a folder", hint="give a file name")
+    parent = path.parent
+    if not parent.is_dir():
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise UsageError(f"{option} {path}: the folder {parent} {what}", hint="create it first")
+
+
+def _say_cached(report, checkpoint: Path) -> None:
+    from ..sharpness import cache_file
+
+    where = cache_file(checkpoint)
+    if report.fully_cached:
+        err.print(f"cached result from {where}; --no-cache recomputes", highlight=False)
+    else:
+        err.print(f"cached {', '.join(report.cached)} from {where} (the rest measured now); --no-cache recomputes",
+                  highlight=False)
+
+
+def _print_report(report, config, json_: bool) -> None:
+    density = report.measures.get("density")
     if config.target_stderr is not None:  # said on stderr, so that --json stays one document
         for name in ("trace", "frobenius"):
             est = report.measures.get(name)

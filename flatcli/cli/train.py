@@ -16,8 +16,8 @@ from ._common import err, handle_errors, out, parse_kwargs, print_json
 
 @handle_errors
 def train(
-    model: Annotated[str, typer.Option("--model", "-m", help="logreg, mlp, cnn, vgg16, preresnet, wrn.")] = "logreg",
-    dataset: opt.Dataset = "digits",
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="logreg (default), mlp, cnn, vgg16, preresnet, wrn.")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set: digits (default, embedded), mnist, fashion-mnist, cifar10, cifar100.")] = None,
     width: Annotated[Optional[int], typer.Option(help="mlp: hidden units per layer.")] = None,
     depth: Annotated[Optional[int], typer.Option(help="mlp: hidden layers; preresnet/wrn: depth.")] = None,
     widen: Annotated[Optional[int], typer.Option(help="wrn: widening factor.")] = None,
@@ -36,13 +36,13 @@ def train(
     recipe: Annotated[Optional[str], typer.Option(help="gadam (AdamW + decoupled wd + averaging) or swa (SGD + averaging).")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random crop + flip (default on for CIFAR only).")] = None,
     train_samples: Annotated[Optional[int], typer.Option(help="Train on a deterministic subset of N images.")] = None,
-    seed: opt.Seed = 0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed (default 0).")] = None,
     data_dir: opt.DataDir = None,
     download: opt.Download = False,
-    device: opt.Device = "auto",
+    device: Annotated[Optional[str], typer.Option("--device", help="auto (default: CUDA when available), cpu or cuda.")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default runs/DATASET-MODEL-OPTIMIZER-sSEED).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out with its own options (--epochs may change).")] = False,
     json_: opt.Json = False,
 ) -> None:
     """Train a classifier and save DIR/model.safetensors (safetensors + JSON metadata)."""
@@ -50,12 +50,22 @@ def train(
     for key, value in (("width", width), ("depth", depth), ("widen", widen), ("batchnorm", batchnorm)):
         if value is not None:
             model_kwargs[key] = value
-    config = make_train_config(
-        recipe, dataset=dataset, model=model, model_kwargs=model_kwargs, optimizer=optimizer, lr=lr,
+    # Options left at None were not given: defaults for a new run, the run's own for --resume.
+    given = dict(
+        dataset=dataset, model=model, model_kwargs=model_kwargs or None, optimizer=optimizer, lr=lr,
         momentum=momentum, epochs=epochs, batch_size=batch_size, l2=l2, weight_decay=weight_decay,
         schedule=schedule, lr_final=lr_final, average_from=average_from, augment=augment,
         train_samples=train_samples, seed=seed, data_dir=str(data_dir) if data_dir else None,
-        download=download, device=device, out=out_dir, overwrite=overwrite, resume=resume)
+        download=download, device=device, out=out_dir)
+    if not resume:
+        config = make_train_config(recipe, **given, overwrite=overwrite)
+    else:
+        from ..config import TrainConfig, resume_config
+        from ..training import default_run_dir, read_run_options
+
+        TrainConfig(overwrite=overwrite, resume=True)  # refuses the two together
+        run_dir = out_dir if out_dir is not None else default_run_dir(make_train_config(recipe, **given, resume=True))
+        config = resume_config(read_run_options(run_dir), recipe, **{**given, "out": run_dir})
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err, transient=True,

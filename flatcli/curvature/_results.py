@@ -67,6 +67,12 @@ class StochasticEstimate:
         probes: random vectors drawn (sketch plus Hutchinson probes).
         samples: Hutchinson samples behind ``stderr``.
         estimator: ``"hutchinson"`` or ``"hutch++"``.
+        converged: whether ``stderr`` can be trusted as the uncertainty: it rests on at
+            least ``flatcli.curvature.trace.MIN_SAMPLES`` samples (or there is nothing
+            left to sample: the estimate is exact), and a ``target_rel_stderr`` that was
+            asked for was met. False: ``value`` and ``stderr`` are reported, but the
+            error may be many times ``stderr`` (a standard deviation of 2 or 3 samples is
+            itself a wild guess).
     """
 
     value: float
@@ -75,6 +81,7 @@ class StochasticEstimate:
     probes: int
     samples: int
     estimator: str
+    converged: bool = True
 
     @property
     def rel_stderr(self) -> float:
@@ -88,7 +95,8 @@ class FrobeniusEstimate:
 
     ``squared`` is unbiased for Tr H^2; ``value = sqrt(squared)`` is slightly biased low
     (Jensen), by O(stderr^2 / value). ``stderr`` follows from ``squared_stderr`` by the
-    delta method: ``stderr = squared_stderr / (2 value)``.
+    delta method: ``stderr = squared_stderr / (2 value)``. ``converged`` as for
+    :class:`StochasticEstimate`.
     """
 
     value: float
@@ -98,6 +106,7 @@ class FrobeniusEstimate:
     hvps: int
     probes: int
     samples: int
+    converged: bool = True
 
     @property
     def rel_stderr(self) -> float:

@@ -8,6 +8,9 @@
 * :func:`logistic_regression_hessian` / :func:`logistic_regression_trace`: the closed
   forms for a linear softmax classifier (Granziol 2020, section on logistic regression;
   docs/paper.md), with no autograd at all.
+* :func:`verified_logistic_regression_hessian`: that closed form for an operator's model,
+  only when the model provably computes ``W x.flatten(1) + b`` (flatcli's ``logreg``), or
+  when its logits and a few products were checked against the generic operator.
 
 A dense P x P matrix needs 8 P^2 bytes in float64; each function refuses with
 :class:`~flatcli.errors.TooLargeError` above ``max_bytes`` (default 2 GiB, P ~ 16,000).
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +29,9 @@ from torch.func import functional_call, hessian
 
 from flatcli.curvature._probes import LinearOperatorLike
 from flatcli.errors import TooLargeError, UsageError, UnknownNameError
+
+if TYPE_CHECKING:
+    from flatcli.curvature.operator import CurvatureOperator
 
 DEFAULT_MAX_BYTES = 2 * 2**30
 
@@ -117,14 +124,15 @@ def hessian_via_torch_func(
 
     Works on a ``dtype`` copy of the model in eval mode; ``bn_mode="batch"`` replaces
     each BatchNorm by a decomposed batch-statistics version (see
-    :class:`_DecomposedBatchNorm`). The whole data set is one batch. Parameters are
+    :class:`_DecomposedBatchNorm`). The whole data set is one batch (so ``"full"``, the
+    statistics of the whole set, is the same matrix as ``"batch"`` here). Parameters are
     flattened in ``named_parameters()`` order (restricted to ``param_names``), the same
     order as :class:`~flatcli.curvature.operator.CurvatureOperator`.
     """
-    if bn_mode not in ("eval", "batch"):
-        raise UnknownNameError(f"unknown BatchNorm mode {bn_mode!r}", "choose 'eval' or 'batch'")
+    if bn_mode not in ("eval", "batch", "full"):
+        raise UnknownNameError(f"unknown BatchNorm mode {bn_mode!r}", "choose 'eval', 'batch' or 'full'")
     net = copy.deepcopy(model).to(dtype).eval()
-    if bn_mode == "batch":
+    if bn_mode in ("batch", "full"):  # one batch of all the data: the two coincide
         _decompose_batch_norms(net)
     named = dict(net.named_parameters())
     names = list(named) if param_names is None else list(param_names)
@@ -209,3 +217,105 @@ def logistic_regression_trace(
     logits = x[:, : weight.shape[1]] @ weight.T + (bias if bias is not None else 0)
     p = torch.softmax(logits, dim=1)
     return float((x.pow(2).sum(dim=1) * (1 - p.pow(2).sum(dim=1))).mean())
+
+
+def unhooked(model: nn.Module) -> bool:
+    """No forward hooks (global or per module) and no instance-level ``forward``: each
+    module computes what its class's ``forward`` says."""
+    from torch.nn.modules import module as module_lib
+
+    if module_lib._global_forward_hooks or module_lib._global_forward_pre_hooks:
+        return False
+    return all(not m._forward_hooks and not m._forward_pre_hooks and "forward" not in vars(m)
+               for m in model.modules())
+
+
+def single_linear(model: nn.Module) -> nn.Linear | None:
+    """The ``nn.Linear`` whose weight (and bias, if any) are all of ``model``'s
+    parameters, in ``named_parameters()`` order and all trainable; else ``None``.
+
+    This says only where the parameters live, not what the model computes with them.
+    """
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if len(linears) != 1:
+        return None
+    lin = linears[0]
+    own = [lin.weight] + ([lin.bias] if lin.bias is not None else [])
+    params = list(model.parameters())
+    if len(params) != len(own) or any(p is not q for p, q in zip(params, own)):
+        return None
+    return lin if all(p.requires_grad for p in params) else None
+
+
+def is_flatcli_logreg(model: nn.Module) -> bool:
+    """flatcli's own ``logreg`` (:class:`flatcli.models.linear.LogReg`, not a subclass)
+    with a plain ``nn.Linear`` and no hooks: ``fc(x.flatten(1))`` by construction."""
+    from flatcli.models.linear import LogReg
+
+    return type(model) is LogReg and type(model.fc) is nn.Linear and unhooked(model)
+
+
+#: Relative tolerance of the float64 product check of
+#: :func:`verified_logistic_regression_hessian` (rounding there is ~1e-13 and below).
+PRODUCT_RTOL = 1e-9
+
+
+@torch.no_grad()
+def verified_logistic_regression_hessian(
+    op: "CurvatureOperator", model: nn.Module, *, probes: int = 2, seed: int = 0,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Tensor | None:
+    """The closed-form Hessian (float64, plus ``op.l2 * I``) of ``op``'s loss when the
+    model is provably logistic regression, else ``None`` (use the generic path).
+
+    The closed form is the Hessian of the cross-entropy of z = W x.flatten(1) + b; it is
+    the operator's matrix only when the model computes exactly that function of (W, b).
+    A one-layer model may not (logits / temperature, a weight used twice, an extra
+    scale): its Hessian then differs, possibly by a large factor. Accepted:
+
+    * flatcli's ``logreg`` (:func:`is_flatcli_logreg`), which is that function by
+      construction;
+    * a model whose parameters are one ``nn.Linear``'s (:func:`single_linear`) and which
+      passes two checks, in float64 through a float64 copy of the operator
+      (:meth:`CurvatureOperator.astype`), so that rounding cannot hide a difference:
+      (1) its logits on every sample equal x W^T + b to within the dot products' rounding
+      bound, ``|z - x W^T - b| <= 4 (d + 2) eps |x| |W|^T + |b|`` entrywise (Higham 2002,
+      "Accuracy and Stability of Numerical Algorithms", eq. 3.5); (2) its products with
+      ``probes`` Gaussian vectors V equal the closed form's,
+      ``||H_op V - H V||_F <= PRODUCT_RTOL ||H||_F ||V||_F`` (H with its ``l2 I``). Equal logits alone
+      are not enough (at W = 0, b = 0 the logits z / 2 and z agree, their Hessians do
+      not); the products catch what the logits miss.
+    """
+    from flatcli.curvature.operator import Curvature
+
+    lin = single_linear(model)
+    if lin is None or op.curvature is not Curvature.HESSIAN:
+        return None
+    names = [n for n, _ in model.named_parameters()]
+    x_all = op._inputs
+    if tuple(names) != op.param_names or x_all[0].numel() != lin.in_features:
+        return None
+    dtype, device = torch.float64, lin.weight.device
+    weight = lin.weight.detach().to(dtype)
+    bias = None if lin.bias is None else lin.bias.detach().to(dtype)
+    h = logistic_regression_hessian(weight, bias, x_all.flatten(1).to(device), max_bytes=max_bytes)
+    h = h + op.l2 * torch.eye(h.shape[0], dtype=dtype, device=device)
+    if is_flatcli_logreg(model):
+        return h
+    op64 = op.astype(dtype)
+    eps = torch.finfo(dtype).eps
+    d = lin.in_features
+    for start in range(0, op64.num_samples, op64.batch_size):
+        x = x_all[start : start + op64.batch_size].to(device=device, dtype=dtype)
+        z = op64._logits(op64.params, x)
+        xf = x.flatten(1)
+        linear = xf @ weight.T + (bias if bias is not None else 0)
+        scale = xf.abs() @ weight.abs().T + (bias.abs() if bias is not None else 0)
+        if z.shape != linear.shape or bool(((z - linear).abs() > 4 * (d + 2) * eps * scale).any()):
+            return None
+    gen = torch.Generator(device=device).manual_seed(seed)
+    v = torch.randn(h.shape[0], probes, generator=gen, device=device, dtype=dtype)
+    gap = torch.linalg.matrix_norm(op64.matmat(v) - h @ v)
+    if gap > PRODUCT_RTOL * torch.linalg.matrix_norm(h) * torch.linalg.matrix_norm(v):
+        return None
+    return h

@@ -45,13 +45,19 @@ because it builds the gradient graph once per batch and reuses it for every chun
 vectors, where forward-over-reverse recomputes it per chunk. Rerun the benchmark with ``--device cuda``
 and update ``AUTO_METHOD`` when a GPU is at hand.
 
-Model state: dropout and every other train/eval switch is in eval mode. BatchNorm either
-uses its running statistics (``bn_mode="eval"``, as PyHessian does) or the statistics of
-each batch (``bn_mode="batch"``, as the paper's authors did), the latter through
-``torch.func.replace_all_batch_norm_modules_`` on a structural copy of the model. The
-user's model is never mutated: the copy shares no state that we write, parameters and
-buffers are passed to ``torch.func.functional_call`` explicitly, and running statistics
-are never updated.
+Model state: dropout and every other train/eval switch is in eval mode. BatchNorm uses
+its running statistics (``bn_mode="eval"``, as PyHessian does), the statistics of each
+batch (``bn_mode="batch"``, as the paper's authors did), or those of the whole measured
+set (``bn_mode="full"``), the latter two through
+``torch.func.replace_all_batch_norm_modules_`` on a structural copy of the model.
+With batch statistics the loss is L(w) = sum_b (n_b / N) L_b(w), each batch b normalised
+by its own mean and variance, so the matrix depends on how the data is cut into batches:
+``"batch"`` cuts it into batches of ``batch_size`` (the caller's choice, never a memory
+heuristic's: :func:`memory_bounded` refuses rather than shrinking it), ``"full"`` takes
+all N samples as one batch, which is the Hessian of the loss with whole-set statistics.
+The user's model is never mutated: the copy shares no state that we write, parameters
+and buffers are passed to ``torch.func.functional_call`` explicitly, and running
+statistics are never updated.
 """
 
 from __future__ import annotations
@@ -67,7 +73,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, replace_all_batch_norm_modules_, vjp, vmap
 
-from flatcli.errors import UsageError, UnknownNameError
+from flatcli.errors import TooLargeError, UsageError, UnknownNameError
 
 if TYPE_CHECKING:  # scipy is optional (a test/benchmark dependency)
     import scipy.sparse.linalg
@@ -84,7 +90,8 @@ class BatchNormMode(str, enum.Enum):
     """Which statistics BatchNorm layers normalise with."""
 
     EVAL = "eval"  # running statistics
-    BATCH = "batch"  # statistics of the current batch
+    BATCH = "batch"  # statistics of the current batch (the batch size defines the matrix)
+    FULL = "full"  # statistics of the whole measured set: one batch of all N samples
 
 
 class HvpMethod(str, enum.Enum):
@@ -203,8 +210,11 @@ def suggest_chunk_size(model: nn.Module, inputs: Tensor, batch_size: int, *,
     return max(1, int(budget_bytes // per_vector))
 
 
-#: The batch size when none is given, except on the CPU (see :func:`auto_batch_size`).
+#: The batch size when none is given, except on the CPU (see :func:`auto_batch_size`);
+#: with ``bn_mode="batch"`` the batch that defines the matrix, on every device.
 DEFAULT_BATCH = 1024
+#: Memory of one vector's product per byte of a batch's activations (suggest_chunk_size).
+SAFETY = 2.0
 #: On the CPU, automatic batches keep one batch's activations within this many bytes ...
 CPU_BATCH_BYTES = 8 * 2**20
 #: ... but take at least this many samples.
@@ -233,9 +243,15 @@ def auto_batch_size(model: nn.Module, inputs: Tensor, per_sample: int | None = N
 
 
 def memory_bounded(model: nn.Module, inputs: Tensor, batch_size: int | None = None, *,
-                   budget_bytes: int = 2 * 2**30) -> dict[str, Any]:
+                   budget_bytes: int = 2 * 2**30, bn_mode: str = "eval") -> dict[str, Any]:
     """Operator settings that keep a block product within ``budget_bytes``.
 
+    With batch statistics the batch defines the matrix, so memory never sets it:
+    ``bn_mode="batch"`` takes ``batch_size`` or :data:`DEFAULT_BATCH`, ``"full"`` all N,
+    and a product of one vector over that batch (``SAFETY * batch * activations per
+    sample``, as in :func:`suggest_chunk_size`) that exceeds ``budget_bytes`` is refused
+    (:class:`~flatcli.errors.TooLargeError`) rather than cut into smaller batches.
+    Otherwise:
     ``batch_size`` (capped at N; ``None``: :func:`auto_batch_size`), the vmap ``chunk_size`` from
     :func:`suggest_chunk_size`, and ``cache_graph`` when every batch's gradient graph
     fits. On the CPU the chunk is 1, a loop over the vectors: vmap does not pay there
@@ -257,8 +273,24 @@ def memory_bounded(model: nn.Module, inputs: Tensor, batch_size: int | None = No
     and by 784 x 1024 (16 vectors folded into one product) 58 ms, 15.4x.
     """
     n = inputs.shape[0]
+    mode = _parse_enum(BatchNormMode, bn_mode, "BatchNorm mode")
     per_sample = activation_bytes_per_sample(model, inputs)  # one forward pass of one input
-    batch = min(batch_size, n) if batch_size else auto_batch_size(model, inputs, per_sample)
+    if mode is BatchNormMode.FULL:
+        batch = n if batch_size is None else min(batch_size, n)
+    elif mode is BatchNormMode.BATCH:
+        batch = min(batch_size or DEFAULT_BATCH, n)
+    else:
+        batch = min(batch_size, n) if batch_size else auto_batch_size(model, inputs, per_sample)
+    need = SAFETY * batch * per_sample
+    if mode is not BatchNormMode.EVAL and need > budget_bytes:
+        raise TooLargeError(
+            f"BatchNorm mode {mode.value!r} normalises with the statistics of batches of {batch} samples; "
+            f"one Hessian-vector product over such a batch needs about {need / 2**30:.3g} GiB, "
+            f"over the memory budget of {budget_bytes / 2**30:.3g} GiB, and smaller batches would "
+            "change the matrix being measured",
+            "raise the memory budget (--memory-gb), or choose the batch that defines the matrix "
+            "yourself (--batch-size, with --bn-mode batch), or use --bn-mode eval",
+        )
     chunk = suggest_chunk_size(model, inputs, batch, budget_bytes=budget_bytes, per_sample=per_sample)
     if next(model.parameters()).device.type == "cpu":
         chunk = 1
@@ -287,10 +319,12 @@ class CurvatureOperator:
         inputs, targets: the data (N, ...) and integer class labels (N,). They may live
             on any device; batches are moved to the model's device.
         curvature: ``"hessian"`` or ``"ggn"`` (generalised Gauss-Newton).
-        bn_mode: ``"eval"`` (BatchNorm running statistics) or ``"batch"`` (batch
-            statistics, the loss of each batch normalised with its own statistics).
+        bn_mode: ``"eval"`` (BatchNorm running statistics), ``"batch"`` (batch
+            statistics, the loss of each batch normalised with its own statistics) or
+            ``"full"`` (statistics of all N samples: one batch of N).
         batch_size: samples per forward pass; ``None`` = all at once. Results are the
-            exact full-data mean in ``"eval"`` mode whatever the batch size.
+            exact full-data mean in ``"eval"`` mode whatever the batch size; in
+            ``"batch"`` mode it defines the matrix; ``"full"`` refuses one below N.
         chunk_size: most vectors per vmapped call (bounds memory); ``None`` = all K.
         l2: adds ``l2 * I``.
         param_names: restrict to these parameters (others held fixed): the operator is
@@ -379,7 +413,13 @@ class CurvatureOperator:
 
         self._model = _structural_copy(model)
         self._model.eval()  # dropout off; BatchNorm on running statistics
-        if self.bn_mode is BatchNormMode.BATCH:
+        if self.bn_mode is BatchNormMode.FULL and batch_size is not None and batch_size < inputs.shape[0]:
+            raise UsageError(
+                f"bn_mode 'full' normalises with the statistics of all {inputs.shape[0]} samples, "
+                f"which takes one batch of them, not batches of {batch_size}",
+                "leave batch_size unset, or use bn_mode 'batch' for per-batch statistics",
+            )
+        if self.bn_mode in (BatchNormMode.BATCH, BatchNormMode.FULL):
             replace_all_batch_norm_modules_(self._model)  # running stats -> None (on the copy)
             for module in self._model.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -400,6 +440,9 @@ class CurvatureOperator:
             n: cast(p) for n, p in all_params.items() if n not in chosen
         }
         self._fixed.update({n: cast(b) for n, b in self._model.named_buffers()})
+        # the uncast tensors (shared, not copied), for :meth:`astype`
+        self._sources: dict[str, Tensor] = {n: p.detach() for n, p in all_params.items()}
+        self._sources.update({n: b.detach() for n, b in self._model.named_buffers()})
 
         self.method = (
             AUTO_METHOD.get(self.device.type, AUTO_METHOD["cpu"])
@@ -577,6 +620,29 @@ class CurvatureOperator:
         return scipy.sparse.linalg.LinearOperator(
             shape=self.shape, dtype=np.float64, matvec=matvec, rmatvec=matvec, matmat=matmat
         )
+
+    def astype(self, dtype: torch.dtype) -> CurvatureOperator:
+        """The same operator (model, data, batches, BatchNorm mode, parameter block, l2)
+        computed in ``dtype``, cast from the original tensors rather than from this
+        operator's: e.g. a float64 re-check of a float32 operator (see
+        :func:`flatcli.curvature.lanczos.lanczos`). Its ``hvps`` start at 0; no progress
+        callback, no cached graphs."""
+        if not dtype.is_floating_point:
+            raise UsageError(f"dtype must be a floating-point type, got {dtype}")
+        new = copy.copy(self)
+
+        def cast(t: Tensor) -> Tensor:
+            return t.to(dtype) if t.is_floating_point() else t
+
+        new._block = self._block.__func__.__get__(new)  # a bound method of the copy, not of self
+        new.dtype = dtype
+        new.params = torch.cat([cast(self._sources[n]).reshape(-1) for n in self.param_names])
+        new._fixed = {n: cast(self._sources[n]) for n in self._fixed}
+        new.hvps = 0
+        new.progress = None
+        new._cache = None
+        new._batch_index = 0
+        return new
 
     def __repr__(self) -> str:
         return (
