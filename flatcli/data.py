@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from .errors import DataError
+from .errors import DataError, UnknownNameError
 
 SPLITS = ("train", "test")
 
@@ -151,11 +151,11 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 def get_spec(name: str) -> DatasetSpec:
-    """The registry entry for ``name``, or a :class:`DataError` listing the known ones."""
+    """The registry entry for ``name``, or an :class:`UnknownNameError` listing the known ones."""
     try:
         return DATASETS[name]
     except KeyError:
-        raise DataError(f"unknown data set {name!r}", hint=f"choose one of: {', '.join(DATASETS)}") from None
+        raise UnknownNameError(f"unknown data set {name!r}", hint=f"choose one of: {', '.join(DATASETS)}") from None
 
 
 def load_dataset(

@@ -29,8 +29,10 @@ from typing import Any, Callable
 from .checkpoint import MODEL_FILE, read_metadata
 from .compare import Comparison, compare_checkpoints
 from .config import TrainConfig, make_train_config
-from .errors import RunExistsError
+from .data import get_spec
+from .errors import RunExistsError, UsageError
 from .measures import SharpnessConfig
+from .models import MODELS, resolve_kwargs
 from .rank import RankReport, rank_report
 from .sharpness import load_point
 from .sweep import SweepRow, scaling_sweep
@@ -120,11 +122,18 @@ def run_demo(config: DemoConfig, on_step: Callable[[str], None] | None = None) -
     step = on_step or (lambda message: None)
     start = time.perf_counter()
     sharp = SharpnessConfig(measures=DEMO_MEASURES, samples=config.measure_samples, probes=config.probes)
+    if not config.models:
+        raise UsageError("--models names no model", hint=f"choose from: {', '.join(MODELS)}")
+    get_spec(config.dataset)
+    # Every run's options are checked (names included) before the first one trains.
+    planned = {f"{model}-{variant}": _train_config(config, model, variant)
+               for model in config.models for variant in VARIANTS}
+    for tc in planned.values():
+        resolve_kwargs(tc.model, **tc.model_kwargs)
     runs: dict[str, Path] = {}
-    for model in config.models:
-        for variant in VARIANTS:
-            step(f"training {model}-{variant}")
-            runs[f"{model}-{variant}"] = _ensure_run(_train_config(config, model, variant), config.overwrite)
+    for name, tc in planned.items():
+        step(f"training {name}")
+        runs[name] = _ensure_run(tc, config.overwrite)
     comparisons = {}
     for model in config.models:
         for a, b, title in CONTRASTS:

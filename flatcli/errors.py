@@ -48,8 +48,12 @@ class TooLargeError(FlatcliError):
     """A computation that would not fit in memory (e.g. a dense Hessian)."""
 
 
-class UnknownNameError(FlatcliError):
-    """A name (model, data set, measure, optimiser, ...) that no registry knows (exit code 1)."""
+class UnknownNameError(UsageError):
+    """A name (model, data set, measure, optimiser, ...) that no registry knows (exit code 2).
+
+    A name read from a file (a checkpoint's architecture or data set) is the file's
+    fault: the loaders turn it into a :class:`CheckpointError` (exit code 1).
+    """
 
 
 class NonFiniteError(FlatcliError):

@@ -11,6 +11,8 @@ same numbers; ``use_cache=False`` recomputes. See :class:`ResultCache`.
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import json
 import os
 import time
@@ -56,8 +58,6 @@ def import_factory(spec: str) -> Callable[[], nn.Module]:
     module_name, func_name = spec.rsplit(":", 1)
     try:
         if module_name.endswith(".py") or os.sep in module_name:
-            import importlib.util
-
             path = Path(module_name)
             if not path.is_file():
                 raise CheckpointError(f"--model-factory: no file {path}")
@@ -113,6 +113,9 @@ def load_point(path: str | os.PathLike, *, split: str = "train", samples: int | 
     name = dataset or trained_on
     if not name:
         raise DataError("the checkpoint does not say which data set it was trained on", hint="pass --dataset")
+    if dataset is None and name not in DATASETS:  # a name from the file: the file's fault (exit 1)
+        raise CheckpointError(f"{info.path} was trained on {name!r}, a data set flatcli does not know",
+                              hint=f"pass --dataset (one of: {', '.join(DATASETS)})")
     expected = _shape(meta.get("input_shape"))
     if expected is not None and name in DATASETS and DATASETS[name].input_shape != expected:  # before loading it
         raise _shape_error(name, DATASETS[name].input_shape, expected, trained_on)

@@ -30,8 +30,8 @@ def test_train_human_output_is_a_table():
 
 
 @pytest.mark.parametrize("args, code, message", [
-    (["--model", "nope"], 1, "unknown model"),
-    (["--dataset", "nope"], 1, "unknown data set"),
+    (["--model", "nope"], 2, "unknown model"),
+    (["--dataset", "nope"], 2, "unknown data set"),
     (["--dataset", "mnist", "--data-dir", "missing"], 1, "mnist not found"),
     (["--epochs", "0"], 2, "epochs must be positive"),
     (["--lr", "0"], 2, "lr must be positive"),
@@ -39,7 +39,7 @@ def test_train_human_output_is_a_table():
     (["--l2", "-1"], 2, "l2 must be >= 0"),
     (["--weight-decay", "-1"], 2, "weight decay must be >= 0"),
     (["--epochs", "2", "--average-from", "3"], 2, "--average-from 3"),
-    (["--optimizer", "lbfgs"], 1, "unknown optimizer"),
+    (["--optimizer", "lbfgs"], 2, "unknown optimizer"),
 ])
 def test_bad_input_is_one_line_on_stderr_and_a_nonzero_exit(args, code, message):
     result = invoke("train", "--out", "run", *args)

@@ -39,7 +39,9 @@ def test_bad_subset_sizes_are_refused(samples):
 
 
 def test_unknown_dataset_lists_the_known_ones():
-    with pytest.raises(DataError, match="digits, mnist"):
+    from flatcli.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="digits, mnist"):
         load_dataset("imagenet")
 
 

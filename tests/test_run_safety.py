@@ -69,7 +69,7 @@ def test_overwrite_with_a_bad_option_keeps_the_old_run(old_run, make_config, bad
     assert snapshot("run") == old_run
 
 
-@pytest.mark.parametrize("args, code", [(["--optimizer", "sgdd"], 1), (["--schedule", "cosin"], 1),
+@pytest.mark.parametrize("args, code", [(["--optimizer", "sgdd"], 2), (["--schedule", "cosin"], 2),
                                         (["--model", "mlp", "--width", "0"], 2)])
 def test_overwrite_with_a_typo_through_the_cli_is_one_line_and_keeps_the_run(old_run, args, code):
     one_line(invoke("train", "--out", "run", "--overwrite", "--epochs", 1, *args), code)
