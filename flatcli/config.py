@@ -8,6 +8,7 @@ bad values with the same one-line message.
 from __future__ import annotations
 
 import math
+import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -172,3 +173,93 @@ def _show(value) -> str:
 
 def with_changes(config: TrainConfig, **changes) -> TrainConfig:
     return replace(config, **changes)
+
+
+# --- measuring -----------------------------------------------------------------------
+
+#: The measures of ``flatcli sharpness``, in report order: the names of the registry
+#: ``flatcli.measures.MEASURES`` (kept here so that the command line's help and option
+#: checks need no torch; a test holds the two equal).
+MEASURE_NAMES: tuple[str, ...] = ("lambda_max", "lambda_min", "trace", "frobenius", "density",
+                                  "lambda_max_normalised", "trace_normalised", "adaptive_sharpness",
+                                  "relative_flatness")
+DTYPE_NAMES = ("float32", "float64")
+#: BatchNorm statistics: running ("eval"), per batch of ``bn_batch_size`` ("batch"), whole set ("full").
+BN_MODES = ("eval", "batch", "full")
+#: The batch that defines the matrix with ``bn_mode="batch"`` unless given
+#: (``flatcli.curvature.operator.DEFAULT_BATCH``; a test holds the two equal).
+BN_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class SharpnessConfig:
+    """What to measure and how (every field is part of the cache key)."""
+
+    measures: tuple[str, ...] = ("lambda_max", "trace", "frobenius")
+    split: str = "train"
+    samples: int | None = None
+    batch_size: int | None = None  # None: automatic (memory_bounded); 1024 with bn_mode "batch", N with "full"
+    memory_gb: float = 2.0
+    curvature: str = "hessian"
+    bn_mode: str = "eval"
+    include_l2: bool = False
+    exact: bool = False
+    tol: float = 1e-4
+    max_iter: int = 100
+    probes: int = 99
+    target_stderr: float | None = None  # relative; trace/Frobenius add probes until met
+    density_iterations: int = 64
+    density_probes: int = 8
+    rho: float = 0.05
+    sharpness_samples: int = 64
+    logit_normalise: bool = False
+    seed: int = 0
+    dtype: str = "float32"
+    per_layer: bool = False
+    # The batch whose statistics define the matrix with bn_mode "batch" (the loss is the
+    # sample-weighted sum over batches of this size, each normalised by its own mean and
+    # variance): batch_size, else BN_BATCH; never a memory heuristic's. None in the
+    # other modes ("full": one batch of every measured sample). Derived, in the cache key.
+    bn_batch_size: int | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.measures if m not in MEASURE_NAMES]
+        if unknown or not self.measures:
+            raise UnknownNameError(f"unknown measure {', '.join(unknown) or '(none given)'}",
+                             hint=f"choose from: {', '.join(MEASURE_NAMES)}")
+        if self.dtype not in DTYPE_NAMES:
+            raise UnknownNameError(f"unknown dtype {self.dtype!r}", hint="use float32 or float64")
+        if self.split not in ("train", "test"):
+            raise UnknownNameError(f"unknown split {self.split!r}", hint="use train or test")
+        if not self.rho > 0:
+            raise UsageError(f"rho must be positive, got {self.rho}")
+        for name in ("max_iter", "probes", "density_iterations", "density_probes", "sharpness_samples"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name.replace('_', '-')} must be positive")
+        # tol >= 1 (or inf) accepts any Ritz value after one step: not a tolerance at all
+        if not (0 < self.tol < 1):
+            raise UsageError(f"tol must lie in (0, 1), got {self.tol}", hint="e.g. --tol 1e-4")
+        if not (math.isfinite(self.memory_gb) and self.memory_gb > 0):
+            raise UsageError(f"memory-gb must be a positive number, got {self.memory_gb}")
+        if not math.isfinite(self.rho):
+            raise UsageError(f"rho must be finite, got {self.rho}")
+        if self.samples is not None and self.samples < 1:
+            raise UsageError(f"samples must be positive, got {self.samples}")
+        stochastic_trace = {"trace", "frobenius", "trace_normalised"} & set(self.measures)
+        if stochastic_trace and not self.exact and self.probes < 4:  # checked here, not after other measures
+            raise UsageError(f"probes must be at least 4 for {', '.join(sorted(stochastic_trace))}, got {self.probes}",
+                             hint="block Krylov Hutch++ builds a subspace and samples the remainder; "
+                                  "fewer than 13 give a standard error marked not converged")
+        if "adaptive_sharpness" in self.measures and self.sharpness_samples < 2:
+            raise UsageError(f"sharpness-samples must be at least 2 for a standard error, got {self.sharpness_samples}")
+        if self.target_stderr is not None and not self.target_stderr > 0:
+            raise UsageError(f"target-stderr must be positive, got {self.target_stderr}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UsageError("batch size must be positive")
+        if self.bn_mode not in BN_MODES:
+            raise UnknownNameError(f"unknown BatchNorm mode {self.bn_mode!r}", hint=f"use {', '.join(BN_MODES)}")
+        object.__setattr__(self, "bn_batch_size",
+                           (self.batch_size or BN_BATCH) if self.bn_mode == "batch" else None)
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)

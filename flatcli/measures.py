@@ -56,84 +56,10 @@ from .curvature import (DEFAULT_BATCH, CurvatureOperator, EigenEstimate, Frobeni
                         extreme_eigenvalues, lambda_max, lambda_min, memory_bounded,
                         slq_density, trace_and_frobenius)
 from .curvature.exact import single_linear, verified_logistic_regression_hessian
+from .config import BN_MODES, DTYPE_NAMES, MEASURE_NAMES, SharpnessConfig  # noqa: F401  (re-exported)
 from .errors import NonFiniteError, UsageError, UnknownNameError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-BN_MODES = ("eval", "batch", "full")
-
-
-@dataclass(frozen=True)
-class SharpnessConfig:
-    """What to measure and how (every field is part of the cache key)."""
-
-    measures: tuple[str, ...] = ("lambda_max", "trace", "frobenius")
-    split: str = "train"
-    samples: int | None = None
-    batch_size: int | None = None  # None: automatic (memory_bounded); 1024 with bn_mode "batch", N with "full"
-    memory_gb: float = 2.0
-    curvature: str = "hessian"
-    bn_mode: str = "eval"
-    include_l2: bool = False
-    exact: bool = False
-    tol: float = 1e-4
-    max_iter: int = 100
-    probes: int = 99
-    target_stderr: float | None = None  # relative; trace/Frobenius add probes until met
-    density_iterations: int = 64
-    density_probes: int = 8
-    rho: float = 0.05
-    sharpness_samples: int = 64
-    logit_normalise: bool = False
-    seed: int = 0
-    dtype: str = "float32"
-    per_layer: bool = False
-    # The batch whose statistics define the matrix with bn_mode "batch" (the loss is the
-    # sample-weighted sum over batches of this size, each normalised by its own mean and
-    # variance): batch_size, else DEFAULT_BATCH; never a memory heuristic's. None in the
-    # other modes ("full": one batch of every measured sample). Derived, in the cache key.
-    bn_batch_size: int | None = field(default=None, init=False)
-
-    def __post_init__(self) -> None:
-        unknown = [m for m in self.measures if m not in MEASURES]
-        if unknown or not self.measures:
-            raise UnknownNameError(f"unknown measure {', '.join(unknown) or '(none given)'}",
-                             hint=f"choose from: {', '.join(MEASURES)}")
-        if self.dtype not in DTYPES:
-            raise UnknownNameError(f"unknown dtype {self.dtype!r}", hint="use float32 or float64")
-        if self.split not in ("train", "test"):
-            raise UnknownNameError(f"unknown split {self.split!r}", hint="use train or test")
-        if not self.rho > 0:
-            raise UsageError(f"rho must be positive, got {self.rho}")
-        for name in ("max_iter", "probes", "density_iterations", "density_probes", "sharpness_samples"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name.replace('_', '-')} must be positive")
-        # tol >= 1 (or inf) accepts any Ritz value after one step: not a tolerance at all
-        if not (0 < self.tol < 1):
-            raise UsageError(f"tol must lie in (0, 1), got {self.tol}", hint="e.g. --tol 1e-4")
-        if not (math.isfinite(self.memory_gb) and self.memory_gb > 0):
-            raise UsageError(f"memory-gb must be a positive number, got {self.memory_gb}")
-        if not math.isfinite(self.rho):
-            raise UsageError(f"rho must be finite, got {self.rho}")
-        if self.samples is not None and self.samples < 1:
-            raise UsageError(f"samples must be positive, got {self.samples}")
-        stochastic_trace = {"trace", "frobenius", "trace_normalised"} & set(self.measures)
-        if stochastic_trace and not self.exact and self.probes < 4:  # checked here, not after other measures
-            raise UsageError(f"probes must be at least 4 for {', '.join(sorted(stochastic_trace))}, got {self.probes}",
-                             hint="block Krylov Hutch++ builds a subspace and samples the remainder; "
-                                  "fewer than 13 give a standard error marked not converged")
-        if "adaptive_sharpness" in self.measures and self.sharpness_samples < 2:
-            raise UsageError(f"sharpness-samples must be at least 2 for a standard error, got {self.sharpness_samples}")
-        if self.target_stderr is not None and not self.target_stderr > 0:
-            raise UsageError(f"target-stderr must be positive, got {self.target_stderr}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise UsageError("batch size must be positive")
-        if self.bn_mode not in BN_MODES:
-            raise UnknownNameError(f"unknown BatchNorm mode {self.bn_mode!r}", hint=f"use {', '.join(BN_MODES)}")
-        object.__setattr__(self, "bn_batch_size",
-                           (self.batch_size or DEFAULT_BATCH) if self.bn_mode == "batch" else None)
-
-    def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
 
 
 @dataclass(frozen=True)

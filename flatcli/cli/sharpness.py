@@ -9,13 +9,12 @@ import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from ..errors import FlatcliError, UsageError
-from ..measures import MEASURES, SharpnessConfig
-from ..sharpness import sharpness as run_sharpness
+from ..config import MEASURE_NAMES, SharpnessConfig
 from . import options as opt
 from ._common import err, handle_errors, out, print_json
 
 MeasuresOpt = Annotated[str, typer.Option(
-    "--measures", help=f"Comma-separated, any of: {', '.join(MEASURES)}.")]
+    "--measures", help=f"Comma-separated, any of: {', '.join(MEASURE_NAMES)}.")]
 
 
 def build_config(measures: str, **options) -> SharpnessConfig:
@@ -109,6 +108,8 @@ def sharpness(
         if plot.suffix.lstrip(".").lower() not in formats:
             raise UsageError(f"--plot {plot}: unknown image format {plot.suffix or '(none)'}",
                              hint=f"use one of: {', '.join('.' + f for f in sorted(formats))}")
+
+    from ..sharpness import sharpness as run_sharpness  # torch: imported once the options are checked
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
                   transient=True, disable=not err.is_terminal) as bar:

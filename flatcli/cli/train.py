@@ -9,7 +9,6 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..config import make_train_config
-from ..training import EpochRecord, TrainCallbacks, train as run_training
 from . import options as opt
 from ._common import err, handle_errors, out, parse_kwargs, print_json
 
@@ -66,6 +65,8 @@ def train(
         TrainConfig(overwrite=overwrite, resume=True)  # refuses the two together
         run_dir = out_dir if out_dir is not None else default_run_dir(make_train_config(recipe, **given, resume=True))
         config = resume_config(read_run_options(run_dir), recipe, **{**given, "out": run_dir})
+
+    from ..training import EpochRecord, TrainCallbacks, train as run_training  # torch
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err, transient=True,

@@ -1,0 +1,51 @@
+"""Startup: the command line answers --help, --version and bad options without importing torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def _imports_torch(code: str) -> bool:
+    probe = f"{code}\nimport sys\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_importing_the_command_line_does_not_import_torch():
+    assert not _imports_torch("import flatcli.cli")
+
+
+def test_importing_the_package_does_not_import_torch_until_a_name_is_used():
+    assert not _imports_torch("import flatcli; flatcli.__version__; flatcli.FlatcliError")
+    assert _imports_torch("import flatcli; flatcli.sharpness")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["sharpness", "--help"], ["train", "--epochs", "x"],
+                                  ["sharpness", "run", "--bogus"], ["no-such-command"]])
+def test_help_version_and_option_errors_never_import_torch(args):
+    code = ("import sys\nfrom flatcli.cli import main\nsys.argv = ['flatcli', *%r]\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass" % (args,))
+    assert not _imports_torch(code)
+
+
+def test_the_public_function_sharpness_is_not_shadowed_by_its_module():
+    import importlib
+
+    import flatcli
+
+    importlib.import_module("flatcli.sharpness")
+    assert callable(flatcli.sharpness) and flatcli.sharpness.__module__ == "flatcli.sharpness"
+
+
+def test_torch_free_name_lists_match_the_registries():
+    from flatcli.config import BN_BATCH, BN_MODES, DTYPE_NAMES, MEASURE_NAMES
+    from flatcli.curvature.operator import DEFAULT_BATCH, BatchNormMode
+    from flatcli.measures import DTYPES, MEASURES
+
+    assert MEASURE_NAMES == tuple(MEASURES)
+    assert DTYPE_NAMES == tuple(DTYPES)
+    assert BN_MODES == tuple(m.value for m in BatchNormMode)
+    assert BN_BATCH == DEFAULT_BATCH
