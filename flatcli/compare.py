@@ -447,6 +447,8 @@ def compare_checkpoints(paths: Sequence[Any], config: Any, *, data_dir: str | No
     the data sets (:func:`check_runs`; ``dataset`` measures all runs on another data set
     than they were trained on), and that the data load.
     """
+    import warnings
+
     from .data import load_dataset
     from .sharpness import load_point, sharpness
     from .training import evaluate
@@ -462,8 +464,10 @@ def compare_checkpoints(paths: Sequence[Any], config: Any, *, data_dir: str | No
 
     summaries = []
     for run in runs:
-        report = sharpness(run.checkpoint, config, dataset=run.measured_on, data_dir=data_dir, device=device,
-                           use_cache=use_cache, progress=progress)
+        with warnings.catch_warnings():  # check_runs said it once already
+            warnings.filterwarnings("ignore", message="measuring on ")
+            report = sharpness(run.checkpoint, config, dataset=run.measured_on, data_dir=data_dir, device=device,
+                               use_cache=use_cache, progress=progress)
         point = load_point(run.checkpoint, split="test", data_dir=data_dir, device=device)
         info = point.info
         if "test_accuracy" not in (info.metrics or {}):
