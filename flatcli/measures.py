@@ -72,7 +72,7 @@ class Estimate:
     * a Lanczos run that stopped (``--max-iter``) before every wanted Ritz residual met
       ``tol``: the residual only says that SOME eigenvalue lies within it of the value,
       not that the largest (smallest) one does, and an early Ritz value typically lies
-      well inside the spectrum (``--max-iter 3`` gave 3.56 <= 0.45 where lambda_max is 4.52);
+      well inside the spectrum;
     * a standard error from fewer than ``flatcli.curvature.trace.MIN_SAMPLES`` samples
       (Hutch++ with ``--probes`` under 13, adaptive sharpness with fewer Monte Carlo
       draws), which may be many times too small, or that missed ``--target-stderr``.

@@ -49,3 +49,18 @@ def test_torch_free_name_lists_match_the_registries():
     assert DTYPE_NAMES == tuple(DTYPES)
     assert BN_MODES == tuple(m.value for m in BatchNormMode)
     assert BN_BATCH == DEFAULT_BATCH
+
+
+def _flatcli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flatcli", *args], capture_output=True, text=True)
+
+
+def test_bare_flatcli_prints_its_help_and_no_empty_error():
+    result = _flatcli()
+    assert result.returncode == 2 and "Usage" in result.stdout
+    assert "error" not in result.stderr
+
+
+def test_an_absurd_thread_count_is_one_line_not_a_crash():
+    result = _flatcli("--threads", "100000", "train", "--help")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--threads 100000" in result.stderr

@@ -274,18 +274,19 @@ def test_a_data_set_of_another_input_shape_is_refused_before_loading(run, monkey
         assert len(lines) == 1 and "1x28x28" in lines[0], result.stderr
 
 
+def _serve(monkeypatch, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+    """Make every data set load as (inputs, labels)."""
+    monkeypatch.setattr(flatcli.data, "load_dataset", lambda *a, **k: torch.utils.data.TensorDataset(inputs, labels))
+
+
 def test_data_of_another_shape_under_the_same_name_is_refused(run, monkeypatch):
-    monkeypatch.setattr(flatcli.data, "load_dataset",
-                        lambda *a, **k: torch.utils.data.TensorDataset(torch.zeros(20, 1, 28, 28),
-                                                                       torch.zeros(20, dtype=torch.long)))
+    _serve(monkeypatch, torch.zeros(20, 1, 28, 28), torch.zeros(20, dtype=torch.long))
     with pytest.raises(DataError, match="shape 1x28x28"):
         load_point(run)
 
 
 def test_labels_the_model_has_no_output_for_are_refused(run, monkeypatch):
-    monkeypatch.setattr(flatcli.data, "load_dataset",
-                        lambda *a, **k: torch.utils.data.TensorDataset(torch.zeros(20, 1, 8, 8),
-                                                                       torch.arange(20, dtype=torch.long)))
+    _serve(monkeypatch, torch.zeros(20, 1, 8, 8), torch.arange(20, dtype=torch.long))
     with pytest.raises(DataError, match="labels up to 19"):
         load_point(run)
 
