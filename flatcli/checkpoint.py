@@ -10,10 +10,18 @@ document::
      "train": {every option, seed, torch and flatcli versions},
      "metrics": {final metrics}}
 
-No pickles: the file can be read by any safetensors reader. Every write goes to a
-temporary file in the same folder and is then renamed over the target
-(:func:`os.replace` is atomic on POSIX and Windows), so a crash never leaves half a
-checkpoint. The resumable training state is stored the same way, with nested optimiser
+No pickles: the file can be read by any safetensors reader.
+
+Weights from elsewhere load too (:func:`read_weights`): a safetensors file without
+flatcli metadata, a ``torch.save`` state dict (``.pt``, ``.pth``, ``.bin``) or a
+Lightning ``.ckpt``, read with ``torch.load(weights_only=True)``, which rebuilds tensors
+and plain containers only and refuses any other class: unpickling a class runs code named
+by the file, so a file that needs it is refused, never executed. Their architecture comes
+from a model factory (:mod:`flatcli.factory`).
+
+Every write goes to a temporary file in the same folder and is then renamed over the
+target (:func:`os.replace` is atomic on POSIX and Windows), so a crash never leaves half
+a checkpoint. The resumable training state is stored the same way, with nested optimiser
 state flattened into named tensors plus a JSON skeleton (:func:`save_state`).
 """
 
@@ -22,10 +30,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +44,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import CheckpointError, FlatcliError
+from .errors import CheckpointError, FlatcliError, UsageError
 
 FORMAT_VERSION = 1
 METADATA_KEY = "flatcli"
@@ -46,6 +55,15 @@ METRICS_FILE = "metrics.jsonl"
 CACHE_FILE = "sharpness.json"
 #: Held (``fcntl.flock``) by the process that trains into a run folder.
 LOCK_FILE = ".flatcli.lock"
+#: Files read with ``torch.load(weights_only=True)`` (also any file that starts as one:
+#: a zip archive or a pickle).
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+#: Keys under which checkpoints keep the state dict: Lightning, the common training-loop
+#: layouts; tried in this order.
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+#: Key prefixes added by wrappers: DataParallel / DistributedDataParallel, a Lightning
+#: module's attribute, ``torch.compile``.
+KEY_PREFIXES = ("module.", "model.", "_orig_mod.")
 #: Where ``train --overwrite`` writes the new run until it replaces the old one.
 STAGING_DIR = ".flatcli-staging"
 #: The files a run folder may hold; ``--overwrite`` replaces these and nothing else.
@@ -181,7 +199,7 @@ def read_metadata(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{p} is not a readable safetensors file ({_first_line(exc)})",
-                              hint="is it truncated, or saved with torch.save? flatcli reads safetensors only") from None
+                              hint="is it truncated?") from None
     if METADATA_KEY not in meta:
         return tensors, None
     try:
@@ -199,28 +217,41 @@ def _first_line(exc: BaseException) -> str:
 def load_checkpoint(
     path: str | os.PathLike,
     *,
-    model_factory: Callable[[], nn.Module] | None = None,
+    model_factory: str | Callable[..., nn.Module] | None = None,
+    factory_args: Mapping[str, Any] | None = None,
+    output: str | int | None = None,
     map_location: str | torch.device = "cpu",
 ) -> tuple[nn.Module, CheckpointInfo]:
     """Load a checkpoint (file or run directory) as ``(model in eval mode, info)``.
 
-    Files without flatcli metadata (a plain safetensors state dict) need
-    ``model_factory``, a zero-argument callable that builds the ``nn.Module``; the
-    tensors must then match that module's state dict exactly. NaN or Inf weights load,
-    with a :class:`RuntimeWarning`.
+    Files without flatcli metadata (see :func:`read_weights` for the forms) need
+    ``model_factory``: a ``MODULE:FUNCTION`` / ``FILE.py:FUNCTION`` spec or a callable,
+    called with ``factory_args`` as keyword arguments (:mod:`flatcli.factory`). The
+    tensors must then match that module's state dict exactly, once a wrapper's key prefix
+    is stripped (:func:`match_keys`). The weights are loaded into the factory's model,
+    which is then wrapped in :class:`~flatcli.factory.LogitsOf` (same parameter names),
+    so that its forward returns the logits whatever it returned (``output`` picks them;
+    see :func:`~flatcli.factory.pick_logits`). What loading did to the keys is said by a
+    :class:`CheckpointNote` warning; NaN or Inf weights load, with a
+    :class:`RuntimeWarning`.
     """
+    from .factory import LogitsOf, resolve_factory
     from .models import build_model
 
+    factory = resolve_factory(model_factory, factory_args)
+    if output is not None and factory is None:
+        raise UsageError("--output applies to a model built by --model-factory (flatcli's own models return logits)")
     p = resolve_checkpoint_path(path)
-    tensors, doc = read_metadata(p)
-    if model_factory is not None:
+    tensors, doc, notes = read_weights(p)
+    if factory is not None:
         info = checkpoint_info(p, doc or {}, need_arch=False)
-        model = model_factory()
+        model = factory()
     else:
         if doc is None:
             raise CheckpointError(
                 f"{p} has no flatcli metadata, so its architecture is unknown",
-                hint="pass --model-factory MODULE:FUNCTION (Python: model_factory=...) that builds the model",
+                hint="pass --model-factory MODULE:FUNCTION or FILE.py:FUNCTION that builds the model, and --dataset; "
+                     "in Python model_factory=... and dataset=...",
             )
         info = checkpoint_info(p, doc)
         ds = info.dataset
@@ -229,12 +260,121 @@ def load_checkpoint(
                                 num_classes=ds["num_classes"], **info.arch["kwargs"])
         except FlatcliError as exc:  # a bad value in the file is the file's fault, not an option's
             raise CheckpointError(f"{p} metadata describes no buildable model: {exc}") from None
-    load_state(model, tensors, p)
+    tensors, stripped = match_keys(tensors, model.state_dict())
+    load_state(model, tensors, f"{p} (keys stripped of {stripped!r})" if stripped else p)
+    if stripped:
+        notes.append(f"stripped the prefix {stripped!r} from {len(tensors)} keys")
+    for note in notes:
+        warnings.warn(f"{p.name}: {note}", CheckpointNote, stacklevel=2)
+    if factory is not None:
+        model = LogitsOf(model, output)
     model.to(map_location).eval()
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         warnings.warn(f"{p}: non-finite values (NaN/Inf) in {', '.join(bad[:5])}", RuntimeWarning, stacklevel=2)
     return model, info
+
+
+class CheckpointNote(UserWarning):
+    """What loading did to a file from elsewhere: the wrapper key read, the prefix stripped."""
+
+
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, list[str]]:
+    """The tensors, the flatcli metadata (None when absent) and notes on how they were found.
+
+    A file named ``*.pt``, ``*.pth``, ``*.bin`` or ``*.ckpt``, or starting as a zip
+    archive or a pickle, is read with ``torch.load(map_location="cpu",
+    weights_only=True)``; any other as safetensors. A torch file may hold the state
+    dict itself or keep it under ``state_dict`` (Lightning), ``model_state_dict`` or
+    ``model`` (:data:`WRAPPER_KEYS`, followed up to three levels); entries that are not
+    tensors (an epoch, hyper-parameters) are left out.
+    """
+    p = Path(path)
+    if not _is_torch_file(p):
+        tensors, doc = read_metadata(p)
+        return tensors, doc, []
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "Weights only load failed" in text:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+            what = f" ({found[1]})" if found else ""
+            raise CheckpointError(
+                f"{p} needs code to be unpickled{what}; flatcli reads only tensors (torch.load weights_only=True) "
+                "and never runs code from a file",
+                hint="save the weights alone: torch.save(model.state_dict(), PATH) or safetensors") from None
+        raise CheckpointError(f"{p} is not a readable torch file ({_first_line(exc)})") from None
+    except Exception as exc:  # a corrupt or truncated archive: whatever torch raises, the file is at fault
+        raise CheckpointError(f"{p} is not a readable torch file ({type(exc).__name__}: {_first_line(exc)})",
+                              hint="is it truncated?") from None
+    tensors, notes = _state_dict_in(obj, p)
+    return tensors, None, notes
+
+
+def _is_torch_file(p: Path) -> bool:
+    """By the name, else by the first bytes: torch.save's zip archive, or its legacy format
+    (pickle protocol 2 and a 10-byte magic number; as a safetensors header length that
+    would be 176 MB, beyond what safetensors allows)."""
+    suffix = p.suffix.lower()
+    if suffix in (".safetensors", *TORCH_SUFFIXES):
+        return suffix != ".safetensors"
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head in (b"PK\x03\x04", b"\x80\x02\x8a\x0a")
+
+
+def _state_dict_in(obj: Any, p: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The state dict in what ``torch.load`` returned, and where it was found."""
+    notes = []
+    for _ in range(3):
+        if not isinstance(obj, Mapping) or (obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
+            break
+        key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if key is None:
+            break
+        lightning = key == "state_dict" and any(k in obj for k in ("pytorch-lightning_version", "epoch", "global_step"))
+        notes.append(f"read the state dict under {key!r}" + (" (a Lightning checkpoint)" if lightning else ""))
+        obj = obj[key]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{p} holds a {type(obj).__name__}, not a state dict",
+                              hint="save one with torch.save(model.state_dict(), PATH)")
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        keys = ", ".join(repr(k) for k in list(obj)[:6]) or "none"
+        raise CheckpointError(f"{p} holds no tensors (keys: {keys})",
+                              hint=f"expected a state dict, or a dict with one under {', '.join(map(repr, WRAPPER_KEYS))}")
+    others = [str(k) for k in obj if k not in tensors]
+    if others:
+        notes.append(f"left out {len(others)} entries that are not tensors ({_few(others)})")
+    return tensors, notes
+
+
+def match_keys(tensors: dict[str, torch.Tensor], expected: Mapping[str, Any]
+               ) -> tuple[dict[str, torch.Tensor], str]:
+    """``tensors`` with the key prefix of a wrapper stripped, and the prefix stripped ("" for none).
+
+    A prefix of :data:`KEY_PREFIXES` is stripped only when every key has it, repeatedly
+    (``module._orig_mod.`` is DDP around ``torch.compile``), and the result is used only
+    when its keys are exactly those of ``expected`` (the model's state dict). When no
+    version matches, the one sharing the most keys with the model is returned, for
+    :func:`load_state` to name the differences.
+    """
+    want = set(expected)
+    candidates = [(tensors, "")]
+    current, stripped = tensors, ""
+    while set(current) != want:
+        prefix = next((q for q in KEY_PREFIXES if current and all(k.startswith(q) for k in current)), None)
+        if prefix is None:
+            break
+        current, stripped = {k[len(prefix):]: v for k, v in current.items()}, stripped + prefix
+        candidates.append((current, stripped))
+    if set(current) == want:
+        return current, stripped
+    return max(candidates, key=lambda c: len(set(c[0]) & want))
 
 
 def checkpoint_info(p: Path, doc: Any, need_arch: bool = True) -> CheckpointInfo:

@@ -368,10 +368,14 @@ class CheckedRun:
     measured_on: str
 
 
-def check_runs(paths: Sequence[Any], *, dataset: str | None = None) -> list[CheckedRun]:
+def check_runs(paths: Sequence[Any], *, dataset: str | None = None, model_factory: Any = None,
+               factory_args: dict | None = None, output: str | int | None = None) -> list[CheckedRun]:
     """Check every run before anything is measured: each checkpoint exists and loads, all
     were trained on ONE data set (else their accuracies say nothing about each other), and
     the data set measured on (``dataset``, default the training set) fits each model.
+    ``model_factory`` (with ``factory_args`` and ``output``, see
+    :func:`~flatcli.checkpoint.load_checkpoint`) builds every run's model; a checkpoint
+    without flatcli metadata names no data set, and is taken as trained on ``dataset``.
 
     Raises :class:`~flatcli.errors.CheckpointError` or :class:`~flatcli.errors.DataError`
     (one line naming the run and both data sets); warns when a run is measured on another
@@ -383,17 +387,21 @@ def check_runs(paths: Sequence[Any], *, dataset: str | None = None) -> list[Chec
     from .checkpoint import MODEL_FILE, load_checkpoint, resolve_checkpoint_path
     from .data import get_spec
     from .errors import DataError
+    from .factory import resolve_factory
 
+    factory = resolve_factory(model_factory, factory_args)  # imported once for every run
     checked: list[CheckedRun] = []
     for path in paths:
         ckpt = resolve_checkpoint_path(path)
         with warnings.catch_warnings():  # said again when the run is measured
             warnings.simplefilter("ignore")
-            _, info = load_checkpoint(ckpt)
+            _, info = load_checkpoint(ckpt, model_factory=factory, output=output)
         trained = info.dataset.get("name") if isinstance(info.dataset, dict) else None
+        if (not trained or not isinstance(trained, str)) and dataset is not None and model_factory is not None:
+            trained = dataset  # a file from elsewhere: the data set it is measured on is the only one known
         if not trained or not isinstance(trained, str):
             raise DataError(f"{ckpt} does not say which data set it was trained on",
-                            hint="compare needs runs of flatcli train, whose metadata names the data set")
+                            hint="pass --dataset (compare needs to know the data set of every run)")
         _check_metrics(ckpt, info.metrics if isinstance(info.metrics, dict) else {})
         name = ckpt.parent.name if ckpt.name == MODEL_FILE else Path(ckpt).stem
         while name in [c.name for c in checked]:
@@ -440,7 +448,8 @@ def _shape(shape: Sequence[int]) -> str:
 
 def compare_checkpoints(paths: Sequence[Any], config: Any, *, data_dir: str | None = None, device: str = "auto",
                         use_cache: bool = True, progress: Callable[[int], None] | None = None,
-                        tie_sigmas: float = 2.0, dataset: str | None = None) -> Comparison:
+                        tie_sigmas: float = 2.0, dataset: str | None = None, model_factory: Any = None,
+                        factory_args: dict | None = None, output: str | int | None = None) -> Comparison:
     """Measure (or reuse cached) sharpness of each checkpoint and compare them.
 
     Everything is checked before anything is measured: the options, every checkpoint and
@@ -449,6 +458,7 @@ def compare_checkpoints(paths: Sequence[Any], config: Any, *, data_dir: str | No
     """
     import warnings
 
+    from .checkpoint import CheckpointNote
     from .data import load_dataset
     from .sharpness import load_point, sharpness
     from .training import evaluate
@@ -457,7 +467,8 @@ def compare_checkpoints(paths: Sequence[Any], config: Any, *, data_dir: str | No
         raise UsageError(f"a comparison needs at least two runs, got {len(paths)}")
     if not (tie_sigmas >= 0 and math.isfinite(tie_sigmas)):
         raise UsageError(f"tie-sigmas must be a finite number >= 0, got {tie_sigmas}")
-    runs = check_runs(paths, dataset=dataset)
+    loading = {"model_factory": model_factory, "factory_args": factory_args, "output": output}
+    runs = check_runs(paths, dataset=dataset, **loading)
     # the data every run needs, loaded once now so that a missing file stops us before measuring
     load_dataset(runs[0].measured_on, config.split, data_dir, samples=config.samples)
     load_dataset(runs[0].trained_on, "test", data_dir)
@@ -467,8 +478,11 @@ def compare_checkpoints(paths: Sequence[Any], config: Any, *, data_dir: str | No
         with warnings.catch_warnings():  # check_runs said it once already
             warnings.filterwarnings("ignore", message="measuring on ")
             report = sharpness(run.checkpoint, config, dataset=run.measured_on, data_dir=data_dir, device=device,
-                               use_cache=use_cache, progress=progress)
-        point = load_point(run.checkpoint, split="test", data_dir=data_dir, device=device)
+                               use_cache=use_cache, progress=progress, **loading)
+        with warnings.catch_warnings():  # notes on loading were said when it was measured
+            warnings.simplefilter("ignore", CheckpointNote)
+            point = load_point(run.checkpoint, split="test", dataset=run.trained_on, data_dir=data_dir,
+                               device=device, **loading)
         info = point.info
         if "test_accuracy" not in (info.metrics or {}):
             test_loss, test_acc = evaluate(point.model, point.inputs, point.targets)

@@ -47,6 +47,8 @@ class TrainConfig:
     lr_final: float | None = None
     average_from: int | None = None
     augment: bool | None = None
+    #: Data parallel only: BatchNorm over the global batch (torch.nn.SyncBatchNorm, CUDA) instead of each rank's part.
+    sync_bn: bool = False
     train_samples: int | None = None
     recipe: str | None = None
     data_dir: str | None = None

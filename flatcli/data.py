@@ -198,18 +198,23 @@ def subset_indices(n: int, samples: int) -> torch.Tensor:
     return perm[:samples].sort().values
 
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4,
+                  part: tuple[int, slice] | None = None) -> torch.Tensor:
     """Random crop (zero padding ``pad``) and horizontal flip, per image, on a batch.
 
     The standard CIFAR augmentation (He et al. 2016), done on tensors on the batch's own
     device; the random numbers come from ``generator`` (on the CPU) so a run is
-    reproducible and resumable.
+    reproducible and resumable. ``part=(total, rows)``: ``x`` is rows ``rows`` of a batch
+    of ``total`` images; the draws are those of the whole batch and these rows get
+    theirs, so N data-parallel processes augment their parts exactly as one process
+    augments the batch, and every rank's generator stays in step.
     """
     n, _, h, w = x.shape
+    total, rows_of = part if part is not None else (n, slice(0, n))
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    dy = torch.randint(0, 2 * pad + 1, (total,), generator=generator)[rows_of].to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (total,), generator=generator)[rows_of].to(x.device)
+    flip = (torch.rand(total, generator=generator) < 0.5)[rows_of].to(x.device)
     rows = (torch.arange(h, device=x.device).view(1, h) + dy.view(n, 1))  # (n, h)
     cols = torch.arange(w, device=x.device).view(1, w) + dx.view(n, 1)  # (n, w)
     cols = torch.where(flip.view(n, 1), cols.flip(1), cols)

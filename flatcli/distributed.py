@@ -13,7 +13,13 @@ and rank 0 alone prints and writes files.
 
 Backends: NCCL on CUDA (each process on device ``LOCAL_RANK``), gloo on the CPU. A
 collective that waits longer than ``timeout`` (a rank that died) raises on the others
-instead of hanging, and the command exits with one line.
+instead of hanging, and the command exits with one line. The timeout is
+``$FLATCLI_DIST_TIMEOUT`` seconds (default 300); gloo notices a peer that exited at once.
+
+Test hook (documented so that nobody mistakes it for a feature): ``FLATCLI_TEST_FAIL=
+RANK:PASSES:HOW`` makes process RANK, on reaching its all-reduce number PASSES (one per
+data pass), either ``exit`` (``os._exit(3)``, as a killed process) or ``raise`` a
+:class:`~flatcli.errors.FlatcliError`. Used by tests/test_distributed.py.
 """
 
 from __future__ import annotations
@@ -29,6 +35,22 @@ from .errors import FlatcliError
 
 #: How long a collective may wait for the other ranks before the run is abandoned.
 DEFAULT_TIMEOUT_S = 300.0
+#: Environment variable that overrides :data:`DEFAULT_TIMEOUT_S` (seconds).
+TIMEOUT_ENV = "FLATCLI_DIST_TIMEOUT"
+
+
+def configured_timeout() -> float:
+    """The collective timeout: ``$FLATCLI_DIST_TIMEOUT`` seconds, else :data:`DEFAULT_TIMEOUT_S`."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None or not raw.strip():
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise DistributedError(f"{TIMEOUT_ENV}={raw!r} is not a positive number of seconds")
+    return value
 
 
 class DistributedError(FlatcliError):
@@ -58,6 +80,27 @@ class World:
         start = self.rank * base + min(self.rank, extra)
         return slice(start, start + base + (1 if self.rank < extra else 0))
 
+    def data_shard(self, n: int, batch_size: int | None = None) -> slice:
+        """The samples this rank measures of ``n``: whole batches of ``batch_size``, contiguous.
+
+        With ``batch_size`` the shard boundaries fall on the one-process batch boundaries
+        (batch b = samples [bB, (b+1)B)), so that a loss normalised per batch (BatchNorm
+        on batch statistics) is the same function of the weights under any number of
+        processes. With fewer samples (batches) than processes every rank takes all of
+        them: each weights its sums by the global count (``size * n``), so the all-reduced
+        mean is still the one-process mean, only without a speed-up.
+        """
+        if self.size == 1:
+            return slice(0, n)
+        if batch_size is None or batch_size >= n:
+            units, unit = n, 1
+        else:
+            units, unit = -(-n // batch_size), batch_size
+        if units < self.size:
+            return slice(0, n)
+        part = World(self.rank, self.size, self.local_rank).shard(units)
+        return slice(part.start * unit, min(part.stop * unit, n))
+
 
 def world() -> World:
     """The world of this process: from torch.distributed when initialised, else torchrun's environment."""
@@ -72,14 +115,33 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", 1)) > 1
 
 
-def init(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
+def active() -> bool:
+    """True when this process belongs to an initialised group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main() -> bool:
+    """Rank 0 of an initialised group, or a process on its own (never joined): the one that writes."""
+    return not active() or dist.get_rank() == 0
+
+
+def my_shard(n: int, batch_size: int | None = None) -> slice:
+    """This process's samples of ``n`` (:meth:`World.data_shard`) when it is in an initialised
+    group of several, else all ``n``: launched by torchrun but never joined, a process
+    measures everything, since nothing would add up the shards."""
+    return world().data_shard(n, batch_size) if active() else slice(0, n)
+
+
+def init(device: str = "auto", timeout_s: float | None = None) -> World:
     """Join the process group when launched by ``torchrun`` (no-op otherwise); returns the world.
 
     ``device``: ``auto``/``cuda`` use NCCL and pin this process to ``cuda:LOCAL_RANK``
-    when CUDA is available; otherwise gloo.
+    when CUDA is available; otherwise gloo. ``timeout_s``: default :func:`configured_timeout`.
     """
     if not launched() or (dist.is_available() and dist.is_initialized()):
         return world()
+    if timeout_s is None:
+        timeout_s = configured_timeout()
     if not dist.is_available():
         raise DistributedError("this torch build has no torch.distributed")
     use_cuda = device != "cpu" and torch.cuda.is_available()
@@ -106,15 +168,112 @@ def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
     """Sum each tensor over the ranks, in place (no-op with one process)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
+    _test_fault()
     try:
         for t in tensors:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
     except (RuntimeError, dist.DistBackendError) as exc:  # a peer died or timed out
-        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DistributedError(f"another process of this run failed or timed out ({text[:120]})") from None
+        raise _peer_failed(exc) from None
 
 
-def finish() -> None:
-    """Leave the process group, if any."""
+def _peer_failed(exc: BaseException) -> DistributedError:
+    """One line from a backend's error: its first sentence, without gloo's ``[file.cc:line]``."""
+    import re
+
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", text).split(". ")[0]
+    return DistributedError(f"another process of this run failed or timed out ({text[:120]})",
+                            hint=f"see the other processes' errors; the timeout is ${TIMEOUT_ENV} seconds")
+
+
+def _collective_device() -> torch.device:
+    """Where small tensors for a collective live: this rank's GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def global_count(n: int) -> int:
+    """The sum of ``n`` over the ranks (``n`` with one process): e.g. the global sample count."""
+    if not active():
+        return int(n)
+    t = torch.tensor([int(n)], dtype=torch.int64, device=_collective_device())
+    all_reduce_sum([t])
+    return int(t.item())
+
+
+def all_agree(flag: bool) -> bool:
+    """True when ``flag`` is true on every rank (a decision all ranks must take together)."""
+    if not active():
+        return bool(flag)
+    return global_count(0 if flag else 1) == 0
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (picklable; ``obj`` itself with one process).
+
+    For decisions that read something outside the process group (a cache file another
+    process may be writing): taken once on rank 0, so that all ranks run the same
+    collectives afterwards.
+    """
+    if not active():
+        return obj
+    box = [obj]
+    try:
+        dist.broadcast_object_list(box, src=0, device=_collective_device())
+    except (RuntimeError, dist.DistBackendError) as exc:
+        raise _peer_failed(exc) from None
+    return box[0]
+
+
+def broadcast(tensors: list[torch.Tensor]) -> None:
+    """Rank 0's values of ``tensors`` on every rank, in place (no-op with one process).
+
+    E.g. BatchNorm running statistics, which each rank of a data-parallel run updates
+    from its own part of the batch: after the broadcast all ranks evaluate one model.
+    """
+    if not active():
+        return
+    try:
+        for t in tensors:
+            dist.broadcast(t, src=0)
+    except (RuntimeError, dist.DistBackendError) as exc:
+        raise _peer_failed(exc) from None
+
+
+_passes = 0
+
+
+def _test_fault() -> None:
+    """The ``FLATCLI_TEST_FAIL=RANK:PASSES:HOW`` hook of the module docstring (tests only)."""
+    global _passes
+    spec = os.environ.get("FLATCLI_TEST_FAIL")
+    if not spec:
+        return
+    rank, after, how = spec.split(":")
+    _passes += 1
+    if int(rank) == dist.get_rank() and _passes >= int(after):
+        if how == "exit":
+            os._exit(3)
+        raise FlatcliError(f"test fault on rank {rank} after {after} all-reduces (FLATCLI_TEST_FAIL)")
+
+
+def finish(wait: bool = False) -> None:
+    """Leave the process group, if any (never raises: it runs on the way out of errors too).
+
+    ``wait``: first wait (a barrier, bounded by the timeout) until every process is done,
+    so that none closes its connections while another still reads from them: a gloo
+    connection closed under a process that is still working can abort it at exit
+    ("terminate called without an active exception"). Not after a failure, where a peer
+    may be gone.
+    """
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if wait and dist.get_world_size() > 1:
+                dist.barrier()
+        except Exception:  # a peer failed after its last collective: leave anyway
+            pass
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a group whose peers died: nothing left to leave
+            pass

@@ -55,8 +55,10 @@ from torch import nn
 from .curvature import (DEFAULT_BATCH, CurvatureOperator, EigenEstimate, FrobeniusEstimate, StochasticEstimate, dense_hessian,
                         extreme_eigenvalues, lambda_max, lambda_min, memory_bounded,
                         slq_density, trace_and_frobenius)
+from .curvature.batches import as_source
 from .curvature.exact import single_linear, verified_logistic_regression_hessian
 from .config import BN_MODES, DTYPE_NAMES, MEASURE_NAMES, SharpnessConfig  # noqa: F401  (re-exported)
+from .distributed import my_shard
 from .errors import NonFiniteError, UsageError, UnknownNameError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -148,6 +150,10 @@ class SharpnessReport:
     def fully_cached(self) -> bool:
         """Every measure came from the cache (this call did no Hessian-vector product)."""
         return bool(self.cached) and set(self.measures) <= set(self.cached)
+
+    def to_dict(self) -> dict:
+        """The report as the JSON document of ``flatcli sharpness --json`` (key order included)."""
+        return self.as_dict()
 
     def as_dict(self) -> dict:
         head = {k: getattr(self, k) for k in ("checkpoint", "dataset", "split", "num_samples", "num_params",
@@ -395,30 +401,63 @@ def require_finite_weights(model: nn.Module, where: str = "the model") -> None:
         raise NonFiniteError(f"{where} has non-finite weights (NaN or Inf) in {few}: its curvature is undefined")
 
 
-def measure(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: SharpnessConfig, *,
+def measure(model: nn.Module, inputs: Any, targets: torch.Tensor | SharpnessConfig | None = None,
+            config: SharpnessConfig | None = None, *,
             l2: float = 0.0, progress: Callable[[int], None] | None = None,
             status: Callable[[str], None] | None = None,
             checkpoint: str | None = None, dataset: str | None = None) -> SharpnessReport:
     """Measure ``config.measures`` of ``model`` on (inputs, targets); see the module doc.
 
+    The data is ``inputs, targets`` (tensors), or ``inputs`` alone: a pair of tensors, a
+    ``DataLoader`` or a re-iterable of ``(x, y)`` batches, streamed in its own batches
+    and refused if it shuffles or augments at random (:mod:`flatcli.curvature.batches`);
+    ``measure(model, data, config)`` is that form. With a stream, ``config.batch_size``
+    does not apply (the loader's batches are used; with ``bn_mode="batch"`` they define
+    the matrix and their size is reported as ``bn_batch_size``) and ``"full"`` gathers
+    the batches into one in memory. The closed form of ``exact`` logistic regression
+    needs the inputs in memory: with a stream the dense matrix comes from the operator.
+
     ``l2`` is the coupled-L2 coefficient added as ``l2 * I`` when ``config.include_l2``.
     ``progress`` gets the HVPs done after each data pass, ``status`` the current
     estimate as text (each Lanczos step, each finished measure).
     The model's device decides where the work runs; ``config.dtype`` its precision.
+
+    Under torchrun every process passes the same data and measures its contiguous shard
+    of it (:meth:`flatcli.distributed.World.data_shard`; whole batches with
+    ``bn_mode="batch"``, all of it with ``"full"``): the operator's data passes add the
+    shard sums over the processes, so each gets the one-process numbers up to rounding.
+    Measures that read the data themselves (adaptive sharpness, relative flatness) take
+    all of it on every process. A stream of batches (DataLoader) is taken as this
+    process's part as it is: give each process its own part, or the same stream to all
+    (each then weights by the global count, which is still the one-process mean).
     """
     start = time.perf_counter()
+    if isinstance(targets, SharpnessConfig):  # measure(model, data, config)
+        config, targets = targets, None
+    config = config or SharpnessConfig()
     require_finite_weights(model)  # NaN/Inf weights: one clear error, not a LinAlgError from the eigensolver
+    source = as_source(inputs, targets)  # a stream is read twice here and refused if it changes
+    if source.streamed and config.bn_mode == "full":
+        source = source.gather()  # whole-set statistics: one batch of all N samples, in memory
+    if source.streamed and config.batch_size is not None:
+        raise UsageError(f"batch size {config.batch_size} does not apply to a DataLoader: its own batches "
+                         "are measured", hint="set the loader's batch_size instead")
+    inputs, targets = (source, None) if source.streamed else (source.inputs, source.targets)
     dtype = DTYPES[config.dtype]
     device = next(model.parameters()).device
     coeff = l2 if config.include_l2 else 0.0
     widen = max(1, dtype.itemsize // next(model.parameters()).element_size())  # float64 on a float32 model
     # with batch statistics the batch defines the matrix: never set by device or memory
     batch = config.bn_batch_size if config.bn_mode == "batch" else config.batch_size
-    bounded = memory_bounded(model, inputs, batch, budget_bytes=int(config.memory_gb * 2**30 / widen),
+    x_part, y_part = inputs, targets  # this process's samples (all of them with one process)
+    if isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor) and config.bn_mode != "full":
+        part = my_shard(len(targets), batch if config.bn_mode == "batch" else None)
+        x_part, y_part = inputs[part], targets[part]
+    bounded = memory_bounded(model, x_part, batch, budget_bytes=int(config.memory_gb * 2**30 / widen),
                              bn_mode=config.bn_mode)
     op_kwargs = dict(curvature=config.curvature, bn_mode=config.bn_mode, l2=coeff, dtype=dtype, progress=progress,
                      **bounded)
-    op = CurvatureOperator(model, inputs, targets, **op_kwargs)
+    op = CurvatureOperator(model, x_part, y_part, **op_kwargs)
     closed_form = config.exact and config.curvature == "hessian" and _is_plain_logreg(model)
     ctx = MeasureContext(op, config, model, inputs, targets, closed_form, status)
     loss, accuracy = op.loss_and_accuracy()
@@ -438,15 +477,20 @@ def measure(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, confi
     hvps = op.hvps
     if config.per_layer:
         for name, names in parameter_groups(model).items():
-            sub = CurvatureOperator(model, inputs, targets, param_names=names, **op_kwargs)
+            sub = CurvatureOperator(model, x_part, y_part, param_names=names, **op_kwargs)
             sub_ctx = MeasureContext(sub, config, model, inputs, targets, closed_form=False)
             layers.append(LayerReport(name, tuple(names), sub.num_params,
                                       {m: sub_ctx.get(m) for m in config.measures if m in PER_LAYER}))
             hvps += sub.hvps
-    return SharpnessReport(checkpoint, dataset, config.split, len(targets), op.num_params, config.curvature,
+    # samples measured: op.num_samples counts each process's part, which is all of the tensors on
+    # every process when they are not sharded (bn_mode "full", fewer samples than processes)
+    n_measured = len(targets) if isinstance(targets, torch.Tensor) else op.num_samples
+    bn_batch = (n_measured if config.bn_mode == "full" else op.batch_size if source.streamed
+                and config.bn_mode == "batch" else config.bn_batch_size)
+    return SharpnessReport(checkpoint, dataset, config.split, n_measured, op.num_params, config.curvature,
                            config.bn_mode, config.dtype, str(device), config.seed, loss, accuracy, ctx.weight_norm,
                            coeff, results, hvps, time.perf_counter() - start, config.exact, layers,
-                           bn_batch_size=len(targets) if config.bn_mode == "full" else config.bn_batch_size)
+                           bn_batch_size=bn_batch)
 
 
 def parameter_groups(model: nn.Module) -> dict[str, list[str]]:

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from flatcli.distributed import my_shard
 from flatcli.errors import TooLargeError, UsageError
 from flatcli.models import LayerInfo, layer_fan_ins
 
@@ -263,8 +264,10 @@ def measured_rank(
         )
     from flatcli.curvature import CurvatureOperator, dense_hessian
 
+    part = my_shard(int(targets.shape[0]))  # torchrun: this process's samples (see measures.measure)
+
     def spectrum(curvature: str) -> Tensor:
-        op = CurvatureOperator(model, inputs, targets, curvature=curvature, dtype=torch.float64)
+        op = CurvatureOperator(model, inputs[part], targets[part], curvature=curvature, dtype=torch.float64)
         h = dense_hessian(op, max_bytes=need)
         return torch.linalg.eigvalsh(0.5 * (h + h.T))
 
@@ -401,6 +404,11 @@ def _register_zoo() -> None:
     # the MLP is linear without hidden layers (depth 0): its ModuleList is then empty
     LINEAR_MODULES.setdefault(MLP, lambda m: len(m.hidden) == 0)
     LINEAR_MODULES.setdefault(nn.ModuleList, lambda m: len(m) == 0)
+    from flatcli.factory import LogitsOf
+
+    # a model of --model-factory, wrapped to pick its logits: linear when the user's model is
+    # (a linear model returns a tensor, which the wrapper passes on unchanged)
+    LINEAR_MODULES.setdefault(LogitsOf, lambda m: is_linear_model(m.wrapped))
 
 
 _register_zoo()
@@ -651,7 +659,8 @@ def rank_report(model: nn.Module, inputs: Tensor, targets: Tensor, num_classes: 
     else:
         from flatcli.curvature import CurvatureOperator, memory_bounded, slq_density
 
-        op = CurvatureOperator(model, inputs, targets, **memory_bounded(model, inputs))
+        part = my_shard(len(targets))  # torchrun: this process's samples
+        op = CurvatureOperator(model, inputs[part], targets[part], **memory_bounded(model, inputs[part]))
         density = slq_density(op, probes=probes, iterations=iterations, seed=seed)
         measured = estimated_rank(density, bound.num_params, fraction)
     linear = is_linear_model(model, inputs)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from flatcli.curvature.batches import DataSource, TensorData, as_source
 from flatcli.errors import UsageError
 
 # ----------------------------------------------------------------------------------------
@@ -165,23 +166,29 @@ def _first_parameter(model: nn.Module) -> nn.Parameter:
         raise UsageError("the model has no parameters") from None
 
 
-def _prepare_data(model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Inputs and targets on the model's device; float inputs in the model's dtype."""
+def _to_model(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """A batch on the model's device; float inputs in the model's dtype."""
     first = _first_parameter(model)
-    if inputs.shape[0] != targets.shape[0] or targets.ndim != 1 or inputs.shape[0] == 0:
-        raise UsageError(
-            f"inputs and targets must hold the same number (> 0) of samples, got "
-            f"{tuple(inputs.shape)} and {tuple(targets.shape)}"
-        )
-    x = inputs.to(device=first.device, dtype=first.dtype) if inputs.is_floating_point() else inputs.to(first.device)
-    return x, targets.to(first.device)
+    x = x.to(device=first.device, dtype=first.dtype) if x.is_floating_point() else x.to(first.device)
+    return x, y.to(first.device)
 
 
-def _chunks(n: int, batch_size: int | None) -> list[slice]:
+def _prepare_data(model: nn.Module, inputs: Tensor | Iterable | DataSource, targets: Tensor | None,
+                  batch_size: int | None) -> Callable[[], Iterator[tuple[Tensor, Tensor]]]:
+    """The data's batches on the model's device, as a function that starts a pass.
+
+    ``(inputs, targets)`` tensors are moved once and cut into ``batch_size`` slices; a
+    stream (DataLoader, iterable of batches; see :mod:`flatcli.curvature.batches`) is
+    read in its own batches, each moved when read (``batch_size`` does not apply).
+    """
+    _first_parameter(model)
     if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
         raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
-    step = n if batch_size is None else batch_size
-    return [slice(s, s + step) for s in range(0, n, step)]
+    source = as_source(inputs, targets)
+    if isinstance(source, TensorData):
+        moved = TensorData(*_to_model(model, source.inputs, source.targets))
+        return lambda: moved.batches(batch_size)
+    return lambda: (_to_model(model, x, y) for x, y in source.batches())
 
 
 #: Floor of the logit norm in :func:`normalise_logits` (as in Andriushchenko et al.'s code).
@@ -205,18 +212,19 @@ def normalise_logits(logits: Tensor) -> Tensor:
 def _mean_loss(
     model: nn.Module,
     params: dict[str, Tensor],
-    x: Tensor,
-    y: Tensor,
-    chunks: list[slice],
+    batches: Callable[[], Iterator[tuple[Tensor, Tensor]]],
     logit_normalise: bool,
 ) -> float:
-    total = torch.zeros((), dtype=torch.float64, device=x.device)
-    for s in chunks:
-        logits = functional_call(model, params, (x[s],))
+    """The mean cross-entropy over all batches of one pass (summed in float64)."""
+    total: Tensor | float = 0.0
+    count = 0
+    for x, y in batches():
+        logits = functional_call(model, params, (x,))
         if logit_normalise:
             logits = normalise_logits(logits)
-        total += F.cross_entropy(logits, y[s], reduction="sum").double()
-    return float(total) / y.shape[0]
+        total = total + F.cross_entropy(logits, y, reduction="sum").double()
+        count += y.shape[0]
+    return float(total) / count
 
 
 # ----------------------------------------------------------------------------------------
@@ -253,8 +261,8 @@ class AdaptiveSharpness:
 
 def adaptive_sharpness(
     model: nn.Module,
-    inputs: Tensor,
-    targets: Tensor,
+    inputs: Tensor | Iterable | DataSource,
+    targets: Tensor | None = None,
     *,
     rho: float = 0.05,
     samples: int = 64,
@@ -291,25 +299,28 @@ def adaptive_sharpness(
         seed: seed of the noise.
         logit_normalise: use normalised logits (see above).
         batch_size: samples per forward pass (default: all at once).
+
+    ``inputs, targets`` are tensors, or ``inputs`` alone is the data as one object (a
+    pair, a DataLoader or a re-iterable of (x, y) batches, read once per evaluation of
+    L in its own batches; see :mod:`flatcli.curvature.batches`).
     """
     if not (math.isfinite(rho) and rho > 0):
         raise UsageError(f"rho must be a finite number > 0, got {rho}")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
         raise UsageError(f"samples must be an integer >= 2, got {samples!r}")
-    x, y = _prepare_data(model, inputs, targets)
-    chunks = _chunks(y.shape[0], batch_size)
+    batches = _prepare_data(model, inputs, targets, batch_size)
     params = {n: p.detach() for n, p in model.named_parameters()}
     first = _first_parameter(model)
     gen = torch.Generator(device=first.device).manual_seed(int(seed))
     diffs = []
     with _eval_mode(model), torch.no_grad():
-        base = _mean_loss(model, params, x, y, chunks, logit_normalise)
+        base = _mean_loss(model, params, batches, logit_normalise)
         for _ in range(samples):
             noisy = {}
             for name, p in params.items():
                 eps = torch.randn(p.shape, generator=gen, device=first.device, dtype=p.dtype).to(p.device)
                 noisy[name] = p + rho * p.abs() * eps
-            diffs.append(_mean_loss(model, noisy, x, y, chunks, logit_normalise) - base)
+            diffs.append(_mean_loss(model, noisy, batches, logit_normalise) - base)
     d = torch.tensor(diffs, dtype=torch.float64)
     return AdaptiveSharpness(
         value=float(d.mean()),
@@ -343,8 +354,8 @@ def _find_linear(model: nn.Module, layer: str | None) -> tuple[str, nn.Linear]:
 
 def relative_flatness(
     model: nn.Module,
-    inputs: Tensor,
-    targets: Tensor,
+    inputs: Tensor | Iterable | DataSource,
+    targets: Tensor | None = None,
     layer: str | None = None,
     *,
     batch_size: int | None = None,
@@ -372,10 +383,11 @@ def relative_flatness(
             logits (default: the last Linear layer); otherwise :class:`UsageError`.
         batch_size: samples per forward pass (default: all at once).
 
+    ``inputs, targets``: as in :func:`adaptive_sharpness` (a stream is read once).
     The model runs in eval mode; the result is computed in the model's dtype.
     """
     name, linear = _find_linear(model, layer)
-    x, y = _prepare_data(model, inputs, targets)
+    batches = _prepare_data(model, inputs, targets, batch_size)
     captured: dict[str, Tensor] = {}
 
     def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
@@ -386,9 +398,11 @@ def relative_flatness(
     handle = linear.register_forward_hook(hook)
     try:
         with _eval_mode(model), torch.no_grad():
-            for s in _chunks(y.shape[0], batch_size):
+            count = 0
+            for x, y in batches():
+                count += y.shape[0]
                 captured.clear()
-                logits = model(x[s])
+                logits = model(x)
                 if "output" not in captured or not torch.equal(captured["output"], logits):
                     raise UsageError(
                         f"layer {name!r} does not produce the model's logits",
@@ -402,7 +416,7 @@ def relative_flatness(
                 trace_blocks += torch.diag(q @ p) - (p * q[:, None]).T @ p
     finally:
         handle.remove()
-    trace_blocks /= y.shape[0]
+    trace_blocks /= count
     with torch.no_grad():
         w = linear.weight
         return float(((w @ w.T) * trace_blocks).sum())

@@ -11,15 +11,14 @@ same numbers; ``use_cache=False`` recomputes. See :class:`ResultCache`.
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import json
 import os
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +27,10 @@ from . import __version__
 from .checkpoint import MODEL_FILE, CheckpointInfo, atomic_write_text, load_checkpoint, resolve_checkpoint_path
 from . import data as _data
 from .data import DATASETS, tensor_digest
-from .errors import CheckpointError, DataError, NonFiniteError
+from .curvature.batches import DataSource, StreamedData, as_source
+from .distributed import broadcast_object, is_main
+from .errors import CheckpointError, DataError, NonFiniteError, UsageError
+from .factory import LogitsOf, import_factory, pick_logits  # noqa: F401  (import_factory: as before)
 from .measures import PER_LAYER, LayerReport, SharpnessConfig, SharpnessReport, measure, non_finite_tensors
 from .training import resolve_device
 
@@ -51,44 +53,10 @@ class MeasuredPoint:
     dataset: str
 
 
-def import_factory(spec: str) -> Callable[[], nn.Module]:
-    """``MODULE:FUNCTION`` (module importable or a path to a .py file) -> the function."""
-    if ":" not in spec:
-        raise CheckpointError(f"--model-factory {spec!r} is not MODULE:FUNCTION")
-    module_name, func_name = spec.rsplit(":", 1)
-    try:
-        if module_name.endswith(".py") or os.sep in module_name:
-            path = Path(module_name)
-            if not path.is_file():
-                raise CheckpointError(f"--model-factory: no file {path}")
-            loader_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(loader_spec)
-            loader_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # any import failure of user code is the user's to fix
-        raise CheckpointError(f"--model-factory: cannot import {module_name} ({type(exc).__name__}: {exc})") from None
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise CheckpointError(f"--model-factory: {module_name} has no function {func_name}")
-
-    def build() -> nn.Module:
-        try:
-            model = func()
-        except Exception as exc:
-            raise CheckpointError(f"--model-factory {spec} failed: {type(exc).__name__}: {exc}") from None
-        if not isinstance(model, nn.Module):
-            raise CheckpointError(f"--model-factory {spec} returned {type(model).__name__}, not a torch.nn.Module")
-        return model
-
-    return build
-
-
 def load_point(path: str | os.PathLike, *, split: str = "train", samples: int | None = None,
                dataset: str | None = None, data_dir: str | None = None, device: str = "auto",
-               model_factory: str | Callable[[], nn.Module] | None = None, download: bool = False) -> MeasuredPoint:
+               model_factory: str | Callable[..., nn.Module] | None = None, factory_args: dict | None = None,
+               output: str | int | None = None, download: bool = False) -> MeasuredPoint:
     """Load a checkpoint and the (unaugmented) data it is to be measured on.
 
     Refused here, before any measurement, with one clear error: NaN or Inf weights
@@ -97,10 +65,9 @@ def load_point(path: str | os.PathLike, *, split: str = "train", samples: int | 
     (:class:`~flatcli.errors.DataError`). Measuring on another data set of the same shape
     than the checkpoint's is allowed, with a warning.
     """
-    factory = import_factory(model_factory) if isinstance(model_factory, str) else model_factory
     with warnings.catch_warnings(record=True) as caught:  # its NaN warning becomes the error below
         warnings.simplefilter("always")
-        model, info = load_checkpoint(path, model_factory=factory)
+        model, info = load_checkpoint(path, model_factory=model_factory, factory_args=factory_args, output=output)
     bad = non_finite_tensors(model)
     if bad:
         few = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
@@ -173,12 +140,29 @@ def cache_file(path: str | os.PathLike) -> Path | None:
     return ckpt.parent / CACHE_FILE if ckpt.name == MODEL_FILE else None
 
 
-def sharpness(path: str | os.PathLike, config: SharpnessConfig | None = None, *, dataset: str | None = None,
-              data_dir: str | None = None, device: str = "auto",
-              model_factory: str | Callable[[], nn.Module] | None = None, use_cache: bool = True,
+def sharpness(model_or_path: nn.Module | str | os.PathLike, data: Any = None, *,
+              measures: str | Sequence[str] | None = None, config: SharpnessConfig | None = None,
+              dataset: str | None = None, data_dir: str | None = None, device: str = "auto",
+              model_factory: str | Callable[..., nn.Module] | None = None, factory_args: dict | None = None,
+              output: str | int | None = None, use_cache: bool = True,
               progress: Callable[[int], None] | None = None,
-              status: Callable[[str], None] | None = None) -> SharpnessReport:
-    """Measure the curvature of a checkpoint (file or run directory); see ``measures``.
+              status: Callable[[str], None] | None = None, **settings: Any) -> SharpnessReport:
+    """Measure the curvature of a model: an ``nn.Module`` or a checkpoint (file or run
+    directory); see ``measures``.
+
+    ``data``: a pair ``(inputs, targets)`` of tensors, a ``torch.utils.data.DataLoader``
+    or any re-iterable of ``(x, y)`` batches (streamed batch by batch, once per data
+    pass; a loader that shuffles or augments at random is refused, since every pass must
+    see the same function: :mod:`flatcli.curvature.batches`). Required with a module;
+    with a checkpoint it defaults to the checkpoint's own data set (``dataset``,
+    ``data_dir``, ``config.split`` and ``config.samples`` choose it). ``measures``: names
+    as a list or one comma-separated string; ``**settings``: fields of
+    :class:`SharpnessConfig` (``dtype="float64"``, ``tol=1e-6``, ...), applied over
+    ``config``. ``sharpness(path, config)`` (a config as second argument) still works.
+    A module is measured where its parameters live (``device`` is for checkpoints) and
+    is never changed: no parameter, buffer or train/eval flag. A forward that returns a
+    dict, tuple or output object is read through :func:`flatcli.factory.pick_logits`
+    (``output`` names the logits when its rules do not find them).
 
     A run directory keeps each measure's result in ``sharpness.json`` (see
     :class:`ResultCache`), keyed by everything that decides its numbers. Measures found
@@ -187,10 +171,15 @@ def sharpness(path: str | os.PathLike, config: SharpnessConfig | None = None, *,
     written is a warning.
     """
     start = time.perf_counter()
-    config = config or SharpnessConfig()
-    ckpt = resolve_checkpoint_path(path)
+    if isinstance(data, SharpnessConfig):  # sharpness(path, config): the signature before data
+        config, data = data, None
+    config = _settings(config, measures, settings)
+    if isinstance(model_or_path, nn.Module) or data is not None:
+        return _measure_given(model_or_path, data, config, device=device, model_factory=model_factory,
+                              factory_args=factory_args, output=output, progress=progress, status=status)
+    ckpt = resolve_checkpoint_path(model_or_path)
     point = load_point(ckpt, split=config.split, samples=config.samples, dataset=dataset, data_dir=data_dir,
-                       device=device, model_factory=model_factory)
+                       device=device, model_factory=model_factory, factory_args=factory_args, output=output)
     cache = ResultCache(ckpt.parent / CACHE_FILE) if ckpt.name == MODEL_FILE else None
     l2 = float(point.info.train.get("l2", 0.0) or 0.0) if isinstance(point.info.train, dict) else 0.0
 
@@ -202,17 +191,101 @@ def sharpness(path: str | os.PathLike, config: SharpnessConfig | None = None, *,
         return run(config)
     key = cache_key(point, config)
     wanted = {name: measure_slot(name, config) for name in _with_implied(config.measures)}
-    found = cache.lookup(key, wanted, config) if use_cache else None
+    # under torchrun rank 0 alone reads and writes the cache, and tells the others what it found
+    found = broadcast_object(cache.lookup(key, wanted, config) if use_cache and is_main() else None)
     if found is not None and found.hits == set(wanted):  # all from the cache: no model evaluation
         report = found.report(ckpt, point.dataset, config)
         return replace(report, hvps=0, seconds=time.perf_counter() - start, cached=tuple(report.measures))
     todo = _to_compute(config, wanted, found.hits if found is not None else set())
     computed = run(replace(config, measures=todo))
-    cache.store(key, computed, config)
+    if is_main():
+        cache.store(key, computed, config)
     if found is None or not found.hits:
         return computed
     return _merge(computed, found.report(ckpt, point.dataset, config, only=found.hits), config,
                   seconds=time.perf_counter() - start)
+
+
+def _settings(config: SharpnessConfig | None, measures: str | Sequence[str] | None,
+              settings: dict[str, Any]) -> SharpnessConfig:
+    """``config`` (default: the defaults) with ``measures`` and ``settings`` applied; an
+    unknown setting is one :class:`~flatcli.errors.UsageError` naming the valid ones."""
+    valid = sorted(f.name for f in fields(SharpnessConfig) if f.init)
+    unknown = sorted(set(settings) - set(valid))
+    if unknown:
+        raise UsageError(f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}",
+                         hint=f"valid settings: {', '.join(valid)}")
+    if config is not None and not isinstance(config, SharpnessConfig):
+        raise UsageError(f"config must be a SharpnessConfig, got {type(config).__name__}")
+    if measures is not None:
+        names = measures.split(",") if isinstance(measures, str) else list(measures)
+        settings["measures"] = tuple(str(m).strip() for m in names if str(m).strip())
+    if isinstance(settings.get("dtype"), torch.dtype):  # torch.float64 as well as "float64"
+        settings["dtype"] = str(settings["dtype"]).removeprefix("torch.")
+    try:
+        return replace(config, **settings) if config is not None else SharpnessConfig(**settings)
+    except TypeError as exc:  # e.g. tol="small": a value of the wrong type
+        raise UsageError(f"a setting has a value of the wrong type ({exc})") from None
+
+
+def _measure_given(model_or_path: nn.Module | str | os.PathLike, data: Any, config: SharpnessConfig, *,
+                   device: str, model_factory, factory_args, output, progress, status) -> SharpnessReport:
+    """:func:`sharpness` of a module, or of a checkpoint on data given by the caller
+    (no ``sharpness.json`` cache: it is keyed by the checkpoint's own data)."""
+    if data is None:
+        raise UsageError("a model given as a module needs data",
+                         hint="pass data=(inputs, targets), a DataLoader, or an iterable of (x, y) batches")
+    if config.samples is not None:
+        raise UsageError("samples chooses a subset of a checkpoint's own data set, not of data given",
+                         hint="pass the subset as data")
+    source = as_source(data)  # a stream is read twice here and refused if it changes
+    l2, checkpoint = 0.0, None
+    if isinstance(model_or_path, nn.Module):
+        model = model_or_path
+        first = next(iter(model.parameters()), None)
+        if first is None:
+            raise UsageError("the model has no parameters")
+        if device != "auto" and torch.device(device).type != first.device.type:
+            raise UsageError(f"the model lives on {first.device}, not {device}: a module is measured where it is",
+                             hint="move it first (model.to(device)), or leave device unset")
+    else:
+        ckpt = resolve_checkpoint_path(model_or_path)
+        model, info = load_checkpoint(ckpt, model_factory=model_factory, factory_args=factory_args, output=output)
+        model = model.to(resolve_device(device))
+        l2 = float(info.train.get("l2", 0.0) or 0.0) if isinstance(info.train, dict) else 0.0
+        checkpoint, output = str(ckpt), None  # load_checkpoint applied output
+    flag = model.training  # LogitsOf's train/eval also set the wrapped model's own flag
+    try:
+        model = _check_takes(model, source, output)
+        return measure(model, source, config, l2=l2, progress=progress, status=status, checkpoint=checkpoint)
+    finally:
+        (model.wrapped if isinstance(model, LogitsOf) else model).training = flag
+
+
+def _check_takes(model: nn.Module, source: DataSource, output: str | int | None) -> nn.Module:
+    """One forward pass of one input, in eval mode (every module's flag restored): the
+    model takes the data and has an output for every label. Returns the model to
+    measure: wrapped in :class:`~flatcli.factory.LogitsOf` when its forward returns more
+    than a tensor of logits (a dict, a tuple, an output object) or ``output`` is given."""
+    from .scale import _eval_mode
+
+    first = next(model.parameters())
+    x = source.example.to(first.device)
+    try:
+        with _eval_mode(model), torch.no_grad():
+            out = model(x.to(first.dtype) if x.is_floating_point() else x)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"the model cannot take inputs of shape {tuple(x.shape[1:])}: {text}") from None
+    if output is not None or not isinstance(out, torch.Tensor):
+        out = pick_logits(out, output)  # one clear line when the logits cannot be found
+        model = LogitsOf(model, output)
+    if out.ndim != 2:
+        raise DataError(f"the model gives outputs of shape {tuple(out.shape[1:])} per input, not one logit per class")
+    top = source.max_label if isinstance(source, StreamedData) else int(source.targets.max())
+    if top >= out.shape[1]:
+        raise DataError(f"the data has labels up to {top}, but the model has only {out.shape[1]} outputs")
+    return model
 
 
 # --- the sharpness.json cache ------------------------------------------------------------

@@ -23,6 +23,21 @@ training set (Izmailov et al. 2018; Granziol et al., Gadam).
 A run folder is written by one process at a time (a lock), holds only flatcli's files,
 and is replaced by ``--overwrite`` only once the new run is complete (see
 :func:`_run_folder`); a resumed run is held to the options stored with its state.
+
+**Data parallel** (``torchrun --nproc-per-node N``): ``batch_size`` B stays the global
+batch, so N processes train the one-process recipe. Every rank draws the same
+per-epoch permutation (:func:`_epoch_generator`; a ``DistributedSampler`` would draw
+another order than one process), cuts each global batch into N contiguous parts
+(:meth:`flatcli.distributed.World.shard`) and weights its summed loss by N/B, so that
+the gradient ``DistributedDataParallel`` averages over the ranks is that of the global
+batch mean, (1/N) sum_r (N/B) sum_{i in part r} grad l_i = (1/B) sum_i grad l_i (B the
+batch's own size for a last, smaller batch). Regularisers, schedules and averaging act
+on identical weights on every rank. BatchNorm normalises over each rank's B/N samples
+(the paper's single-GPU statistics, per rank; rank 0's running statistics are kept),
+or over the global batch with ``sync_bn`` (``torch.nn.SyncBatchNorm``, CUDA only).
+Rank 0 alone checks, locks and writes the run folder and tells the other ranks its
+decision (a refusal ends every rank with the same line). Evaluation shards the samples
+and all-reduces the sums, so the metrics are the one-process ones up to float rounding.
 """
 
 from __future__ import annotations
@@ -44,13 +59,14 @@ from torch import nn
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, update_bn
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import (LAST_FILE, LOCK_FILE, METRICS_FILE, MODEL_FILE, RUN_FILES, STAGING_DIR, STATE_FILE,
                          TRAIN_FILES, atomic_write_text, is_run_file, load_state_file, remove_temporaries,
                          save_checkpoint, save_state)
 from .config import TrainConfig, contradiction
 from .data import augment_batch, get_spec, load_dataset
-from .errors import CheckpointError, OutputError, RunExistsError, UsageError, UnknownNameError
+from .distributed import DistributedError, World
+from .errors import CheckpointError, FlatcliError, OutputError, RunExistsError, UsageError, UnknownNameError
 from .models import build_model, resolve_kwargs
 
 OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], TrainConfig], torch.optim.Optimizer]] = {
@@ -136,20 +152,30 @@ class TrainCallbacks:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-             batch_size: int = 1024) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` (in eval mode) on the given data."""
+             batch_size: int = 1024, world: World | None = None) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` (in eval mode) on the given data.
+
+    With ``world`` of N processes (every rank calls this), each rank takes its
+    contiguous shard of the samples and the sums over the shards are all-reduced: the
+    mean over all samples, as one process computes it up to float rounding.
+    """
+    world = world or World()
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    loss, correct = 0.0, 0
-    for start in range(0, len(targets), batch_size):
-        x = inputs[start:start + batch_size].to(device)
-        y = targets[start:start + batch_size].to(device)
+    shard = world.shard(len(targets))
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for start in range(shard.start, shard.stop, batch_size):
+        stop = min(start + batch_size, shard.stop)
+        x, y = inputs[start:stop].to(device), targets[start:stop].to(device)
         logits = model(x)
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
+        loss += F.cross_entropy(logits, y, reduction="sum").double()
+        correct += (logits.argmax(1) == y).sum()
     model.train(was_training)
-    return loss / len(targets), correct / len(targets)
+    if world.size > 1:
+        distributed.all_reduce_sum([loss, correct])
+    return float(loss) / len(targets), int(correct) / len(targets)
 
 
 def weight_norm(model: nn.Module) -> float:
@@ -179,12 +205,18 @@ def regularised_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
                     targets: torch.Tensor, config: TrainConfig, generator: torch.Generator,
-                    augment: bool, on_batch: Callable[[int, float], None] | None = None) -> tuple[float, float]:
+                    augment: bool, on_batch: Callable[[int, float], None] | None = None,
+                    world: World | None = None) -> tuple[float, float]:
     """One pass over the data in the order drawn from ``generator``; returns (loss, accuracy).
 
     The loss and accuracy are running means over the epoch's batches (as seen while
-    training, with augmentation).
+    training, with augmentation). With ``world`` of N processes, ``model`` is a
+    ``DistributedDataParallel``; each global batch of B' <= B samples is cut into N
+    contiguous parts and rank r minimises (N/B') sum_{i in part r} l_i, whose gradients
+    DDP averages into (1/B') sum_i grad l_i, the one-process gradient (module doc).
+    The augmentation draws are the whole batch's (every generator stays in step).
     """
+    world = world or World()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     n = len(targets)
@@ -193,18 +225,26 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: 
     correct = torch.zeros((), dtype=torch.int64, device=inputs.device)
     for b, start in enumerate(range(0, n, config.batch_size)):
         idx = order[start:start + config.batch_size]
-        x, y = inputs[idx], targets[idx]
+        part = world.shard(len(idx))
+        x, y = inputs[idx[part]], targets[idx[part]]
         if augment:
-            x = augment_batch(x, generator)
+            x = augment_batch(x, generator, part=(len(idx), part))
         logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        if world.size == 1:
+            loss = F.cross_entropy(logits, y)
+            total_loss += loss.detach() * len(y)
+        else:
+            summed = F.cross_entropy(logits, y, reduction="sum")
+            loss = summed * (world.size / len(idx))
+            total_loss += summed.detach()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         regularised_step(optimizer, params, config.l2, config.weight_decay)
-        total_loss += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
         if on_batch is not None:
-            on_batch(b, loss.detach())
+            on_batch(b, loss.detach() if world.size == 1 else summed.detach() / max(len(y), 1))
+    if world.size > 1:
+        distributed.all_reduce_sum([total_loss, correct])
     return float(total_loss) / n, int(correct) / n
 
 
@@ -314,8 +354,9 @@ def _read_pid(fd: int) -> str:
 @dataclass
 class _RunFolder:
     out: Path  # the run folder
-    work: Path  # where this process writes: ``out``, or its staging folder for --overwrite
+    work: Path | None  # where this process writes: ``out``, or its staging folder for --overwrite (None: rank > 0)
     mode: str
+    trained: bool = False  # past the run's last collective: the other ranks wait for rank 0's last word
 
 
 @contextlib.contextmanager
@@ -447,44 +488,159 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> Train
     is touched; the folder is then locked for the whole run (see :func:`_run_folder`).
     """
     cb = callbacks or TrainCallbacks()
-    device = resolve_device(config.device)
+    world = distributed.init(config.device)
+    device = resolve_device(distributed.device_for(config.device))
     spec = get_spec(config.dataset)
     kwargs = resolve_kwargs(config.model, **config.model_kwargs)
     if config.optimizer not in OPTIMIZERS:
         _unknown("optimizer", config.optimizer, OPTIMIZERS)
     if config.schedule not in SCHEDULES:
         _unknown("schedule", config.schedule, SCHEDULES)
+    if config.sync_bn and world.size > 1 and device.type != "cuda":
+        raise UsageError("--sync-bn needs CUDA devices: torch.nn.SyncBatchNorm synchronises GPU tensors only",
+                         hint="drop --sync-bn: each process then normalises over its part of the batch")
     augment = spec.augment_by_default if config.augment is None else config.augment
     torch.manual_seed(config.seed)
     model = build_model(config.model, input_shape=spec.input_shape, num_classes=spec.num_classes, **kwargs)
-    train_set = load_dataset(config.dataset, "train", config.data_dir, download=config.download,
-                             samples=config.train_samples)
-    test_set = load_dataset(config.dataset, "test", config.data_dir, download=config.download)
+
+    def load() -> tuple:
+        return (load_dataset(config.dataset, "train", config.data_dir, download=config.download,
+                             samples=config.train_samples),
+                load_dataset(config.dataset, "test", config.data_dir, download=config.download))
+
+    if config.download and world.size > 1:  # rank 0 downloads, then the others read its files
+        train_set, test_set = _main_first(world, load)
+    else:
+        train_set, test_set = load()
     #: What the run is (not where it is written): stored with its resume state, recorded in its checkpoints.
     options = {**config.recorded(), "model_kwargs": kwargs, "augment": augment}
+    args = (config, options, model, spec, device, augment, train_set, test_set, cb)
 
-    with _run_folder(config) as run:
+    if not world.is_main:  # rank 0 decides about the folder (and reads any resume state)
+        decision = _from_main(None)
+        run = _RunFolder(decision["out"], None, decision["mode"])
+        result = _train_in(run, *args, state=decision["state"], world=world)
+        _from_main(None)  # rank 0's files are in place, or its error is raised here too
+        return result
+    run, told = None, False
+    try:
+        with _run_folder(config) as run:
+            try:
+                state = _resume_state(run, config, options) if run.mode == "resume" else None
+                _from_main({"out": run.out, "mode": run.mode, "state": state})
+                told = True
+                result = _train_in(run, *args, state=state, world=world)
+            except OSError as exc:
+                raise _write_error(exc, run.out, run) from None
+        _from_main("done")
+        return result
+    except BaseException as exc:
+        # Tell the other ranks only where they wait for rank 0's word (before and after the
+        # training's collectives); during training they learn of its exit from the collective.
+        if world.size > 1 and (not told or (run is not None and run.trained)):
+            with contextlib.suppress(DistributedError):
+                _from_main(exc)
+        raise
+
+
+def _from_main(word):
+    """Rank 0's ``word`` on every rank; an exception from rank 0 is raised on every rank.
+
+    A :class:`FlatcliError` is re-created with its class, message and hint, so that
+    every rank ends with rank 0's one line and exit code; anything else says that
+    process 0 failed. One process: returns ``word``.
+    """
+    if isinstance(word, BaseException):
+        if isinstance(word, FlatcliError):
+            word = ("error", type(word), word.message, word.hint)
+        else:
+            word = ("error", DistributedError, f"process 0 of this run failed ({_first_line(word)})", None)
+    received = distributed.broadcast_object(word)
+    if isinstance(received, tuple) and received[:1] == ("error",):
+        _, cls, message, hint = received
+        exc = cls.__new__(cls)
+        FlatcliError.__init__(exc, message, hint)
+        raise exc
+    return received
+
+
+def main_decides(action: Callable):
+    """``action()`` on rank 0 alone; its value, or its error, on every rank (one process: ``action()``).
+
+    For what reads the run folder (e.g. a run's stored options for ``--resume``), which
+    only rank 0 may be able to see.
+    """
+    if not distributed.active():
+        return action()
+    if distributed.world().is_main:
         try:
-            return _train_in(run, config, options, model, spec, device, augment, train_set, test_set, cb)
-        except OSError as exc:
-            raise _write_error(exc, run.out, run) from None
+            value = action()
+        except BaseException as exc:
+            with contextlib.suppress(DistributedError):
+                _from_main(exc)
+            raise
+        return _from_main(value)
+    return _from_main(None)
+
+
+def _main_first(world: World, action: Callable):
+    """``action()`` on rank 0, then (if it succeeded) on the other ranks: e.g. a download."""
+    if world.is_main:
+        try:
+            value = action()
+        except BaseException as exc:
+            with contextlib.suppress(DistributedError):
+                _from_main(exc)
+            raise
+        _from_main("done")
+        return value
+    _from_main(None)
+    return action()
+
+
+def _resume_state(run: _RunFolder, config: TrainConfig, options: dict) -> dict:
+    """The stored state of the run in ``run``, checked against the options given now."""
+    state = load_state_file(run.work / STATE_FILE)
+    _check_resume(options, state, replace(config, out=run.out))
+    return state
 
 
 def _train_in(run: _RunFolder, config: TrainConfig, options: dict, model: nn.Module, spec, device: torch.device,
-              augment: bool, train_set, test_set, cb: TrainCallbacks) -> TrainResult:
+              augment: bool, train_set, test_set, cb: TrainCallbacks, state: dict | None = None,
+              world: World | None = None) -> TrainResult:
+    """Train (from ``state`` when resuming) and, on rank 0, write the run into ``run.work``."""
+    world = world or World()
+    try:
+        return _train_loop(run, config, options, model, spec, device, augment, train_set, test_set, cb, state, world)
+    except RuntimeError as exc:  # a collective of DDP failed: another rank died or timed out
+        if world.size > 1 and _collective_failure(exc):
+            raise DistributedError(f"another process of this run failed or timed out ({_first_line(exc)[:120]})") \
+                from None
+        raise
+
+
+def _collective_failure(exc: RuntimeError) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, torch.distributed.DistError) or any(
+        word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))
+
+
+def _train_loop(run: _RunFolder, config: TrainConfig, options: dict, model: nn.Module, spec, device: torch.device,
+                augment: bool, train_set, test_set, cb: TrainCallbacks, state: dict | None,
+                world: World) -> TrainResult:
     out = run.work
     x_train, y_train = (t.to(device) for t in train_set.tensors)
     x_test, y_test = test_set.tensors
     model = model.to(device)
+    if config.sync_bn and world.size > 1:  # same parameters and buffers, state dict keys unchanged
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = OPTIMIZERS[config.optimizer](list(model.parameters()), config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, SCHEDULES[config.schedule](config))
     averaged = AveragedModel(model) if config.average_from else None
 
     history: list[EpochRecord] = []
     start_epoch, elapsed = 0, 0.0
-    if run.mode == "resume":
-        state = load_state_file(out / STATE_FILE)
-        _check_resume(options, state, replace(config, out=run.out))
+    if state is not None:
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -493,31 +649,39 @@ def _train_in(run: _RunFolder, config: TrainConfig, options: dict, model: nn.Mod
                 averaged.load_state_dict(state["averaged"])
             history = [EpochRecord(**r) for r in state["history"]]
         except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{out / STATE_FILE} does not match this run's model and optimiser "
+            raise CheckpointError(f"{run.out / STATE_FILE} does not match this run's model and optimiser "
                                   f"({_first_line(exc)})", hint="was it made by another flatcli version?") from None
         start_epoch, elapsed = state["epoch"], float(state.get("elapsed", 0.0))
 
+    trainer = model
+    if world.size > 1:  # broadcasts rank 0's parameters and buffers; averages gradients in backward
+        trainer = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                      else None)
     n_batches = math.ceil(len(y_train) / config.batch_size)
     cb.on_start(start_epoch, config.epochs, n_batches)
     for epoch in range(start_epoch + 1, config.epochs + 1):
         t0 = time.perf_counter()
         generator = _epoch_generator(config.seed, epoch)
-        torch.manual_seed(config.seed * 1_000_003 + epoch)  # dropout, if any
+        # dropout, if any: its own stream per rank (rank 0's is the one-process stream)
+        torch.manual_seed(config.seed * 1_000_003 + epoch + (world.rank << 40))
         lr = optimizer.param_groups[0]["lr"]
-        loss, acc = train_one_epoch(model, optimizer, x_train, y_train, config, generator, augment,
-                                    lambda b, l, e=epoch: cb.on_batch(e, b, l))
+        loss, acc = train_one_epoch(trainer, optimizer, x_train, y_train, config, generator, augment,
+                                    lambda b, l, e=epoch: cb.on_batch(e, b, l), world=world)
         scheduler.step()
+        if world.size > 1:  # each rank's BatchNorm statistics saw its own part: keep rank 0's
+            distributed.broadcast(list(model.buffers()))
         if averaged is not None and epoch >= config.average_from:
             averaged.update_parameters(model)
-        test_loss, test_acc = evaluate(model, x_test, y_test)
+        test_loss, test_acc = evaluate(model, x_test, y_test, world=world)
         record = EpochRecord(epoch, lr, loss, acc, test_loss, test_acc, time.perf_counter() - t0)
         history.append(record)
         elapsed += record.seconds
-        save_state(out / STATE_FILE, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "averaged": averaged.state_dict() if averaged else None,
-            "epoch": epoch, "elapsed": elapsed, "history": [r.__dict__ for r in history], "options": options})
-        atomic_write_text(out / METRICS_FILE, "".join(json.dumps(r.__dict__) + "\n" for r in history))
+        if world.is_main:
+            save_state(out / STATE_FILE, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "averaged": averaged.state_dict() if averaged else None,
+                "epoch": epoch, "elapsed": elapsed, "history": [r.__dict__ for r in history], "options": options})
+            atomic_write_text(out / METRICS_FILE, "".join(json.dumps(r.__dict__) + "\n" for r in history))
         cb.on_epoch(record)
 
     final = model
@@ -527,16 +691,42 @@ def _train_in(run: _RunFolder, config: TrainConfig, options: dict, model: nn.Mod
         "train": {**options, "torch_version": torch.__version__, "flatcli_version": __version__},
     }
     if averaged is not None:
-        save_checkpoint(out / LAST_FILE, model, {**base_meta, "metrics": final_metrics(model, x_train, y_train,
-                                                                                      x_test, y_test)})
-        update_bn([x_train[i:i + config.batch_size] for i in range(0, len(y_train), config.batch_size)],
-                  averaged, device=device)
+        last_metrics = final_metrics(model, x_train, y_train, x_test, y_test, world)
+        if world.is_main:
+            save_checkpoint(out / LAST_FILE, model, {**base_meta, "metrics": last_metrics})
+        _recompute_bn(averaged, x_train, config.batch_size, device, world)
         final = averaged.module
-    metrics = final_metrics(final, x_train, y_train, x_test, y_test)
+    metrics = final_metrics(final, x_train, y_train, x_test, y_test, world)
     metrics["epochs"] = config.epochs
-    save_checkpoint(out / MODEL_FILE, final, {**base_meta, "metrics": metrics})
-    (out / STATE_FILE).unlink(missing_ok=True)
+    run.trained = True
+    if world.is_main:
+        save_checkpoint(out / MODEL_FILE, final, {**base_meta, "metrics": metrics})
+        (out / STATE_FILE).unlink(missing_ok=True)
     return TrainResult(run.out, run.out / MODEL_FILE, {**metrics, "seconds": elapsed}, history)
+
+
+def _recompute_bn(averaged: AveragedModel, x_train: torch.Tensor, batch_size: int, device: torch.device,
+                  world: World) -> None:
+    """BatchNorm statistics for the averaged weights: ``update_bn`` over the training set.
+
+    ``update_bn`` sets each running mean and variance to the mean over the batches of
+    B of their batch statistics (Izmailov et al. 2018). With N processes each rank
+    forwards its part of every batch, as in training, and the ranks' statistics are
+    averaged: with SyncBatchNorm every part sees the whole batch's statistics (the
+    one-process result); without, each is that of B/N samples, as BatchNorm was trained.
+    """
+    batches = [x_train[i:i + batch_size] for i in range(0, len(x_train), batch_size)]
+    if world.size == 1:
+        update_bn(batches, averaged, device=device)
+        return
+    sync = any(isinstance(m, nn.SyncBatchNorm) for m in averaged.modules())
+    parts = [b[world.shard(len(b))] for b in batches]
+    update_bn([p for p in parts if len(p) or sync], averaged, device=device)  # SyncBatchNorm needs every rank
+    stats = [t for m in averaged.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             for t in (m.running_mean, m.running_var) if t is not None]
+    distributed.all_reduce_sum(stats)
+    for t in stats:
+        t.div_(world.size)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -544,9 +734,9 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def final_metrics(model: nn.Module, x_train, y_train, x_test, y_test) -> dict:
-    train_loss, train_acc = evaluate(model, x_train, y_train)
-    test_loss, test_acc = evaluate(model, x_test, y_test)
+def final_metrics(model: nn.Module, x_train, y_train, x_test, y_test, world: World | None = None) -> dict:
+    train_loss, train_acc = evaluate(model, x_train, y_train, world=world)
+    test_loss, test_acc = evaluate(model, x_test, y_test, world=world)
     return {"train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss,
             "test_accuracy": test_acc, "weight_norm": weight_norm(model)}
 

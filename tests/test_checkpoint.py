@@ -44,9 +44,13 @@ def test_truncated_and_foreign_files_are_refused(run, tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         load_checkpoint(tmp_path / "cut.safetensors")
-    torch.save({"w": torch.zeros(2)}, tmp_path / "pickle.pt")
-    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+    torch.save({"w": torch.zeros(2)}, tmp_path / "pickle.pt")  # a torch state dict: read, but no architecture
+    with pytest.raises(CheckpointError, match="no flatcli metadata.*--model-factory"):
         load_checkpoint(tmp_path / "pickle.pt")
+    data = (tmp_path / "pickle.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable torch file"):
+        load_checkpoint(tmp_path / "cut.pt", model_factory=lambda: torch.nn.Linear(2, 1))
 
 
 def test_plain_state_dict_needs_a_model_factory(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -14,15 +15,60 @@ from rich.console import Console
 
 from ..errors import FlatcliError
 
+#: This process's rank under ``torchrun`` (0 otherwise), read from the environment so that
+#: the consoles are set before torch is imported.
+def _env_rank() -> int:
+    try:
+        return int(os.environ.get("RANK") or 0) if int(os.environ.get("WORLD_SIZE") or 1) > 1 else 0
+    except ValueError:  # not torchrun's doing: joining the group will say what is wrong
+        return 0
+
+
+RANK = _env_rank()
+
 #: Tables and results for people go to stdout; progress, warnings and errors to stderr,
-#: so that with ``--json`` stdout holds exactly one JSON document.
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+#: so that with ``--json`` stdout holds exactly one JSON document. Under ``torchrun`` only
+#: rank 0 speaks: the other ranks' consoles are quiet (their own failures excepted, see :func:`fail`).
+out = Console(soft_wrap=True, quiet=RANK != 0)
+err = Console(stderr=True, soft_wrap=True, quiet=RANK != 0)
+
+
+def is_main() -> bool:
+    """Rank 0 of a torchrun (or the only process): the one that prints and writes files."""
+    return RANK == 0
 
 
 def fail(message: str, code: int = 1) -> None:
+    if RANK != 0 and code != 2:  # this rank's own failure; an option error is rank 0's to say
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] rank {RANK}: {message}", highlight=False)
+        raise typer.Exit(code)
     err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
     raise typer.Exit(code)
+
+
+def join_world(device: str) -> str:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group, NCCL on CUDA and gloo
+    on the CPU, and return this rank's device (``cuda:LOCAL_RANK`` for auto/cuda when CUDA is
+    available); otherwise ``device`` unchanged. The group is left when the command ends
+    (:func:`handle_errors`)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return device
+    from .. import distributed
+
+    distributed.init(device)
+    return distributed.device_for(device)
+
+
+def _leave_world(together: bool = False) -> None:
+    """Leave the process group, if joined; ``together``: after a command that succeeded, wait
+    for the other processes first (see :func:`flatcli.distributed.finish`)."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")  # never import torch just to leave
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        from .. import distributed
+
+        distributed.finish(wait=together)
 
 
 def handle_errors(command: Callable) -> Callable:
@@ -33,12 +79,15 @@ def handle_errors(command: Callable) -> Callable:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                return command(*args, **kwargs)
+                result = command(*args, **kwargs)
+                _leave_world(together=True)
+                return result
             except FlatcliError as exc:
                 fail(_escape(str(exc)), exc.exit_code)
             except KeyboardInterrupt:
                 fail("interrupted", 130)
             finally:
+                _leave_world()
                 for w in caught:
                     if not _ours(w):
                         continue
@@ -74,7 +123,9 @@ def _jsonable(value: Any) -> Any:
 
 
 def print_json(document: Any) -> None:
-    """Write one JSON document on stdout (plain print: no Rich wrapping or colour)."""
+    """Write one JSON document on stdout (plain print: no Rich wrapping or colour); rank 0 only."""
+    if not is_main():
+        return
     print(json.dumps(_jsonable(document), indent=2))
 
 

@@ -10,7 +10,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from ..compare import DEFAULT_COMPARE_MEASURES, compare_checkpoints, comparison_as_dict
 from . import options as opt
-from ._common import err, handle_errors, out, print_json
+from ._common import err, handle_errors, join_world, out, print_json
 from .sharpness import (BatchSize, BnMode, MemoryGb, CurvatureOpt, Dtype, Exact, IncludeL2, LogitNormalise,
                         MaxIter, NoCache, Probes, Rho, Samples, Split, Tol, build_config)
 
@@ -38,6 +38,9 @@ def compare(
     device: opt.Device = "auto",
     data_dir: opt.DataDir = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Measure every run on this data set (default: the one they were trained on; all runs must share it).")] = None,
+    model_factory: opt.ModelFactory = None,
+    factory_arg: opt.FactoryArg = None,
+    output: opt.Output = None,
     no_cache: NoCache = False,
     json_: opt.Json = False,
 ) -> None:
@@ -56,11 +59,14 @@ def compare(
                           curvature=curvature,
                           bn_mode=bn_mode, include_l2=include_l2, exact=exact, tol=tol, max_iter=max_iter,
                           probes=probes, seed=seed, dtype=dtype, rho=rho, logit_normalise=logit_normalise)
+    device = join_world(device)  # under torchrun: this rank's device, after joining the process group
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
                   transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("measuring", total=None)
         comparison = compare_checkpoints(runs, config, data_dir=str(data_dir) if data_dir else None, device=device,
                                          use_cache=not no_cache, tie_sigmas=tie_sigmas, dataset=dataset,
+                                         model_factory=model_factory, factory_args=opt.factory_args(factory_arg),
+                                         output=output,
                                          progress=lambda n: bar.update(task, description=f"measuring: {n} HVPs"))
     if json_:
         print_json(comparison_as_dict(comparison))

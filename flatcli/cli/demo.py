@@ -27,6 +27,13 @@ def demo(
 ) -> None:
     """Train the paper's contrasts (with/without L2; SGD vs Gadam) for each model, compare their sharpness
     and generalisation, check the rank bound, sweep the weight scale, and say which claims held."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # N copies would train into the same folders
+        from ..errors import UsageError
+
+        raise UsageError("flatcli demo runs in one process, not under torchrun",
+                         hint="run train, sharpness, rank-bound and compare under torchrun instead")
     from ..demo import DemoConfig, demo_as_dict, run_demo
     from ..render import demo_report
 

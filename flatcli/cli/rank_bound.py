@@ -8,13 +8,13 @@ from typing import Annotated, Optional
 import typer
 
 from . import options as opt
-from ._common import handle_errors, out, print_json
-from .sharpness import DatasetOverride, ModelFactory, Samples
+from ._common import handle_errors, join_world, out, print_json
+from .sharpness import DatasetOverride, Samples
 
 
 @handle_errors
 def rank_bound(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint (.safetensors) or a run directory.")],
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint (.safetensors; with --model-factory also .pt/.pth/.bin or a Lightning .ckpt) or a run directory.")],
     threshold: Annotated[Optional[float], typer.Option(help="Numerical rank: eigenvalues above this fraction of max|lambda| (default P * eps, as numpy.linalg.matrix_rank).")] = None,
     exact: Annotated[Optional[bool], typer.Option("--exact/--estimate", help="Dense float64 ranks, or an SLQ estimate of the effective rank (default: exact when P <= 4096).")] = None,
     fraction: Annotated[float, typer.Option(help="Estimate: effective rank counts |lambda| above this fraction of lambda_max.")] = 1e-2,
@@ -23,7 +23,9 @@ def rank_bound(
     device: opt.Device = "auto",
     data_dir: opt.DataDir = None,
     dataset: DatasetOverride = None,
-    model_factory: ModelFactory = None,
+    model_factory: opt.ModelFactory = None,
+    factory_arg: opt.FactoryArg = None,
+    output: opt.Output = None,
     json_: opt.Json = False,
 ) -> None:
     """Hessian rank bound (C-1) * sum over layers of (fan_in + 1), the data bound N(C-1), and the measured rank.
@@ -39,8 +41,10 @@ def rank_bound(
     check_rank_options(threshold=threshold, fraction=fraction)  # before anything is loaded or computed
     if samples is not None and samples < 1:
         raise UsageError(f"samples must be positive, got {samples}")
+    device = join_world(device)  # under torchrun: this rank's device, after joining the process group
     point = load_point(checkpoint, samples=samples, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
-                       device=device, model_factory=model_factory)
+                       device=device, model_factory=model_factory, factory_args=opt.factory_args(factory_arg),
+                       output=output)
     num_classes = int(point.info.dataset.get("num_classes") or _num_classes(point))
     report = rank_report(point.model, point.inputs, point.targets, num_classes, exact=exact,
                          threshold=threshold, fraction=fraction, seed=seed)

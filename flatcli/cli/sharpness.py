@@ -11,7 +11,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from ..errors import FlatcliError, UsageError
 from ..config import MEASURE_NAMES, SharpnessConfig
 from . import options as opt
-from ._common import err, handle_errors, out, print_json
+from ._common import err, handle_errors, is_main, join_world, out, print_json
 
 MeasuresOpt = Annotated[str, typer.Option(
     "--measures", help=f"Comma-separated, any of: {', '.join(MEASURE_NAMES)}.")]
@@ -37,14 +37,14 @@ TargetStderr = Annotated[Optional[float], typer.Option(help="Trace/Frobenius: ad
 Dtype = Annotated[str, typer.Option(help="float32 or float64.")]
 Rho = Annotated[float, typer.Option(help="adaptive_sharpness: relative noise scale rho (perturbation |w| * N(0, rho^2)).")]
 LogitNormalise = Annotated[bool, typer.Option(help="adaptive_sharpness: normalise the logits (scale-invariant for linear models).")]
-ModelFactory = Annotated[Optional[str], typer.Option(help="MODULE:FUNCTION (or FILE.py:FUNCTION) building the nn.Module of a plain safetensors state dict.")]
+ModelFactory = opt.ModelFactory  # declared once in options.py, with --factory-arg and --output
 DatasetOverride = Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set (default: the checkpoint's).")]
 NoCache = Annotated[bool, typer.Option("--no-cache", help="Recompute even if sharpness.json has the result.")]
 
 
 @handle_errors
 def sharpness(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint (.safetensors) or a run directory.")],
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint (.safetensors; with --model-factory also .pt/.pth/.bin or a Lightning .ckpt) or a run directory.")],
     measures: MeasuresOpt = "lambda_max,trace,frobenius",
     split: Split = "train",
     samples: Samples = None,
@@ -68,7 +68,9 @@ def sharpness(
     scale_layer: Annotated[str, typer.Option(help="Sweep: scale all layers or only the last.")] = "all",
     data_dir: opt.DataDir = None,
     dataset: DatasetOverride = None,
-    model_factory: ModelFactory = None,
+    model_factory: opt.ModelFactory = None,
+    factory_arg: opt.FactoryArg = None,
+    output: opt.Output = None,
     plot: Annotated[Optional[Path], typer.Option(help="Draw the density to this PNG (needs matplotlib).")] = None,
     density_out: Annotated[Optional[Path], typer.Option(help="Write the density points to this CSV.")] = None,
     no_cache: NoCache = False,
@@ -89,10 +91,11 @@ def sharpness(
                           probes=probes, target_stderr=target_stderr, seed=seed, dtype=dtype, per_layer=per_layer,
                           rho=rho,
                           logit_normalise=logit_normalise)
+    loading = {"model_factory": model_factory, "factory_args": opt.factory_args(factory_arg), "output": output}
     if scale is not None:
         if plot is not None or density_out is not None:
             raise UsageError("--plot and --density-out do not apply to a --scale sweep")
-        _sweep(checkpoint, config, scale, scale_layer, dataset, data_dir, device, model_factory, json_)
+        _sweep(checkpoint, config, scale, scale_layer, dataset, data_dir, device, loading, json_)
         return
     if (plot or density_out) and "density" not in config.measures:
         raise UsageError("--plot and --density-out need 'density' in --measures")
@@ -111,6 +114,7 @@ def sharpness(
 
     from ..sharpness import sharpness as run_sharpness  # torch: imported once the options are checked
 
+    device = join_world(device)  # under torchrun: this rank's device, after joining the process group
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
                   transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("measuring", total=None)
@@ -121,7 +125,7 @@ def sharpness(
             bar.update(task, description=f"measuring: {state['hvps']} HVPs  {state['estimate']}")
 
         report = run_sharpness(checkpoint, config, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
-                               device=device, model_factory=model_factory, use_cache=not no_cache,
+                               device=device, **loading, use_cache=not no_cache,
                                progress=lambda n: show(hvps=n), status=lambda text: show(estimate=text))
 
     if report.cached:
@@ -129,6 +133,8 @@ def sharpness(
     _print_report(report, config, json_)
     density = report.measures.get("density")
     failed = []  # the result is printed first: a file that cannot be written never costs it
+    if not is_main():  # under torchrun rank 0 alone writes files
+        density = None
     if density is not None and density_out is not None:
         try:
             density_out.write_text("eigenvalue,density\n" + "".join(f"{g!r},{v!r}\n" for g, v in zip(density.grid, density.values)))
@@ -185,14 +191,15 @@ def _print_report(report, config, json_: bool) -> None:
         out.print(density_histogram(density.grid, density.values), highlight=False)
 
 
-def _sweep(checkpoint, config, scale, scale_layer, dataset, data_dir, device, model_factory, json_) -> None:
+def _sweep(checkpoint, config, scale, scale_layer, dataset, data_dir, device, loading, json_) -> None:
     from ..render import sweep_table
     from ..sharpness import load_point
     from ..sweep import parse_scales, scaling_sweep
 
     scales = parse_scales(scale)
+    device = join_world(device)
     point = load_point(checkpoint, split=config.split, samples=config.samples, dataset=dataset,
-                       data_dir=str(data_dir) if data_dir else None, device=device, model_factory=model_factory)
+                       data_dir=str(data_dir) if data_dir else None, device=device, **loading)
     rows = scaling_sweep(point.model, point.inputs, point.targets, scales, config, layers=scale_layer)
     if json_:
         print_json([row.as_dict() for row in rows])

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..config import make_train_config
 from . import options as opt
-from ._common import err, handle_errors, out, parse_kwargs, print_json
+from ._common import err, handle_errors, join_world, out, parse_kwargs, print_json
 
 
 @handle_errors
@@ -26,7 +26,7 @@ def train(
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: 0.05 for sgd, 1e-3 for adam/adamw).")] = None,
     momentum: Annotated[Optional[float], typer.Option(help="SGD momentum.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs (default 20).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Mini-batch size (default 128).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Mini-batch size (default 128); under torchrun the global batch, split over the processes.")] = None,
     l2: Annotated[Optional[float], typer.Option(help="Coupled L2: adds X*w to the gradient.")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="Decoupled weight decay: w <- w(1 - lr X) (as AdamW).")] = None,
     schedule: Annotated[Optional[str], typer.Option(help="constant, cosine or paper (hold to 50%, linear decay to --lr-final at 90%).")] = None,
@@ -34,6 +34,7 @@ def train(
     average_from: Annotated[Optional[int], typer.Option(help="Average iterates from this epoch on (one snapshot per epoch).")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="gadam (AdamW + decoupled wd + averaging) or swa (SGD + averaging).")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random crop + flip (default on for CIFAR only).")] = None,
+    sync_bn: Annotated[Optional[bool], typer.Option("--sync-bn/--no-sync-bn", help="Under torchrun on GPUs: BatchNorm over the global batch (SyncBatchNorm) instead of each process's part.")] = None,
     train_samples: Annotated[Optional[int], typer.Option(help="Train on a deterministic subset of N images.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed (default 0).")] = None,
     data_dir: opt.DataDir = None,
@@ -53,18 +54,19 @@ def train(
     given = dict(
         dataset=dataset, model=model, model_kwargs=model_kwargs or None, optimizer=optimizer, lr=lr,
         momentum=momentum, epochs=epochs, batch_size=batch_size, l2=l2, weight_decay=weight_decay,
-        schedule=schedule, lr_final=lr_final, average_from=average_from, augment=augment,
+        schedule=schedule, lr_final=lr_final, average_from=average_from, augment=augment, sync_bn=sync_bn,
         train_samples=train_samples, seed=seed, data_dir=str(data_dir) if data_dir else None,
         download=download, device=device, out=out_dir)
     if not resume:
         config = make_train_config(recipe, **given, overwrite=overwrite)
     else:
         from ..config import TrainConfig, resume_config
-        from ..training import default_run_dir, read_run_options
+        from ..training import default_run_dir, main_decides, read_run_options
 
         TrainConfig(overwrite=overwrite, resume=True)  # refuses the two together
         run_dir = out_dir if out_dir is not None else default_run_dir(make_train_config(recipe, **given, resume=True))
-        config = resume_config(read_run_options(run_dir), recipe, **{**given, "out": run_dir})
+        join_world(device or "auto")  # under torchrun, rank 0 alone reads the run folder
+        config = resume_config(main_decides(lambda: read_run_options(run_dir)), recipe, **{**given, "out": run_dir})
 
     from ..training import EpochRecord, TrainCallbacks, train as run_training  # torch
 

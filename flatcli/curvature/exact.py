@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, hessian
 
 from flatcli.curvature._probes import LinearOperatorLike
+from flatcli.distributed import all_agree, all_reduce_sum
 from flatcli.errors import TooLargeError, UsageError, UnknownNameError
 
 if TYPE_CHECKING:
@@ -285,6 +286,9 @@ def verified_logistic_regression_hessian(
       ``||H_op V - H V||_F <= PRODUCT_RTOL ||H||_F ||V||_F`` (H with its ``l2 I``). Equal logits alone
       are not enough (at W = 0, b = 0 the logits z / 2 and z agree, their Hessians do
       not); the products catch what the logits miss.
+
+    ``None`` also when the operator streams its data (a DataLoader): the closed form
+    needs all inputs in memory, and the generic dense path gives the same matrix.
     """
     from flatcli.curvature.operator import Curvature
 
@@ -293,28 +297,37 @@ def verified_logistic_regression_hessian(
         return None
     names = [n for n, _ in model.named_parameters()]
     x_all = op._inputs
+    if x_all is None:  # a streamed source (DataLoader): the generic dense path, same matrix
+        return None
     if tuple(names) != op.param_names or x_all[0].numel() != lin.in_features:
         return None
     dtype, device = torch.float64, lin.weight.device
     weight = lin.weight.detach().to(dtype)
     bias = None if lin.bias is None else lin.bias.detach().to(dtype)
     h = logistic_regression_hessian(weight, bias, x_all.flatten(1).to(device), max_bytes=max_bytes)
+    if op.num_samples != len(x_all):  # torchrun: the mean over this shard, weighted and summed over shards
+        h.mul_(len(x_all) / op.num_samples)
+        all_reduce_sum([h])
     h = h + op.l2 * torch.eye(h.shape[0], dtype=dtype, device=device)
     if is_flatcli_logreg(model):
         return h
     op64 = op.astype(dtype)
     eps = torch.finfo(dtype).eps
     d = lin.in_features
-    for start in range(0, op64.num_samples, op64.batch_size):
+    same = True
+    for start in range(0, len(x_all), op64.batch_size):
         x = x_all[start : start + op64.batch_size].to(device=device, dtype=dtype)
         z = op64._logits(op64.params, x)
         xf = x.flatten(1)
         linear = xf @ weight.T + (bias if bias is not None else 0)
         scale = xf.abs() @ weight.abs().T + (bias.abs() if bias is not None else 0)
         if z.shape != linear.shape or bool(((z - linear).abs() > 4 * (d + 2) * eps * scale).any()):
-            return None
-    gen = torch.Generator(device=device).manual_seed(seed)
-    v = torch.randn(h.shape[0], probes, generator=gen, device=device, dtype=dtype)
+            same = False
+            break
+    if not all_agree(same):  # every process of a torchrun takes the same path
+        return None
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same vectors on every process and device
+    v = torch.randn(h.shape[0], probes, generator=gen, dtype=dtype).to(device)
     gap = torch.linalg.matrix_norm(op64.matmat(v) - h @ v)
     if gap > PRODUCT_RTOL * torch.linalg.matrix_norm(h) * torch.linalg.matrix_norm(v):
         return None

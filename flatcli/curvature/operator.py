@@ -58,6 +58,12 @@ all N samples as one batch, which is the Hessian of the loss with whole-set stat
 The user's model is never mutated: the copy shares no state that we write, parameters
 and buffers are passed to ``torch.func.functional_call`` explicitly, and running
 statistics are never updated.
+
+Data: tensors in memory, cut into batches of ``batch_size``, or a stream (a DataLoader,
+any re-iterable of ``(x, y)`` batches) read once per data pass in its own batches and
+checked to be the same on every pass (:mod:`flatcli.curvature.batches`): the matrix must
+be one fixed matrix for Lanczos and Hutch++. Kept gradient graphs (``cache_graph``) are
+indexed by batch position, which that check makes safe for a stream too.
 """
 
 from __future__ import annotations
@@ -73,6 +79,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, replace_all_batch_norm_modules_, vjp, vmap
 
+from flatcli.distributed import all_reduce_sum, global_count
+from flatcli.curvature.batches import DataSource, StreamedData, TensorData, as_source
 from flatcli.errors import TooLargeError, UsageError, UnknownNameError
 
 if TYPE_CHECKING:  # scipy is optional (a test/benchmark dependency)
@@ -120,12 +128,12 @@ def _parse_enum(enum_cls: type[enum.Enum], value: Any, option: str) -> Any:
 
 def _data_pass(
     batch_fn: Callable[[Tensor, Tensor], tuple[Tensor, ...]],
-    inputs: Tensor,
-    targets: Tensor,
+    source: DataSource,
     *,
-    batch_size: int,
+    batch_size: int | None,
     device: torch.device,
     dtype: torch.dtype,
+    num_samples: int | None = None,
 ) -> tuple[Tensor, ...]:
     """One pass over the data: ``sum_b (n_b / N) * batch_fn(X_b, y_b)``.
 
@@ -133,13 +141,18 @@ def _data_pass(
     weighting each by its share ``n_b / N`` of the samples makes the sum exactly the
     mean over all N samples, also when N is not a multiple of ``batch_size`` (the last,
     shorter batch gets a smaller weight). Floating-point inputs are cast to ``dtype``;
-    every batch is moved to ``device`` just before use.
+    every batch is moved to ``device`` just before use. ``source``: see
+    :mod:`flatcli.curvature.batches`.
+
+    Data parallel (torchrun): the data here is this process's shard and ``num_samples``
+    the GLOBAL N; the shard sums are added over the processes (all_reduce), so every
+    process gets the mean over all N samples, sum_r sum_{b in shard r} (n_b / N) f_b.
     """
-    n_total = inputs.shape[0]
+    n_local = source.num_samples
+    n_total = n_local if num_samples is None else num_samples
     totals: list[Tensor] | None = None
-    for start in range(0, n_total, batch_size):
-        x = inputs[start : start + batch_size]
-        y = targets[start : start + batch_size]
+    # tensors in slices of batch_size; a stream (DataLoader) in its own batches, read once
+    for x, y in source.batches(batch_size):
         x = x.to(device=device, dtype=dtype if x.is_floating_point() else None, non_blocking=True)
         y = y.to(device=device, non_blocking=True)
         weight = x.shape[0] / n_total
@@ -153,10 +166,8 @@ def _data_pass(
         else:
             for total, out in zip(totals, outs, strict=True):
                 total.add_(out, alpha=weight)
-    # Data-parallel extension point: with each torch.distributed rank iterating over its
-    # own shard (and n_total the GLOBAL sample count), the shard sums ``totals`` are
-    # combined here by ``torch.distributed.all_reduce(t, op=SUM)`` for each t.
     assert totals is not None
+    all_reduce_sum(totals)  # the shard sums of every process (no-op with one process)
     return tuple(totals)
 
 
@@ -180,14 +191,16 @@ def activation_bytes_per_sample(model: nn.Module, inputs: Tensor) -> int:
     sizes: list[int] = []
     hooks = [m.register_forward_hook(lambda mod, inp, out: sizes.append(out.numel() * out.element_size()))
              for m in model.modules() if not list(m.children())]
-    was_training = model.training
+    flags = [(m, m.training) for m in model.modules()]  # each module's own flag, restored
+    example = inputs.example if isinstance(inputs, DataSource) else inputs[:1]
     try:
         model.eval()
         with torch.no_grad():
             first = next(model.parameters())
-            model(inputs[:1].to(device=first.device, dtype=first.dtype))
+            model(example.to(device=first.device, dtype=first.dtype if example.is_floating_point() else None))
     finally:
-        model.train(was_training)
+        for m, flag in flags:
+            m.training = flag
         for h in hooks:
             h.remove()
     return max(sum(sizes), 1)
@@ -251,6 +264,9 @@ def memory_bounded(model: nn.Module, inputs: Tensor, batch_size: int | None = No
     and a product of one vector over that batch (``SAFETY * batch * activations per
     sample``, as in :func:`suggest_chunk_size`) that exceeds ``budget_bytes`` is refused
     (:class:`~flatcli.errors.TooLargeError`) rather than cut into smaller batches.
+    ``inputs`` may be a :class:`~flatcli.curvature.batches.DataSource`: a stream (a
+    DataLoader) is cut by the loader, so its batch is the loader's (checked against the
+    budget like any batch that defines the matrix) and ``batch_size`` comes back None.
     Otherwise:
     ``batch_size`` (capped at N; ``None``: :func:`auto_batch_size`), the vmap ``chunk_size`` from
     :func:`suggest_chunk_size`, and ``cache_graph`` when every batch's gradient graph
@@ -272,10 +288,13 @@ def memory_bounded(model: nn.Module, inputs: Tensor, batch_size: int | None = No
     that already run at the CPU's speed: X W for 4,000 x 784 by 784 x 64 took 3.8 ms,
     and by 784 x 1024 (16 vectors folded into one product) 58 ms, 15.4x.
     """
-    n = inputs.shape[0]
+    n = inputs.num_samples if isinstance(inputs, DataSource) else inputs.shape[0]
     mode = _parse_enum(BatchNormMode, bn_mode, "BatchNorm mode")
     per_sample = activation_bytes_per_sample(model, inputs)  # one forward pass of one input
-    if mode is BatchNormMode.FULL:
+    streamed = isinstance(inputs, StreamedData) and mode is not BatchNormMode.FULL
+    if streamed:  # a DataLoader's batches are its own (the operator takes no batch_size)
+        batch = inputs.batch_size
+    elif mode is BatchNormMode.FULL:
         batch = n if batch_size is None else min(batch_size, n)
     elif mode is BatchNormMode.BATCH:
         batch = min(batch_size or DEFAULT_BATCH, n)
@@ -295,7 +314,7 @@ def memory_bounded(model: nn.Module, inputs: Tensor, batch_size: int | None = No
     if next(model.parameters()).device.type == "cpu":
         chunk = 1
     cache = 4 * n * per_sample <= budget_bytes
-    return {"batch_size": batch, "chunk_size": chunk, "cache_graph": cache}
+    return {"batch_size": None if streamed else batch, "chunk_size": chunk, "cache_graph": cache}
 
 
 def _structural_copy(model: nn.Module) -> nn.Module:
@@ -317,7 +336,15 @@ class CurvatureOperator:
         model: a classifier returning logits (N, C) (or (N, C, ...) for the Hessian).
             Not modified.
         inputs, targets: the data (N, ...) and integer class labels (N,). They may live
-            on any device; batches are moved to the model's device.
+            on any device; batches are moved to the model's device. Or, with
+            ``targets`` omitted, ``inputs`` is the data as one object: a pair
+            ``(inputs, targets)``, a ``torch.utils.data.DataLoader``, or any
+            re-iterable of ``(x, y)`` batches (:mod:`flatcli.curvature.batches`). A
+            stream is read batch by batch, once per data pass, in the loader's own
+            batches (``batch_size`` must then be unset; with ``bn_mode="batch"`` the
+            loader's batches define the matrix, and ``"full"`` concatenates them into
+            one batch of N in memory). A stream that shuffles or augments at random is
+            refused on construction (it is read twice and compared).
         curvature: ``"hessian"`` or ``"ggn"`` (generalised Gauss-Newton).
         bn_mode: ``"eval"`` (BatchNorm running statistics), ``"batch"`` (batch
             statistics, the loss of each batch normalised with its own statistics) or
@@ -335,6 +362,9 @@ class CurvatureOperator:
         method: ``"double_backward"``, ``"forward_over_reverse"`` or ``"auto"`` (the
             table ``AUTO_METHOD`` per device type). The GGN always uses jvp then vjp.
         progress: called with the number of HVPs done so far after each data pass.
+        cache_graph: keep each batch's gradient graph (double backward) between passes;
+            ``None``: when the data is one batch. Valid for a stream too, whose batches
+            are checked to be the same each pass (it is still read, for that check).
 
     The flat vector concatenates the selected parameters, each flattened row-major, in
     ``param_names`` order. The operator snapshots the selected parameters; do not
@@ -356,8 +386,8 @@ class CurvatureOperator:
     def __init__(
         self,
         model: nn.Module,
-        inputs: Tensor,
-        targets: Tensor,
+        inputs: Tensor | Iterable | DataSource,
+        targets: Tensor | None = None,
         *,
         curvature: str = "hessian",
         bn_mode: str = "eval",
@@ -373,21 +403,15 @@ class CurvatureOperator:
         self.curvature = _parse_enum(Curvature, curvature, "curvature")
         self.bn_mode = _parse_enum(BatchNormMode, bn_mode, "BatchNorm mode")
         requested_method = _parse_enum(HvpMethod, method, "HVP method")
-        if inputs.shape[0] != targets.shape[0]:
-            raise UsageError(
-                f"{inputs.shape[0]} inputs but {targets.shape[0]} targets",
-                "pass one integer class label per input",
-            )
-        if inputs.shape[0] == 0:
-            raise UsageError("the data set is empty", "pass at least one sample")
-        if targets.is_floating_point() or targets.is_complex() or targets.dim() != 1:
-            raise UsageError(
-                "targets must be a 1-D tensor of integer class labels",
-                f"got dtype {targets.dtype} and shape {tuple(targets.shape)}",
-            )
         for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
             if value is not None and value < 1:
                 raise UsageError(f"{name} must be a positive integer, got {value}")
+        source = as_source(inputs, targets)  # checks shapes, labels and a stream's determinism
+        if source.streamed and batch_size is not None:
+            raise UsageError(f"batch_size {batch_size} does not apply to a DataLoader: its own batches are measured",
+                             "set the loader's batch_size instead")
+        if self.bn_mode is BatchNormMode.FULL and isinstance(source, StreamedData):
+            source = source.gather()  # whole-set statistics: one batch of all N samples
 
         all_params = dict(model.named_parameters())
         if not all_params:
@@ -413,9 +437,9 @@ class CurvatureOperator:
 
         self._model = _structural_copy(model)
         self._model.eval()  # dropout off; BatchNorm on running statistics
-        if self.bn_mode is BatchNormMode.FULL and batch_size is not None and batch_size < inputs.shape[0]:
+        if self.bn_mode is BatchNormMode.FULL and batch_size is not None and batch_size < source.num_samples:
             raise UsageError(
-                f"bn_mode 'full' normalises with the statistics of all {inputs.shape[0]} samples, "
+                f"bn_mode 'full' normalises with the statistics of all {source.num_samples} samples, "
                 f"which takes one batch of them, not batches of {batch_size}",
                 "leave batch_size unset, or use bn_mode 'batch' for per-batch statistics",
             )
@@ -457,8 +481,13 @@ class CurvatureOperator:
             (Curvature.GGN, HvpMethod.FORWARD_OVER_REVERSE): self._ggn_block,
         }
         self._block = blocks[(self.curvature, self.method)]
-        self.num_samples: int = inputs.shape[0]
-        self.batch_size: int = self.num_samples if batch_size is None else batch_size
+        # Under torchrun ``inputs`` are this process's shard: the weights n_b / N of a data
+        # pass use the GLOBAL N (one all-reduce, here); see :func:`_data_pass`.
+        self.local_samples: int = source.num_samples
+        self.num_samples: int = global_count(self.local_samples)
+        # a stream's batch size is its own (its largest batch), for information only
+        self.batch_size: int = (source.batch_size if isinstance(source, StreamedData)
+                                else self.local_samples if batch_size is None else batch_size)
         self.chunk_size = chunk_size
         self.l2 = float(l2)
         self.progress = progress
@@ -467,11 +496,17 @@ class CurvatureOperator:
         # products, so that a product costs one backward-of-backward instead of a
         # forward, a backward and that (as PyHessian does with its retained graph).
         # Default: when the data is a single batch; pass True when memory allows more.
-        single_batch = self.batch_size >= self.num_samples
+        # A stream's graphs stay valid because its batches are checked to be the same
+        # every pass (sizes and labels each pass, inputs on construction).
+        single_batch = (len(source.sizes) == 1 if isinstance(source, StreamedData)
+                        else self.batch_size >= self.local_samples)
         self._cache: list | None = [] if (single_batch if cache_graph is None else cache_graph) else None
         self._batch_index = 0
-        self._inputs = inputs
-        self._targets = targets
+        #: the data (:mod:`flatcli.curvature.batches`); ``_inputs``/``_targets`` the
+        #: tensors when they are in memory, None for a stream
+        self.source: DataSource = source
+        self._inputs = source.inputs if isinstance(source, TensorData) else None
+        self._targets = source.targets if isinstance(source, TensorData) else None
 
     # ----------------------------------------------------------------- flat vectors
 
@@ -515,11 +550,11 @@ class CurvatureOperator:
         self._batch_index = 0
         return _data_pass(
             batch_fn,
-            self._inputs,
-            self._targets,
+            self.source,
             batch_size=self.batch_size,
             device=self.device,
             dtype=self.dtype,
+            num_samples=self.num_samples,
         )
 
     def _hvp_double_backward(self, x: Tensor, y: Tensor, vs: Tensor) -> Tensor:
