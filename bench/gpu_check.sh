@@ -17,3 +17,36 @@ if [ -d ../shared/data/mnist5k/MNIST/raw ]; then
     python bench/hvp_methods.py --device "$device" --data-dir ../shared/data/mnist5k --n 4000 --k 16 \
         --chunks 1,4,16 --repeats 11
 fi
+# Every CUDA path of the commands once, end to end (issues 8, 9, 13): train (plain and with
+# averaging), sharpness of every measure in float32 (Lanczos bounds re-checked in float64),
+# BatchNorm in batch and full mode, per layer, --exact, rank-bound, compare, the Python API
+# over a DataLoader; each prints its seconds so the CUDA defaults can be read off.
+tmp="$(mktemp -d)"
+F="python -m flatcli"
+for spec in "cnn-sgd:--model cnn" "cnn-gadam:--model cnn --recipe gadam"; do
+    name="${spec%%:*}"; args="${spec#*:}"
+    /usr/bin/time -f "train $name %e s" $F train $args --epochs 3 --device "$device" --out "$tmp/$name" --json >/dev/null
+done
+for mode in eval batch full; do
+    /usr/bin/time -f "sharpness bn-mode $mode %e s" $F sharpness "$tmp/cnn-sgd" --device "$device" --bn-mode "$mode" \
+        --measures lambda_max,lambda_min,trace,frobenius,density --no-cache --json \
+        | python -c "import json,sys; d=json.load(sys.stdin); print({k: d[k] for k in ('bn_mode','bn_batch_size','device','hvps','seconds')}, 'lambda_max', d['lambda_max'])"
+done
+/usr/bin/time -f "sharpness per-layer %e s" $F sharpness "$tmp/cnn-sgd" --device "$device" --per-layer --measures lambda_max,trace --no-cache --json >/dev/null
+$F train --model logreg --epochs 2 --device "$device" --out "$tmp/logreg" --json >/dev/null
+/usr/bin/time -f "sharpness --exact %e s" $F sharpness "$tmp/logreg" --device "$device" --exact --dtype float64 --no-cache --json >/dev/null
+/usr/bin/time -f "rank-bound %e s" $F rank-bound "$tmp/cnn-sgd" --device "$device" --json >/dev/null
+/usr/bin/time -f "compare %e s" $F compare "$tmp/cnn-sgd" "$tmp/cnn-gadam" --device "$device" --json >/dev/null
+python - "$device" <<'PY'
+import sys, time, torch, flatcli
+from torch.utils.data import DataLoader, TensorDataset
+device = sys.argv[1]
+x, y = flatcli.load_dataset("digits", "train").tensors
+model = flatcli.build_model("cnn", input_shape=(1, 8, 8), num_classes=10).to(device)
+t0 = time.perf_counter()
+a = flatcli.sharpness(model, DataLoader(TensorDataset(x, y), batch_size=256), measures="lambda_max,trace", dtype="float64")
+b = flatcli.sharpness(model, (x, y), measures="lambda_max,trace", dtype="float64", batch_size=256)
+print("API DataLoader vs tensors on", device, a.measures["lambda_max"].value, b.measures["lambda_max"].value,
+      f"{time.perf_counter() - t0:.1f} s")
+PY
+rm -rf "$tmp"

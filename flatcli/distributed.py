@@ -135,8 +135,9 @@ def my_shard(n: int, batch_size: int | None = None) -> slice:
 def init(device: str = "auto", timeout_s: float | None = None) -> World:
     """Join the process group when launched by ``torchrun`` (no-op otherwise); returns the world.
 
-    ``device``: ``auto``/``cuda`` use NCCL and pin this process to ``cuda:LOCAL_RANK``
-    when CUDA is available; otherwise gloo. ``timeout_s``: default :func:`configured_timeout`.
+    ``device``: ``auto``/``cuda`` pin this process to ``cuda:LOCAL_RANK`` when CUDA is
+    available and join with NCCL for CUDA tensors and gloo for CPU tensors (so a run
+    stored as ``--device cpu`` can still be resumed there); otherwise gloo alone. ``timeout_s``: default :func:`configured_timeout`.
     """
     if not launched() or (dist.is_available() and dist.is_initialized()):
         return world()
@@ -149,7 +150,7 @@ def init(device: str = "auto", timeout_s: float | None = None) -> World:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     try:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError) as exc:
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -187,8 +188,8 @@ def _peer_failed(exc: BaseException) -> DistributedError:
 
 
 def _collective_device() -> torch.device:
-    """Where small tensors for a collective live: this rank's GPU under NCCL, else the CPU."""
-    if dist.get_backend() == "nccl":
+    """Where small tensors for a collective live: the CPU when gloo serves it, else this rank's GPU."""
+    if "gloo" not in str(dist.get_backend()):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

@@ -57,22 +57,41 @@ app.command("demo")(_demo.demo)
 
 
 def main() -> None:
-    """The console script: like ``app()``, but a usage error is one line on stderr, exit code 2."""
+    """The console script: like ``app()``, but a usage error is one line on stderr, exit code 2.
+
+    Under ``torchrun`` the process ends with ``os._exit`` once its output is flushed and
+    the process group is left: the C++ destructors of gloo's background threads can
+    otherwise abort an interpreter that is shutting down ("terminate called without an
+    active exception", SIGABRT) after the command has succeeded.
+    """
+    import os
     import sys
 
+    code = _run()
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _run() -> int:
+    """Run the app; the exit code."""
     from ._common import err
 
     try:
         code = app(standalone_mode=False)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except Exception as exc:  # the CLI parser's own errors carry format_message and exit_code
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
             from rich.markup import escape
 
             if not exc.format_message():  # bare `flatcli`: the help was the message
-                sys.exit(exc.exit_code)
+                return exc.exit_code
             err.print(f"[bold red]error:[/] {escape(exc.format_message())} (see flatcli --help)", highlight=False)
-            sys.exit(exc.exit_code)
+            return exc.exit_code
         if type(exc).__name__ == "Abort":  # Ctrl-C at a prompt
-            sys.exit(130)
+            return 130
         raise
-    sys.exit(code if isinstance(code, int) else 0)
+    return code if isinstance(code, int) else 0

@@ -83,17 +83,24 @@ def handle_errors(command: Callable) -> Callable:
                 _leave_world(together=True)
                 return result
             except FlatcliError as exc:
+                _say_warnings(caught)  # what led up to the error, before it
                 fail(_escape(str(exc)), exc.exit_code)
             except KeyboardInterrupt:
+                _say_warnings(caught)
                 fail("interrupted", 130)
             finally:
                 _leave_world()
-                for w in caught:
-                    if not _ours(w):
-                        continue
-                    err.print(f"[yellow]warning:[/] {_escape(str(w.message).splitlines()[0])}", highlight=False)
+                _say_warnings(caught)
 
     return wrapper
+
+
+def _say_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """Print flatcli's own recorded warnings as yellow lines, once (the list is emptied)."""
+    for w in caught:
+        if _ours(w):
+            err.print(f"[yellow]warning:[/] {_escape(str(w.message).splitlines()[0])}", highlight=False)
+    caught.clear()
 
 
 def _ours(w: warnings.WarningMessage) -> bool:
