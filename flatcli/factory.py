@@ -32,6 +32,7 @@ from torch import nn
 
 from .errors import CheckpointError, UsageError
 
+
 def import_factory(spec: str, factory_args: Mapping[str, Any] | None = None) -> Callable[[], nn.Module]:
     """``MODULE:FUNCTION`` or ``FILE.py:FUNCTION`` -> a zero-argument builder of the ``nn.Module``.
 

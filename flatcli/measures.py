@@ -41,25 +41,24 @@ which shares work between them (one Lanczos run for both extremes, one dense spe
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .curvature import (DEFAULT_BATCH, CurvatureOperator, EigenEstimate, FrobeniusEstimate, StochasticEstimate, dense_hessian,
-                        extreme_eigenvalues, lambda_max, lambda_min, memory_bounded,
-                        slq_density, trace_and_frobenius)
+from .curvature import (CurvatureOperator, EigenEstimate, FrobeniusEstimate, StochasticEstimate, dense_hessian,
+                        extreme_eigenvalues, lambda_max, lambda_min, memory_bounded, slq_density,
+                        trace_and_frobenius)
 from .curvature.batches import as_source
 from .curvature.exact import single_linear, verified_logistic_regression_hessian
-from .config import BN_MODES, DTYPE_NAMES, MEASURE_NAMES, SharpnessConfig  # noqa: F401  (re-exported)
+from .config import SharpnessConfig  # noqa: F401  (defined in config.py, which needs no torch; re-exported)
 from .distributed import my_shard
-from .errors import NonFiniteError, UsageError, UnknownNameError
+from .errors import NonFiniteError, UsageError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

@@ -573,29 +573,28 @@ def main_decides(action: Callable):
     if not distributed.active():
         return action()
     if distributed.world().is_main:
-        try:
-            value = action()
-        except BaseException as exc:
-            with contextlib.suppress(DistributedError):
-                _from_main(exc)
-            raise
-        return _from_main(value)
+        return _from_main(_on_main(action))
     return _from_main(None)
 
 
 def _main_first(world: World, action: Callable):
     """``action()`` on rank 0, then (if it succeeded) on the other ranks: e.g. a download."""
     if world.is_main:
-        try:
-            value = action()
-        except BaseException as exc:
-            with contextlib.suppress(DistributedError):
-                _from_main(exc)
-            raise
+        value = _on_main(action)
         _from_main("done")
         return value
     _from_main(None)
     return action()
+
+
+def _on_main(action: Callable):
+    """``action()`` on rank 0; an error it raises is first sent to the other ranks, then raised here."""
+    try:
+        return action()
+    except BaseException as exc:
+        with contextlib.suppress(DistributedError):
+            _from_main(exc)
+        raise
 
 
 def _resume_state(run: _RunFolder, config: TrainConfig, options: dict) -> dict:

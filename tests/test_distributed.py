@@ -13,8 +13,6 @@ Two CPU processes (gloo, one thread each) on the digits MLP of width 16 (1,437 i
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +20,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from torchrun_helpers import env as _env
+from torchrun_helpers import free_port as _free_port
+from torchrun_helpers import torchrun
 
 from flatcli.distributed import DistributedError, World, configured_timeout
 
@@ -37,24 +38,6 @@ def run_dir(tmp_path_factory) -> Path:
     train(make_train_config(dataset="digits", model="mlp", model_kwargs={"width": 16}, epochs=2, device="cpu",
                             out=str(out)))
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "FLATCLI_DIST_TIMEOUT": "60", **extra}
-
-
-def torchrun(*args, nproc: int = 2, **env) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --nproc-per-node N -m flatcli --threads 1 ARGS``."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-               "-m", "flatcli", "--threads", "1", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=_env(**env))
 
 
 def one_process(*args) -> subprocess.CompletedProcess:

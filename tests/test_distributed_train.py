@@ -10,13 +10,14 @@ gradient.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from torchrun_helpers import env as _env
+from torchrun_helpers import free_port as _free_port
+from torchrun_helpers import torchrun
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -38,24 +39,6 @@ TIMEOUT_S = 180  # a hang fails the test instead of the suite
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "FLATCLI_DIST_TIMEOUT": "60", **extra}
-
-
-def torchrun(*args, **env) -> subprocess.CompletedProcess:
-    """``torchrun --nproc-per-node 2 -m flatcli --threads 1 ARGS`` in the test's folder."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-               "-m", "flatcli", "--threads", "1", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=_env(**env))
 
 
 def two_ranks(*args) -> list[tuple[int, str]]:
