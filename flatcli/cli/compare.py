@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from ..compare import DEFAULT_COMPARE_MEASURES, compare_checkpoints, comparison_as_dict
 from . import options as opt
@@ -60,6 +59,8 @@ def compare(
                           bn_mode=bn_mode, include_l2=include_l2, exact=exact, tol=tol, max_iter=max_iter,
                           probes=probes, seed=seed, dtype=dtype, rho=rho, logit_normalise=logit_normalise)
     device = join_world(device)  # under torchrun: this rank's device, after joining the process group
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn  # not needed for --help
+
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
                   transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("measuring", total=None)

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from ..errors import FlatcliError, UsageError
 from ..config import MEASURE_NAMES, SharpnessConfig
@@ -115,6 +114,8 @@ def sharpness(
     from ..sharpness import sharpness as run_sharpness  # torch: imported once the options are checked
 
     device = join_world(device)  # under torchrun: this rank's device, after joining the process group
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn  # not needed for --help
+
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
                   transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("measuring", total=None)

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..config import make_train_config
 from . import options as opt
@@ -69,6 +68,8 @@ def train(
         config = resume_config(main_decides(lambda: read_run_options(run_dir)), recipe, **{**given, "out": run_dir})
 
     from ..training import EpochRecord, TrainCallbacks, train as run_training  # torch
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # not needed for --help
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err, transient=True,
