@@ -22,7 +22,7 @@ their cached sharpness), a run made with other settings is never overwritten unl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -108,7 +108,9 @@ def _ensure_run(tc: TrainConfig, overwrite: bool) -> Path:
         _, meta = read_metadata(ckpt)
         recorded = (meta or {}).get("train", {})
         wanted = tc.recorded()
-        if all(recorded.get(k) == v for k, v in wanted.items() if k not in ("model_kwargs", "augment")):
+        # an option a run's flatcli version did not have yet was at its default then
+        defaults = {f.name: f.default for f in fields(TrainConfig)}
+        if all(recorded.get(k, defaults.get(k)) == v for k, v in wanted.items() if k not in ("model_kwargs", "augment")):
             return tc.out
         raise RunExistsError(f"{tc.out} holds a run made with other settings",
                              hint="pass --overwrite to retrain it, or --out to use another folder")

@@ -135,3 +135,18 @@ def test_demo_cli_prints_the_claims_table(tmp_path):
                                  "--samples", 200, "--out", tmp_path / "d"])
     assert result.exit_code == 0, result.stderr
     assert "The paper's claims on digits" in result.stdout and "[logreg]" in result.stdout
+
+
+def test_the_demo_reuses_a_run_recorded_before_an_option_existed(tmp_path):
+    from flatcli.checkpoint import read_metadata, save_checkpoint
+    from flatcli.demo import DemoConfig, _ensure_run, _train_config
+
+    tc = _train_config(DemoConfig.reduced(out=tmp_path, epochs=1), "logreg", "sgd")
+    _ensure_run(tc, overwrite=False)
+    ckpt = tc.out / "model.safetensors"
+    _, meta = read_metadata(ckpt)
+    del meta["train"]["sync_bn"]  # written by a flatcli that did not know the option: its default applied
+    model, _ = load_checkpoint(ckpt)
+    save_checkpoint(ckpt, model, meta)
+    before = ckpt.read_bytes()
+    assert _ensure_run(tc, overwrite=False) == tc.out and ckpt.read_bytes() == before  # reused, not retrained
