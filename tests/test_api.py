@@ -311,3 +311,14 @@ def test_readme_example_a_torchvision_resnet_on_a_dataloader():
     assert model.training  # still in train mode, as built
     assert isinstance(report.to_dict()["lambda_max"]["bound"], float)
     assert torchvision.models.resnet18  # the README's model
+
+
+def test_whole_set_batchnorm_statistics_from_a_loader_are_refused_under_torchrun(monkeypatch):
+    import flatcli.curvature.operator as operator_module
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 3))
+    loader = DataLoader(TensorDataset(torch.randn(12, 4), torch.randint(0, 3, (12,))), batch_size=4)
+    monkeypatch.setattr(operator_module, "distributed_active", lambda: True)  # as under torchrun with 2 processes
+    with pytest.raises(UsageError, match="full.*torchrun"):
+        operator_module.CurvatureOperator(model, loader, bn_mode="full")

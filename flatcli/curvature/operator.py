@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, replace_all_batch_norm_modules_, vjp, vmap
 
-from flatcli.distributed import all_reduce_sum, global_count
+from flatcli.distributed import active as distributed_active, all_reduce_sum, global_count
 from flatcli.curvature.batches import DataSource, StreamedData, TensorData, as_source
 from flatcli.errors import TooLargeError, UsageError, UnknownNameError
 
@@ -411,6 +411,11 @@ class CurvatureOperator:
             raise UsageError(f"batch_size {batch_size} does not apply to a DataLoader: its own batches are measured",
                              "set the loader's batch_size instead")
         if self.bn_mode is BatchNormMode.FULL and isinstance(source, StreamedData):
+            if distributed_active():  # each process would normalise with its own part's statistics
+                raise UsageError("bn_mode 'full' with a DataLoader under torchrun would normalise each process's "
+                                 "part by its own statistics, not the whole set's",
+                                 "pass the data as tensors (flatcli then gives every process all of it), "
+                                 "or measure in one process")
             source = source.gather()  # whole-set statistics: one batch of all N samples
 
         all_params = dict(model.named_parameters())
