@@ -151,7 +151,6 @@ def test_a_refusal_on_rank_0_ends_every_rank_with_one_line():
     assert {p.name: p.read_bytes() for p in Path("run").iterdir()} == before
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="SyncBatchNorm works on CUDA")
 def test_sync_bn_with_several_cpu_processes_is_refused_before_the_folder_is_touched(monkeypatch):
     from flatcli import distributed
 
