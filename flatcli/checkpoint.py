@@ -44,7 +44,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import CheckpointError, FlatcliError, UsageError
+from .errors import CheckpointError, FlatcliError, UsageError, few, first_line
 
 FORMAT_VERSION = 1
 METADATA_KEY = "flatcli"
@@ -198,7 +198,7 @@ def read_metadata(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{p} is not a readable safetensors file ({_first_line(exc)})",
+        raise CheckpointError(f"{p} is not a readable safetensors file ({first_line(exc)})",
                               hint="is it truncated?") from None
     if METADATA_KEY not in meta:
         return tensors, None
@@ -208,10 +208,6 @@ def read_metadata(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
         raise CheckpointError(f"{p} has corrupt flatcli metadata") from None
     return tensors, doc
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_checkpoint(
@@ -304,9 +300,9 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, list
                 f"{p} needs code to be unpickled{what}; flatcli reads only tensors (torch.load weights_only=True) "
                 "and never runs code from a file",
                 hint="save the weights alone: torch.save(model.state_dict(), PATH) or safetensors") from None
-        raise CheckpointError(f"{p} is not a readable torch file ({_first_line(exc)})") from None
+        raise CheckpointError(f"{p} is not a readable torch file ({first_line(exc)})") from None
     except Exception as exc:  # a corrupt or truncated archive: whatever torch raises, the file is at fault
-        raise CheckpointError(f"{p} is not a readable torch file ({type(exc).__name__}: {_first_line(exc)})",
+        raise CheckpointError(f"{p} is not a readable torch file ({type(exc).__name__}: {first_line(exc)})",
                               hint="is it truncated?") from None
     tensors, notes = _state_dict_in(obj, p)
     return tensors, None, notes
@@ -349,7 +345,7 @@ def _state_dict_in(obj: Any, p: Path) -> tuple[dict[str, torch.Tensor], list[str
                               hint=f"expected a state dict, or a dict with one under {', '.join(map(repr, WRAPPER_KEYS))}")
     others = [str(k) for k in obj if k not in tensors]
     if others:
-        notes.append(f"left out {len(others)} entries that are not tensors ({_few(others)})")
+        notes.append(f"left out {len(others)} entries that are not tensors ({few(others)})")
     return tensors, notes
 
 
@@ -460,13 +456,13 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], origin: Path 
     if missing or unexpected or shapes or kinds:
         parts = []
         if missing:
-            parts.append(f"missing {_few(missing)}")
+            parts.append(f"missing {few(missing)}")
         if unexpected:
-            parts.append(f"unexpected {_few(unexpected)}")
+            parts.append(f"unexpected {few(unexpected)}")
         if shapes:
-            parts.append(f"wrong shape {_few(shapes)}")
+            parts.append(f"wrong shape {few(shapes)}")
         if kinds:
-            parts.append(f"wrong dtype {_few(kinds)}")
+            parts.append(f"wrong dtype {few(kinds)}")
         raise CheckpointError(f"{origin}: tensors do not match the architecture: {'; '.join(parts)}")
     model.load_state_dict(tensors)
 
@@ -475,9 +471,6 @@ def _kind(dtype: torch.dtype) -> str:
     return "complex" if dtype.is_complex else "float" if dtype.is_floating_point else "bool" if dtype == torch.bool \
         else "integer"
 
-
-def _few(items: list[str], n: int = 3) -> str:
-    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 # --- resumable training state -------------------------------------------------------
@@ -546,4 +539,4 @@ def _read_skeleton(p: Path) -> Any:
             meta = f.metadata() or {}
         return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{p} is not a readable safetensors file ({_first_line(exc)})") from None
+        raise CheckpointError(f"{p} is not a readable safetensors file ({first_line(exc)})") from None

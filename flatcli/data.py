@@ -221,19 +221,3 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4,
     batch = torch.arange(n, device=x.device).view(n, 1, 1)
     out = padded.permute(0, 2, 3, 1)[batch, rows.view(n, h, 1), cols.view(n, 1, w)]  # (n, h, w, c)
     return out.permute(0, 3, 1, 2).contiguous()
-
-
-def tensor_digest(*tensors: torch.Tensor) -> str:
-    """sha256 (hex) of tensors' dtypes, shapes and exact bytes: the identity of the data measured.
-
-    ``tensor_digest(inputs, labels)`` changes whenever any pixel, label, the order, the
-    subset or the normalisation does; the ``sharpness.json`` cache is keyed by it.
-    """
-    import hashlib
-
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import FlatcliError
+from .errors import FlatcliError, first_line
 
 #: How long a collective may wait for the other ranks before the run is abandoned.
 DEFAULT_TIMEOUT_S = 300.0
@@ -153,7 +153,7 @@ def init(device: str = "auto", timeout_s: float | None = None) -> World:
         dist.init_process_group(backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError) as exc:
-        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        text = first_line(exc)
         raise DistributedError(f"cannot join the torchrun process group: {text}") from None
     return world()
 
@@ -181,7 +181,7 @@ def _peer_failed(exc: BaseException) -> DistributedError:
     """One line from a backend's error: its first sentence, without gloo's ``[file.cc:line]``."""
     import re
 
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = first_line(exc)
     text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", text).split(". ")[0]
     return DistributedError(f"another process of this run failed or timed out ({text[:120]})",
                             hint=f"see the other processes' errors; the timeout is ${TIMEOUT_ENV} seconds")

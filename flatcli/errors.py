@@ -7,6 +7,21 @@ wrong) and an optional hint (what to do about it).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none):
+    enough to say what a library's error was about in one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def few(items: Sequence[str], n: int = 3) -> str:
+    """``a, b, c and 4 more``: the first ``n`` of a list of names, for a one-line message."""
+    items = list(items)
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
 
 class FlatcliError(Exception):
     """A problem with the user's input or environment, explained in one line."""

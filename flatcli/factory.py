@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError, UsageError, few, first_line
 
 
 def import_factory(spec: str, factory_args: Mapping[str, Any] | None = None) -> Callable[[], nn.Module]:
@@ -52,7 +52,7 @@ def import_factory(spec: str, factory_args: Mapping[str, Any] | None = None) -> 
         raise
     except Exception as exc:  # any import failure of user code is the user's to fix
         raise CheckpointError(f"--model-factory: cannot import {module_name} ({type(exc).__name__}: "
-                              f"{_first_line(exc)})") from None
+                              f"{first_line(exc)})") from None
     func: Any = module
     for part in func_name.split("."):
         func = getattr(func, part, None)
@@ -108,7 +108,7 @@ def checked_factory(func: Callable[..., Any], factory_args: Mapping[str, Any] | 
         except Exception as exc:
             args = f" with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())}" if kwargs else ""
             raise CheckpointError(f"the model factory {label}{args} failed: {type(exc).__name__}: "
-                                  f"{_first_line(exc)}") from None
+                                  f"{first_line(exc)}") from None
         if not isinstance(model, nn.Module):
             raise CheckpointError(f"the model factory {label} returned {type(model).__name__}, "
                                   "not a torch.nn.Module")
@@ -132,10 +132,6 @@ def resolve_factory(model_factory: Any, factory_args: Mapping[str, Any] | None =
         raise UsageError(f"model_factory must be MODULE:FUNCTION or a callable, not {type(model_factory).__name__}")
     return checked_factory(model_factory, factory_args)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --- logits out of whatever the forward returns -------------------------------------------
@@ -206,7 +202,7 @@ def describe_output(out: Any, depth: int = 0) -> str:
     name = type(out).__name__
     if isinstance(out, Mapping):
         keys = list(out.keys())
-        shown = ", ".join(repr(k) for k in keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+        shown = few([repr(k) for k in keys], 6)
         return f"{name} with keys {shown}" if keys else f"empty {name}"
     if isinstance(out, (tuple, list)):
         if depth or not out:

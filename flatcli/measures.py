@@ -40,12 +40,10 @@ which shares work between them (one Lanczos run for both extremes, one dense spe
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,7 +56,7 @@ from .curvature.batches import as_source
 from .curvature.exact import single_linear, verified_logistic_regression_hessian
 from .config import SharpnessConfig  # noqa: F401  (defined in config.py, which needs no torch; re-exported)
 from .distributed import my_shard
-from .errors import NonFiniteError, UsageError
+from .errors import NonFiniteError, UsageError, few
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -396,8 +394,8 @@ def require_finite_weights(model: nn.Module, where: str = "the model") -> None:
     """Raise :class:`~flatcli.errors.NonFiniteError` naming the tensors with NaN/Inf values."""
     bad = non_finite_tensors(model)
     if bad:
-        few = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise NonFiniteError(f"{where} has non-finite weights (NaN or Inf) in {few}: its curvature is undefined")
+        names = few(bad)
+        raise NonFiniteError(f"{where} has non-finite weights (NaN or Inf) in {names}: its curvature is undefined")
 
 
 def measure(model: nn.Module, inputs: Any, targets: torch.Tensor | SharpnessConfig | None = None,
@@ -501,10 +499,3 @@ def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
             groups.setdefault(owner, []).append(name)
     return groups
 
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]

@@ -26,10 +26,10 @@ from torch import nn
 from . import __version__
 from .checkpoint import MODEL_FILE, CheckpointInfo, atomic_write_text, load_checkpoint, resolve_checkpoint_path
 from . import data as _data
-from .data import DATASETS, tensor_digest
-from .curvature.batches import DataSource, StreamedData, as_source
+from .data import DATASETS
+from .curvature.batches import DataSource, StreamedData, as_source, tensor_digest
 from .distributed import broadcast_object, is_main
-from .errors import CheckpointError, DataError, NonFiniteError, UsageError
+from .errors import CheckpointError, DataError, NonFiniteError, UsageError, few, first_line
 from .factory import LogitsOf, import_factory, pick_logits  # noqa: F401  (import_factory: as before)
 from .measures import PER_LAYER, LayerReport, SharpnessConfig, SharpnessReport, measure, non_finite_tensors
 from .training import resolve_device
@@ -70,8 +70,8 @@ def load_point(path: str | os.PathLike, *, split: str = "train", samples: int | 
         model, info = load_checkpoint(path, model_factory=model_factory, factory_args=factory_args, output=output)
     bad = non_finite_tensors(model)
     if bad:
-        few = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise NonFiniteError(f"{info.path} has non-finite weights (NaN or Inf) in {few}: its curvature is undefined",
+        names = few(bad)
+        raise NonFiniteError(f"{info.path} has non-finite weights (NaN or Inf) in {names}: its curvature is undefined",
                              hint="measure an earlier checkpoint, or retrain with a smaller learning rate")
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -92,7 +92,9 @@ def load_point(path: str | os.PathLike, *, split: str = "train", samples: int | 
     if trained_on and name != trained_on:
         warnings.warn(f"measuring on {name}, but the checkpoint was trained on {trained_on}", stacklevel=2)
     model = model.to(resolve_device(device))
-    _check_model_takes(model, x, y, name)
+    if len(x) == 0:
+        raise DataError(f"{name} has no samples")
+    _check_takes(model, as_source(x, y), None, name)
     return MeasuredPoint(model, info, x, y, name)
 
 
@@ -113,25 +115,6 @@ def _shape_error(name: str, got: tuple[int, ...], expected: tuple[int, ...], tra
     return DataError(f"{name} has inputs of shape {fmt(got)}, but the checkpoint takes {fmt(expected)}{origin}",
                      hint=f"measure it on a data set of shape {fmt(expected)}" + (
                          f", e.g. --dataset {trained_on}" if trained_on else ""))
-
-
-def _check_model_takes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str) -> None:
-    """One forward pass on one image: the model takes the data and has an output for every label."""
-    if len(x) == 0:
-        raise DataError(f"{name} has no samples")
-    first = next(iter(model.parameters()), None)
-    device = first.device if first is not None else torch.device("cpu")
-    try:
-        with torch.no_grad():
-            out = model(x[:1].to(device))
-    except RuntimeError as exc:  # a model (--model-factory) that does not fit the data's shape
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"the model cannot take {name}'s inputs of shape {tuple(x.shape[1:])}: {text}") from None
-    if out.ndim != 2:
-        raise DataError(f"the model gives outputs of shape {tuple(out.shape[1:])} per image, not one logit per class")
-    top = int(y.max())
-    if top >= out.shape[1]:
-        raise DataError(f"{name} has labels up to {top}, but the model has only {out.shape[1]} outputs")
 
 
 def cache_file(path: str | os.PathLike) -> Path | None:
@@ -262,7 +245,7 @@ def _measure_given(model_or_path: nn.Module | str | os.PathLike, data: Any, conf
         (model.wrapped if isinstance(model, LogitsOf) else model).training = flag
 
 
-def _check_takes(model: nn.Module, source: DataSource, output: str | int | None) -> nn.Module:
+def _check_takes(model: nn.Module, source: DataSource, output: str | int | None, name: str = "the data") -> nn.Module:
     """One forward pass of one input, in eval mode (every module's flag restored): the
     model takes the data and has an output for every label. Returns the model to
     measure: wrapped in :class:`~flatcli.factory.LogitsOf` when its forward returns more
@@ -274,9 +257,8 @@ def _check_takes(model: nn.Module, source: DataSource, output: str | int | None)
     try:
         with _eval_mode(model), torch.no_grad():
             out = model(x.to(first.dtype) if x.is_floating_point() else x)
-    except (RuntimeError, ValueError, TypeError) as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"the model cannot take inputs of shape {tuple(x.shape[1:])}: {text}") from None
+    except (RuntimeError, ValueError, TypeError) as exc:  # e.g. a factory's model that does not fit the data
+        raise DataError(f"the model cannot take {name}'s inputs of shape {tuple(x.shape[1:])}: {first_line(exc)}") from None
     if output is not None or not isinstance(out, torch.Tensor):
         out = pick_logits(out, output)  # one clear line when the logits cannot be found
         model = LogitsOf(model, output)
@@ -284,7 +266,7 @@ def _check_takes(model: nn.Module, source: DataSource, output: str | int | None)
         raise DataError(f"the model gives outputs of shape {tuple(out.shape[1:])} per input, not one logit per class")
     top = source.max_label if isinstance(source, StreamedData) else int(source.targets.max())
     if top >= out.shape[1]:
-        raise DataError(f"the data has labels up to {top}, but the model has only {out.shape[1]} outputs")
+        raise DataError(f"{name} has labels up to {top}, but the model has only {out.shape[1]} outputs")
     return model
 
 

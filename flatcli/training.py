@@ -66,7 +66,8 @@ from .checkpoint import (LAST_FILE, LOCK_FILE, METRICS_FILE, MODEL_FILE, RUN_FIL
 from .config import TrainConfig, contradiction
 from .data import augment_batch, get_spec, load_dataset
 from .distributed import DistributedError, World
-from .errors import CheckpointError, FlatcliError, OutputError, RunExistsError, UsageError, UnknownNameError
+from .errors import (CheckpointError, FlatcliError, OutputError, RunExistsError, UnknownNameError, UsageError, few,
+                     first_line)
 from .models import build_model, resolve_kwargs
 
 OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], TrainConfig], torch.optim.Optimizer]] = {
@@ -113,7 +114,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError, ValueError) as exc:
-        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        text = first_line(exc)
         why = f" ({text})" if len(text) <= 80 else ""  # torch's dispatcher message runs to a page
         raise UsageError(f"--device {name} is not available on this machine{why}",
                          hint="use auto, cpu or cuda") from None
@@ -278,7 +279,7 @@ def _plan(out: Path, config: TrainConfig) -> str:
         return "resume"
     foreign = [n for n in names if not is_run_file(n)]
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        shown = few(foreign)
         raise RunExistsError(f"{out} holds files that are not a flatcli run's: {shown}",
                              hint="choose another --out; --overwrite replaces only a run's own files")
     if any(n in RUN_FILES for n in names):
@@ -554,7 +555,7 @@ def _from_main(word):
         if isinstance(word, FlatcliError):
             word = ("error", type(word), word.message, word.hint)
         else:
-            word = ("error", DistributedError, f"process 0 of this run failed ({_first_line(word)})", None)
+            word = ("error", DistributedError, f"process 0 of this run failed ({first_line(word)})", None)
     received = distributed.broadcast_object(word)
     if isinstance(received, tuple) and received[:1] == ("error",):
         _, cls, message, hint = received
@@ -613,7 +614,7 @@ def _train_in(run: _RunFolder, config: TrainConfig, options: dict, model: nn.Mod
         return _train_loop(run, config, options, model, spec, device, augment, train_set, test_set, cb, state, world)
     except RuntimeError as exc:  # a collective of DDP failed: another rank died or timed out
         if world.size > 1 and _collective_failure(exc):
-            raise DistributedError(f"another process of this run failed or timed out ({_first_line(exc)[:120]})") \
+            raise DistributedError(f"another process of this run failed or timed out ({first_line(exc)[:120]})") \
                 from None
         raise
 
@@ -649,7 +650,7 @@ def _train_loop(run: _RunFolder, config: TrainConfig, options: dict, model: nn.M
             history = [EpochRecord(**r) for r in state["history"]]
         except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{run.out / STATE_FILE} does not match this run's model and optimiser "
-                                  f"({_first_line(exc)})", hint="was it made by another flatcli version?") from None
+                                  f"({first_line(exc)})", hint="was it made by another flatcli version?") from None
         start_epoch, elapsed = state["epoch"], float(state.get("elapsed", 0.0))
 
     trainer = model
@@ -727,10 +728,6 @@ def _recompute_bn(averaged: AveragedModel, x_train: torch.Tensor, batch_size: in
     for t in stats:
         t.div_(world.size)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def final_metrics(model: nn.Module, x_train, y_train, x_test, y_test, world: World | None = None) -> dict:

@@ -98,12 +98,18 @@ def _unpack(batch: Any, index: int) -> tuple[Tensor, Tensor]:
                     "iterate over (x, y) batches, e.g. a DataLoader over a TensorDataset")
 
 
-def _fingerprint(x: Tensor) -> str:
-    """sha256 of a tensor's dtype, shape and exact bytes."""
-    t = x.detach().to("cpu").contiguous()
-    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)};".encode())
-    if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
+def tensor_digest(*tensors: Tensor) -> str:
+    """sha256 (hex) of tensors' dtypes, shapes and exact bytes: the identity of data.
+
+    It changes whenever any value, the order, the subset or the dtype does: a stream's
+    batches are compared by it, and the ``sharpness.json`` cache is keyed by it.
+    """
+    h = hashlib.sha256()
+    for x in tensors:
+        t = x.detach().to("cpu").contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -185,7 +191,7 @@ class StreamedData(DataSource):
             if not prints:
                 self.example = x[:1].detach().clone()
             self.max_label = max(self.max_label, int(y.max()))
-            prints.append((x.shape[0], _fingerprint(y), _fingerprint(x)))
+            prints.append((x.shape[0], tensor_digest(y), tensor_digest(x)))
         return prints
 
     def batches(self, batch_size: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
@@ -194,7 +200,7 @@ class StreamedData(DataSource):
         count = 0
         for i, batch in enumerate(self.data):
             x, y = _unpack(batch, i)
-            if i >= len(self.sizes) or x.shape[0] != self.sizes[i] or _fingerprint(y) != self._labels[i]:
+            if i >= len(self.sizes) or x.shape[0] != self.sizes[i] or tensor_digest(y) != self._labels[i]:
                 raise DataError(f"the data changed since it was checked (batch {i})",
                                 "use a loader that gives the same batches every time it is iterated")
             count += 1
