@@ -36,7 +36,7 @@ def _worker(args: argparse.Namespace) -> None:
 
     from flatcli import distributed
     from flatcli.curvature import CurvatureOperator, memory_bounded
-    from flatcli.data import get_spec, load_dataset
+    from flatcli.workflows.data import get_spec, load_dataset
     from flatcli.models import build_model
 
     torch.set_num_threads(args.threads)

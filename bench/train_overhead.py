@@ -4,7 +4,7 @@ Both train the same model on the same tensors with the same optimiser, batch siz
 shuffling, in one process, alternating so that machine noise hits both alike:
 
 * plain: ``randperm``, slice, forward, cross-entropy, backward, ``optimizer.step()``;
-* flatcli epoch: :func:`flatcli.training.train_one_epoch` (regularisation hooks, running
+* flatcli epoch: :func:`flatcli.workflows.training.train_one_epoch` (regularisation hooks, running
   loss/accuracy, progress callback);
 * flatcli run: the whole ``flatcli.train`` per epoch, which also evaluates the test set
   and writes the resumable state and metrics each epoch (reported separately: it is
@@ -26,8 +26,8 @@ import torch
 from torch.nn import functional as F
 
 from flatcli import build_model, load_dataset, make_train_config, train
-from flatcli.data import get_spec
-from flatcli.training import OPTIMIZERS, train_one_epoch
+from flatcli.workflows.data import get_spec
+from flatcli.workflows.training import OPTIMIZERS, train_one_epoch
 
 
 def plain_epoch(model, optimizer, x, y, batch_size, generator):

@@ -10,8 +10,6 @@ command line's ``--help`` do not pay for importing torch.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"
@@ -19,14 +17,14 @@ __version__ = "0.2.0"
 #: public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
     # data and models
-    "load_dataset": "data", "DATASETS": "data", "build_model": "models", "MODELS": "models",
+    "load_dataset": "workflows.data", "DATASETS": "workflows.data", "build_model": "models", "MODELS": "models",
     # training and checkpoints
-    "train": "training", "TrainResult": "training", "evaluate": "training",
+    "train": "workflows.training", "TrainResult": "workflows.training", "evaluate": "workflows.training",
     "TrainConfig": "config", "make_train_config": "config",
-    "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint", "CheckpointInfo": "checkpoint",
+    "load_checkpoint": "workflows.checkpoint", "save_checkpoint": "workflows.checkpoint", "CheckpointInfo": "workflows.checkpoint",
     # curvature
-    "sharpness": "sharpness", "measure": "measures", "SharpnessConfig": "measures",
-    "SharpnessReport": "measures", "MEASURES": "measures", "rank_bound": "rank", "rank_report": "rank",
+    "sharpness": "workflows.sharpness", "measure": "analysis.measures", "SharpnessConfig": "analysis.measures",
+    "SharpnessReport": "analysis.measures", "MEASURES": "analysis.measures", "rank_bound": "analysis.rank", "rank_report": "analysis.rank",
     # errors
     "FlatcliError": "errors",
 }
@@ -43,33 +41,17 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-class _Package(types.ModuleType):
-    """The package, whose public names win over submodules of the same name.
-
-    Importing a submodule binds it on its package (``flatcli.sharpness`` would become
-    the module ``flatcli/sharpness.py``); the public API's function of that name stays.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
 if TYPE_CHECKING:
-    from .checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
-    from .config import TrainConfig, make_train_config
-    from .data import DATASETS, load_dataset
-    from .errors import FlatcliError
-    from .measures import MEASURES, SharpnessConfig, SharpnessReport, measure
-    from .models import MODELS, build_model
-    from .rank import rank_bound, rank_report
-    from .sharpness import sharpness
-    from .training import TrainResult, evaluate, train
+    from flatcli.workflows.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
+    from flatcli.config import TrainConfig, make_train_config
+    from flatcli.workflows.data import DATASETS, load_dataset
+    from flatcli.errors import FlatcliError
+    from flatcli.analysis.measures import MEASURES, SharpnessConfig, SharpnessReport, measure
+    from flatcli.models import MODELS, build_model
+    from flatcli.analysis.rank import rank_bound, rank_report
+    from flatcli.workflows.sharpness import sharpness
+    from flatcli.workflows.training import TrainResult, evaluate, train

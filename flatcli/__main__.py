@@ -1,3 +1,3 @@
-from .cli import main
+from flatcli.cli import main
 
 main()

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .errors import CheckpointError, UsageError, UnknownNameError
+from flatcli.errors import CheckpointError, UsageError, UnknownNameError
 
 #: Default learning rate per optimiser (used when ``lr`` is not given).
 DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}
@@ -129,7 +129,7 @@ def resume_config(stored: dict | None, recipe: str | None = None, **given) -> Tr
 
     ``given`` are the options given now (``None``: not given). Each given option must
     equal the run's (so ``--resume`` alone continues it as it was); ``epochs`` may
-    differ, and :func:`flatcli.training.train` checks that the epochs already run are
+    differ, and :func:`flatcli.workflows.training.train` checks that the epochs already run are
     unaffected. ``stored`` None (a state saved before options were recorded) falls back
     to :func:`make_train_config`. Raises a UsageError naming both values of each
     contradiction.
@@ -180,7 +180,7 @@ def with_changes(config: TrainConfig, **changes) -> TrainConfig:
 # --- measuring -----------------------------------------------------------------------
 
 #: The measures of ``flatcli sharpness``, in report order: the names of the registry
-#: ``flatcli.measures.MEASURES`` (kept here so that the command line's help and option
+#: ``flatcli.analysis.measures.MEASURES`` (kept here so that the command line's help and option
 #: checks need no torch; a test holds the two equal).
 MEASURE_NAMES: tuple[str, ...] = ("lambda_max", "lambda_min", "trace", "frobenius", "density",
                                   "lambda_max_normalised", "trace_normalised", "adaptive_sharpness",

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import FlatcliError, first_line
+from flatcli.errors import FlatcliError, first_line
 
 #: How long a collective may wait for the other ranks before the run is abandoned.
 DEFAULT_TIMEOUT_S = 300.0

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import flatcli
 from flatcli.curvature import CurvatureOperator, dense_hessian, hessian_via_torch_func, hutchpp_trace, lambda_max
 from flatcli.errors import DataError, FlatcliError, UsageError
-from flatcli.measures import SharpnessConfig
+from flatcli.analysis.measures import SharpnessConfig
 
 
 def _mlp(seed: int = 0, batchnorm: bool = False) -> nn.Module:

@@ -65,7 +65,7 @@ def test_plain_state_dict_needs_a_model_factory(tmp_path):
 
 
 def test_tensors_that_do_not_match_the_architecture_are_named(run, tmp_path):
-    from flatcli.checkpoint import read_metadata
+    from flatcli.workflows.checkpoint import read_metadata
 
     tensors, doc = read_metadata("run/model.safetensors")
     doc["arch"]["kwargs"]["width"] = 9
@@ -98,7 +98,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     save_checkpoint(target, model, meta)
     before = target.read_bytes()
 
-    import flatcli.checkpoint as ckpt
+    import flatcli.workflows.checkpoint as ckpt
 
     def crash(*a, **k):
         raise OSError("disk full")

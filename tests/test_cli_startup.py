@@ -36,14 +36,14 @@ def test_the_public_function_sharpness_is_not_shadowed_by_its_module():
 
     import flatcli
 
-    importlib.import_module("flatcli.sharpness")
-    assert callable(flatcli.sharpness) and flatcli.sharpness.__module__ == "flatcli.sharpness"
+    importlib.import_module("flatcli.workflows.sharpness")
+    assert callable(flatcli.sharpness) and flatcli.sharpness.__module__ == "flatcli.workflows.sharpness"
 
 
 def test_torch_free_name_lists_match_the_registries():
     from flatcli.config import BN_BATCH, BN_MODES, DTYPE_NAMES, MEASURE_NAMES
     from flatcli.curvature.operator import DEFAULT_BATCH, BatchNormMode
-    from flatcli.measures import DTYPES, MEASURES
+    from flatcli.analysis.measures import DTYPES, MEASURES
 
     assert MEASURE_NAMES == tuple(MEASURES)
     assert DTYPE_NAMES == tuple(DTYPES)

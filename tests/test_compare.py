@@ -16,7 +16,7 @@ import math
 
 import pytest
 
-from flatcli.compare import (
+from flatcli.workflows.compare import (
     Measure,
     RunSummary,
     Verdict,
@@ -24,7 +24,7 @@ from flatcli.compare import (
     compare,
 )
 from flatcli.errors import UsageError
-from flatcli.scale import normalised_measures
+from flatcli.analysis.scale import normalised_measures
 
 
 def run(name, test_accuracy, measures, *, weight_norm=10.0, test_loss=1.0, test_size=10_000, **kw):

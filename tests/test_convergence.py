@@ -29,18 +29,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from flatcli.checkpoint import load_checkpoint, save_checkpoint
+from flatcli.workflows.checkpoint import load_checkpoint, save_checkpoint
 from flatcli.cli import app
-from flatcli.compare import (Measure, RunSummary, check_runs, compare, compare_checkpoints, comparison_as_dict,
+from flatcli.workflows.compare import (Measure, RunSummary, check_runs, compare, compare_checkpoints, comparison_as_dict,
                              summarise, verdict)
 from flatcli.curvature import CurvatureOperator, dense_hessian, hutchinson_trace, trace_and_frobenius
 from flatcli.curvature.trace import MIN_SAMPLES
-from flatcli.data import load_dataset
+from flatcli.workflows.data import load_dataset
 from flatcli.errors import CheckpointError, DataError, UsageError
-from flatcli.measures import Estimate, SharpnessConfig, SharpnessReport, measure
+from flatcli.analysis.measures import Estimate, SharpnessConfig, SharpnessReport, measure
 from flatcli.models import build_model
-from flatcli.rank import rank_report
-from flatcli.render import comparison_table, sharpness_table
+from flatcli.analysis.rank import rank_report
+from flatcli.report.tables import comparison_table, sharpness_table
 
 runner = CliRunner()
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_checkpoints"
@@ -208,7 +208,7 @@ def test_a_measure_that_did_not_converge_gets_no_verdict(values):
 
 
 def test_the_demo_claims_nothing_from_a_measure_that_did_not_converge():
-    from flatcli.demo import _pair_claim
+    from flatcli.workflows.demo import _pair_claim
 
     comparison = compare([run("a", 0.70, 1.0), run("b", 0.90, 10.0, converged=False)])
     claim = _pair_claim("logreg", comparison, "B is sharper yet generalises better")
@@ -249,9 +249,9 @@ def no_measuring(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("measured before every run was checked")
 
-    monkeypatch.setattr(module("flatcli.sharpness"), "sharpness", boom)
-    monkeypatch.setattr(module("flatcli.sharpness"), "load_point", boom)
-    monkeypatch.setattr(module("flatcli.data"), "load_dataset", boom)
+    monkeypatch.setattr(module("flatcli.workflows.sharpness"), "sharpness", boom)
+    monkeypatch.setattr(module("flatcli.workflows.sharpness"), "load_point", boom)
+    monkeypatch.setattr(module("flatcli.workflows.data"), "load_dataset", boom)
 
 
 def test_runs_trained_on_different_data_sets_are_refused_before_measuring(tmp_path, no_measuring):
@@ -313,7 +313,7 @@ def test_rank_bound_threshold_is_checked_before_anything_is_computed(value, monk
     def boom(*args, **kwargs):
         raise AssertionError("loaded before the options were checked")
 
-    monkeypatch.setattr(module("flatcli.sharpness"), "load_point", boom)
+    monkeypatch.setattr(module("flatcli.workflows.sharpness"), "load_point", boom)
     result = runner.invoke(app, ["rank-bound", str(LOGREG), "--threshold", value])
     assert result.exit_code == 2, result.output
     assert "threshold" in result.stderr
@@ -325,7 +325,7 @@ def test_rank_report_checks_its_options_first(options, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("computed before the options were checked")
 
-    monkeypatch.setattr(module("flatcli.rank"), "rank_bound", boom)
+    monkeypatch.setattr(module("flatcli.analysis.rank"), "rank_bound", boom)
     model = torch.nn.Linear(4, 3)
     with pytest.raises(UsageError):
         rank_report(model, torch.randn(10, 4), torch.randint(0, 3, (10,)), 3, **options)
@@ -335,6 +335,6 @@ def test_rank_bound_fraction_is_checked_first(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("loaded before the options were checked")
 
-    monkeypatch.setattr(module("flatcli.sharpness"), "load_point", boom)
+    monkeypatch.setattr(module("flatcli.workflows.sharpness"), "load_point", boom)
     result = runner.invoke(app, ["rank-bound", str(LOGREG), "--estimate", "--fraction", "1.5"])
     assert result.exit_code == 2 and "fraction" in result.stderr

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flatcli import load_dataset
-from flatcli.data import DATASETS, augment_batch, subset_indices
+from flatcli.workflows.data import DATASETS, augment_batch, subset_indices
 from flatcli.errors import DataError
 
 

@@ -32,7 +32,7 @@ TIMEOUT_S = 240  # a hang fails the test instead of the suite
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     from flatcli.config import make_train_config
-    from flatcli.training import train
+    from flatcli.workflows.training import train
 
     out = tmp_path_factory.mktemp("dist") / "RUN"
     train(make_train_config(dataset="digits", model="mlp", model_kwargs={"width": 16}, epochs=2, device="cpu",
@@ -85,7 +85,7 @@ def test_the_timeout_comes_from_the_environment(monkeypatch):
 
 def test_two_processes_measure_what_one_measures_and_rank_0_alone_writes(run_dir):
     from flatcli.config import SharpnessConfig
-    from flatcli.sharpness import sharpness
+    from flatcli.workflows.sharpness import sharpness
 
     two = json_of(torchrun("sharpness", run_dir, "--measures", "lambda_max,trace,density", "--dtype", "float64",
                            "--json"))
@@ -108,7 +108,7 @@ def test_two_processes_measure_what_one_measures_and_rank_0_alone_writes(run_dir
 @pytest.mark.slow
 def test_rank_bound_and_compare_under_two_processes_agree_with_one(run_dir, tmp_path):
     from flatcli.config import make_train_config
-    from flatcli.training import train
+    from flatcli.workflows.training import train
 
     two_rank = json_of(torchrun("rank-bound", run_dir, "--json"))
     one_rank = json_of(one_process("rank-bound", run_dir, "--json"))
@@ -180,8 +180,8 @@ def test_batch_statistics_are_those_of_one_process(tmp_path, bn):
     # batch statistics: each shard is whole one-process batches (5 of 100 -> 3 + 2), so every batch is
     # normalised as with one process; full: every process takes all 500 (the statistics of the set)
     from flatcli.config import SharpnessConfig, make_train_config
-    from flatcli.sharpness import sharpness
-    from flatcli.training import train
+    from flatcli.workflows.sharpness import sharpness
+    from flatcli.workflows.training import train
 
     run = tmp_path / "BN"
     train(make_train_config(dataset="digits", model="cnn", model_kwargs={"batchnorm": True, "channels": 4},

@@ -22,13 +22,13 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from flatcli.checkpoint import load_state_file
+from flatcli.workflows.checkpoint import load_state_file
 from flatcli.cli import app
 from flatcli.config import make_train_config
-from flatcli.data import augment_batch
+from flatcli.workflows.data import augment_batch
 from flatcli.distributed import World
 from flatcli.errors import UsageError
-from flatcli.training import TrainCallbacks, train
+from flatcli.workflows.training import TrainCallbacks, train
 
 runner = CliRunner()
 RUN = ["--model", "mlp", "--width", "16", "--epochs", "3", "--batch-size", "64", "--seed", "1", "--device", "cpu"]
@@ -193,7 +193,7 @@ def _after_whole_batch(x: torch.Tensor) -> torch.Tensor:
 def test_batchnorm_ranks_save_the_model_they_evaluated():
     """Per-rank BatchNorm statistics: rank 0's are kept, so the saved model is the one whose metrics are reported."""
     from flatcli import load_checkpoint, load_dataset
-    from flatcli.training import evaluate
+    from flatcli.workflows.training import evaluate
 
     args = ["--model", "cnn", "--batchnorm", "--epochs", "2", "--batch-size", "64", "--average-from", "2",
             "--device", "cpu"]

@@ -99,7 +99,7 @@ def test_sample_checkpoints_are_small_and_documented():
 
 
 def test_demo_runs_end_to_end_in_reduced_size(tmp_path):
-    from flatcli.demo import DemoConfig, demo_as_dict, run_demo
+    from flatcli.workflows.demo import DemoConfig, demo_as_dict, run_demo
 
     config = DemoConfig.reduced(out=tmp_path / "demo", device="cpu")
     result = run_demo(config)
@@ -122,7 +122,7 @@ def test_demo_runs_end_to_end_in_reduced_size(tmp_path):
 
 
 def test_demo_refuses_to_overwrite_a_different_run(tmp_path):
-    from flatcli.demo import DemoConfig, run_demo
+    from flatcli.workflows.demo import DemoConfig, run_demo
     from flatcli.errors import RunExistsError
 
     run_demo(DemoConfig.reduced(out=tmp_path / "demo", device="cpu", models=("logreg",)))
@@ -138,8 +138,8 @@ def test_demo_cli_prints_the_claims_table(tmp_path):
 
 
 def test_the_demo_reuses_a_run_recorded_before_an_option_existed(tmp_path):
-    from flatcli.checkpoint import read_metadata, save_checkpoint
-    from flatcli.demo import DemoConfig, _ensure_run, _train_config
+    from flatcli.workflows.checkpoint import read_metadata, save_checkpoint
+    from flatcli.workflows.demo import DemoConfig, _ensure_run, _train_config
 
     tc = _train_config(DemoConfig.reduced(out=tmp_path, epochs=1), "logreg", "sgd")
     _ensure_run(tc, overwrite=False)

@@ -13,11 +13,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 from flatcli import build_model, load_checkpoint
-from flatcli.checkpoint import save_checkpoint
+from flatcli.workflows.checkpoint import save_checkpoint
 from flatcli.cli import app
 from flatcli.errors import CheckpointError, UsageError
-from flatcli.factory import LogitsOf, pick_logits
-from flatcli.measures import SharpnessConfig, measure, parameter_groups
+from flatcli.models.factory import LogitsOf, pick_logits
+from flatcli.analysis.measures import SharpnessConfig, measure, parameter_groups
 
 runner = CliRunner()
 

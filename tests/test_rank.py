@@ -20,10 +20,10 @@ import pytest
 import torch
 from torch import nn
 
-from flatcli.data import load_dataset
+from flatcli.workflows.data import load_dataset
 from flatcli.errors import TooLargeError
 from flatcli.models import build_model
-from flatcli.rank import (
+from flatcli.analysis.rank import (
     MeasuredRank,
     RankEstimate,
     default_rank_threshold,

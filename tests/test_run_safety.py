@@ -12,10 +12,10 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from flatcli import build_model, load_checkpoint, save_checkpoint, train
-from flatcli.checkpoint import LOCK_FILE, STAGING_DIR, load_state_file, save_state
+from flatcli.workflows.checkpoint import LOCK_FILE, STAGING_DIR, load_state_file, save_state
 from flatcli.cli import app
 from flatcli.errors import CheckpointError, OutputError, RunExistsError, UnknownNameError, UsageError
-from flatcli.training import TrainCallbacks, resolve_device
+from flatcli.workflows.training import TrainCallbacks, resolve_device
 
 runner = CliRunner()
 
@@ -293,7 +293,7 @@ def test_files_respect_the_umask(make_config, umask, mode):
 # --- 7. unwritable folders and a full disk -----------------------------------------------
 
 def test_a_full_disk_during_train_is_one_line_and_keeps_the_old_run(old_run, make_config, monkeypatch):
-    import flatcli.checkpoint as ckpt
+    import flatcli.workflows.checkpoint as ckpt
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, hessian
 
-from flatcli.data import load_dataset
+from flatcli.workflows.data import load_dataset
 from flatcli.errors import UsageError
 from flatcli.models import build_model
-from flatcli.scale import (
+from flatcli.analysis.scale import (
     adaptive_sharpness,
     normalise_logits,
     normalised,

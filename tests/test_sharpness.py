@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from flatcli import load_dataset, train
 from flatcli.cli import app
 from flatcli.curvature import hessian_via_torch_func
-from flatcli.measures import SharpnessConfig, measure
+from flatcli.analysis.measures import SharpnessConfig, measure
 
 runner = CliRunner()
 
@@ -248,7 +248,7 @@ def test_automatic_batches_keep_a_batchs_activations_small_on_the_cpu():
 
 
 def test_batch_statistics_use_the_documented_batch_whatever_the_device(monkeypatch):
-    import flatcli.measures as measures_module
+    import flatcli.analysis.measures as measures_module
     from flatcli import build_model
 
     seen = []

@@ -15,15 +15,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import flatcli.data
+import flatcli.workflows.data
 from flatcli import build_model, load_dataset, save_checkpoint
 from flatcli.cli import app
 from flatcli.errors import DataError, NonFiniteError, UsageError
-from flatcli.measures import SharpnessConfig, measure
-from flatcli.sharpness import CACHE_FILE, ResultCache, load_point, sharpness
+from flatcli.analysis.measures import SharpnessConfig, measure
+from flatcli.workflows.sharpness import CACHE_FILE, ResultCache, load_point, sharpness
 
 runner = CliRunner()
-sharpness_module = importlib.import_module("flatcli.sharpness")  # flatcli.sharpness is also a function
+sharpness_module = importlib.import_module("flatcli.workflows.sharpness")  # flatcli.sharpness is also a function
 DIGITS = {"name": "digits", "num_classes": 10, "input_shape": [1, 8, 8]}
 
 
@@ -66,7 +66,7 @@ def forbid_measuring(monkeypatch):
 def test_a_cached_result_is_not_served_for_other_data(run, monkeypatch):
     first = sharpness(run, cfg("lambda_max,trace"))
     assert sharpness(run, cfg("lambda_max,trace")).cached == ("lambda_max", "trace")
-    real = flatcli.data.load_dataset
+    real = flatcli.workflows.data.load_dataset
 
     def other_pixels(*args, **kwargs):  # the same data set name and shape, one pixel changed
         x, y = real(*args, **kwargs).tensors
@@ -74,7 +74,7 @@ def test_a_cached_result_is_not_served_for_other_data(run, monkeypatch):
         x[0, 0, 3, 3] += 1.0
         return torch.utils.data.TensorDataset(x, y)
 
-    monkeypatch.setattr(flatcli.data, "load_dataset", other_pixels)
+    monkeypatch.setattr(flatcli.workflows.data, "load_dataset", other_pixels)
     changed = sharpness(run, cfg("lambda_max,trace"))
     assert changed.cached == () and changed.hvps > 0
     assert changed.loss != first.loss
@@ -83,7 +83,7 @@ def test_a_cached_result_is_not_served_for_other_data(run, monkeypatch):
         x, y = real(*args, **kwargs).tensors
         return torch.utils.data.TensorDataset(x, (y + 1) % 10)
 
-    monkeypatch.setattr(flatcli.data, "load_dataset", other_labels)
+    monkeypatch.setattr(flatcli.workflows.data, "load_dataset", other_labels)
     assert sharpness(run, cfg("lambda_max,trace")).cached == ()
     key = next(iter(json.loads((run / CACHE_FILE).read_text())["entries"]))
     for part in ('"data": ', '"device": "cpu"', '"dtype": "float32"', '"checkpoint": ', '"flatcli": '):
@@ -264,7 +264,7 @@ def test_a_density_file_that_cannot_be_written_keeps_the_result(run, tmp_path, m
 # --- 5. the data must fit the checkpoint -------------------------------------------------
 
 def test_a_data_set_of_another_input_shape_is_refused_before_loading(run, monkeypatch):
-    monkeypatch.setattr(flatcli.data, "load_dataset", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(flatcli.workflows.data, "load_dataset", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(DataError, match="mnist has inputs of shape 1x28x28, but the checkpoint takes 1x8x8"):
         load_point(run, dataset="mnist")
     for command in (["sharpness", str(run), "--dataset", "mnist"], ["rank-bound", str(run), "-d", "mnist"]):
@@ -276,7 +276,7 @@ def test_a_data_set_of_another_input_shape_is_refused_before_loading(run, monkey
 
 def _serve(monkeypatch, inputs: torch.Tensor, labels: torch.Tensor) -> None:
     """Make every data set load as (inputs, labels)."""
-    monkeypatch.setattr(flatcli.data, "load_dataset", lambda *a, **k: torch.utils.data.TensorDataset(inputs, labels))
+    monkeypatch.setattr(flatcli.workflows.data, "load_dataset", lambda *a, **k: torch.utils.data.TensorDataset(inputs, labels))
 
 
 def test_data_of_another_shape_under_the_same_name_is_refused(run, monkeypatch):
@@ -292,9 +292,9 @@ def test_labels_the_model_has_no_output_for_are_refused(run, monkeypatch):
 
 
 def test_another_data_set_of_the_same_shape_is_measured_with_a_warning(run, monkeypatch):
-    real = flatcli.data.load_dataset
-    monkeypatch.setitem(flatcli.data.DATASETS, "digits2", flatcli.data.DATASETS["digits"])
-    monkeypatch.setattr(flatcli.data, "load_dataset", lambda name, *a, **k: real("digits", *a, **k))
+    real = flatcli.workflows.data.load_dataset
+    monkeypatch.setitem(flatcli.workflows.data.DATASETS, "digits2", flatcli.workflows.data.DATASETS["digits"])
+    monkeypatch.setattr(flatcli.workflows.data, "load_dataset", lambda name, *a, **k: real("digits", *a, **k))
     with pytest.warns(UserWarning, match="measuring on digits2, but the checkpoint was trained on digits"):
         point = load_point(run, dataset="digits2", samples=50)
     assert point.dataset == "digits2" and len(point.targets) == 50
@@ -334,7 +334,7 @@ def test_measure_raises_a_flatcli_error_not_a_linalg_error():
 
 
 def test_a_scale_that_overflows_is_one_line_before_measuring(tmp_path, monkeypatch):
-    import flatcli.sweep as sweep
+    import flatcli.analysis.sweep as sweep
 
     run = make_run(tmp_path / "mlp", "mlp", width=6)
     calls = []

@@ -9,7 +9,7 @@ import torch
 from flatcli import load_checkpoint, load_dataset, train
 from flatcli.config import make_train_config
 from flatcli.errors import RunExistsError, UsageError
-from flatcli.training import SCHEDULES, evaluate, regularised_step, OPTIMIZERS
+from flatcli.workflows.training import SCHEDULES, evaluate, regularised_step, OPTIMIZERS
 
 
 def test_logreg_reaches_90_percent_on_digits_and_reduces_loss(make_config):
@@ -66,7 +66,7 @@ def test_paper_schedule_holds_decays_linearly_then_holds():
 def test_averaging_equals_the_mean_of_the_epoch_snapshots(make_config):
     snapshots = []
     config = make_config(epochs=4, average_from=2, out=Path("avg"), model="mlp", model_kwargs={"width": 8})
-    import flatcli.training as training
+    import flatcli.workflows.training as training
 
     original = training.train_one_epoch
 
@@ -126,7 +126,7 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(make_config):
               schedule="paper")
     train(make_config(out=Path("full"), **kw))
 
-    from flatcli.training import TrainCallbacks
+    from flatcli.workflows.training import TrainCallbacks
 
     class Interrupt(Exception):
         pass

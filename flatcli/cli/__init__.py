@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import typer
 
-from . import compare as _compare
-from . import demo as _demo
-from . import rank_bound as _rank_bound
-from . import sharpness as _sharpness
-from . import train as _train
+from flatcli.cli import compare as _compare
+from flatcli.cli import demo as _demo
+from flatcli.cli import rank_bound as _rank_bound
+from flatcli.cli import sharpness as _sharpness
+from flatcli.cli import train as _train
 
 app = typer.Typer(
     name="flatcli",
@@ -21,7 +21,7 @@ app = typer.Typer(
 
 def _print_version(value: bool) -> None:
     if value:
-        from .. import __version__
+        from flatcli import __version__
 
         print(__version__)
         raise typer.Exit()
@@ -41,7 +41,7 @@ def _root(
 
         most = 4 * (os.cpu_count() or 1)
         if threads > most:  # OpenMP aborts (or segfaults) when asked for absurd pools
-            from ._common import fail
+            from flatcli.cli._common import fail
 
             fail(f"--threads {threads} is more than 4x this machine's {os.cpu_count()} CPUs", 2)
         import torch
@@ -77,7 +77,7 @@ def main() -> None:
 
 def _run() -> int:
     """Run the app; the exit code."""
-    from ._common import err
+    from flatcli.cli._common import err
 
     try:
         code = app(standalone_mode=False)

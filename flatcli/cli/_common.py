@@ -13,7 +13,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from ..errors import FlatcliError
+from flatcli.errors import FlatcliError
 
 #: This process's rank under ``torchrun`` (0 otherwise), read from the environment so that
 #: the consoles are set before torch is imported.
@@ -53,7 +53,7 @@ def join_world(device: str) -> str:
     (:func:`handle_errors`)."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return device
-    from .. import distributed
+    from flatcli import distributed
 
     distributed.init(device)
     return distributed.device_for(device)
@@ -66,7 +66,7 @@ def _leave_world(together: bool = False) -> None:
 
     dist = sys.modules.get("torch.distributed")  # never import torch just to leave
     if dist is not None and dist.is_available() and dist.is_initialized():
-        from .. import distributed
+        from flatcli import distributed
 
         distributed.finish(wait=together)
 
@@ -138,7 +138,7 @@ def print_json(document: Any) -> None:
 
 def parse_kwargs(items: list[str] | None) -> dict:
     """``key=value`` pairs (values parsed as JSON when they can be) into a dict."""
-    from ..errors import UsageError
+    from flatcli.errors import UsageError
 
     result = {}
     for item in items or []:

@@ -7,10 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..compare import DEFAULT_COMPARE_MEASURES, compare_checkpoints, comparison_as_dict
-from . import options as opt
-from ._common import err, handle_errors, join_world, out, print_json
-from .sharpness import (BatchSize, BnMode, MemoryGb, CurvatureOpt, Dtype, Exact, IncludeL2, LogitNormalise,
+from flatcli.workflows.compare import DEFAULT_COMPARE_MEASURES, compare_checkpoints, comparison_as_dict
+from flatcli.cli import options as opt
+from flatcli.cli._common import err, handle_errors, join_world, out, print_json
+from flatcli.cli.sharpness import (BatchSize, BnMode, MemoryGb, CurvatureOpt, Dtype, Exact, IncludeL2, LogitNormalise,
                         MaxIter, NoCache, Probes, Rho, Samples, Split, Tol, build_config)
 
 
@@ -51,7 +51,7 @@ def compare(
     refused, and a measure that did not converge gets no verdict.
     """
     if len(runs) < 2:
-        from ..errors import UsageError
+        from flatcli.errors import UsageError
 
         raise UsageError("compare needs at least two runs")
     config = build_config(measures, split=split, samples=samples, batch_size=batch_size, memory_gb=memory_gb,
@@ -72,7 +72,7 @@ def compare(
     if json_:
         print_json(comparison_as_dict(comparison))
         return
-    from ..render import comparison_table
+    from flatcli.report.tables import comparison_table
 
     out.print(comparison_table(comparison))
     for verdict in comparison.verdicts:

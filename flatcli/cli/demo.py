@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import options as opt
-from ._common import err, handle_errors, out, print_json
+from flatcli.cli import options as opt
+from flatcli.cli._common import err, handle_errors, out, print_json
 
 
 @handle_errors
@@ -30,12 +30,12 @@ def demo(
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # N copies would train into the same folders
-        from ..errors import UsageError
+        from flatcli.errors import UsageError
 
         raise UsageError("flatcli demo runs in one process, not under torchrun",
                          hint="run train, sharpness, rank-bound and compare under torchrun instead")
-    from ..demo import DemoConfig, demo_as_dict, run_demo
-    from ..render import demo_report
+    from flatcli.workflows.demo import DemoConfig, demo_as_dict, run_demo
+    from flatcli.report.tables import demo_report
 
     config = DemoConfig(dataset=dataset, data_dir=str(data_dir) if data_dir else None,
                         models=tuple(m.strip() for m in models.split(",") if m.strip()), epochs=epochs,

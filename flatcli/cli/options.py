@@ -14,7 +14,7 @@ Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]
 
-# A model from elsewhere (sharpness, rank-bound, compare): see flatcli.factory.
+# A model from elsewhere (sharpness, rank-bound, compare): see flatcli.models.factory.
 ModelFactory = Annotated[Optional[str], typer.Option("--model-factory", help="Builds the model of a checkpoint without flatcli metadata (safetensors, .pt/.pth/.bin state dict, Lightning .ckpt): package.module:function (e.g. torchvision.models:resnet18) or file.py:function.")]
 FactoryArg = Annotated[Optional[list[str]], typer.Option("--factory-arg", help="KEY=VALUE keyword argument of the model factory (repeatable; VALUE parsed as JSON when it can be, else a string), e.g. num_classes=10.")]
 Output = Annotated[Optional[str], typer.Option("--output", help="Which part of the factory model's output is the logits: a dict key, attribute name or tuple index. Default: a tensor as is; else a 'logits' key or attribute; else a dict's only tensor; else a tuple's first element when it is a 2-D tensor.")]
@@ -25,7 +25,7 @@ def factory_args(items: list[str] | None) -> dict:
     can be (``10`` an int, ``true`` a bool, ``[1, 2]`` a list), else kept as a string."""
     import json
 
-    from ..errors import UsageError
+    from flatcli.errors import UsageError
 
     result = {}
     for item in items or []:

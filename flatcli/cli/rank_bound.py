@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import options as opt
-from ._common import handle_errors, join_world, out, print_json
-from .sharpness import DatasetOverride, Samples
+from flatcli.cli import options as opt
+from flatcli.cli._common import handle_errors, join_world, out, print_json
+from flatcli.cli.sharpness import DatasetOverride, Samples
 
 
 @handle_errors
@@ -33,10 +33,10 @@ def rank_bound(
     The bound is exact for linear models (logistic regression; for deep linear nets, for the GGN); for
     nonlinear nets it bounds the effective rank under a Kronecker-factored approximation. Both are reported.
     """
-    from ..errors import UsageError
-    from ..rank import check_rank_options, rank_report
-    from ..render import rank_table
-    from ..sharpness import load_point
+    from flatcli.errors import UsageError
+    from flatcli.analysis.rank import check_rank_options, rank_report
+    from flatcli.report.tables import rank_table
+    from flatcli.workflows.sharpness import load_point
 
     check_rank_options(threshold=threshold, fraction=fraction)  # before anything is loaded or computed
     if samples is not None and samples < 1:
@@ -57,6 +57,6 @@ def rank_bound(
 
 
 def _num_classes(point) -> int:
-    from ..data import get_spec
+    from flatcli.workflows.data import get_spec
 
     return get_spec(point.dataset).num_classes

@@ -7,10 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import FlatcliError, UsageError
-from ..config import MEASURE_NAMES, SharpnessConfig
-from . import options as opt
-from ._common import err, handle_errors, is_main, join_world, out, print_json
+from flatcli.errors import FlatcliError, UsageError
+from flatcli.config import MEASURE_NAMES, SharpnessConfig
+from flatcli.cli import options as opt
+from flatcli.cli._common import err, handle_errors, is_main, join_world, out, print_json
 
 MeasuresOpt = Annotated[str, typer.Option(
     "--measures", help=f"Comma-separated, any of: {', '.join(MEASURE_NAMES)}.")]
@@ -111,7 +111,7 @@ def sharpness(
             raise UsageError(f"--plot {plot}: unknown image format {plot.suffix or '(none)'}",
                              hint=f"use one of: {', '.join('.' + f for f in sorted(formats))}")
 
-    from ..sharpness import sharpness as run_sharpness  # torch: imported once the options are checked
+    from flatcli.workflows.sharpness import sharpness as run_sharpness  # torch: imported once the options are checked
 
     device = join_world(device)  # under torchrun: this rank's device, after joining the process group
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn  # not needed for --help
@@ -161,7 +161,7 @@ def check_output_path(path: Path, option: str) -> None:
 
 
 def _say_cached(report, checkpoint: Path) -> None:
-    from ..sharpness import cache_file
+    from flatcli.workflows.sharpness import cache_file
 
     where = cache_file(checkpoint)
     if report.fully_cached:
@@ -183,7 +183,7 @@ def _print_report(report, config, json_: bool) -> None:
     if json_:
         print_json(report.as_dict())
         return
-    from ..render import density_histogram, layers_table, sharpness_table
+    from flatcli.report.tables import density_histogram, layers_table, sharpness_table
 
     out.print(sharpness_table(report))
     if report.layers:
@@ -193,9 +193,9 @@ def _print_report(report, config, json_: bool) -> None:
 
 
 def _sweep(checkpoint, config, scale, scale_layer, dataset, data_dir, device, loading, json_) -> None:
-    from ..render import sweep_table
-    from ..sharpness import load_point
-    from ..sweep import parse_scales, scaling_sweep
+    from flatcli.report.tables import sweep_table
+    from flatcli.workflows.sharpness import load_point
+    from flatcli.analysis.sweep import parse_scales, scaling_sweep
 
     scales = parse_scales(scale)
     device = join_world(device)

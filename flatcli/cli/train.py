@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import make_train_config
-from . import options as opt
-from ._common import err, handle_errors, join_world, out, parse_kwargs, print_json
+from flatcli.config import make_train_config
+from flatcli.cli import options as opt
+from flatcli.cli._common import err, handle_errors, join_world, out, parse_kwargs, print_json
 
 
 @handle_errors
@@ -59,15 +59,15 @@ def train(
     if not resume:
         config = make_train_config(recipe, **given, overwrite=overwrite)
     else:
-        from ..config import TrainConfig, resume_config
-        from ..training import default_run_dir, main_decides, read_run_options
+        from flatcli.config import TrainConfig, resume_config
+        from flatcli.workflows.training import default_run_dir, main_decides, read_run_options
 
         TrainConfig(overwrite=overwrite, resume=True)  # refuses the two together
         run_dir = out_dir if out_dir is not None else default_run_dir(make_train_config(recipe, **given, resume=True))
         join_world(device or "auto")  # under torchrun, rank 0 alone reads the run folder
         config = resume_config(main_decides(lambda: read_run_options(run_dir)), recipe, **{**given, "out": run_dir})
 
-    from ..training import EpochRecord, TrainCallbacks, train as run_training  # torch
+    from flatcli.workflows.training import EpochRecord, TrainCallbacks, train as run_training  # torch
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # not needed for --help
 
@@ -95,6 +95,6 @@ def train(
     if json_:
         print_json(document)
         return
-    from ..render import metrics_table
+    from flatcli.report.tables import metrics_table
 
     out.print(metrics_table(f"{config.model} on {config.dataset}", document))

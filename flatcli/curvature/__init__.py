@@ -12,7 +12,7 @@
   :func:`logistic_regression_trace`.
 """
 
-from flatcli.curvature._results import (
+from flatcli.curvature.results import (
     EigenEstimate,
     FrobeniusEstimate,
     LanczosResult,

@@ -31,8 +31,8 @@ import math
 import torch
 from torch import Tensor
 
-from flatcli.curvature._probes import LinearOperatorLike, generator, rademacher
-from flatcli.curvature._results import SpectralDensity
+from flatcli.curvature.probes import LinearOperatorLike, generator, rademacher
+from flatcli.curvature.results import SpectralDensity
 from flatcli.errors import UsageError
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, hessian
 
-from flatcli.curvature._probes import LinearOperatorLike
+from flatcli.curvature.probes import LinearOperatorLike
 from flatcli.distributed import all_agree, all_reduce_sum
 from flatcli.errors import TooLargeError, UsageError, UnknownNameError
 

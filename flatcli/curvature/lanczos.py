@@ -54,8 +54,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from flatcli.curvature._probes import LinearOperatorLike, gaussian, generator
-from flatcli.curvature._results import EigenEstimate, LanczosResult
+from flatcli.curvature.probes import LinearOperatorLike, gaussian, generator
+from flatcli.curvature.results import EigenEstimate, LanczosResult
 from flatcli.errors import UsageError
 
 #: Called after every Lanczos step with (step, wanted Ritz values, their residual bounds).

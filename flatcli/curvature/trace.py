@@ -55,8 +55,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from flatcli.curvature._probes import LinearOperatorLike, gaussian, generator, rademacher
-from flatcli.curvature._results import FrobeniusEstimate, StochasticEstimate
+from flatcli.curvature.probes import LinearOperatorLike, gaussian, generator, rademacher
+from flatcli.curvature.results import FrobeniusEstimate, StochasticEstimate
 from flatcli.errors import UsageError
 
 

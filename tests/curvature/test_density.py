@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flatcli.curvature import CurvatureOperator, slq_density
-from flatcli.curvature._probes import generator, rademacher
+from flatcli.curvature.probes import generator, rademacher
 from flatcli.errors import UsageError
 
 F64 = torch.float64

@@ -24,8 +24,8 @@ from flatcli.curvature import (
 )
 from flatcli.curvature.exact import verified_logistic_regression_hessian
 from flatcli.errors import TooLargeError, UsageError
-from flatcli.measures import SharpnessConfig, SharpnessReport, measure
-from flatcli.rank import is_linear_model, rank_report
+from flatcli.analysis.measures import SharpnessConfig, SharpnessReport, measure
+from flatcli.analysis.rank import is_linear_model, rank_report
 
 F64 = torch.float64
 

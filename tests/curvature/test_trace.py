@@ -167,7 +167,7 @@ def test_the_krylov_subspace_beats_a_one_pass_sketch_at_equal_cost(make_problem,
     on the logistic regression whose Hessian has 9 outliers: the 30-dimensional Krylov
     space removes more of them, so the remainders' standard errors are smaller."""
     op, _, _ = setup(make_problem, reference_hessian, "logreg", "digits")
-    from flatcli.curvature._probes import gaussian, generator, rademacher
+    from flatcli.curvature.probes import gaussian, generator, rademacher
 
     def one_pass_hutchpp(seed: int) -> tuple[float, float]:
         gen = generator(op, seed)

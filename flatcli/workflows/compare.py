@@ -45,7 +45,7 @@ class Measure:
 
     Every measure is oriented so that larger means sharper. ``converged=False``: the
     estimator stopped before its uncertainty means what it says (see
-    :class:`flatcli.measures.Estimate`); the uncertainty may then be infinite, and no
+    :class:`flatcli.analysis.measures.Estimate`); the uncertainty may then be infinite, and no
     verdict is given on the measure.
     """
 
@@ -337,7 +337,7 @@ DEFAULT_COMPARE_MEASURES = ("lambda_max", "trace", "frobenius", "lambda_max_norm
 
 
 def _measure(estimate: Any) -> Measure:
-    """A :class:`Measure` from a :class:`flatcli.measures.Estimate`; a NaN or infinite
+    """A :class:`Measure` from a :class:`flatcli.analysis.measures.Estimate`; a NaN or infinite
     uncertainty (e.g. a standard error of one sample) is an unconverged one."""
     unc = float(estimate.uncertainty)
     converged = bool(getattr(estimate, "converged", True)) and math.isfinite(unc)
@@ -374,7 +374,7 @@ def check_runs(paths: Sequence[Any], *, dataset: str | None = None, model_factor
     were trained on ONE data set (else their accuracies say nothing about each other), and
     the data set measured on (``dataset``, default the training set) fits each model.
     ``model_factory`` (with ``factory_args`` and ``output``, see
-    :func:`~flatcli.checkpoint.load_checkpoint`) builds every run's model; a checkpoint
+    :func:`~flatcli.workflows.checkpoint.load_checkpoint`) builds every run's model; a checkpoint
     without flatcli metadata names no data set, and is taken as trained on ``dataset``.
 
     Raises :class:`~flatcli.errors.CheckpointError` or :class:`~flatcli.errors.DataError`
@@ -384,10 +384,10 @@ def check_runs(paths: Sequence[Any], *, dataset: str | None = None, model_factor
     import warnings
     from pathlib import Path
 
-    from .checkpoint import MODEL_FILE, load_checkpoint, resolve_checkpoint_path
-    from .data import get_spec
-    from .errors import DataError
-    from .factory import resolve_factory
+    from flatcli.workflows.checkpoint import MODEL_FILE, load_checkpoint, resolve_checkpoint_path
+    from flatcli.workflows.data import get_spec
+    from flatcli.errors import DataError
+    from flatcli.models.factory import resolve_factory
 
     factory = resolve_factory(model_factory, factory_args)  # imported once for every run
     checked: list[CheckedRun] = []
@@ -428,7 +428,7 @@ def check_runs(paths: Sequence[Any], *, dataset: str | None = None, model_factor
 
 def _check_metrics(ckpt: Any, metrics: dict) -> None:
     """The recorded metrics that :func:`summarise` reads are numbers (accuracies fractions)."""
-    from .errors import CheckpointError
+    from flatcli.errors import CheckpointError
 
     for key in ("test_loss", "test_accuracy", "train_loss", "train_accuracy"):
         if key not in metrics:
@@ -458,10 +458,10 @@ def compare_checkpoints(paths: Sequence[Any], config: Any, *, data_dir: str | No
     """
     import warnings
 
-    from .checkpoint import CheckpointNote
-    from .data import load_dataset
-    from .sharpness import load_point, sharpness
-    from .training import evaluate
+    from flatcli.workflows.checkpoint import CheckpointNote
+    from flatcli.workflows.data import load_dataset
+    from flatcli.workflows.sharpness import load_point, sharpness
+    from flatcli.workflows.training import evaluate
 
     if len(paths) < 2:
         raise UsageError(f"a comparison needs at least two runs, got {len(paths)}")

@@ -17,7 +17,7 @@ flatcli metadata, a ``torch.save`` state dict (``.pt``, ``.pth``, ``.bin``) or a
 Lightning ``.ckpt``, read with ``torch.load(weights_only=True)``, which rebuilds tensors
 and plain containers only and refuses any other class: unpickling a class runs code named
 by the file, so a file that needs it is refused, never executed. Their architecture comes
-from a model factory (:mod:`flatcli.factory`).
+from a model factory (:mod:`flatcli.models.factory`).
 
 Every write goes to a temporary file in the same folder and is then renamed over the
 target (:func:`os.replace` is atomic on POSIX and Windows), so a crash never leaves half
@@ -44,7 +44,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import CheckpointError, FlatcliError, UsageError, few, first_line
+from flatcli.errors import CheckpointError, FlatcliError, UsageError, few, first_line
 
 FORMAT_VERSION = 1
 METADATA_KEY = "flatcli"
@@ -222,17 +222,17 @@ def load_checkpoint(
 
     Files without flatcli metadata (see :func:`read_weights` for the forms) need
     ``model_factory``: a ``MODULE:FUNCTION`` / ``FILE.py:FUNCTION`` spec or a callable,
-    called with ``factory_args`` as keyword arguments (:mod:`flatcli.factory`). The
+    called with ``factory_args`` as keyword arguments (:mod:`flatcli.models.factory`). The
     tensors must then match that module's state dict exactly, once a wrapper's key prefix
     is stripped (:func:`match_keys`). The weights are loaded into the factory's model,
-    which is then wrapped in :class:`~flatcli.factory.LogitsOf` (same parameter names),
+    which is then wrapped in :class:`~flatcli.models.factory.LogitsOf` (same parameter names),
     so that its forward returns the logits whatever it returned (``output`` picks them;
-    see :func:`~flatcli.factory.pick_logits`). What loading did to the keys is said by a
+    see :func:`~flatcli.models.factory.pick_logits`). What loading did to the keys is said by a
     :class:`CheckpointNote` warning; NaN or Inf weights load, with a
     :class:`RuntimeWarning`.
     """
-    from .factory import LogitsOf, resolve_factory
-    from .models import build_model
+    from flatcli.models.factory import LogitsOf, resolve_factory
+    from flatcli.models import build_model
 
     factory = resolve_factory(model_factory, factory_args)
     if output is not None and factory is None:

@@ -23,16 +23,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
-from .checkpoint import MODEL_FILE, CheckpointInfo, atomic_write_text, load_checkpoint, resolve_checkpoint_path
-from . import data as _data
-from .data import DATASETS
-from .curvature.batches import DataSource, StreamedData, as_source, tensor_digest
-from .distributed import broadcast_object, is_main
-from .errors import CheckpointError, DataError, NonFiniteError, UsageError, few, first_line
-from .factory import LogitsOf, import_factory, pick_logits  # noqa: F401  (import_factory: as before)
-from .measures import PER_LAYER, LayerReport, SharpnessConfig, SharpnessReport, measure, non_finite_tensors
-from .training import resolve_device
+from flatcli import __version__
+from flatcli.workflows.checkpoint import MODEL_FILE, CheckpointInfo, atomic_write_text, load_checkpoint, resolve_checkpoint_path
+from flatcli.workflows import data as _data
+from flatcli.workflows.data import DATASETS
+from flatcli.curvature.batches import DataSource, StreamedData, as_source, tensor_digest
+from flatcli.distributed import broadcast_object, is_main
+from flatcli.errors import CheckpointError, DataError, NonFiniteError, UsageError, few, first_line
+from flatcli.models.factory import LogitsOf, import_factory, pick_logits  # noqa: F401  (import_factory: as before)
+from flatcli.analysis.measures import PER_LAYER, LayerReport, SharpnessConfig, SharpnessReport, measure, non_finite_tensors
+from flatcli.workflows.training import resolve_device
 
 try:
     import fcntl
@@ -144,7 +144,7 @@ def sharpness(model_or_path: nn.Module | str | os.PathLike, data: Any = None, *,
     ``config``. ``sharpness(path, config)`` (a config as second argument) still works.
     A module is measured where its parameters live (``device`` is for checkpoints) and
     is never changed: no parameter, buffer or train/eval flag. A forward that returns a
-    dict, tuple or output object is read through :func:`flatcli.factory.pick_logits`
+    dict, tuple or output object is read through :func:`flatcli.models.factory.pick_logits`
     (``output`` names the logits when its rules do not find them).
 
     A run directory keeps each measure's result in ``sharpness.json`` (see
@@ -248,9 +248,9 @@ def _measure_given(model_or_path: nn.Module | str | os.PathLike, data: Any, conf
 def _check_takes(model: nn.Module, source: DataSource, output: str | int | None, name: str = "the data") -> nn.Module:
     """One forward pass of one input, in eval mode (every module's flag restored): the
     model takes the data and has an output for every label. Returns the model to
-    measure: wrapped in :class:`~flatcli.factory.LogitsOf` when its forward returns more
+    measure: wrapped in :class:`~flatcli.models.factory.LogitsOf` when its forward returns more
     than a tensor of logits (a dict, a tuple, an output object) or ``output`` is given."""
-    from .scale import _eval_mode
+    from flatcli.analysis.scale import _eval_mode
 
     first = next(model.parameters())
     x = source.example.to(first.device)

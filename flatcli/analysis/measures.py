@@ -49,14 +49,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .curvature import (CurvatureOperator, EigenEstimate, FrobeniusEstimate, StochasticEstimate, dense_hessian,
+from flatcli.curvature import (CurvatureOperator, EigenEstimate, FrobeniusEstimate, StochasticEstimate, dense_hessian,
                         extreme_eigenvalues, lambda_max, lambda_min, memory_bounded, slq_density,
                         trace_and_frobenius)
-from .curvature.batches import as_source
-from .curvature.exact import single_linear, verified_logistic_regression_hessian
-from .config import SharpnessConfig  # noqa: F401  (defined in config.py, which needs no torch; re-exported)
-from .distributed import my_shard
-from .errors import NonFiniteError, UsageError, few
+from flatcli.curvature.batches import as_source
+from flatcli.curvature.exact import single_linear, verified_logistic_regression_hessian
+from flatcli.config import SharpnessConfig  # noqa: F401  (defined in config.py, which needs no torch; re-exported)
+from flatcli.distributed import my_shard
+from flatcli.errors import NonFiniteError, UsageError, few
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -330,19 +330,19 @@ def _normalised(base: str) -> Callable[[MeasureContext], Estimate]:
 
 
 def _adaptive_sharpness(ctx: MeasureContext) -> Estimate:
-    from .scale import adaptive_sharpness
+    from flatcli.analysis.scale import adaptive_sharpness
 
     c = ctx.config
     est = adaptive_sharpness(ctx.model, ctx.inputs, ctx.targets, rho=c.rho, samples=c.sharpness_samples,
                              seed=c.seed, logit_normalise=c.logit_normalise, batch_size=ctx.op.batch_size)
-    from .curvature.trace import MIN_SAMPLES
+    from flatcli.curvature.trace import MIN_SAMPLES
 
     return Estimate(est.value, est.stderr, "stderr",
                     converged=c.sharpness_samples >= MIN_SAMPLES and math.isfinite(est.stderr))
 
 
 def _relative_flatness(ctx: MeasureContext) -> Estimate:
-    from .scale import relative_flatness
+    from flatcli.analysis.scale import relative_flatness
 
     return Estimate(relative_flatness(ctx.model, ctx.inputs, ctx.targets, batch_size=ctx.op.batch_size),
                     0.0, "exact")

@@ -42,7 +42,7 @@ _SHARED = {"frobenius": "trace", "lambda_min": "lambda_max"}
 
 
 def sharpness_table(report) -> Table:
-    """The measures of a :class:`~flatcli.measures.SharpnessReport`, one row each."""
+    """The measures of a :class:`~flatcli.analysis.measures.SharpnessReport`, one row each."""
     title = (f"{report.curvature} of the mean cross-entropy on {report.dataset or 'data'} ({report.split}, "
              f"N={report.num_samples}, P={report.num_params}, BatchNorm {report.bn_mode}, {report.dtype}, "
              f"{report.device}{', + l2 I = %g' % report.l2 if report.l2 else ''})")
@@ -148,7 +148,7 @@ def rank_table(report) -> list[Table]:
 
 def comparison_table(comparison) -> Table:
     """Runs as columns; each cell shows the value, its uncertainty and the ratio to the first run."""
-    from .compare import MEASURE_ORDER
+    from flatcli.workflows.compare import MEASURE_ORDER
 
     runs, ratios = comparison.runs, comparison.ratios
     table = Table(title="runs compared (ratio to the first run in brackets)", title_justify="left")

@@ -404,7 +404,7 @@ def _register_zoo() -> None:
     # the MLP is linear without hidden layers (depth 0): its ModuleList is then empty
     LINEAR_MODULES.setdefault(MLP, lambda m: len(m.hidden) == 0)
     LINEAR_MODULES.setdefault(nn.ModuleList, lambda m: len(m) == 0)
-    from flatcli.factory import LogitsOf
+    from flatcli.models.factory import LogitsOf
 
     # a model of --model-factory, wrapped to pick its logits: linear when the user's model is
     # (a linear model returns a tensor, which the wrapper passes on unchanged)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, UsageError, few, first_line
+from flatcli.errors import CheckpointError, UsageError, few, first_line
 
 
 def import_factory(spec: str, factory_args: Mapping[str, Any] | None = None) -> Callable[[], nn.Module]:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from .errors import DataError, UnknownNameError
+from flatcli.errors import DataError, UnknownNameError
 
 SPLITS = ("train", "test")
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .errors import NonFiniteError, UsageError
-from .measures import DTYPES, SharpnessConfig, measure, non_finite_tensors
+from flatcli.errors import NonFiniteError, UsageError
+from flatcli.analysis.measures import DTYPES, SharpnessConfig, measure, non_finite_tensors
 
 SWEEP_MEASURES = ("lambda_max", "trace", "frobenius")
 
@@ -50,7 +50,7 @@ def scaling_sweep(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                   config: SharpnessConfig, *, layers: str = "all",
                   progress: Callable[[int], None] | None = None) -> list[SweepRow]:
     """Loss, accuracy and sharpness of ``model`` with its weights scaled by each factor."""
-    from .scale import scale_weights
+    from flatcli.analysis.scale import scale_weights
 
     if layers not in ("all", "last"):
         raise UsageError(f"--scale-layer {layers!r}: use all or last")
@@ -73,7 +73,7 @@ def check_scale(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, f
                 layers: str = "all", dtype: str = "float32", batch_size: int | None = None) -> None:
     """Refuse (:class:`UsageError`) a factor whose scaled weights, or whose loss, are not finite
     in ``dtype``: e.g. 1e30 on a two-layer network gives logits near 1e60, beyond float32."""
-    from .scale import scale_weights
+    from flatcli.analysis.scale import scale_weights
 
     scaled = scale_weights(model, factor, layers=layers)
     bad = non_finite_tensors(scaled)

@@ -59,16 +59,16 @@ from torch import nn
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, update_bn
 
-from . import __version__, distributed
-from .checkpoint import (LAST_FILE, LOCK_FILE, METRICS_FILE, MODEL_FILE, RUN_FILES, STAGING_DIR, STATE_FILE,
+from flatcli import __version__, distributed
+from flatcli.workflows.checkpoint import (LAST_FILE, LOCK_FILE, METRICS_FILE, MODEL_FILE, RUN_FILES, STAGING_DIR, STATE_FILE,
                          TRAIN_FILES, atomic_write_text, is_run_file, load_state_file, remove_temporaries,
                          save_checkpoint, save_state)
-from .config import TrainConfig, contradiction
-from .data import augment_batch, get_spec, load_dataset
-from .distributed import DistributedError, World
-from .errors import (CheckpointError, FlatcliError, OutputError, RunExistsError, UnknownNameError, UsageError, few,
+from flatcli.config import TrainConfig, contradiction
+from flatcli.workflows.data import augment_batch, get_spec, load_dataset
+from flatcli.distributed import DistributedError, World
+from flatcli.errors import (CheckpointError, FlatcliError, OutputError, RunExistsError, UnknownNameError, UsageError, few,
                      first_line)
-from .models import build_model, resolve_kwargs
+from flatcli.models import build_model, resolve_kwargs
 
 OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], TrainConfig], torch.optim.Optimizer]] = {
     "sgd": lambda params, c: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum),

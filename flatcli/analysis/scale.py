@@ -113,7 +113,7 @@ def scale_weights(model: nn.Module, factor: float, layers: str = "all") -> nn.Mo
 # ----------------------------------------------------------------------------------------
 # ||w||^2-normalised measures
 
-#: Names of the normalised measures (as in :data:`flatcli.compare.MEASURE_ORDER`).
+#: Names of the normalised measures (as in :data:`flatcli.workflows.compare.MEASURE_ORDER`).
 NORMALISED_NAMES = {"lambda_max": "lambda_max_normalised", "trace": "trace_normalised"}
 
 

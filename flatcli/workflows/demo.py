@@ -26,17 +26,17 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .checkpoint import MODEL_FILE, read_metadata
-from .compare import Comparison, compare_checkpoints
-from .config import TrainConfig, make_train_config
-from .data import get_spec
-from .errors import RunExistsError, UsageError
-from .measures import SharpnessConfig
-from .models import MODELS, resolve_kwargs
-from .rank import RankReport, rank_report
-from .sharpness import load_point
-from .sweep import SweepRow, scaling_sweep
-from .training import train
+from flatcli.workflows.checkpoint import MODEL_FILE, read_metadata
+from flatcli.workflows.compare import Comparison, compare_checkpoints
+from flatcli.config import TrainConfig, make_train_config
+from flatcli.workflows.data import get_spec
+from flatcli.errors import RunExistsError, UsageError
+from flatcli.analysis.measures import SharpnessConfig
+from flatcli.models import MODELS, resolve_kwargs
+from flatcli.analysis.rank import RankReport, rank_report
+from flatcli.workflows.sharpness import load_point
+from flatcli.analysis.sweep import SweepRow, scaling_sweep
+from flatcli.workflows.training import train
 
 #: Variants of each model: name -> options of make_train_config (besides model and data).
 VARIANTS: dict[str, dict] = {
@@ -226,7 +226,7 @@ def judge(comparisons: dict, ranks: dict, sweep_model: str, sweep: list[SweepRow
 
 
 def demo_as_dict(result: DemoResult) -> dict[str, Any]:
-    from .compare import comparison_as_dict
+    from flatcli.workflows.compare import comparison_as_dict
 
     return {
         "dataset": result.config.dataset,
