@@ -36,8 +36,8 @@ def _worker(args: argparse.Namespace) -> None:
 
     from flatcli import distributed
     from flatcli.curvature import CurvatureOperator, memory_bounded
-    from flatcli.workflows.data import get_spec, load_dataset
     from flatcli.models import build_model
+    from flatcli.workflows.data import get_spec, load_dataset
 
     torch.set_num_threads(args.threads)
     world = distributed.init(args.device)
@@ -48,7 +48,9 @@ def _worker(args: argparse.Namespace) -> None:
     for name in args.models.split(","):
         torch.manual_seed(0)
         kwargs = {"width": 64} if name == "mlp" else {}
-        model = build_model(name, input_shape=spec.input_shape, num_classes=spec.num_classes, **kwargs).to(device)
+        model = build_model(
+            name, input_shape=spec.input_shape, num_classes=spec.num_classes, **kwargs
+        ).to(device)
         part = world.data_shard(len(y))
         xs, ys = x[part], y[part]
         op = CurvatureOperator(model, xs, ys, **memory_bounded(model, xs))
@@ -75,8 +77,13 @@ def _worker(args: argparse.Namespace) -> None:
 
         single = timed(lambda: op.matvec(v))
         many = timed(lambda: op.matmat(block))
-        results[name] = {"params": op.num_params, "samples": op.num_samples, "batch": op.batch_size,
-                         "single_s": single, "block_s": many}
+        results[name] = {
+            "params": op.num_params,
+            "samples": op.num_samples,
+            "batch": op.batch_size,
+            "single_s": single,
+            "block_s": many,
+        }
     if world.is_main:
         print("RESULT " + json.dumps(results), flush=True)
     distributed.finish()
@@ -92,8 +99,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--models", default=None, help="default: mlp (digits), mlp,cnn (28x28 data)")
-    parser.add_argument("--n", type=int, default=4000, help="training images (capped at the data set)")
+    parser.add_argument(
+        "--models", default=None, help="default: mlp (digits), mlp,cnn (28x28 data)"
+    )
+    parser.add_argument(
+        "--n", type=int, default=4000, help="training images (capped at the data set)"
+    )
     parser.add_argument("--nproc", default="1,2")
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
@@ -112,20 +123,35 @@ def main() -> None:
     counts = [int(c) for c in args.nproc.split(",")]
     runs = {}
     for n in counts:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
-                   "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), __file__, "--worker",
-                   *[a for a in sys.argv[1:]]]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(n),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(_free_port()),
+            __file__,
+            "--worker",
+            *[a for a in sys.argv[1:]],
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         proc = subprocess.run(command, capture_output=True, text=True, env=env)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             sys.exit(f"{n} processes failed:\n{proc.stderr[-3000:]}")
-        runs[n] = json.loads(lines[-1][len("RESULT "):])
+        runs[n] = json.loads(lines[-1][len("RESULT ") :])
 
-    print(f"data {args.dataset}, {args.device}, {args.threads} thread(s) per process, K = {args.k}, "
-          f"medians of {args.repeats}; torch {__import__('torch').__version__}; {os.cpu_count()} CPUs")
-    header = f"{'model':<6} {'P':>7} {'N':>6} {'procs':>5} {'1 HVP ms':>9} {'speed-up':>8} {'eff.':>5} " \
-             f"{'K HVPs ms':>10} {'per HVP':>8} {'speed-up':>8} {'eff.':>5}"
+    print(
+        f"data {args.dataset}, {args.device}, {args.threads} thread(s) per process, K = {args.k}, "
+        f"medians of {args.repeats}; torch {__import__('torch').__version__}; {os.cpu_count()} CPUs"
+    )
+    header = (
+        f"{'model':<6} {'P':>7} {'N':>6} {'procs':>5} {'1 HVP ms':>9} {'speed-up':>8} {'eff.':>5} "
+        f"{'K HVPs ms':>10} {'per HVP':>8} {'speed-up':>8} {'eff.':>5}"
+    )
     print(header)
     print("-" * len(header))
     base = counts[0]
@@ -135,9 +161,11 @@ def main() -> None:
             r = runs[n][model]
             s1 = ref["single_s"] / r["single_s"] * base
             sk = ref["block_s"] / r["block_s"] * base
-            print(f"{model:<6} {r['params']:>7,} {r['samples']:>6,} {n:>5} {1e3 * r['single_s']:>9.1f} {s1:>8.2f} "
-                  f"{s1 / n:>5.2f} {1e3 * r['block_s']:>10.1f} {1e3 * r['block_s'] / args.k:>8.2f} {sk:>8.2f} "
-                  f"{sk / n:>5.2f}")
+            print(
+                f"{model:<6} {r['params']:>7,} {r['samples']:>6,} {n:>5} {1e3 * r['single_s']:>9.1f} {s1:>8.2f} "
+                f"{s1 / n:>5.2f} {1e3 * r['block_s']:>10.1f} {1e3 * r['block_s'] / args.k:>8.2f} {sk:>8.2f} "
+                f"{sk / n:>5.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -35,15 +35,24 @@ MEASURE = ["sharpness", "--measures", "lambda_max,trace", "--probes", "30"]
 
 
 def run(*args: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*FLATCLI, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "FLATCLI_THREADS": "1"})
+    proc = subprocess.run(
+        [*FLATCLI, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "FLATCLI_THREADS": "1"},
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"flatcli {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()[-300:]}")
+        raise AssertionError(
+            f"flatcli {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()[-300:]}"
+        )
     return proc
 
 
 def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([*FLATCLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [*FLATCLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def sha(path: Path) -> str:
@@ -77,9 +86,19 @@ def orphans(folder: Path) -> list[str]:
 def read_only(folder: Path):
     """``folder`` read-only: a read-only bind mount as root (root ignores chmod), else chmod."""
     if os.geteuid() == 0:
-        mounted = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True).returncode == 0
-        if mounted and subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)],
-                                      capture_output=True).returncode == 0:
+        mounted = (
+            subprocess.run(
+                ["mount", "--bind", str(folder), str(folder)], capture_output=True
+            ).returncode
+            == 0
+        )
+        if (
+            mounted
+            and subprocess.run(
+                ["mount", "-o", "remount,bind,ro", str(folder)], capture_output=True
+            ).returncode
+            == 0
+        ):
             try:
                 yield "read-only bind mount"
             finally:
@@ -102,6 +121,7 @@ class SkipScenario(Exception):
 
 # --- scenarios ---------------------------------------------------------------------
 
+
 def kill_train_then_resume(tmp: Path) -> str:
     full, part = tmp / "full", tmp / "part"
     run(*TRAIN, "--out", str(full), check=True)
@@ -113,7 +133,9 @@ def kill_train_then_resume(tmp: Path) -> str:
     resumed = run("train", "--out", str(part), "--resume", check=True)
     same = sha(full / "model.safetensors") == sha(part / "model.safetensors")
     left = orphans(part)
-    assert same, f"resumed model differs ({sha(part / 'model.safetensors')} vs {sha(full / 'model.safetensors')})"
+    assert same, (
+        f"resumed model differs ({sha(part / 'model.safetensors')} vs {sha(full / 'model.safetensors')})"
+    )
     assert not left, f"orphaned temporary files {left}"
     assert resumed.returncode == 0
     return f"killed after {killed_at} epochs; resumed with --resume alone; sha256 {sha(full / 'model.safetensors')} equal"
@@ -139,7 +161,11 @@ def typo_overwrite_keeps_old_run(tmp: Path) -> str:
     run(*QUICK, "--out", str(target), check=True)
     before = sha(target / "model.safetensors")
     seen = []
-    for bad in (["--optimizer", "sgdd"], ["--schedule", "cosin"], ["--model", "mlp", "--width", "0"]):
+    for bad in (
+        ["--optimizer", "sgdd"],
+        ["--schedule", "cosin"],
+        ["--model", "mlp", "--width", "0"],
+    ):
         proc = run(*QUICK, "--out", str(target), "--overwrite", *bad)
         assert proc.returncode != 0 and one_line_error(proc), proc.stderr
         seen.append(f"{' '.join(bad)} -> exit {proc.returncode}")
@@ -154,7 +180,9 @@ def overwrite_refuses_foreign_files(tmp: Path) -> str:
     proc = run(*QUICK, "--out", str(folder), "--overwrite")
     assert proc.returncode != 0 and one_line_error(proc), proc.stderr
     assert (folder / "chapter1.tex").read_text() == "years of work"
-    cwd = subprocess.run([*FLATCLI, *QUICK, "--out", ".", "--overwrite"], cwd=folder, capture_output=True, text=True)
+    cwd = subprocess.run(
+        [*FLATCLI, *QUICK, "--out", ".", "--overwrite"], cwd=folder, capture_output=True, text=True
+    )
     assert cwd.returncode != 0 and (folder / "chapter1.tex").exists()
     return f"refused (exit {proc.returncode}, and exit {cwd.returncode} for --out .): {proc.stderr.strip()[:90]}"
 
@@ -177,7 +205,9 @@ def kill_sharpness_leaves_valid_cache(tmp: Path) -> str:
     run(*MEASURE, str(target), check=True)
     kills = 0
     for seed in range(1, 7):
-        proc = start(*MEASURE, str(target), "--seed", str(seed), "--max-iter", "200", "--probes", "300")
+        proc = start(
+            *MEASURE, str(target), "--seed", str(seed), "--max-iter", "200", "--probes", "300"
+        )
         time.sleep(random.uniform(2.0, 4.0))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
@@ -188,7 +218,8 @@ def kill_sharpness_leaves_valid_cache(tmp: Path) -> str:
     assert json.loads(again.stdout).get("cached") is True, "the first result is no longer cached"
     left = orphans(target)
     return f"{kills} processes killed mid-measurement; cache valid, first result still served" + (
-        f"; temporary files left: {left}" if left else "")
+        f"; temporary files left: {left}" if left else ""
+    )
 
 
 def concurrent_sharpness_keep_every_result(tmp: Path, n: int = 4) -> str:
@@ -197,8 +228,12 @@ def concurrent_sharpness_keep_every_result(tmp: Path, n: int = 4) -> str:
     procs = [start(*MEASURE, str(target), "--seed", str(s), "--json") for s in range(n)]
     codes = [p.wait() for p in procs]
     assert codes == [0] * n, codes
-    cached = [json.loads(run(*MEASURE, str(target), "--seed", str(s), "--json", check=True).stdout).get("cached")
-              for s in range(n)]
+    cached = [
+        json.loads(run(*MEASURE, str(target), "--seed", str(s), "--json", check=True).stdout).get(
+            "cached"
+        )
+        for s in range(n)
+    ]
     assert cached == [True] * n, f"cached afterwards: {cached}"
     return f"{n} concurrent processes, all {n} results cached"
 
@@ -228,10 +263,14 @@ def full_disk_during_train(tmp: Path) -> str:
         raise SkipScenario("needs root to mount a small tmpfs")
     disk = tmp / "tiny"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True
+    ).returncode:
         raise SkipScenario("cannot mount a tmpfs here")
     try:
-        proc = run("train", "--model", "mlp", "--width", "256", "--epochs", "2", "--out", str(disk / "run"))
+        proc = run(
+            "train", "--model", "mlp", "--width", "256", "--epochs", "2", "--out", str(disk / "run")
+        )
         left = sorted(p.name for p in disk.rglob("*"))
     finally:
         subprocess.run(["umount", str(disk)], check=True)

@@ -40,7 +40,8 @@ def _time_round_robin(
     fns: dict[str, Callable[[], object]], device: torch.device, repeats: int
 ) -> dict[str, tuple[float, float]]:
     """(median, min) seconds per function; the functions take turns, so that a burst of
-    load on a shared machine hits all of them alike."""
+    load on a shared machine hits all of them alike.
+    """
     for fn in fns.values():  # warm-up (allocations, kernel selection, lazy imports)
         fn()
     _sync(device)
@@ -54,9 +55,13 @@ def _time_round_robin(
     return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
-def _data(data_dir: str | None, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _data(
+    data_dir: str | None, n: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     if data_dir is None:
-        return torch.randn(n, 784, generator=generator), torch.randint(0, 10, (n,), generator=generator)
+        return torch.randn(n, 784, generator=generator), torch.randint(
+            0, 10, (n,), generator=generator
+        )
     import torchvision  # only needed for real data
 
     mnist = torchvision.datasets.MNIST(root=data_dir, train=True, download=False)
@@ -71,9 +76,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4000, help="number of inputs")
     parser.add_argument("--k", type=int, default=16, help="vectors in a block")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--chunks", default="1,4,16", help="chunk sizes for the block rows (default: %(default)s)")
     parser.add_argument(
-        "--threads", type=int, default=None,
+        "--chunks", default="1,4,16", help="chunk sizes for the block rows (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
         help="CPU threads for torch (default: torch's choice); 1 is steadier on a busy machine",
     )
     args = parser.parse_args()
@@ -118,12 +127,16 @@ def main() -> None:
         per_single = ""
         if "block" in name:
             per_single = f"{median / results[f'1 HVP, {method}'][0]:13.2f}"
-        print(f"{name:<52}{1e3 * median:10.1f}{1e3 * fastest:9.1f}{median / grad_median:12.2f}{per_single}")
+        print(
+            f"{name:<52}{1e3 * median:10.1f}{1e3 * fastest:9.1f}{median / grad_median:12.2f}{per_single}"
+        )
     singles = {n: results[f"1 HVP, {n}"][0] for n in variants}
     print(f"fastest single HVP on {device.type}: {min(singles, key=singles.get)}")
     blocks = {n: t[0] for n, t in results.items() if "block" in n}
     best = min(blocks, key=blocks.get)
-    print(f"fastest block of {k} on {device.type}: {best} ({blocks[best] / min(singles.values()):.2f} fastest singles)")
+    print(
+        f"fastest block of {k} on {device.type}: {best} ({blocks[best] / min(singles.values()):.2f} fastest singles)"
+    )
 
 
 if __name__ == "__main__":

@@ -140,16 +140,27 @@ def weights_hash(model: nn.Module) -> str:
     return h.hexdigest()[:12]
 
 
-def trained_model(spec: ModelSpec, data_dir: Path, cache_dir: Path | None) -> tuple[nn.Module, dict, str]:
+def trained_model(
+    spec: ModelSpec, data_dir: Path, cache_dir: Path | None
+) -> tuple[nn.Module, dict, str]:
     """Train ``spec`` with flatcli (or load the cached run); returns (model, metrics, origin)."""
     import tempfile
 
     from flatcli import load_checkpoint, make_train_config, train
 
-    options = dict(dataset="mnist", data_dir=str(data_dir), model=spec.name, model_kwargs=spec.kwargs,
-                   device="cpu", seed=0, **spec.train)
-    key = hashlib.sha256(repr(sorted((k, repr(v)) for k, v in options.items() if k != "data_dir")).encode()
-                         + torch.__version__.encode()).hexdigest()[:10]
+    options = dict(
+        dataset="mnist",
+        data_dir=str(data_dir),
+        model=spec.name,
+        model_kwargs=spec.kwargs,
+        device="cpu",
+        seed=0,
+        **spec.train,
+    )
+    key = hashlib.sha256(
+        repr(sorted((k, repr(v)) for k, v in options.items() if k != "data_dir")).encode()
+        + torch.__version__.encode()
+    ).hexdigest()[:10]
     if cache_dir is not None:
         run = cache_dir / f"{spec.name}-{key}"
         if (run / "model.safetensors").exists():
@@ -222,13 +233,20 @@ def _fmt(x: Any, spec: str = ".3g") -> str:
 
 
 def print_table(title: str, header: Sequence[str], rows: list[Sequence[Any]]) -> None:
-    cells = [[str(c) for c in header]] + [[_fmt(c) if not isinstance(c, str) else c for c in r] for r in rows]
+    cells = [[str(c) for c in header]] + [
+        [_fmt(c) if not isinstance(c, str) else c for c in r] for r in rows
+    ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     print(f"\n  {title}")
     line = "  " + "  ".join("-" * w for w in widths)
     print(line)
     for j, r in enumerate(cells):
-        print("  " + "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        print(
+            "  "
+            + "  ".join(
+                c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+            )
+        )
         if j == 0:
             print(line)
     print(line)
@@ -280,7 +298,8 @@ def ggn_diagonal(model: nn.Module, x: Tensor, y: Tensor, chunk: int) -> Tensor:
 def deflated_square_estimate(op64: Any, sketch: int, samples: int, seed: int) -> dict[str, float]:
     """Tr H and Tr H^2 from one float64 sketch (Gaussian, ``sketch`` columns) plus
     ``samples`` Gaussian remainder probes: the Hutch++ decomposition, written here
-    independently of flatcli's estimators (only ``op64.matmat`` is used)."""
+    independently of flatcli's estimators (only ``op64.matmat`` is used).
+    """
     gen = torch.Generator().manual_seed(seed)
     p = op64.num_params
     s_mat = torch.randn(p, sketch, generator=gen, dtype=torch.float64)
@@ -390,8 +409,12 @@ class PyHessianTools:
 def curvlinops_hessian(curvlinops: Any, model: nn.Module, x: Tensor, y: Tensor) -> Any:
     params = [p for p in model.parameters() if p.requires_grad]
     return curvlinops.HessianLinearOperator(
-        model, nn.CrossEntropyLoss(reduction="mean"), params, [(x, y)],
-        check_deterministic=False, num_data=x.shape[0],
+        model,
+        nn.CrossEntropyLoss(reduction="mean"),
+        params,
+        [(x, y)],
+        check_deterministic=False,
+        num_data=x.shape[0],
     )
 
 
@@ -403,12 +426,20 @@ def mean_stderr(samples: Sequence[float] | Tensor) -> tuple[float, float]:
 # ------------------------------------------------------------------- one model
 
 
-def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops: Any) -> dict[str, str]:
+def bench_model(
+    spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops: Any
+) -> dict[str, str]:
     import scipy.sparse.linalg as sla
 
     from flatcli import load_dataset
-    from flatcli.curvature import (CurvatureOperator, frobenius, hutchinson_trace, hutchpp_trace, lambda_max,
-                                  trace_and_frobenius)
+    from flatcli.curvature import (
+        CurvatureOperator,
+        frobenius,
+        hutchinson_trace,
+        hutchpp_trace,
+        lambda_max,
+        trace_and_frobenius,
+    )
     from flatcli.curvature.operator import AUTO_METHOD
 
     quick = args.quick
@@ -417,7 +448,9 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
     summary: dict[str, str] = {}
     t_model = time.perf_counter()
 
-    model, metrics, origin = trained_model(spec, args.data_dir, None if args.no_cache else args.cache_dir)
+    model, metrics, origin = trained_model(
+        spec, args.data_dir, None if args.no_cache else args.cache_dir
+    )
     model = model.float().eval()
     for p in model.parameters():
         p.requires_grad_(True)
@@ -425,11 +458,15 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
     x, y = ds.tensors
     n_data = x.shape[0]
     p_count = sum(p.numel() for p in model.parameters())
-    print(f"\n{'=' * 100}\n{spec.name.upper()} {spec.kwargs or ''}: {p_count:,} parameters, {n_data} MNIST "
-          f"training images in one batch, CPU, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"  checkpoint: {origin}; weights sha256 {weights_hash(model)}; train acc "
-          f"{metrics.get('train_accuracy', float('nan')):.3f}, "
-          f"test acc {metrics.get('test_accuracy', float('nan')):.3f}")
+    print(
+        f"\n{'=' * 100}\n{spec.name.upper()} {spec.kwargs or ''}: {p_count:,} parameters, {n_data} MNIST "
+        f"training images in one batch, CPU, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"  checkpoint: {origin}; weights sha256 {weights_hash(model)}; train acc "
+        f"{metrics.get('train_accuracy', float('nan')):.3f}, "
+        f"test acc {metrics.get('test_accuracy', float('nan')):.3f}"
+    )
 
     def flat_op(**kw: Any) -> Any:
         return CurvatureOperator(model, x, y, **kw)
@@ -441,19 +478,46 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
     v0 = np.random.default_rng(0).standard_normal(p_count)
     counted = CountingScipy(op64.to_scipy())
     t0 = time.perf_counter()
-    lam_ref = float(sla.eigsh(counted.op, k=1, which="LA", tol=1e-10, v0=v0, return_eigenvectors=False)[0])
+    lam_ref = float(
+        sla.eigsh(counted.op, k=1, which="LA", tol=1e-10, v0=v0, return_eigenvectors=False)[0]
+    )
     lam_ref_s, lam_ref_hvps = time.perf_counter() - t0, counted.count
-    ref_rows: list[list[Any]] = [["lambda_max", "scipy eigsh LA, tol 1e-10, float64", lam_ref_s, lam_ref_hvps,
-                                  f"{lam_ref:.10g}", "-"]]
+    ref_rows: list[list[Any]] = [
+        [
+            "lambda_max",
+            "scipy eigsh LA, tol 1e-10, float64",
+            lam_ref_s,
+            lam_ref_hvps,
+            f"{lam_ref:.10g}",
+            "-",
+        ]
+    ]
 
     if args.exact_reference:
         t0 = time.perf_counter()
         tr_ref, sq_ref = unit_vector_sums(op64, args.block)
         fro_ref = math.sqrt(sq_ref)
         s = time.perf_counter() - t0
-        ref_rows.append(["trace", f"sum e_i^T H e_i, all {p_count} unit vectors", s, p_count,
-                         f"{tr_ref:.10g}", "exact"])
-        ref_rows.append(["||H||_F", "sqrt sum ||H e_i||^2, same pass", "(same)", "(same)", f"{fro_ref:.10g}", "exact"])
+        ref_rows.append(
+            [
+                "trace",
+                f"sum e_i^T H e_i, all {p_count} unit vectors",
+                s,
+                p_count,
+                f"{tr_ref:.10g}",
+                "exact",
+            ]
+        )
+        ref_rows.append(
+            [
+                "||H||_F",
+                "sqrt sum ||H e_i||^2, same pass",
+                "(same)",
+                "(same)",
+                f"{fro_ref:.10g}",
+                "exact",
+            ]
+        )
         fro_ref_se = 0.0
     else:
         t0 = time.perf_counter()
@@ -469,22 +533,56 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
         h_kk = op64.matmat(e)[coords, torch.arange(k)]
         s_check = time.perf_counter() - t0
         dev = float((h_kk - diag_g[coords]).abs().max() / diag_g.abs().max())
-        ref_rows.append(["trace", "sum of exact diag G (= diag H), float64", s_diag, "0 (per-sample Jacobians)",
-                         f"{tr_ref:.10g}", "exact"])
-        ref_rows.append(["  check", f"max|e_k^T H e_k - G_kk| / max G_kk, {k} random k", s_check, k,
-                         f"{dev:.1e}", "ok" if dev < 1e-8 else "FAILED"])
+        ref_rows.append(
+            [
+                "trace",
+                "sum of exact diag G (= diag H), float64",
+                s_diag,
+                "0 (per-sample Jacobians)",
+                f"{tr_ref:.10g}",
+                "exact",
+            ]
+        )
+        ref_rows.append(
+            [
+                "  check",
+                f"max|e_k^T H e_k - G_kk| / max G_kk, {k} random k",
+                s_check,
+                k,
+                f"{dev:.1e}",
+                "ok" if dev < 1e-8 else "FAILED",
+            ]
+        )
         t0 = time.perf_counter()
         d = deflated_square_estimate(op64, spec.ref_sketch, spec.ref_samples, seed=11)
         s_defl = time.perf_counter() - t0
         fro_ref = math.sqrt(d["sq"])
         fro_ref_se = d["sq_se"] / (2 * fro_ref)
-        ref_rows.append(["||H||_F", f"float64 deflated: sketch {spec.ref_sketch}, {spec.ref_samples} Gaussian",
-                         s_defl, d["hvps"], f"{fro_ref:.10g}", f"se {fro_ref_se / fro_ref:.1e} rel"])
-        ref_rows.append(["  trace", "same pass (cross-check of the exact trace)", "(same)", "(same)",
-                         f"{d['trace']:.10g}", f"{(d['trace'] - tr_ref) / d['trace_se']:+.1f} se off"])
+        ref_rows.append(
+            [
+                "||H||_F",
+                f"float64 deflated: sketch {spec.ref_sketch}, {spec.ref_samples} Gaussian",
+                s_defl,
+                d["hvps"],
+                f"{fro_ref:.10g}",
+                f"se {fro_ref_se / fro_ref:.1e} rel",
+            ]
+        )
+        ref_rows.append(
+            [
+                "  trace",
+                "same pass (cross-check of the exact trace)",
+                "(same)",
+                "(same)",
+                f"{d['trace']:.10g}",
+                f"{(d['trace'] - tr_ref) / d['trace_se']:+.1f} se off",
+            ]
+        )
         if dev >= 1e-8:
-            print(f"  WARNING: diag H != diag G on sampled coordinates (rel dev {dev:.1e}); the exact-trace "
-                  "shortcut does not hold for this model: use --exact-reference")
+            print(
+                f"  WARNING: diag H != diag G on sampled coordinates (rel dev {dev:.1e}); the exact-trace "
+                "shortcut does not hold for this model: use --exact-reference"
+            )
 
     # Sanity: do the three tools apply the same Hessian? (float32, one random vector)
     v = torch.randn(p_count, generator=torch.Generator().manual_seed(3))
@@ -494,11 +592,16 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
     hv_c = curvlinops_hessian(curvlinops, model, x, y) @ v
     hv_64 = op64.matvec(v.double()).float()
     nrm = float(hv_64.norm())
-    agree = ", ".join(f"{k} {float((t - hv_64).norm()) / nrm:.1e}" for k, t in
-                      (("flatcli", hv_f), ("PyHessian", hv_p), ("curvlinops", hv_c)))
+    agree = ", ".join(
+        f"{k} {float((t - hv_64).norm()) / nrm:.1e}"
+        for k, t in (("flatcli", hv_f), ("PyHessian", hv_p), ("curvlinops", hv_c))
+    )
     ref_rows.append(["H v agreement", "||Hv - Hv(float64)|| / ||Hv||, float32", "-", 3, agree, "-"])
-    print_table(f"1. references ({time.perf_counter() - t_ref:.0f} s)",
-                ["quantity", "method", "seconds", "HVPs", "value", "note"], ref_rows)
+    print_table(
+        f"1. references ({time.perf_counter() - t_ref:.0f} s)",
+        ["quantity", "method", "seconds", "HVPs", "value", "note"],
+        ref_rows,
+    )
 
     # -------------------------------------------------------------- 2. lambda_max
     t_sec = time.perf_counter()
@@ -516,7 +619,9 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
             break
     flat_rows = []
     if flat_choice is None:
-        eig_rows.append(["flatcli Lanczos", "no grid tol reached 1e-3", "-", "-", "MISSED", "-", "-"])
+        eig_rows.append(
+            ["flatcli Lanczos", "no grid tol reached 1e-3", "-", "-", "MISSED", "-", "-"]
+        )
     else:
         settings = [(flat_choice, "cheapest grid tol")]
         if flat_choice != 1e-3:
@@ -525,17 +630,37 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
             sec, r, reps = timer(lambda tol=tol: run_flat(tol))
             err = rel_err(r.value, lam_ref)
             flat_rows.append((sec, err))
-            eig_rows.append(["flatcli Lanczos", f"tol={tol:g} ({label})", sec, r.hvps, err,
-                             f"bound/value {r.bound / r.value:.1e}", reps])
+            eig_rows.append(
+                [
+                    "flatcli Lanczos",
+                    f"tol={tol:g} ({label})",
+                    sec,
+                    r.hvps,
+                    err,
+                    f"bound/value {r.bound / r.value:.1e}",
+                    reps,
+                ]
+            )
     # the fewest Lanczos steps that reach the target (Ritz values only grow with the steps,
     # so the first step count that reaches it is the answer): the same oracle as
     # PyHessian's below, for an algorithm-to-algorithm comparison
-    flat_oracle = next((k for k in range(1, 200) if rel_err(run_flat(1e-12, k).value, lam_ref) < TARGET_EIG), None)
+    flat_oracle = next(
+        (k for k in range(1, 200) if rel_err(run_flat(1e-12, k).value, lam_ref) < TARGET_EIG), None
+    )
     flat_oracle_sec = None
     if flat_oracle is not None:
         flat_oracle_sec, r, reps = timer(lambda: run_flat(1e-12, flat_oracle))
-        eig_rows.append(["flatcli Lanczos", f"max_iter={flat_oracle} (oracle: fewest steps)", flat_oracle_sec,
-                         r.hvps, rel_err(r.value, lam_ref), f"bound/value {r.bound / r.value:.1e}", reps])
+        eig_rows.append(
+            [
+                "flatcli Lanczos",
+                f"max_iter={flat_oracle} (oracle: fewest steps)",
+                flat_oracle_sec,
+                r.hvps,
+                rel_err(r.value, lam_ref),
+                f"bound/value {r.bound / r.value:.1e}",
+                reps,
+            ]
+        )
 
     # PyHessian power iteration: a run with tol=0 records the Rayleigh quotients it
     # computes, which determine (same seed) where each tol would stop and the fewest
@@ -548,34 +673,65 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
         ph.eigen(ph.fresh(), max_iter=traj_len, tol=0.0)
         traj, ph.trajectory = ph.trajectory, None
         errs = [rel_err(t, lam_ref) for t in traj]
-        oracle_n = next((i + 1 for i in range(len(errs)) if all(e < TARGET_EIG for e in errs[i:])), None)
+        oracle_n = next(
+            (i + 1 for i in range(len(errs)) if all(e < TARGET_EIG for e in errs[i:])), None
+        )
         ph_tol, unresolved = None, False
         for tol in args.ph_tols:
-            stop = next((i for i in range(1, len(traj))
-                         if abs(traj[i - 1] - traj[i]) / (abs(traj[i - 1]) + 1e-6) < tol), None)
+            stop = next(
+                (
+                    i
+                    for i in range(1, len(traj))
+                    if abs(traj[i - 1] - traj[i]) / (abs(traj[i - 1]) + 1e-6) < tol
+                ),
+                None,
+            )
             if stop is None:
                 unresolved = True
                 break
             if errs[stop - 1] < TARGET_EIG:
                 ph_tol = tol
                 break
-        if (oracle_n is not None and (ph_tol is not None or not unresolved)) or traj_len >= args.ph_max_iter:
+        if (
+            oracle_n is not None and (ph_tol is not None or not unresolved)
+        ) or traj_len >= args.ph_max_iter:
             break
         traj_len = min(2 * traj_len, args.ph_max_iter)
     ph_settings = []
     if ph_tol is not None:
         ph_settings.append((f"tol={ph_tol:g}, maxIter=1000 (cheapest grid tol)", 1000, ph_tol))
     else:
-        eig_rows.append(["PyHessian power it.", f"no grid tol reached 1e-3 within {traj_len} iterations",
-                         "-", "-", "MISSED", "-", "-"])
+        eig_rows.append(
+            [
+                "PyHessian power it.",
+                f"no grid tol reached 1e-3 within {traj_len} iterations",
+                "-",
+                "-",
+                "MISSED",
+                "-",
+                "-",
+            ]
+        )
     if oracle_n is not None:
-        ph_settings.append((f"tol=0, maxIter={oracle_n} (oracle: fewest iterations)", oracle_n, 0.0))
+        ph_settings.append(
+            (f"tol=0, maxIter={oracle_n} (oracle: fewest iterations)", oracle_n, 0.0)
+        )
     else:
-        eig_rows.append(["PyHessian power it.", f"not within 1e-3 after {traj_len} iterations", "-", traj_len,
-                         f"{errs[-1]:.1e} MISSED", "-", "-"])
+        eig_rows.append(
+            [
+                "PyHessian power it.",
+                f"not within 1e-3 after {traj_len} iterations",
+                "-",
+                traj_len,
+                f"{errs[-1]:.1e} MISSED",
+                "-",
+                "-",
+            ]
+        )
     peer_rows = []
     ph_oracle_sec = None
     for label, max_iter, tol in ph_settings:
+
         def run_ph(max_iter: int = max_iter, tol: float = tol) -> tuple[float, int, float]:
             m = ph.fresh()  # not timed
             ph.calls = 0
@@ -592,13 +748,24 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
         peer_rows.append((sec, err))
         if tol == 0.0:
             ph_oracle_sec = sec
-        eig_rows.append(["PyHessian power it.", label, sec, f"{calls} (+1 grad)", err,
-                         "MISSED" if err >= TARGET_EIG else "-", len(times)])
+        eig_rows.append(
+            [
+                "PyHessian power it.",
+                label,
+                sec,
+                f"{calls} (+1 grad)",
+                err,
+                "MISSED" if err >= TARGET_EIG else "-",
+                len(times),
+            ]
+        )
 
     # curvlinops + scipy eigsh: loosest (tol, ncv) on the grid that reaches the target
     def run_cl(tol: float, ncv: int | None) -> tuple[float, int]:
         counted = CountingScipy(curvlinops_hessian(curvlinops, model, x, y).to_scipy())
-        val = sla.eigsh(counted.op, k=1, which="LA", tol=tol, ncv=ncv, v0=v0, return_eigenvectors=False)
+        val = sla.eigsh(
+            counted.op, k=1, which="LA", tol=tol, ncv=ncv, v0=v0, return_eigenvectors=False
+        )
         return float(val[0]), counted.count
 
     cl_best = None
@@ -614,49 +781,90 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
                     cl_best = (tol, ncv, cnt)
                 break
     if cl_best is None:
-        eig_rows.append(["curvlinops + eigsh", "no grid setting reached 1e-3", "-", "-", "MISSED", "-", "-"])
+        eig_rows.append(
+            ["curvlinops + eigsh", "no grid setting reached 1e-3", "-", "-", "MISSED", "-", "-"]
+        )
     else:
         tol, ncv, _ = cl_best
         sec, (val, cnt), reps = timer(lambda: run_cl(tol, ncv))
         err = rel_err(val, lam_ref)
         peer_rows.append((sec, err))
-        eig_rows.append(["curvlinops + eigsh", f"tol={tol:g}, ncv={ncv or 'default'} (cheapest grid setting)",
-                         sec, cnt, err, "-", reps])
+        eig_rows.append(
+            [
+                "curvlinops + eigsh",
+                f"tol={tol:g}, ncv={ncv or 'default'} (cheapest grid setting)",
+                sec,
+                cnt,
+                err,
+                "-",
+                reps,
+            ]
+        )
 
     ok_flat = [s for s, e in flat_rows if e < TARGET_EIG]
     ok_peer = [s for s, e in peer_rows if e < TARGET_EIG]
-    print_table(f"2. lambda_max at relative error < {TARGET_EIG:g} (reference {lam_ref:.8g}; "
-                f"{time.perf_counter() - t_sec:.0f} s)",
-                ["tool", "setting", "seconds", "HVPs", "rel. error", "note", "runs"], eig_rows)
+    print_table(
+        f"2. lambda_max at relative error < {TARGET_EIG:g} (reference {lam_ref:.8g}; "
+        f"{time.perf_counter() - t_sec:.0f} s)",
+        ["tool", "setting", "seconds", "HVPs", "rel. error", "note", "runs"],
+        eig_rows,
+    )
     if ok_flat and ok_peer:
         ratio = ok_flat[0] / min(ok_peer)
-        summary["lambda_max: flatcli / fastest peer time"] = verdict(ratio, TARGET_EIG_RATIO) + " [seed 0]"
-        print(f"  ratio flatcli (cheapest grid tol) / fastest peer row: "
-              f"{summary['lambda_max: flatcli / fastest peer time']}")
+        summary["lambda_max: flatcli / fastest peer time"] = (
+            verdict(ratio, TARGET_EIG_RATIO) + " [seed 0]"
+        )
+        print(
+            f"  ratio flatcli (cheapest grid tol) / fastest peer row: "
+            f"{summary['lambda_max: flatcli / fastest peer time']}"
+        )
     else:
-        summary["lambda_max: flatcli / fastest peer time"] = "n/a (a tool missed the accuracy) MISSED"
+        summary["lambda_max: flatcli / fastest peer time"] = (
+            "n/a (a tool missed the accuracy) MISSED"
+        )
         print("  ratio: n/a, a tool did not reach the accuracy  MISSED")
     if flat_oracle_sec is not None and ph_oracle_sec is not None:
-        print(f"  oracle against oracle (fewest Lanczos steps / fewest power iterations): "
-              f"{flat_oracle_sec / ph_oracle_sec:.3g}")
+        print(
+            f"  oracle against oracle (fewest Lanczos steps / fewest power iterations): "
+            f"{flat_oracle_sec / ph_oracle_sec:.3g}"
+        )
     # One start vector can be lucky for either method: the fewest steps over several seeds
     # (products only, not timed; a product costs about the same in both, table 4)
     seeds = range(args.eig_seeds)
-    lz = [next((k for k in range(1, 200) if rel_err(lambda_max(flat_op(), tol=1e-12, max_iter=k, seed=sd).value,
-                                                     lam_ref) < TARGET_EIG), 200) for sd in seeds]
+    lz = [
+        next(
+            (
+                k
+                for k in range(1, 200)
+                if rel_err(lambda_max(flat_op(), tol=1e-12, max_iter=k, seed=sd).value, lam_ref)
+                < TARGET_EIG
+            ),
+            200,
+        )
+        for sd in seeds
+    ]
     pw = []
     for sd in seeds:
         ph.trajectory = []
         ph.eigen(ph.fresh(), max_iter=args.ph_max_iter // 4, tol=0.0, seed=sd)
         traj, ph.trajectory = ph.trajectory, None
         errs = [rel_err(t, lam_ref) for t in traj]
-        pw.append(next((i + 1 for i in range(len(errs)) if all(e < TARGET_EIG for e in errs[i:])), len(errs)))
-    print(f"  fewest products to 1e-3 over start seeds 0-{len(lz) - 1}: flatcli Lanczos {lz} (median "
-          f"{statistics.median(lz):g}), PyHessian power iteration {pw} (+1 gradient each; median "
-          f"{statistics.median(pw):g})")
+        pw.append(
+            next(
+                (i + 1 for i in range(len(errs)) if all(e < TARGET_EIG for e in errs[i:])),
+                len(errs),
+            )
+        )
+    print(
+        f"  fewest products to 1e-3 over start seeds 0-{len(lz) - 1}: flatcli Lanczos {lz} (median "
+        f"{statistics.median(lz):g}), PyHessian power iteration {pw} (+1 gradient each; median "
+        f"{statistics.median(pw):g})"
+    )
     # ... and those runs timed (operator/graph building included, as above)
-    t_lz = [timer(lambda sd=sd, k=k: lambda_max(flat_op(), tol=1e-12, max_iter=k, seed=sd))[0]
-            for sd, k in zip(seeds, lz)]
+    t_lz = [
+        timer(lambda sd=sd, k=k: lambda_max(flat_op(), tol=1e-12, max_iter=k, seed=sd))[0]
+        for sd, k in zip(seeds, lz)
+    ]
     t_pw = []
     for sd, k in zip(seeds, pw):
         m = ph.fresh()
@@ -665,8 +873,10 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
         t_pw.append(time.perf_counter() - t0)
     key = f"lambda_max: flatcli / PyHessian, medians over {len(lz)} start seeds"
     summary[key] = verdict(statistics.median(t_lz) / statistics.median(t_pw), TARGET_EIG_RATIO)
-    print(f"  timed, seconds per seed: flatcli {', '.join(f'{t:.3f}' for t in t_lz)}; PyHessian "
-          f"{', '.join(f'{t:.3f}' for t in t_pw)}; ratio of medians {summary[key]}")
+    print(
+        f"  timed, seconds per seed: flatcli {', '.join(f'{t:.3f}' for t in t_lz)}; PyHessian "
+        f"{', '.join(f'{t:.3f}' for t in t_pw)}; ratio of medians {summary[key]}"
+    )
     ph.restore()
     ph = PyHessianTools(pyh, model, x, y)
 
@@ -678,11 +888,14 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
         """Samples for a relative standard error of TARGET_SE, given the per-sample rel. sd."""
         return max(2, math.ceil((rel_sd / TARGET_SE) ** 2))
 
-    def hpp_pilot(fn: Callable[..., Any], rel_sd_of: Callable[[Any], float]) -> tuple[list[tuple[int, int, int]], int]:
+    def hpp_pilot(
+        fn: Callable[..., Any], rel_sd_of: Callable[[Any], float]
+    ) -> tuple[list[tuple[int, int, int]], int]:
         """Pilot runs over the budget grid: [(probes, remainder samples, samples needed)],
         and the chosen budget: the fewest predicted products, (probes - remainder) +
         max(remainder, needed), the adaptive run topping up the remainder when needed
-        (one more data pass); a tie goes to the budget that needs no top-up."""
+        (one more data pass); a tie goes to the budget that needs no top-up.
+        """
         grid = []
         for m in args.probe_grid:
             e = fn(flat_op(chunk_size=chunk), probes=m, seed=1000 + m)
@@ -690,29 +903,62 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
         best = min(grid, key=lambda g: (g[0] - g[1] + max(g[1], g[2]), g[2] > g[1]))
         return grid, best[0]
 
-    def add_stoch(rows: list, tool: str, setting: str, fn: Callable[[], tuple[float, float | None, int]],
-                  ref: float, n_needed: int | None = None, scale_like: float | None = None) -> tuple[float, float]:
+    def add_stoch(
+        rows: list,
+        tool: str,
+        setting: str,
+        fn: Callable[[], tuple[float, float | None, int]],
+        ref: float,
+        n_needed: int | None = None,
+        scale_like: float | None = None,
+    ) -> tuple[float, float]:
         """Time ``fn`` (-> value, stderr or None, HVPs); returns (seconds for 1% stderr,
         scale). Where the pilot asked for more samples than the cap, the run is capped and
         its seconds are scaled (marked *) by (achieved rel. stderr / 1%)^2, the samples
         that 1% needs over those run (cost is linear in samples; the achieved stderr of
         the long run is a better variance estimate than the pilot's); an estimator
-        without an error bar takes ``scale_like``, the scale of the same estimator's row."""
+        without an error bar takes ``scale_like``, the scale of the same estimator's row.
+        """
         sec, (val, se, hvps), reps = timer(fn)
         err = rel_err(val, ref)
         scale = 1.0
         if n_needed is not None and n_needed > hvps:
-            scale = (se / abs(val) / TARGET_SE) ** 2 if se is not None else (scale_like or n_needed / hvps)
+            scale = (
+                (se / abs(val) / TARGET_SE) ** 2
+                if se is not None
+                else (scale_like or n_needed / hvps)
+            )
             scale = max(scale, 1.0)
         at_target = sec * scale
-        rows.append([tool, setting, sec, f"{at_target:.3g}*" if scale != 1.0 else "=", hvps, err,
-                     "n/a (none returned)" if se is None else f"{se / abs(val):.3g}", reps, at_target])
+        rows.append(
+            [
+                tool,
+                setting,
+                sec,
+                f"{at_target:.3g}*" if scale != 1.0 else "=",
+                hvps,
+                err,
+                "n/a (none returned)" if se is None else f"{se / abs(val):.3g}",
+                reps,
+                at_target,
+            ]
+        )
         return at_target, scale
 
     def finish(rows: list, t_flat: float) -> list[list[Any]]:
         return [r[:6] + [r[6], f"{t_flat / r[8]:.3g}", r[7]] for r in rows]
 
-    header = ["tool", "setting", "seconds", "s @1%", "HVPs", "rel. error", "rel. stderr", "flatcli/this", "runs"]
+    header = [
+        "tool",
+        "setting",
+        "seconds",
+        "s @1%",
+        "HVPs",
+        "rel. error",
+        "rel. stderr",
+        "flatcli/this",
+        "runs",
+    ]
     tr_rows: list[list[Any]] = []
     # pilots (not timed)
     pilot = hutchinson_trace(flat_op(chunk_size=chunk), probes=args.pilot, seed=1001)
@@ -721,10 +967,15 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
     m_, se_ = mean_stderr(ph_pilot)
     nn_ph = needed(se_ * math.sqrt(len(ph_pilot)) / abs(m_))
     n_h, n_ph = min(nn_h, max_n), min(nn_ph, max_n)
-    grid, m_fixed = hpp_pilot(hutchpp_trace, lambda e: e.stderr * math.sqrt(e.samples) / abs(e.value))
-    print(f"\n  pilots (not timed), samples needed for {TARGET_SE:.0%}: Hutchinson {nn_h}, PyHessian {nn_ph}"
-          f" (runs capped at {max_n}); flatcli Hutch++ " + ", ".join(f"probes={m} ({n} remainder): {k}"
-                                                                    for m, n, k in grid) + f" -> probes={m_fixed}")
+    grid, m_fixed = hpp_pilot(
+        hutchpp_trace, lambda e: e.stderr * math.sqrt(e.samples) / abs(e.value)
+    )
+    print(
+        f"\n  pilots (not timed), samples needed for {TARGET_SE:.0%}: Hutchinson {nn_h}, PyHessian {nn_ph}"
+        f" (runs capped at {max_n}); flatcli Hutch++ "
+        + ", ".join(f"probes={m} ({n} remainder): {k}" for m, n, k in grid)
+        + f" -> probes={m_fixed}"
+    )
 
     def f_hutch() -> tuple[float, float, int]:
         e = hutchinson_trace(flat_op(chunk_size=chunk), probes=n_h, seed=0)
@@ -751,26 +1002,51 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
         return float(curvlinops.hutchpp_trace(op_c, num_matvecs=m_fixed)), None, m_fixed
 
     def f_hpp_adaptive() -> tuple[float, float, int]:
-        e = hutchpp_trace(flat_op(chunk_size=chunk), probes=m_fixed, seed=0, target_rel_stderr=TARGET_SE,
-                          max_hvps=10**6)
+        e = hutchpp_trace(
+            flat_op(chunk_size=chunk),
+            probes=m_fixed,
+            seed=0,
+            target_rel_stderr=TARGET_SE,
+            max_hvps=10**6,
+        )
         return e.value, e.stderr, e.hvps
 
-    t_flat, _ = add_stoch(tr_rows, "flatcli Hutch++", f"probes={m_fixed}, target_rel_stderr=0.01",
-                          f_hpp_adaptive, tr_ref)
-    t_h, scale_h = add_stoch(tr_rows, "flatcli Hutchinson", f"probes={n_h} (Rademacher, one pass)",
-                             f_hutch, tr_ref, nn_h)
+    t_flat, _ = add_stoch(
+        tr_rows,
+        "flatcli Hutch++",
+        f"probes={m_fixed}, target_rel_stderr=0.01",
+        f_hpp_adaptive,
+        tr_ref,
+    )
+    t_h, scale_h = add_stoch(
+        tr_rows, "flatcli Hutchinson", f"probes={n_h} (Rademacher, one pass)", f_hutch, tr_ref, nn_h
+    )
     t_ph, _ = add_stoch(tr_rows, "PyHessian trace", f"maxIter={n_ph}, tol=0", f_ph, tr_ref, nn_ph)
-    t_cl, _ = add_stoch(tr_rows, "curvlinops Hutchinson", f"num_matvecs={n_h} (calls of <= {chunk})",
-                        f_cl_hutch, tr_ref, nn_h, scale_like=scale_h)
+    t_cl, _ = add_stoch(
+        tr_rows,
+        "curvlinops Hutchinson",
+        f"num_matvecs={n_h} (calls of <= {chunk})",
+        f_cl_hutch,
+        tr_ref,
+        nn_h,
+        scale_like=scale_h,
+    )
     plain = {"flatcli Hutchinson": t_h, "PyHessian": t_ph, "curvlinops Hutchinson": t_cl}
     add_stoch(tr_rows, "curvlinops Hutch++", f"num_matvecs={m_fixed}", f_cl_hpp, tr_ref)
-    print_table(f"3a. trace at {TARGET_SE:.0%} standard error (reference {tr_ref:.8g}; "
-                f"{time.perf_counter() - t_sec:.0f} s incl. pilots)", header, finish(tr_rows, t_flat))
+    print_table(
+        f"3a. trace at {TARGET_SE:.0%} standard error (reference {tr_ref:.8g}; "
+        f"{time.perf_counter() - t_sec:.0f} s incl. pilots)",
+        header,
+        finish(tr_rows, t_flat),
+    )
     fastest = min(plain, key=plain.get)
     key = "trace: flatcli Hutch++ / fastest plain Hutchinson"
     summary[key] = verdict(t_flat / plain[fastest], TARGET_TRACE_RATIO) + f" [{fastest}]"
     print(f"  ratio flatcli Hutch++ / fastest plain Hutchinson: {summary[key]}")
-    print("  vs each plain Hutchinson: " + ", ".join(f"{k} {t_flat / t:.3g}" for k, t in plain.items()))
+    print(
+        "  vs each plain Hutchinson: "
+        + ", ".join(f"{k} {t_flat / t:.3g}" for k, t in plain.items())
+    )
 
     # ------------------------------------------------------------ 3b. Frobenius
     t_sec = time.perf_counter()
@@ -786,14 +1062,24 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
     fro_pilot, se_pilot, _ = plain_fro(args.pilot, 2002, flat_op(chunk_size=chunk))
     nn_pf = needed(se_pilot / fro_pilot * math.sqrt(args.pilot))
     n_pf = min(nn_pf, max_n)
-    fgrid, fm_fixed = hpp_pilot(frobenius, lambda e: e.squared_stderr * math.sqrt(e.samples) / (2 * e.squared))
-    print(f"\n  pilots (not timed), samples needed for {TARGET_SE:.0%} of ||H||_F: plain ||Hg||^2 {nn_pf} (runs "
-          f"capped at {max_n}); flatcli " + ", ".join(f"probes={m} ({n} remainder): {k}" for m, n, k in fgrid)
-          + f" -> probes={fm_fixed}")
+    fgrid, fm_fixed = hpp_pilot(
+        frobenius, lambda e: e.squared_stderr * math.sqrt(e.samples) / (2 * e.squared)
+    )
+    print(
+        f"\n  pilots (not timed), samples needed for {TARGET_SE:.0%} of ||H||_F: plain ||Hg||^2 {nn_pf} (runs "
+        f"capped at {max_n}); flatcli "
+        + ", ".join(f"probes={m} ({n} remainder): {k}" for m, n, k in fgrid)
+        + f" -> probes={fm_fixed}"
+    )
 
     def f_fro_adaptive() -> tuple[float, float, int]:
-        e = frobenius(flat_op(chunk_size=chunk), probes=fm_fixed, seed=0, target_rel_stderr=TARGET_SE,
-                      max_hvps=10**6)
+        e = frobenius(
+            flat_op(chunk_size=chunk),
+            probes=fm_fixed,
+            seed=0,
+            target_rel_stderr=TARGET_SE,
+            max_hvps=10**6,
+        )
         return e.value, e.stderr, e.hvps
 
     def f_cl_fro() -> tuple[float, None, int]:
@@ -806,31 +1092,65 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
             done += k
         return math.sqrt(total / n_pf), None, n_pf
 
-    t_flat, _ = add_stoch(fro_rows, "flatcli frobenius", f"probes={fm_fixed}, target_rel_stderr=0.01",
-                          f_fro_adaptive, fro_ref)
+    t_flat, _ = add_stoch(
+        fro_rows,
+        "flatcli frobenius",
+        f"probes={fm_fixed}, target_rel_stderr=0.01",
+        f_fro_adaptive,
+        fro_ref,
+    )
 
     def f_joint() -> tuple[float, float, int]:
-        _, e = trace_and_frobenius(flat_op(chunk_size=chunk), probes=max(m_fixed, fm_fixed), seed=0,
-                                   target_rel_stderr=TARGET_SE, max_hvps=10**6)
+        _, e = trace_and_frobenius(
+            flat_op(chunk_size=chunk),
+            probes=max(m_fixed, fm_fixed),
+            seed=0,
+            target_rel_stderr=TARGET_SE,
+            max_hvps=10**6,
+        )
         return e.value, e.stderr, e.hvps
 
-    add_stoch(fro_rows, "flatcli trace_and_frobenius", f"probes={max(m_fixed, fm_fixed)}, both to 1% (trace too)",
-              f_joint, fro_ref)
-    t_b, scale_b = add_stoch(fro_rows, "script baseline", f"mean ||Hg||^2, {n_pf} Gaussian g (one op.matmat)",
-                             lambda: plain_fro(n_pf, 0, flat_op(chunk_size=chunk)), fro_ref, nn_pf)
-    t_cl, _ = add_stoch(fro_rows, "curvlinops hutchinson_squared_fro", f"num_matvecs={n_pf} (calls of <= {chunk})",
-                        f_cl_fro, fro_ref, nn_pf, scale_like=scale_b)
+    add_stoch(
+        fro_rows,
+        "flatcli trace_and_frobenius",
+        f"probes={max(m_fixed, fm_fixed)}, both to 1% (trace too)",
+        f_joint,
+        fro_ref,
+    )
+    t_b, scale_b = add_stoch(
+        fro_rows,
+        "script baseline",
+        f"mean ||Hg||^2, {n_pf} Gaussian g (one op.matmat)",
+        lambda: plain_fro(n_pf, 0, flat_op(chunk_size=chunk)),
+        fro_ref,
+        nn_pf,
+    )
+    t_cl, _ = add_stoch(
+        fro_rows,
+        "curvlinops hutchinson_squared_fro",
+        f"num_matvecs={n_pf} (calls of <= {chunk})",
+        f_cl_fro,
+        fro_ref,
+        nn_pf,
+        scale_like=scale_b,
+    )
     plain = {"script baseline": t_b, "curvlinops": t_cl}
     ref_note = "exact" if args.exact_reference else f"reference rel. se {fro_ref_se / fro_ref:.1e}"
-    print_table(f"3b. ||H||_F at {TARGET_SE:.0%} standard error (reference {fro_ref:.8g}, {ref_note}; "
-                f"{time.perf_counter() - t_sec:.0f} s incl. pilots)", header, finish(fro_rows, t_flat))
+    print_table(
+        f"3b. ||H||_F at {TARGET_SE:.0%} standard error (reference {fro_ref:.8g}, {ref_note}; "
+        f"{time.perf_counter() - t_sec:.0f} s incl. pilots)",
+        header,
+        finish(fro_rows, t_flat),
+    )
     fastest = min(plain, key=plain.get)
     key = "Frobenius: flatcli / fastest plain Hutchinson"
     summary[key] = verdict(t_flat / plain[fastest], TARGET_TRACE_RATIO) + f" [{fastest}]"
     print(f"  ratio flatcli frobenius / fastest plain Hutchinson: {summary[key]}")
     if any(n > max_n for n in (nn_h, nn_ph, nn_pf)):
-        print("  * capped run: 's @1%' = seconds x (achieved rel. stderr / 1%)^2 (curvlinops: the scale of the "
-              "same estimator's flatcli/script row)")
+        print(
+            "  * capped run: 's @1%' = seconds x (achieved rel. stderr / 1%)^2 (curvlinops: the scale of the "
+            "same estimator's flatcli/script row)"
+        )
     ph.restore()
 
     # ------------------------------------------------------------ 4. HVP costs
@@ -849,7 +1169,9 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
             variants[f"{m}{tag}, graph cached"] = dict(method=m, cache_graph=True)
         else:
             variants[m + tag] = dict(method=m)
-    target_variant = next(k for k in variants if k.startswith(auto) and not k.endswith("graph cached"))
+    target_variant = next(
+        k for k in variants if k.startswith(auto) and not k.endswith("graph cached")
+    )
     gen = torch.Generator().manual_seed(5)
     v = torch.randn(p_count, generator=gen)
     block = torch.randn(p_count, K_BLOCK, generator=gen)
@@ -878,30 +1200,72 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
     for name in variants:
         single, blk = med[f"1 {name}"], med[f"block {name}"]
         hv_rows.append(["1 HVP", name, single, f"{single / g:.2f}", "-"])
-        hv_rows.append([f"{K_BLOCK} HVPs, one pass", name, blk, f"{blk / g:.2f}", f"{blk / single:.2f}"])
+        hv_rows.append(
+            [f"{K_BLOCK} HVPs, one pass", name, blk, f"{blk / g:.2f}", f"{blk / single:.2f}"]
+        )
         if chunk < K_BLOCK:
             c = med[f"chunked {name}"]
-            hv_rows.append([f"{K_BLOCK} HVPs, one pass", f"{name}, chunk_size={chunk}", c, f"{c / g:.2f}",
-                            f"{c / single:.2f}"])
+            hv_rows.append(
+                [
+                    f"{K_BLOCK} HVPs, one pass",
+                    f"{name}, chunk_size={chunk}",
+                    c,
+                    f"{c / g:.2f}",
+                    f"{c / single:.2f}",
+                ]
+            )
         c = med[f"loop {name}"]
-        hv_rows.append([f"{K_BLOCK} HVPs, one pass", f"{name}, chunk_size=1 (loop; CPU default)", c,
-                        f"{c / g:.2f}", f"{c / single:.2f}"])
-    hv_rows.append(["1 HVP", "PyHessian (gradient graph reused)", med["PyHessian"], f"{med['PyHessian'] / g:.2f}", "-"])
-    hv_rows.append(["1 HVP", "curvlinops (fwd-over-rev)", med["curvlinops"], f"{med['curvlinops'] / g:.2f}", "-"])
+        hv_rows.append(
+            [
+                f"{K_BLOCK} HVPs, one pass",
+                f"{name}, chunk_size=1 (loop; CPU default)",
+                c,
+                f"{c / g:.2f}",
+                f"{c / single:.2f}",
+            ]
+        )
+    hv_rows.append(
+        [
+            "1 HVP",
+            "PyHessian (gradient graph reused)",
+            med["PyHessian"],
+            f"{med['PyHessian'] / g:.2f}",
+            "-",
+        ]
+    )
+    hv_rows.append(
+        [
+            "1 HVP",
+            "curvlinops (fwd-over-rev)",
+            med["curvlinops"],
+            f"{med['curvlinops'] / g:.2f}",
+            "-",
+        ]
+    )
     del h, ph_model
-    print_table(f"4. HVP costs, float32 (median of {reps}, round-robin; {time.perf_counter() - t_sec:.0f} s)",
-                ["quantity", "method", "seconds", "/ gradient", "block / single"], hv_rows)
+    print_table(
+        f"4. HVP costs, float32 (median of {reps}, round-robin; {time.perf_counter() - t_sec:.0f} s)",
+        ["quantity", "method", "seconds", "/ gradient", "block / single"],
+        hv_rows,
+    )
     for name in variants:
         if name.startswith(auto):
             single = med[f"1 {name}"]
             summary[f"HVP / gradient ({name})"] = verdict(single / g, TARGET_HVP_GRAD)
-            summary[f"block{K_BLOCK} / single ({name})"] = verdict(med[f"block {name}"] / single, TARGET_BLOCK)
+            summary[f"block{K_BLOCK} / single ({name})"] = verdict(
+                med[f"block {name}"] / single, TARGET_BLOCK
+            )
             if chunk < K_BLOCK:
                 summary[f"block{K_BLOCK} / single ({name}, chunk_size={chunk})"] = verdict(
-                    med[f"chunked {name}"] / single, TARGET_BLOCK)
-            summary[f"block{K_BLOCK} / single ({name}, loop)"] = verdict(med[f"loop {name}"] / single, TARGET_BLOCK)
-    print(f"  auto picks {auto} on cpu; targets: HVP / gradient <= {TARGET_HVP_GRAD:g}, block{K_BLOCK} / single "
-          f"<= {TARGET_BLOCK:.3g} (checked on '{target_variant}'; other auto variants shown too)")
+                    med[f"chunked {name}"] / single, TARGET_BLOCK
+                )
+            summary[f"block{K_BLOCK} / single ({name}, loop)"] = verdict(
+                med[f"loop {name}"] / single, TARGET_BLOCK
+            )
+    print(
+        f"  auto picks {auto} on cpu; targets: HVP / gradient <= {TARGET_HVP_GRAD:g}, block{K_BLOCK} / single "
+        f"<= {TARGET_BLOCK:.3g} (checked on '{target_variant}'; other auto variants shown too)"
+    )
     for k in summary:
         if k.startswith(("HVP /", "block")):
             print(f"  {k}: {summary[k]}")
@@ -915,35 +1279,73 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, pyh: Any, curvlinops:
 def main(argv: Sequence[str] | None = None) -> None:
     import tempfile
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
-                        help="torchvision MNIST root holding MNIST/raw (default: %(default)s)")
-    parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="smaller data and grids, one timing run (smoke test)")
-    parser.add_argument("--cnn-samples", type=int, default=None,
-                        help="images for the CNN's curvature (default 256, --quick 64): CNN HVPs are slow on CPU")
-    parser.add_argument("--cnn-channels", type=int, default=8, help="CNN width (default: %(default)s)")
-    parser.add_argument("--exact-reference", action="store_true",
-                        help="trace and ||H||_F from all P unit vectors (slow for the MLP: ~50k float64 HVPs)")
-    parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "flatcli-bench-checkpoints")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help="torchvision MNIST root holding MNIST/raw (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--models", default="mlp,cnn", help="comma-separated: mlp, cnn (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smaller data and grids, one timing run (smoke test)"
+    )
+    parser.add_argument(
+        "--cnn-samples",
+        type=int,
+        default=None,
+        help="images for the CNN's curvature (default 256, --quick 64): CNN HVPs are slow on CPU",
+    )
+    parser.add_argument(
+        "--cnn-channels", type=int, default=8, help="CNN width (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--exact-reference",
+        action="store_true",
+        help="trace and ||H||_F from all P unit vectors (slow for the MLP: ~50k float64 HVPs)",
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "flatcli-bench-checkpoints"
+    )
     parser.add_argument("--no-cache", action="store_true", help="always retrain")
-    parser.add_argument("--long", type=float, default=4.0, help="runs longer than this (s) are timed once")
+    parser.add_argument(
+        "--long", type=float, default=4.0, help="runs longer than this (s) are timed once"
+    )
     parser.add_argument("--hvp-repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default %(default)s: on cores shared with other jobs, 2 OpenMP threads "
-                             "made every op wait for a descheduled thread, 10-40x slower and erratic)")
-    parser.add_argument("--chunk", type=int, default=None,
-                        help="most vectors per vmapped call, for flatcli (chunk_size) and curvlinops (vectors per "
-                             "call) in section 3 (default: 32 for the MLP, 4 for the CNN, the fastest measured)")
-    parser.add_argument("--max-samples", type=int, default=500,
-                        help="cap on plain Hutchinson samples; capped runs are extrapolated (default %(default)s)")
-    parser.add_argument("--block", type=int, default=256, help="unit vectors per pass for --exact-reference")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default %(default)s: on cores shared with other jobs, 2 OpenMP threads "
+        "made every op wait for a descheduled thread, 10-40x slower and erratic)",
+    )
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        help="most vectors per vmapped call, for flatcli (chunk_size) and curvlinops (vectors per "
+        "call) in section 3 (default: 32 for the MLP, 4 for the CNN, the fastest measured)",
+    )
+    parser.add_argument(
+        "--max-samples",
+        type=int,
+        default=500,
+        help="cap on plain Hutchinson samples; capped runs are extrapolated (default %(default)s)",
+    )
+    parser.add_argument(
+        "--block", type=int, default=256, help="unit vectors per pass for --exact-reference"
+    )
     args = parser.parse_args(argv)
 
     if not (args.data_dir / "MNIST" / "raw").is_dir():
-        _die(f"no MNIST data under {args.data_dir} (expected {args.data_dir / 'MNIST' / 'raw'}); "
-             "pass --data-dir, a torchvision MNIST root such as ../shared/data/mnist5k")
+        _die(
+            f"no MNIST data under {args.data_dir} (expected {args.data_dir / 'MNIST' / 'raw'}); "
+            "pass --data-dir, a torchvision MNIST root such as ../shared/data/mnist5k"
+        )
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in ("mlp", "cnn")]
     if unknown or not models:
@@ -971,10 +1373,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.check_coords = 16 if q else 64
     args.jac_chunk = 50
     specs = {
-        "mlp": ModelSpec("mlp", {"width": 64}, {"epochs": 5}, 1000 if q else None, 32,
-                         64 if q else 200, 32 if q else 64),
-        "cnn": ModelSpec("cnn", {"channels": args.cnn_channels}, {"epochs": 20, "lr": 0.1},
-                         args.cnn_samples or (64 if q else 256), 4, 32 if q else 48, 32),
+        "mlp": ModelSpec(
+            "mlp",
+            {"width": 64},
+            {"epochs": 5},
+            1000 if q else None,
+            32,
+            64 if q else 200,
+            32 if q else 64,
+        ),
+        "cnn": ModelSpec(
+            "cnn",
+            {"channels": args.cnn_channels},
+            {"epochs": 20, "lr": 0.1},
+            args.cnn_samples or (64 if q else 256),
+            4,
+            32 if q else 48,
+            32,
+        ),
     }
     torch.manual_seed(0)
     t0 = time.perf_counter()

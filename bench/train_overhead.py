@@ -34,7 +34,7 @@ def plain_epoch(model, optimizer, x, y, batch_size, generator):
     model.train()
     order = torch.randperm(len(y), generator=generator)
     for start in range(0, len(y), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         loss = F.cross_entropy(model(x[idx]), y[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -52,12 +52,22 @@ def main() -> None:
 
     spec = get_spec(args.dataset)
     x, y = load_dataset(args.dataset, "train", args.data_dir).tensors
-    print(f"{args.dataset}: {len(y)} images, batch {args.batch_size}, {args.epochs} epochs, "
-          f"{torch.get_num_threads()} threads")
-    print(f"{'model':8} {'plain s/epoch':>14} {'flatcli epoch':>14} {'ratio':>6} {'flatcli run':>12} {'ratio':>6}")
+    print(
+        f"{args.dataset}: {len(y)} images, batch {args.batch_size}, {args.epochs} epochs, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(
+        f"{'model':8} {'plain s/epoch':>14} {'flatcli epoch':>14} {'ratio':>6} {'flatcli run':>12} {'ratio':>6}"
+    )
     for name in args.models.split(","):
-        config = make_train_config(dataset=args.dataset, model=name, batch_size=args.batch_size,
-                                   epochs=args.epochs, device="cpu", data_dir=args.data_dir)
+        config = make_train_config(
+            dataset=args.dataset,
+            model=name,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            device="cpu",
+            data_dir=args.data_dir,
+        )
         plain, ours = [], []
         torch.manual_seed(0)
         m1 = build_model(name, input_shape=spec.input_shape, num_classes=spec.num_classes)
@@ -70,15 +80,25 @@ def main() -> None:
             plain_epoch(m1, o1, x, y, args.batch_size, torch.Generator().manual_seed(epoch))
             t1 = time.perf_counter() - t
             t = time.perf_counter()
-            train_one_epoch(m2, o2, x, y, config, torch.Generator().manual_seed(epoch), False, lambda b, l: None)
+            train_one_epoch(
+                m2, o2, x, y, config, torch.Generator().manual_seed(epoch), False, lambda b, l: None
+            )
             t2 = time.perf_counter() - t
             if epoch:
                 plain.append(t1)
                 ours.append(t2)
         with tempfile.TemporaryDirectory() as tmp:
-            result = train(make_train_config(dataset=args.dataset, model=name, batch_size=args.batch_size,
-                                             epochs=args.epochs, device="cpu", data_dir=args.data_dir,
-                                             out=Path(tmp) / "run"))
+            result = train(
+                make_train_config(
+                    dataset=args.dataset,
+                    model=name,
+                    batch_size=args.batch_size,
+                    epochs=args.epochs,
+                    device="cpu",
+                    data_dir=args.data_dir,
+                    out=Path(tmp) / "run",
+                )
+            )
         run_epoch = statistics.median(r.seconds for r in result.history)
         p, o = statistics.median(plain), statistics.median(ours)
         print(f"{name:8} {p:14.4f} {o:14.4f} {o / p:6.2f} {run_epoch:12.4f} {run_epoch / p:6.2f}")

@@ -17,14 +17,27 @@ __version__ = "0.2.0"
 #: public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
     # data and models
-    "load_dataset": "workflows.data", "DATASETS": "workflows.data", "build_model": "models", "MODELS": "models",
+    "load_dataset": "workflows.data",
+    "DATASETS": "workflows.data",
+    "build_model": "models",
+    "MODELS": "models",
     # training and checkpoints
-    "train": "workflows.training", "TrainResult": "workflows.training", "evaluate": "workflows.training",
-    "TrainConfig": "config", "make_train_config": "config",
-    "load_checkpoint": "workflows.checkpoint", "save_checkpoint": "workflows.checkpoint", "CheckpointInfo": "workflows.checkpoint",
+    "train": "workflows.training",
+    "TrainResult": "workflows.training",
+    "evaluate": "workflows.training",
+    "TrainConfig": "config",
+    "make_train_config": "config",
+    "load_checkpoint": "workflows.checkpoint",
+    "save_checkpoint": "workflows.checkpoint",
+    "CheckpointInfo": "workflows.checkpoint",
     # curvature
-    "sharpness": "workflows.sharpness", "measure": "analysis.measures", "SharpnessConfig": "analysis.measures",
-    "SharpnessReport": "analysis.measures", "MEASURES": "analysis.measures", "rank_bound": "analysis.rank", "rank_report": "analysis.rank",
+    "sharpness": "workflows.sharpness",
+    "measure": "analysis.measures",
+    "SharpnessConfig": "analysis.measures",
+    "SharpnessReport": "analysis.measures",
+    "MEASURES": "analysis.measures",
+    "rank_bound": "analysis.rank",
+    "rank_report": "analysis.rank",
     # errors
     "FlatcliError": "errors",
 }
@@ -46,12 +59,12 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from flatcli.workflows.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
-    from flatcli.config import TrainConfig, make_train_config
-    from flatcli.workflows.data import DATASETS, load_dataset
-    from flatcli.errors import FlatcliError
     from flatcli.analysis.measures import MEASURES, SharpnessConfig, SharpnessReport, measure
-    from flatcli.models import MODELS, build_model
     from flatcli.analysis.rank import rank_bound, rank_report
+    from flatcli.config import TrainConfig, make_train_config
+    from flatcli.errors import FlatcliError
+    from flatcli.models import MODELS, build_model
+    from flatcli.workflows.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
+    from flatcli.workflows.data import DATASETS, load_dataset
     from flatcli.workflows.sharpness import sharpness
     from flatcli.workflows.training import TrainResult, evaluate, train

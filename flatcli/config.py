@@ -7,12 +7,12 @@ bad values with the same one-line message.
 
 from __future__ import annotations
 
-import math
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from flatcli.errors import CheckpointError, UsageError, UnknownNameError
+from flatcli.errors import CheckpointError, UnknownNameError, UsageError
 
 #: Default learning rate per optimiser (used when ``lr`` is not given).
 DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}
@@ -21,10 +21,23 @@ DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}
 #: ``average_from`` is a fraction of the epochs: the authors average from epoch 161 of 300.
 #: ``lr_final`` is a fraction of ``lr``: the averaging learning rate is half the initial one.
 RECIPES: dict[str, dict] = {
-    "gadam": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.25, "schedule": "paper",
-              "average_from": 0.53, "lr_final": 0.5},
-    "swa": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "l2": 5e-4, "schedule": "paper",
-            "average_from": 0.53, "lr_final": 0.5},
+    "gadam": {
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "weight_decay": 0.25,
+        "schedule": "paper",
+        "average_from": 0.53,
+        "lr_final": 0.5,
+    },
+    "swa": {
+        "optimizer": "sgd",
+        "lr": 0.05,
+        "momentum": 0.9,
+        "l2": 5e-4,
+        "schedule": "paper",
+        "average_from": 0.53,
+        "lr_final": 0.5,
+    },
 }
 
 
@@ -70,12 +83,15 @@ class TrainConfig:
             raise UsageError(f"lr-final must be positive, got {self.lr_final}")
         if self.average_from is not None and not 1 <= self.average_from <= self.epochs:
             raise UsageError(
-                f"--average-from {self.average_from} is outside the run's epochs 1..{self.epochs}")
+                f"--average-from {self.average_from} is outside the run's epochs 1..{self.epochs}"
+            )
         if self.train_samples is not None:
             _positive("train samples", self.train_samples)
         if self.overwrite and self.resume:
-            raise UsageError("--overwrite and --resume contradict each other",
-                             hint="--resume continues the run in --out, --overwrite replaces it")
+            raise UsageError(
+                "--overwrite and --resume contradict each other",
+                hint="--resume continues the run in --out, --overwrite replaces it",
+            )
 
     @property
     def final_lr(self) -> float:
@@ -105,7 +121,9 @@ def make_train_config(recipe: str | None = None, **given) -> TrainConfig:
     values: dict = {}
     if recipe is not None:
         if recipe not in RECIPES:
-            raise UnknownNameError(f"unknown recipe {recipe!r}", hint=f"choose one of: {', '.join(RECIPES)}")
+            raise UnknownNameError(
+                f"unknown recipe {recipe!r}", hint=f"choose one of: {', '.join(RECIPES)}"
+            )
         values.update(RECIPES[recipe])
         epochs = given.get("epochs", TrainConfig.epochs)
         values["average_from"] = max(1, min(epochs, int(values["average_from"] * epochs) + 1))
@@ -114,7 +132,9 @@ def make_train_config(recipe: str | None = None, **given) -> TrainConfig:
         values["recipe"] = recipe
     values.update(given)
     if "lr" not in values:
-        values["lr"] = DEFAULT_LR.get(values.get("optimizer", TrainConfig.optimizer), TrainConfig.lr)
+        values["lr"] = DEFAULT_LR.get(
+            values.get("optimizer", TrainConfig.optimizer), TrainConfig.lr
+        )
     if "out" in values:
         values["out"] = Path(values["out"])
     return TrainConfig(**values)
@@ -140,8 +160,11 @@ def resume_config(stored: dict | None, recipe: str | None = None, **given) -> Tr
     if stored is None:
         return make_train_config(recipe, **given, **location)
     # The run's device is kept unless another is given (a run may move, e.g. to a GPU).
-    values = {k: v for k, v in stored.items()
-              if k in TrainConfig.__dataclass_fields__ and (k == "device" or k not in LOCATION_OPTIONS)}
+    values = {
+        k: v
+        for k, v in stored.items()
+        if k in TrainConfig.__dataclass_fields__ and (k == "device" or k not in LOCATION_OPTIONS)
+    }
     problems = []
     if recipe is not None and recipe != stored.get("recipe"):
         problems.append(contradiction("recipe", recipe, stored.get("recipe")))
@@ -154,14 +177,18 @@ def resume_config(stored: dict | None, recipe: str | None = None, **given) -> Tr
         if key in values and values[key] != value:
             problems.append(contradiction(key, value, values[key]))
     if problems:
-        raise UsageError("; ".join(problems), hint="--resume alone continues the run with its own options")
+        raise UsageError(
+            "; ".join(problems), hint="--resume alone continues the run with its own options"
+        )
     if epochs is not None:
         values["epochs"] = epochs
     try:
         return TrainConfig(**{**values, **location})
     except (TypeError, ValueError) as exc:  # a hand-edited state: its options are not a config
-        raise CheckpointError(f"{location.get('out', 'the run')}: the run's recorded options are malformed ({exc})",
-                              hint="start the run again with --overwrite") from None
+        raise CheckpointError(
+            f"{location.get('out', 'the run')}: the run's recorded options are malformed ({exc})",
+            hint="start the run again with --overwrite",
+        ) from None
 
 
 def contradiction(key: str, given, stored) -> str:
@@ -170,7 +197,9 @@ def contradiction(key: str, given, stored) -> str:
 
 
 def _show(value) -> str:
-    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    return (
+        "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    )
 
 
 def with_changes(config: TrainConfig, **changes) -> TrainConfig:
@@ -182,9 +211,17 @@ def with_changes(config: TrainConfig, **changes) -> TrainConfig:
 #: The measures of ``flatcli sharpness``, in report order: the names of the registry
 #: ``flatcli.analysis.measures.MEASURES`` (kept here so that the command line's help and option
 #: checks need no torch; a test holds the two equal).
-MEASURE_NAMES: tuple[str, ...] = ("lambda_max", "lambda_min", "trace", "frobenius", "density",
-                                  "lambda_max_normalised", "trace_normalised", "adaptive_sharpness",
-                                  "relative_flatness")
+MEASURE_NAMES: tuple[str, ...] = (
+    "lambda_max",
+    "lambda_min",
+    "trace",
+    "frobenius",
+    "density",
+    "lambda_max_normalised",
+    "trace_normalised",
+    "adaptive_sharpness",
+    "relative_flatness",
+)
 DTYPE_NAMES = ("float32", "float64")
 #: BatchNorm statistics: running ("eval"), per batch of ``bn_batch_size`` ("batch"), whole set ("full").
 BN_MODES = ("eval", "batch", "full")
@@ -200,7 +237,9 @@ class SharpnessConfig:
     measures: tuple[str, ...] = ("lambda_max", "trace", "frobenius")
     split: str = "train"
     samples: int | None = None
-    batch_size: int | None = None  # None: automatic (memory_bounded); 1024 with bn_mode "batch", N with "full"
+    batch_size: int | None = (
+        None  # None: automatic (memory_bounded); 1024 with bn_mode "batch", N with "full"
+    )
     memory_gb: float = 2.0
     curvature: str = "hessian"
     bn_mode: str = "eval"
@@ -227,15 +266,23 @@ class SharpnessConfig:
     def __post_init__(self) -> None:
         unknown = [m for m in self.measures if m not in MEASURE_NAMES]
         if unknown or not self.measures:
-            raise UnknownNameError(f"unknown measure {', '.join(unknown) or '(none given)'}",
-                             hint=f"choose from: {', '.join(MEASURE_NAMES)}")
+            raise UnknownNameError(
+                f"unknown measure {', '.join(unknown) or '(none given)'}",
+                hint=f"choose from: {', '.join(MEASURE_NAMES)}",
+            )
         if self.dtype not in DTYPE_NAMES:
             raise UnknownNameError(f"unknown dtype {self.dtype!r}", hint="use float32 or float64")
         if self.split not in ("train", "test"):
             raise UnknownNameError(f"unknown split {self.split!r}", hint="use train or test")
         if not self.rho > 0:
             raise UsageError(f"rho must be positive, got {self.rho}")
-        for name in ("max_iter", "probes", "density_iterations", "density_probes", "sharpness_samples"):
+        for name in (
+            "max_iter",
+            "probes",
+            "density_iterations",
+            "density_probes",
+            "sharpness_samples",
+        ):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name.replace('_', '-')} must be positive")
         # tol >= 1 (or inf) accepts any Ritz value after one step: not a tolerance at all
@@ -248,20 +295,31 @@ class SharpnessConfig:
         if self.samples is not None and self.samples < 1:
             raise UsageError(f"samples must be positive, got {self.samples}")
         stochastic_trace = {"trace", "frobenius", "trace_normalised"} & set(self.measures)
-        if stochastic_trace and not self.exact and self.probes < 4:  # checked here, not after other measures
-            raise UsageError(f"probes must be at least 4 for {', '.join(sorted(stochastic_trace))}, got {self.probes}",
-                             hint="block Krylov Hutch++ builds a subspace and samples the remainder; "
-                                  "fewer than 13 give a standard error marked not converged")
+        if (
+            stochastic_trace and not self.exact and self.probes < 4
+        ):  # checked here, not after other measures
+            raise UsageError(
+                f"probes must be at least 4 for {', '.join(sorted(stochastic_trace))}, got {self.probes}",
+                hint="block Krylov Hutch++ builds a subspace and samples the remainder; "
+                "fewer than 13 give a standard error marked not converged",
+            )
         if "adaptive_sharpness" in self.measures and self.sharpness_samples < 2:
-            raise UsageError(f"sharpness-samples must be at least 2 for a standard error, got {self.sharpness_samples}")
+            raise UsageError(
+                f"sharpness-samples must be at least 2 for a standard error, got {self.sharpness_samples}"
+            )
         if self.target_stderr is not None and not self.target_stderr > 0:
             raise UsageError(f"target-stderr must be positive, got {self.target_stderr}")
         if self.batch_size is not None and self.batch_size < 1:
             raise UsageError("batch size must be positive")
         if self.bn_mode not in BN_MODES:
-            raise UnknownNameError(f"unknown BatchNorm mode {self.bn_mode!r}", hint=f"use {', '.join(BN_MODES)}")
-        object.__setattr__(self, "bn_batch_size",
-                           (self.batch_size or BN_BATCH) if self.bn_mode == "batch" else None)
+            raise UnknownNameError(
+                f"unknown BatchNorm mode {self.bn_mode!r}", hint=f"use {', '.join(BN_MODES)}"
+            )
+        object.__setattr__(
+            self,
+            "bn_batch_size",
+            (self.batch_size or BN_BATCH) if self.bn_mode == "batch" else None,
+        )
 
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

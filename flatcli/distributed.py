@@ -106,8 +106,11 @@ def world() -> World:
     """The world of this process: from torch.distributed when initialised, else torchrun's environment."""
     if dist.is_available() and dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                 int(os.environ.get("LOCAL_RANK", 0)))
+    return World(
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
 
 
 def launched() -> bool:
@@ -128,7 +131,8 @@ def is_main() -> bool:
 def my_shard(n: int, batch_size: int | None = None) -> slice:
     """This process's samples of ``n`` (:meth:`World.data_shard`) when it is in an initialised
     group of several, else all ``n``: launched by torchrun but never joined, a process
-    measures everything, since nothing would add up the shards."""
+    measures everything, since nothing would add up the shards.
+    """
     return world().data_shard(n, batch_size) if active() else slice(0, n)
 
 
@@ -150,8 +154,10 @@ def init(device: str = "auto", timeout_s: float | None = None) -> World:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     try:
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
     except (RuntimeError, ValueError) as exc:
         text = first_line(exc)
         raise DistributedError(f"cannot join the torchrun process group: {text}") from None
@@ -183,8 +189,10 @@ def _peer_failed(exc: BaseException) -> DistributedError:
 
     text = first_line(exc)
     text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", text).split(". ")[0]
-    return DistributedError(f"another process of this run failed or timed out ({text[:120]})",
-                            hint=f"see the other processes' errors; the timeout is ${TIMEOUT_ENV} seconds")
+    return DistributedError(
+        f"another process of this run failed or timed out ({text[:120]})",
+        hint=f"see the other processes' errors; the timeout is ${TIMEOUT_ENV} seconds",
+    )
 
 
 def _collective_device() -> torch.device:
@@ -256,7 +264,9 @@ def _test_fault() -> None:
     if int(rank) == dist.get_rank() and _passes >= int(after):
         if how == "exit":
             os._exit(3)
-        raise FlatcliError(f"test fault on rank {rank} after {after} all-reduces (FLATCLI_TEST_FAIL)")
+        raise FlatcliError(
+            f"test fault on rank {rank} after {after} all-reduces (FLATCLI_TEST_FAIL)"
+        )
 
 
 def finish(wait: bool = False) -> None:

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none):
-    enough to say what a library's error was about in one line."""
+    enough to say what a library's error was about in one line.
+    """
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 

@@ -13,7 +13,11 @@ from flatcli.errors import CheckpointError
 
 @pytest.fixture
 def run(make_config):
-    return train(make_config(out=Path("run"), model="mlp", model_kwargs={"width": 8}, l2=1e-3, weight_decay=2e-3))
+    return train(
+        make_config(
+            out=Path("run"), model="mlp", model_kwargs={"width": 8}, l2=1e-3, weight_decay=2e-3
+        )
+    )
 
 
 def test_round_trip_rebuilds_the_model_and_its_metadata(run):
@@ -44,7 +48,9 @@ def test_truncated_and_foreign_files_are_refused(run, tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         load_checkpoint(tmp_path / "cut.safetensors")
-    torch.save({"w": torch.zeros(2)}, tmp_path / "pickle.pt")  # a torch state dict: read, but no architecture
+    torch.save(
+        {"w": torch.zeros(2)}, tmp_path / "pickle.pt"
+    )  # a torch state dict: read, but no architecture
     with pytest.raises(CheckpointError, match="no flatcli metadata.*--model-factory"):
         load_checkpoint(tmp_path / "pickle.pt")
     data = (tmp_path / "pickle.pt").read_bytes()
@@ -55,11 +61,16 @@ def test_truncated_and_foreign_files_are_refused(run, tmp_path):
 
 def test_plain_state_dict_needs_a_model_factory(tmp_path):
     model = build_model("logreg", input_shape=(1, 8, 8), num_classes=10)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "plain.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(tmp_path / "plain.safetensors"),
+    )
     with pytest.raises(CheckpointError, match="--model-factory"):
         load_checkpoint(tmp_path / "plain.safetensors")
-    loaded, info = load_checkpoint(tmp_path / "plain.safetensors",
-                                   model_factory=lambda: build_model("logreg", input_shape=(1, 8, 8), num_classes=10))
+    loaded, info = load_checkpoint(
+        tmp_path / "plain.safetensors",
+        model_factory=lambda: build_model("logreg", input_shape=(1, 8, 8), num_classes=10),
+    )
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
 
@@ -83,8 +94,10 @@ def test_non_finite_weights_load_with_a_warning(tmp_path):
     model = build_model("logreg", input_shape=(1, 8, 8), num_classes=10)
     with torch.no_grad():
         next(model.parameters())[0, 0] = float("nan")
-    meta = {"arch": {"name": "logreg", "kwargs": {}},
-            "dataset": {"name": "digits", "num_classes": 10, "input_shape": [1, 8, 8]}}
+    meta = {
+        "arch": {"name": "logreg", "kwargs": {}},
+        "dataset": {"name": "digits", "num_classes": 10, "input_shape": [1, 8, 8]},
+    }
     save_checkpoint(tmp_path / "nan.safetensors", model, meta)
     with pytest.warns(RuntimeWarning, match="NaN"):
         load_checkpoint(tmp_path / "nan.safetensors")
@@ -92,8 +105,10 @@ def test_non_finite_weights_load_with_a_warning(tmp_path):
 
 def test_writes_are_atomic(tmp_path, monkeypatch):
     model = build_model("logreg", input_shape=(1, 8, 8), num_classes=10)
-    meta = {"arch": {"name": "logreg", "kwargs": {}},
-            "dataset": {"name": "digits", "num_classes": 10, "input_shape": [1, 8, 8]}}
+    meta = {
+        "arch": {"name": "logreg", "kwargs": {}},
+        "dataset": {"name": "digits", "num_classes": 10, "input_shape": [1, 8, 8]},
+    }
     target = tmp_path / "m.safetensors"
     save_checkpoint(target, model, meta)
     before = target.read_bytes()

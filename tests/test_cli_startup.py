@@ -23,11 +23,22 @@ def test_importing_the_package_does_not_import_torch_until_a_name_is_used():
     assert _imports_torch("import flatcli; flatcli.sharpness")
 
 
-@pytest.mark.parametrize("args", [["--help"], ["--version"], ["sharpness", "--help"], ["train", "--epochs", "x"],
-                                  ["sharpness", "run", "--bogus"], ["no-such-command"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["--version"],
+        ["sharpness", "--help"],
+        ["train", "--epochs", "x"],
+        ["sharpness", "run", "--bogus"],
+        ["no-such-command"],
+    ],
+)
 def test_help_version_and_option_errors_never_import_torch(args):
-    code = ("import sys\nfrom flatcli.cli import main\nsys.argv = ['flatcli', *%r]\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass" % (args,))
+    code = (
+        "import sys\nfrom flatcli.cli import main\nsys.argv = ['flatcli', *%r]\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass" % (args,)
+    )
     assert not _imports_torch(code)
 
 
@@ -37,13 +48,16 @@ def test_the_public_function_sharpness_is_not_shadowed_by_its_module():
     import flatcli
 
     importlib.import_module("flatcli.workflows.sharpness")
-    assert callable(flatcli.sharpness) and flatcli.sharpness.__module__ == "flatcli.workflows.sharpness"
+    assert (
+        callable(flatcli.sharpness)
+        and flatcli.sharpness.__module__ == "flatcli.workflows.sharpness"
+    )
 
 
 def test_torch_free_name_lists_match_the_registries():
+    from flatcli.analysis.measures import DTYPES, MEASURES
     from flatcli.config import BN_BATCH, BN_MODES, DTYPE_NAMES, MEASURE_NAMES
     from flatcli.curvature.operator import DEFAULT_BATCH, BatchNormMode
-    from flatcli.analysis.measures import DTYPES, MEASURES
 
     assert MEASURE_NAMES == tuple(MEASURES)
     assert DTYPE_NAMES == tuple(DTYPES)
@@ -63,4 +77,8 @@ def test_bare_flatcli_prints_its_help_and_no_empty_error():
 
 def test_an_absurd_thread_count_is_one_line_not_a_crash():
     result = _flatcli("--threads", "100000", "train", "--help")
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--threads 100000" in result.stderr
+    assert (
+        result.returncode == 2
+        and result.stderr.count("\n") == 1
+        and "--threads 100000" in result.stderr
+    )

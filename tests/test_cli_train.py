@@ -19,8 +19,16 @@ def test_train_json_prints_one_document_with_final_metrics():
     result = invoke("train", "--epochs", 3, "--out", "run", "--json", "--device", "cpu")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert set(doc) >= {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "weight_norm",
-                        "epochs", "seconds", "checkpoint"}
+    assert set(doc) >= {
+        "train_loss",
+        "train_accuracy",
+        "test_loss",
+        "test_accuracy",
+        "weight_norm",
+        "epochs",
+        "seconds",
+        "checkpoint",
+    }
     assert Path(doc["checkpoint"]).is_file() and doc["epochs"] == 3
 
 
@@ -29,18 +37,21 @@ def test_train_human_output_is_a_table():
     assert result.exit_code == 0 and "test accuracy" in result.stdout
 
 
-@pytest.mark.parametrize("args, code, message", [
-    (["--model", "nope"], 2, "unknown model"),
-    (["--dataset", "nope"], 2, "unknown data set"),
-    (["--dataset", "mnist", "--data-dir", "missing"], 1, "mnist not found"),
-    (["--epochs", "0"], 2, "epochs must be positive"),
-    (["--lr", "0"], 2, "lr must be positive"),
-    (["--batch-size", "-1"], 2, "batch size must be positive"),
-    (["--l2", "-1"], 2, "l2 must be >= 0"),
-    (["--weight-decay", "-1"], 2, "weight decay must be >= 0"),
-    (["--epochs", "2", "--average-from", "3"], 2, "--average-from 3"),
-    (["--optimizer", "lbfgs"], 2, "unknown optimizer"),
-])
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--model", "nope"], 2, "unknown model"),
+        (["--dataset", "nope"], 2, "unknown data set"),
+        (["--dataset", "mnist", "--data-dir", "missing"], 1, "mnist not found"),
+        (["--epochs", "0"], 2, "epochs must be positive"),
+        (["--lr", "0"], 2, "lr must be positive"),
+        (["--batch-size", "-1"], 2, "batch size must be positive"),
+        (["--l2", "-1"], 2, "l2 must be >= 0"),
+        (["--weight-decay", "-1"], 2, "weight decay must be >= 0"),
+        (["--epochs", "2", "--average-from", "3"], 2, "--average-from 3"),
+        (["--optimizer", "lbfgs"], 2, "unknown optimizer"),
+    ],
+)
 def test_bad_input_is_one_line_on_stderr_and_a_nonzero_exit(args, code, message):
     result = invoke("train", "--out", "run", *args)
     assert result.exit_code == code
@@ -63,7 +74,9 @@ def test_python_dash_m_runs_the_cli():
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "flatcli", "--version"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flatcli", "--version"], capture_output=True, text=True
+    )
     assert proc.returncode == 0 and proc.stdout.strip()
 
 
@@ -71,7 +84,11 @@ def test_parser_errors_of_the_console_script_are_one_line_too():
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "flatcli", "train", "--epochs", "abc"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flatcli", "train", "--epochs", "abc"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--epochs" in lines[0] and "Traceback" not in proc.stderr

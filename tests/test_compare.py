@@ -16,6 +16,8 @@ import math
 
 import pytest
 
+from flatcli.analysis.scale import normalised_measures
+from flatcli.errors import UsageError
 from flatcli.workflows.compare import (
     Measure,
     RunSummary,
@@ -23,24 +25,33 @@ from flatcli.workflows.compare import (
     accuracy_threshold_points,
     compare,
 )
-from flatcli.errors import UsageError
-from flatcli.analysis.scale import normalised_measures
 
 
 def run(name, test_accuracy, measures, *, weight_norm=10.0, test_loss=1.0, test_size=10_000, **kw):
     base = dict(
-        optimizer="sgd", l2=0.0, weight_decay=0.0, averaging=None, train_loss=0.01,
+        optimizer="sgd",
+        l2=0.0,
+        weight_decay=0.0,
+        averaging=None,
+        train_loss=0.01,
         train_accuracy=1.0,
     )
     base.update(kw)
     return RunSummary(
-        name=name, test_accuracy=test_accuracy, weight_norm=weight_norm, test_loss=test_loss,
-        measures={k: Measure(*v) for k, v in measures.items()}, test_size=test_size, **base,
+        name=name,
+        test_accuracy=test_accuracy,
+        weight_norm=weight_norm,
+        test_loss=test_loss,
+        measures={k: Measure(*v) for k, v in measures.items()},
+        test_size=test_size,
+        **base,
     )
 
 
 # The PreResNet-110 / CIFAR-100 numbers of docs/paper.md (accuracies illustrative).
-SGD_WD = dict(name="sgd-wd", test_accuracy=0.77, measures={"lambda_max": (30.4, 0.1)}, weight_norm=45.5)
+SGD_WD = dict(
+    name="sgd-wd", test_accuracy=0.77, measures={"lambda_max": (30.4, 0.1)}, weight_norm=45.5
+)
 SGD = dict(name="sgd", test_accuracy=0.75, measures={"lambda_max": (3.77, 0.05)}, weight_norm=307.0)
 
 
@@ -73,7 +84,10 @@ def test_sharper_run_generalising_worse_is_an_agreement():
     assert v.agrees is True
     assert v.sharpness_ratio == pytest.approx(10.0)
     assert v.accuracy_difference_points == pytest.approx(-10.0)
-    assert "sharp is 10x sharper than flat by Tr(H)" in v.text and "flat generalises 10.00 points better" in v.text
+    assert (
+        "sharp is 10x sharper than flat by Tr(H)" in v.text
+        and "flat generalises 10.00 points better" in v.text
+    )
     assert "agrees" in v.text and "disagrees" not in v.text
 
 
@@ -84,7 +98,9 @@ def test_sharpness_within_combined_uncertainty_is_a_tie():
     (v,) = compare([a, b]).verdicts
     assert v.sharpness_tie and v.agrees is None and "tie" in v.text
     # the same difference with exact values (uncertainty 0) is no tie
-    (v,) = compare([run("a", 0.70, {"lambda_max": (10.0, 0.0)}), run("b", 0.80, {"lambda_max": (11.0, 0.0)})]).verdicts
+    (v,) = compare(
+        [run("a", 0.70, {"lambda_max": (10.0, 0.0)}), run("b", 0.80, {"lambda_max": (11.0, 0.0)})]
+    ).verdicts
     assert not v.sharpness_tie and v.agrees is False
     # and tie_sigmas sets the width: 1 <= 0.5 * 1.41 fails
     (v,) = compare([a, b], tie_sigmas=0.5).verdicts
@@ -119,13 +135,20 @@ def test_an_explicit_accuracy_threshold_replaces_the_standard_error():
 
 def test_three_runs_give_every_pair_and_every_shared_measure():
     measures = lambda lm, tr: {"trace": (tr, 0.0), "lambda_max": (lm, 0.0)}  # noqa: E731
-    runs = [run("r0", 0.70, measures(1.0, 10.0)), run("r1", 0.75, measures(2.0, 30.0)), run("r2", 0.80, measures(4.0, 5.0))]
+    runs = [
+        run("r0", 0.70, measures(1.0, 10.0)),
+        run("r1", 0.75, measures(2.0, 30.0)),
+        run("r2", 0.80, measures(4.0, 5.0)),
+    ]
     result = compare(runs)
     pairs = [(v.a, v.b, v.measure) for v in result.verdicts]
     assert pairs == [
-        ("r0", "r1", "lambda_max"), ("r0", "r1", "trace"),
-        ("r0", "r2", "lambda_max"), ("r0", "r2", "trace"),
-        ("r1", "r2", "lambda_max"), ("r1", "r2", "trace"),
+        ("r0", "r1", "lambda_max"),
+        ("r0", "r1", "trace"),
+        ("r0", "r2", "lambda_max"),
+        ("r0", "r2", "trace"),
+        ("r1", "r2", "lambda_max"),
+        ("r1", "r2", "trace"),
     ]
     agrees = {(v.a, v.b, v.measure): v.agrees for v in result.verdicts}
     assert agrees[("r0", "r1", "trace")] is False  # r1 sharper and better
@@ -133,7 +156,9 @@ def test_three_runs_give_every_pair_and_every_shared_measure():
     assert agrees[("r1", "r2", "lambda_max")] is False
     assert agrees[("r0", "r2", "trace")] is True  # r2 flatter and better
     assert agrees[("r1", "r2", "trace")] is True
-    assert [sorted(r) for r in result.ratios] == [["lambda_max", "test_loss", "trace", "weight_norm"]] * 3
+    assert [sorted(r) for r in result.ratios] == [
+        ["lambda_max", "test_loss", "trace", "weight_norm"]
+    ] * 3
 
 
 def test_weight_norm_normalisation_flips_the_papers_verdict():
@@ -150,7 +175,9 @@ def test_weight_norm_normalisation_flips_the_papers_verdict():
     assert list(by_measure) == ["lambda_max", "lambda_max_normalised"]
     assert by_measure["lambda_max"].agrees is False
     assert by_measure["lambda_max_normalised"].agrees is True
-    assert by_measure["lambda_max_normalised"].sharpness_ratio == pytest.approx((30.4 * 45.5**2) / (3.77 * 307.0**2))
+    assert by_measure["lambda_max_normalised"].sharpness_ratio == pytest.approx(
+        (30.4 * 45.5**2) / (3.77 * 307.0**2)
+    )
 
 
 def test_gap_is_in_points():

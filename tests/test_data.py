@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from flatcli import load_dataset
-from flatcli.workflows.data import DATASETS, augment_batch, subset_indices
 from flatcli.errors import DataError
+from flatcli.workflows.data import DATASETS, augment_batch, subset_indices
 
 
 def test_digits_split_is_stratified_80_20_and_scaled_to_unit_interval():
@@ -15,7 +15,9 @@ def test_digits_split_is_stratified_80_20_and_scaled_to_unit_interval():
     assert x.dtype == torch.float32 and y.dtype == torch.int64
     assert float(x.min()) == 0.0 and float(x.max()) == 1.0
     # stratified: every class has about 80% of its images in train
-    counts = torch.bincount(y, minlength=10).float() / (torch.bincount(y, minlength=10) + torch.bincount(test.tensors[1], minlength=10))
+    counts = torch.bincount(y, minlength=10).float() / (
+        torch.bincount(y, minlength=10) + torch.bincount(test.tensors[1], minlength=10)
+    )
     assert torch.allclose(counts, torch.full((10,), 0.8), atol=0.01)
 
 
@@ -64,9 +66,15 @@ def test_torchvision_reader_reads_the_real_layout(tmp_path):
         images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
         labels = rng.integers(0, 10, size=n, dtype=np.uint8)
         (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
-            np.array([0, 0, 8, 3], dtype=np.uint8).tobytes() + np.array([n, 28, 28], dtype=">i4").tobytes() + images.tobytes())
+            np.array([0, 0, 8, 3], dtype=np.uint8).tobytes()
+            + np.array([n, 28, 28], dtype=">i4").tobytes()
+            + images.tobytes()
+        )
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
-            np.array([0, 0, 8, 1], dtype=np.uint8).tobytes() + np.array([n], dtype=">i4").tobytes() + labels.tobytes())
+            np.array([0, 0, 8, 1], dtype=np.uint8).tobytes()
+            + np.array([n], dtype=">i4").tobytes()
+            + labels.tobytes()
+        )
     ds = load_dataset("mnist", "train", data_dir=tmp_path)
     x, y = ds.tensors
     assert x.shape == (6, 1, 28, 28)

@@ -15,25 +15,45 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from torchrun_helpers import env as _env
 from torchrun_helpers import free_port as _free_port
 from torchrun_helpers import torchrun
-import torch
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from flatcli.workflows.checkpoint import load_state_file
 from flatcli.cli import app
 from flatcli.config import make_train_config
-from flatcli.workflows.data import augment_batch
 from flatcli.distributed import World
 from flatcli.errors import UsageError
+from flatcli.workflows.checkpoint import load_state_file
+from flatcli.workflows.data import augment_batch
 from flatcli.workflows.training import TrainCallbacks, train
 
 runner = CliRunner()
-RUN = ["--model", "mlp", "--width", "16", "--epochs", "3", "--batch-size", "64", "--seed", "1", "--device", "cpu"]
-LIBRARY_RUN = dict(dataset="digits", model="mlp", model_kwargs={"width": 16}, epochs=3, batch_size=64, seed=1,
-                   device="cpu")
+RUN = [
+    "--model",
+    "mlp",
+    "--width",
+    "16",
+    "--epochs",
+    "3",
+    "--batch-size",
+    "64",
+    "--seed",
+    "1",
+    "--device",
+    "cpu",
+]
+LIBRARY_RUN = dict(
+    dataset="digits",
+    model="mlp",
+    model_kwargs={"width": 16},
+    epochs=3,
+    batch_size=64,
+    seed=1,
+    device="cpu",
+)
 TIMEOUT_S = 180  # a hang fails the test instead of the suite
 
 
@@ -44,10 +64,23 @@ def invoke(*args):
 def two_ranks(*args) -> list[tuple[int, str]]:
     """Two ranks started directly (the environment torchrun sets), to see each one's exit code and stderr."""
     port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, "-m", "flatcli", "--threads", "1", *map(str, args)],
-                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "flatcli", "--threads", "1", *map(str, args)],
+            env=_env(
+                RANK=str(r),
+                LOCAL_RANK=str(r),
+                WORLD_SIZE="2",
+                LOCAL_WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     results = []
     for p in procs:
         try:
@@ -76,32 +109,49 @@ def assert_same_metrics(one: dict, two: dict) -> None:
 
 # --- the recipe ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra", [
-    [],
-    ["--average-from", "2", "--l2", "1e-3", "--weight-decay", "1e-2", "--schedule", "cosine"],
-], ids=["plain", "averaged-regularised-scheduled"])
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["--average-from", "2", "--l2", "1e-3", "--weight-decay", "1e-2", "--schedule", "cosine"],
+    ],
+    ids=["plain", "averaged-regularised-scheduled"],
+)
 def test_two_processes_end_where_one_process_ends(extra):
     one = invoke("train", *RUN, *extra, "--out", "one", "--json")
     assert one.exit_code == 0, one.stderr
     two = torchrun("train", *RUN, *extra, "--out", "two", "--json")
     assert two.returncode == 0, two.stderr[-3000:]
-    one_doc, two_doc = json.loads(one.stdout), json.loads(two.stdout)  # rank 0 alone prints the document
+    one_doc, two_doc = (
+        json.loads(one.stdout),
+        json.loads(two.stdout),
+    )  # rank 0 alone prints the document
     assert_same_metrics(one_doc, two_doc)
-    assert_same_model(Path("one/model.safetensors"), Path("two/model.safetensors"))  # no `module.` prefix
+    assert_same_model(
+        Path("one/model.safetensors"), Path("two/model.safetensors")
+    )  # no `module.` prefix
     if extra:
         assert_same_model(Path("one/last.safetensors"), Path("two/last.safetensors"))
     history = [json.loads(line) for line in Path("two/metrics.jsonl").read_text().splitlines()]
     reference = [json.loads(line) for line in Path("one/metrics.jsonl").read_text().splitlines()]
-    assert [r["train_loss"] for r in history] == pytest.approx([r["train_loss"] for r in reference], rel=1e-5)
-    assert sorted(p.name for p in Path("two").iterdir()) == sorted(p.name for p in Path("one").iterdir())
+    assert [r["train_loss"] for r in history] == pytest.approx(
+        [r["train_loss"] for r in reference], rel=1e-5
+    )
+    assert sorted(p.name for p in Path("two").iterdir()) == sorted(
+        p.name for p in Path("one").iterdir()
+    )
 
-    measured = [invoke("sharpness", run, "--measures", "lambda_max", "--json") for run in ("one", "two")]
+    measured = [
+        invoke("sharpness", run, "--measures", "lambda_max", "--json") for run in ("one", "two")
+    ]
     assert all(m.exit_code == 0 for m in measured), measured[1].stderr
     one_lmax, two_lmax = (json.loads(m.stdout)["lambda_max"]["value"] for m in measured)
     assert two_lmax == pytest.approx(one_lmax, rel=1e-3)
 
 
 # --- resume with any number of processes ---------------------------------------------
+
 
 @pytest.fixture
 def reference() -> dict:
@@ -141,6 +191,7 @@ def test_a_one_process_run_resumes_with_two_processes(reference):
 
 # --- refusals end every rank ----------------------------------------------------------
 
+
 def test_a_refusal_on_rank_0_ends_every_rank_with_one_line():
     assert invoke("train", "--epochs", "1", "--device", "cpu", "--out", "run").exit_code == 0
     before = {p.name: p.read_bytes() for p in Path("run").iterdir()}
@@ -170,6 +221,7 @@ def test_sync_bn_changes_nothing_for_one_process():
 
 # --- the parts of a batch ----------------------------------------------------------------
 
+
 def test_each_rank_augments_its_part_as_one_process_augments_the_batch():
     x = torch.randn(7, 3, 8, 8)
     whole = augment_batch(x, torch.Generator().manual_seed(5))
@@ -178,8 +230,12 @@ def test_each_rank_augments_its_part_as_one_process_augments_the_batch():
         rows = World(rank, 2).shard(7)  # 4 and 3 images
         generator = torch.Generator().manual_seed(5)
         parts.append(augment_batch(x[rows], generator, part=(7, rows)))
-        assert generator.initial_seed() == 5 and torch.equal(  # every rank's generator stays in step
-            generator.get_state(), _after_whole_batch(x))
+        assert (
+            generator.initial_seed() == 5
+            and torch.equal(  # every rank's generator stays in step
+                generator.get_state(), _after_whole_batch(x)
+            )
+        )
     assert torch.equal(torch.cat(parts), whole)
 
 
@@ -195,12 +251,25 @@ def test_batchnorm_ranks_save_the_model_they_evaluated():
     from flatcli import load_checkpoint, load_dataset
     from flatcli.workflows.training import evaluate
 
-    args = ["--model", "cnn", "--batchnorm", "--epochs", "2", "--batch-size", "64", "--average-from", "2",
-            "--device", "cpu"]
+    args = [
+        "--model",
+        "cnn",
+        "--batchnorm",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--average-from",
+        "2",
+        "--device",
+        "cpu",
+    ]
     two = torchrun("train", *args, "--out", "bn", "--json")
     assert two.returncode == 0, two.stderr[-3000:]
     doc = json.loads(two.stdout)
     model, _ = load_checkpoint("bn")
     x, y = load_dataset("digits", split="train").tensors
     loss, accuracy = evaluate(model, x, y)
-    assert loss == pytest.approx(doc["train_loss"], rel=1e-5) and accuracy == pytest.approx(doc["train_accuracy"])
+    assert loss == pytest.approx(doc["train_loss"], rel=1e-5) and accuracy == pytest.approx(
+        doc["train_accuracy"]
+    )

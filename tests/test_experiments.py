@@ -36,15 +36,28 @@ def test_rank_bound_of_logistic_regression_is_c_minus_1_times_d_plus_1_and_the_r
 def test_rank_bound_estimate_for_an_mlp_is_labelled_an_estimate():
     result = invoke("rank-bound", SAMPLES / "mlp-sgd.safetensors", "--estimate", "--samples", 200)
     assert "estimate" in result.stdout and "Nonlinear model" in result.stdout
-    doc = json.loads(invoke("rank-bound", SAMPLES / "mlp-sgd.safetensors", "--estimate", "--samples", 200,
-                            "--json").stdout)
+    doc = json.loads(
+        invoke(
+            "rank-bound", SAMPLES / "mlp-sgd.safetensors", "--estimate", "--samples", 200, "--json"
+        ).stdout
+    )
     assert doc["exact"] is False and doc["numerical_rank"] is None
     assert doc["paper_bound"] == 9 * (65 + 65) and doc["data_bound"] == 200 * 9
 
 
 def test_scaling_sweep_reproduces_the_logistic_regression_closed_form():
-    rows = json.loads(invoke("sharpness", SAMPLES / "logreg-sgd.safetensors", "--scale", "0.5,1,2,4",
-                             "--exact", "--dtype", "float64", "--json").stdout)
+    rows = json.loads(
+        invoke(
+            "sharpness",
+            SAMPLES / "logreg-sgd.safetensors",
+            "--scale",
+            "0.5,1,2,4",
+            "--exact",
+            "--dtype",
+            "float64",
+            "--json",
+        ).stdout
+    )
     model, _ = load_checkpoint(SAMPLES / "logreg-sgd.safetensors")
     x, y = load_dataset("digits").tensors
     weight, bias = (p.detach().double() for p in model.parameters())
@@ -56,7 +69,9 @@ def test_scaling_sweep_reproduces_the_logistic_regression_closed_form():
         assert row["lambda_max"]["value"] == pytest.approx(float(eigs[-1]), rel=1e-9)
         assert row["trace"]["value"] == pytest.approx(float(h.trace()), rel=1e-9)
         logits = a * (x.flatten(1).double() @ weight.T + bias)
-        assert row["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-6)
+        assert row["loss"] == pytest.approx(
+            float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-6
+        )
         accuracies.add(row["accuracy"])
     assert len(accuracies) == 1  # scaling a linear model never changes its predictions
     lam = [r["lambda_max"]["value"] for r in rows]
@@ -65,8 +80,19 @@ def test_scaling_sweep_reproduces_the_logistic_regression_closed_form():
 
 def test_compare_reports_ratios_and_computed_verdicts():
     a, b = SAMPLES / "logreg-sgd.safetensors", SAMPLES / "logreg-sgd-l2.safetensors"
-    doc = json.loads(invoke("compare", a, b, "--measures", "lambda_max,trace,lambda_max_normalised",
-                            "--exact", "--dtype", "float64", "--json").stdout)
+    doc = json.loads(
+        invoke(
+            "compare",
+            a,
+            b,
+            "--measures",
+            "lambda_max,trace,lambda_max_normalised",
+            "--exact",
+            "--dtype",
+            "float64",
+            "--json",
+        ).stdout
+    )
     runs = {r["name"]: r for r in doc["runs"]}
     assert set(runs) == {"logreg-sgd", "logreg-sgd-l2"}
     assert runs["logreg-sgd-l2"]["l2"] == 5e-3 and runs["logreg-sgd"]["l2"] == 0
@@ -90,7 +116,13 @@ def test_compare_needs_two_runs():
 
 def test_sample_checkpoints_are_small_and_documented():
     files = sorted(SAMPLES.glob("*.safetensors"))
-    assert {f.stem for f in files} >= {"logreg-sgd", "logreg-sgd-l2", "mlp-sgd", "mlp-sgd-l2", "mlp-gadam"}
+    assert {f.stem for f in files} >= {
+        "logreg-sgd",
+        "logreg-sgd-l2",
+        "mlp-sgd",
+        "mlp-sgd-l2",
+        "mlp-gadam",
+    }
     readme = (SAMPLES / "README.md").read_text()
     for f in files:
         assert f.stat().st_size < 1_000_000
@@ -110,8 +142,12 @@ def test_demo_runs_end_to_end_in_reduced_size(tmp_path):
     # every claim about a pair quotes the measured lambda_max of both runs
     for comp in doc["comparisons"]:
         a, b = comp["runs"]
-        claim = next(c for c in doc["claims"] if c["model"] == comp["model"]
-                     and ("Gadam" in c["claim"]) == (comp["contrast"] == "Gadam vs SGD"))
+        claim = next(
+            c
+            for c in doc["claims"]
+            if c["model"] == comp["model"]
+            and ("Gadam" in c["claim"]) == (comp["contrast"] == "Gadam vs SGD")
+        )
         assert f"{a['lambda_max']['value']:.4g}" in claim["evidence"]
         assert f"{b['lambda_max']['value']:.4g}" in claim["evidence"]
     # a second run reuses the trained runs and their cached sharpness
@@ -122,17 +158,33 @@ def test_demo_runs_end_to_end_in_reduced_size(tmp_path):
 
 
 def test_demo_refuses_to_overwrite_a_different_run(tmp_path):
-    from flatcli.workflows.demo import DemoConfig, run_demo
     from flatcli.errors import RunExistsError
+    from flatcli.workflows.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig.reduced(out=tmp_path / "demo", device="cpu", models=("logreg",)))
     with pytest.raises(RunExistsError):
-        run_demo(DemoConfig.reduced(out=tmp_path / "demo", device="cpu", models=("logreg",), epochs=4))
+        run_demo(
+            DemoConfig.reduced(out=tmp_path / "demo", device="cpu", models=("logreg",), epochs=4)
+        )
 
 
 def test_demo_cli_prints_the_claims_table(tmp_path):
-    result = runner.invoke(app, ["demo", "--models", "logreg", "--epochs", 2, "--train-samples", 200,
-                                 "--samples", 200, "--out", tmp_path / "d"])
+    result = runner.invoke(
+        app,
+        [
+            "demo",
+            "--models",
+            "logreg",
+            "--epochs",
+            2,
+            "--train-samples",
+            200,
+            "--samples",
+            200,
+            "--out",
+            tmp_path / "d",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     assert "The paper's claims on digits" in result.stdout and "[logreg]" in result.stdout
 
@@ -145,8 +197,12 @@ def test_the_demo_reuses_a_run_recorded_before_an_option_existed(tmp_path):
     _ensure_run(tc, overwrite=False)
     ckpt = tc.out / "model.safetensors"
     _, meta = read_metadata(ckpt)
-    del meta["train"]["sync_bn"]  # written by a flatcli that did not know the option: its default applied
+    del meta["train"][
+        "sync_bn"
+    ]  # written by a flatcli that did not know the option: its default applied
     model, _ = load_checkpoint(ckpt)
     save_checkpoint(ckpt, model, meta)
     before = ckpt.read_bytes()
-    assert _ensure_run(tc, overwrite=False) == tc.out and ckpt.read_bytes() == before  # reused, not retrained
+    assert (
+        _ensure_run(tc, overwrite=False) == tc.out and ckpt.read_bytes() == before
+    )  # reused, not retrained

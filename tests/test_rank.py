@@ -20,9 +20,6 @@ import pytest
 import torch
 from torch import nn
 
-from flatcli.workflows.data import load_dataset
-from flatcli.errors import TooLargeError
-from flatcli.models import build_model
 from flatcli.analysis.rank import (
     MeasuredRank,
     RankEstimate,
@@ -35,6 +32,9 @@ from flatcli.analysis.rank import (
     rank_bound,
     rank_statement,
 )
+from flatcli.errors import TooLargeError
+from flatcli.models import build_model
+from flatcli.workflows.data import load_dataset
 
 C, D = 10, 64  # digits: 10 classes, 8 x 8 inputs
 
@@ -94,7 +94,11 @@ def test_data_bound_wins_with_few_samples():
         (
             "cnn",
             {"channels": 4},
-            [("features.0", "conv", 1 * 9, 4), ("features.3", "conv", 4 * 9, 8), ("fc", "linear", 8, 10)],
+            [
+                ("features.0", "conv", 1 * 9, 4),
+                ("features.3", "conv", 4 * 9, 8),
+                ("fc", "linear", 8, 10),
+            ],
         ),
         (
             "cnn",
@@ -142,7 +146,9 @@ def test_logreg_rank_attains_the_bound_on_generic_data(logreg_random_rank):
 def test_logreg_rank_on_digits_is_c_minus_1_times_data_rank(digits):
     x, y = digits
     r = measured_rank(logreg(), x, y)
-    augmented = torch.cat([x.flatten(1).double(), torch.ones(len(y), 1, dtype=torch.float64)], dim=1)
+    augmented = torch.cat(
+        [x.flatten(1).double(), torch.ones(len(y), 1, dtype=torch.float64)], dim=1
+    )
     data_rank = int(torch.linalg.matrix_rank(augmented))
     assert data_rank < D + 1  # some digits pixels are always 0
     assert r.numerical_rank == r.ggn_rank == (C - 1) * data_rank
@@ -154,7 +160,10 @@ def test_deep_linear_ggn_obeys_the_bound_but_hessian_can_exceed_it(random_data, 
     model = deep_linear(h)
     paper = rank_bound(model, C, 300).paper_bound
     assert paper == (C - 1) * ((D + 1) + (h + 1)) == 702
-    ranks = {name: measured_rank(model, *data) for name, data in (("random", random_data), ("digits", digits))}
+    ranks = {
+        name: measured_rank(model, *data)
+        for name, data in (("random", random_data), ("digits", digits))
+    }
     for r in ranks.values():
         # GGN: range within that of the end-to-end logistic regression
         assert r.ggn_rank <= (C - 1) * (D + 1) <= paper
@@ -223,7 +232,9 @@ def test_estimated_rank_from_constructed_quadrature():
     assert estimated_rank(density, 100, fraction=0.6).value == pytest.approx(17.5)
 
 
-def test_estimated_rank_of_a_real_slq_density_matches_the_exact_rank(random_data, logreg_random_rank):
+def test_estimated_rank_of_a_real_slq_density_matches_the_exact_rank(
+    random_data, logreg_random_rank
+):
     curvature = pytest.importorskip("flatcli.curvature")
     op = curvature.CurvatureOperator(logreg(), *random_data, dtype=torch.float64)
     density = curvature.slq_density(op, probes=8, iterations=12, seed=0)
@@ -242,13 +253,22 @@ def test_is_linear_model():
     assert is_linear_model(build_model("mlp", input_shape=(1, 8, 8), num_classes=C, depth=0))
     assert not is_linear_model(build_model("mlp", input_shape=(1, 8, 8), num_classes=C, width=16))
     assert not is_linear_model(build_model("cnn", input_shape=(1, 8, 8), num_classes=C, channels=4))
-    assert not is_linear_model(nn.Sequential(nn.Flatten(), nn.Linear(D, 4), nn.ReLU(), nn.Linear(4, C)))
+    assert not is_linear_model(
+        nn.Sequential(nn.Flatten(), nn.Linear(D, 4), nn.ReLU(), nn.Linear(4, C))
+    )
 
 
 def _measured(rank, ggn):
     return MeasuredRank(
-        num_params=650, num_samples=200, threshold=1e-13, numerical_rank=rank, ggn_rank=ggn,
-        effective_rank={0.01: 71}, ggn_effective_rank={0.01: 71}, lambda_max=1.8, lambda_min=0.0,
+        num_params=650,
+        num_samples=200,
+        threshold=1e-13,
+        numerical_rank=rank,
+        ggn_rank=ggn,
+        effective_rank={0.01: 71},
+        ggn_effective_rank={0.01: 71},
+        lambda_max=1.8,
+        lambda_min=0.0,
     )
 
 
@@ -269,8 +289,15 @@ def test_statement_for_a_nonlinear_model_names_the_approximation():
     model = build_model("mlp", input_shape=(1, 8, 8), num_classes=C, width=16)
     b = rank_bound(model, C, 300)
     m = MeasuredRank(
-        num_params=1210, num_samples=300, threshold=2.7e-13, numerical_rank=1193, ggn_rank=1177,
-        effective_rank={0.01: 865}, ggn_effective_rank={0.01: 762}, lambda_max=0.29, lambda_min=-0.15,
+        num_params=1210,
+        num_samples=300,
+        threshold=2.7e-13,
+        numerical_rank=1193,
+        ggn_rank=1177,
+        effective_rank={0.01: 865},
+        ggn_effective_rank={0.01: 762},
+        lambda_max=0.29,
+        lambda_min=-0.15,
     )
     text = rank_statement(b, m, is_linear_model(model))
     assert "Kronecker" in text and "effective" in text

@@ -12,9 +12,15 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from flatcli import build_model, load_checkpoint, save_checkpoint, train
-from flatcli.workflows.checkpoint import LOCK_FILE, STAGING_DIR, load_state_file, save_state
 from flatcli.cli import app
-from flatcli.errors import CheckpointError, OutputError, RunExistsError, UnknownNameError, UsageError
+from flatcli.errors import (
+    CheckpointError,
+    OutputError,
+    RunExistsError,
+    UnknownNameError,
+    UsageError,
+)
+from flatcli.workflows.checkpoint import LOCK_FILE, STAGING_DIR, load_state_file, save_state
 from flatcli.workflows.training import TrainCallbacks, resolve_device
 
 runner = CliRunner()
@@ -56,21 +62,31 @@ def old_run(make_config):
 
 # --- 1. --overwrite: validate first, only flatcli's files, atomic replacement ------------
 
-@pytest.mark.parametrize("bad, error", [
-    (dict(optimizer="sgdd"), UnknownNameError),
-    (dict(schedule="cosin"), UnknownNameError),
-    (dict(model="mlp", model_kwargs={"width": 0}), UsageError),
-    (dict(dataset="mnist", data_dir="missing"), Exception),
-    (dict(device="mps"), UsageError),
-])
+
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        (dict(optimizer="sgdd"), UnknownNameError),
+        (dict(schedule="cosin"), UnknownNameError),
+        (dict(model="mlp", model_kwargs={"width": 0}), UsageError),
+        (dict(dataset="mnist", data_dir="missing"), Exception),
+        (dict(device="mps"), UsageError),
+    ],
+)
 def test_overwrite_with_a_bad_option_keeps_the_old_run(old_run, make_config, bad, error):
     with pytest.raises(error):
         train(make_config(out=Path("run"), epochs=1, overwrite=True, **bad))
     assert snapshot("run") == old_run
 
 
-@pytest.mark.parametrize("args, code", [(["--optimizer", "sgdd"], 2), (["--schedule", "cosin"], 2),
-                                        (["--model", "mlp", "--width", "0"], 2)])
+@pytest.mark.parametrize(
+    "args, code",
+    [
+        (["--optimizer", "sgdd"], 2),
+        (["--schedule", "cosin"], 2),
+        (["--model", "mlp", "--width", "0"], 2),
+    ],
+)
 def test_overwrite_with_a_typo_through_the_cli_is_one_line_and_keeps_the_run(old_run, args, code):
     one_line(invoke("train", "--out", "run", "--overwrite", "--epochs", 1, *args), code)
     assert snapshot("run") == old_run
@@ -115,10 +131,13 @@ def test_an_interrupted_overwrite_keeps_the_old_run_whole(old_run, make_config):
         train(make_config(out=Path("run"), epochs=2, seed=5, overwrite=True), stop_at(1))
     assert snapshot("run") == old_run  # no staging folder, no resume state, nothing replaced
     with pytest.raises(KeyboardInterrupt):
+
         def ctrl_c(record):
             raise KeyboardInterrupt
 
-        train(make_config(out=Path("run"), epochs=2, overwrite=True), TrainCallbacks(on_epoch=ctrl_c))
+        train(
+            make_config(out=Path("run"), epochs=2, overwrite=True), TrainCallbacks(on_epoch=ctrl_c)
+        )
     assert snapshot("run") == old_run
 
 
@@ -126,7 +145,9 @@ def test_a_staging_folder_left_by_a_kill_is_discarded(old_run, make_config):
     # SIGKILL during a staged overwrite: the old run is complete, the staging folder stale.
     (Path("run") / STAGING_DIR).mkdir()
     (Path("run") / STAGING_DIR / "resume.safetensors").write_bytes(b"stale")
-    with pytest.raises(RunExistsError, match="already complete"):  # --resume continues the old run, if any
+    with pytest.raises(
+        RunExistsError, match="already complete"
+    ):  # --resume continues the old run, if any
         train(make_config(out=Path("run"), epochs=1, resume=True))
     train(make_config(out=Path("run"), epochs=1, seed=2, overwrite=True))
     assert not (Path("run") / STAGING_DIR).exists()
@@ -143,6 +164,7 @@ def test_a_partial_old_run_is_resumed_after_a_killed_overwrite(make_config):
 
 
 # --- 2. one process per run folder -------------------------------------------------------
+
 
 def test_a_run_folder_is_locked_while_training(old_run, make_config):
     fd = os.open("run/" + LOCK_FILE, os.O_RDWR | os.O_CREAT)
@@ -173,10 +195,13 @@ def test_a_run_folder_is_locked_while_training(old_run, make_config):
 def test_the_lock_is_released_when_training_fails(make_config):
     with pytest.raises(Interrupt):
         train(make_config(out=Path("run"), epochs=2), stop_at(1))
-    train(make_config(out=Path("run"), epochs=2, resume=True))  # would say "in use" if the lock had leaked
+    train(
+        make_config(out=Path("run"), epochs=2, resume=True)
+    )  # would say "in use" if the lock had leaked
 
 
 # --- 3. a failed train leaves no folder it created ---------------------------------------
+
 
 def test_a_failed_train_leaves_no_folder_it_created(make_config):
     def crash(start, epochs, batches):
@@ -214,20 +239,29 @@ def test_resume_alone_continues_with_the_runs_options(part, make_config):
     result = invoke("train", "--out", "part", "--resume", "--json")
     assert result.exit_code == 0, result.stderr
     info = load_checkpoint("part")[1]
-    assert (info.train["lr"], info.train["seed"], info.train["model_kwargs"]["width"]) == (0.1, 3, 8)
-    assert Path("part/model.safetensors").read_bytes() == Path("full/model.safetensors").read_bytes()
+    assert (info.train["lr"], info.train["seed"], info.train["model_kwargs"]["width"]) == (
+        0.1,
+        3,
+        8,
+    )
+    assert (
+        Path("part/model.safetensors").read_bytes() == Path("full/model.safetensors").read_bytes()
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--lr", "0.5"], "--lr 0.5 contradicts the run's lr 0.1"),
-    (["--seed", "1"], "--seed 1 contradicts the run's seed 3"),
-    (["--model", "logreg"], "--model logreg contradicts the run's model mlp"),
-    (["--width", "16"], "--width 16 contradicts the run's width 8"),
-    (["--optimizer", "adam"], "--optimizer adam contradicts the run's optimizer sgd"),
-    (["--dataset", "mnist"], "--dataset mnist contradicts the run's dataset digits"),
-    (["--epochs", "1"], "--epochs 1 is fewer than the 2 epochs"),
-    (["--overwrite"], "--overwrite and --resume contradict each other"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lr", "0.5"], "--lr 0.5 contradicts the run's lr 0.1"),
+        (["--seed", "1"], "--seed 1 contradicts the run's seed 3"),
+        (["--model", "logreg"], "--model logreg contradicts the run's model mlp"),
+        (["--width", "16"], "--width 16 contradicts the run's width 8"),
+        (["--optimizer", "adam"], "--optimizer adam contradicts the run's optimizer sgd"),
+        (["--dataset", "mnist"], "--dataset mnist contradicts the run's dataset digits"),
+        (["--epochs", "1"], "--epochs 1 is fewer than the 2 epochs"),
+        (["--overwrite"], "--overwrite and --resume contradict each other"),
+    ],
+)
 def test_resume_refuses_options_that_contradict_the_run(part, args, message):
     before = snapshot(part)
     line = one_line(invoke("train", "--out", "part", "--resume", *args), 2)
@@ -259,11 +293,14 @@ def test_a_state_without_options_and_another_model_is_one_line(part, make_config
     save_state(part / "resume.safetensors", state)
     with pytest.raises(CheckpointError, match="does not match"):
         train(make_config(out=part, resume=True, model="logreg", epochs=3))
-    line = one_line(invoke("train", "--out", "part", "--resume", "--model", "cnn", "--epochs", 3), 1)
+    line = one_line(
+        invoke("train", "--out", "part", "--resume", "--model", "cnn", "--epochs", 3), 1
+    )
     assert "does not match" in line
 
 
 # --- 5, 6. temporaries and file modes ------------------------------------------------------
+
 
 def test_orphaned_temporaries_are_removed_when_a_run_resumes_or_ends(part, make_config):
     orphans = [part / ".resume.safetensors.k1ll3d.tmp", part / ".model.safetensors.x.tmp"]
@@ -292,7 +329,10 @@ def test_files_respect_the_umask(make_config, umask, mode):
 
 # --- 7. unwritable folders and a full disk -----------------------------------------------
 
-def test_a_full_disk_during_train_is_one_line_and_keeps_the_old_run(old_run, make_config, monkeypatch):
+
+def test_a_full_disk_during_train_is_one_line_and_keeps_the_old_run(
+    old_run, make_config, monkeypatch
+):
     import flatcli.workflows.checkpoint as ckpt
 
     def full(*args, **kwargs):
@@ -305,7 +345,9 @@ def test_a_full_disk_during_train_is_one_line_and_keeps_the_old_run(old_run, mak
     from safetensors import SafetensorError
 
     def full_as_safetensors_says(*args, **kwargs):
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
 
     monkeypatch.setattr(ckpt, "save_file", full_as_safetensors_says)
     line = one_line(invoke("train", "--out", "new", "--epochs", 1), 1)
@@ -345,30 +387,41 @@ def test_a_read_only_run_folder_is_one_line_and_keeps_the_run(old_run, make_conf
 
 # --- 8. checkpoint metadata of the wrong types -------------------------------------------
 
+
 def _logreg_file(tmp_path, doc):
     model = build_model("logreg", input_shape=(1, 8, 8), num_classes=10)
     path = tmp_path / "m.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={"flatcli": json.dumps(doc)})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(path),
+        metadata={"flatcli": json.dumps(doc)},
+    )
     return path
 
 
-GOOD = {"format_version": 1, "arch": {"name": "logreg", "kwargs": {}},
-        "dataset": {"name": "digits", "num_classes": 10, "input_shape": [1, 8, 8]}, "train": {"l2": 0.0}}
+GOOD = {
+    "format_version": 1,
+    "arch": {"name": "logreg", "kwargs": {}},
+    "dataset": {"name": "digits", "num_classes": 10, "input_shape": [1, 8, 8]},
+    "train": {"l2": 0.0},
+}
 
 
-@pytest.mark.parametrize("doc, message", [
-    (["a", "list"], "list"),
-    ({**GOOD, "arch": "logreg"}, "arch"),
-    ({**GOOD, "dataset": {**GOOD["dataset"], "num_classes": "ten"}}, "num_classes"),
-    ({**GOOD, "dataset": {**GOOD["dataset"], "input_shape": "1x8x8"}}, "input_shape"),
-    ({**GOOD, "train": {"l2": "lots"}}, "l2"),
-    ({**GOOD, "train": ["l2"]}, "train"),
-    ({**GOOD, "metrics": {"test_accuracy": "high"}}, "test_accuracy"),
-    ({**GOOD, "arch": {"name": "logreg", "kwargs": {"bias": "maybe"}}}, "bias"),
-    ({**GOOD, "format_version": 99}, "upgrade flatcli"),
-    ({**GOOD, "format_version": "1"}, "format_version"),
-])
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        (["a", "list"], "list"),
+        ({**GOOD, "arch": "logreg"}, "arch"),
+        ({**GOOD, "dataset": {**GOOD["dataset"], "num_classes": "ten"}}, "num_classes"),
+        ({**GOOD, "dataset": {**GOOD["dataset"], "input_shape": "1x8x8"}}, "input_shape"),
+        ({**GOOD, "train": {"l2": "lots"}}, "l2"),
+        ({**GOOD, "train": ["l2"]}, "train"),
+        ({**GOOD, "metrics": {"test_accuracy": "high"}}, "test_accuracy"),
+        ({**GOOD, "arch": {"name": "logreg", "kwargs": {"bias": "maybe"}}}, "bias"),
+        ({**GOOD, "format_version": 99}, "upgrade flatcli"),
+        ({**GOOD, "format_version": "1"}, "format_version"),
+    ],
+)
 def test_metadata_of_the_wrong_types_is_a_checkpoint_error(tmp_path, doc, message):
     path = _logreg_file(tmp_path, doc)
     with pytest.raises(CheckpointError, match=message):
@@ -392,15 +445,23 @@ def test_integer_tensors_for_floating_point_weights_are_refused(tmp_path):
         load_checkpoint(tmp_path / "int.safetensors")
     # BatchNorm's step counter is int64 in the model itself: a BN model round-trips
     bn = build_model("cnn", input_shape=(1, 8, 8), num_classes=10, batchnorm=True, channels=2)
-    save_checkpoint(tmp_path / "bn.safetensors", bn, {"arch": {"name": "cnn", "kwargs": {"batchnorm": True,
-                                                                                         "channels": 2}},
-                                                      "dataset": GOOD["dataset"]})
+    save_checkpoint(
+        tmp_path / "bn.safetensors",
+        bn,
+        {
+            "arch": {"name": "cnn", "kwargs": {"batchnorm": True, "channels": 2}},
+            "dataset": GOOD["dataset"],
+        },
+    )
     load_checkpoint(tmp_path / "bn.safetensors")
 
 
 # --- 9. devices that are not there ---------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["mps", "nonsense", f"cuda:{torch.cuda.device_count()}"])  # one past the last GPU
+
+@pytest.mark.parametrize(
+    "name", ["mps", "nonsense", f"cuda:{torch.cuda.device_count()}"]
+)  # one past the last GPU
 def test_an_unavailable_device_is_a_usage_error(name):
     with pytest.raises(UsageError):
         resolve_device(name)

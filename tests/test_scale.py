@@ -27,9 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, hessian
 
-from flatcli.workflows.data import load_dataset
-from flatcli.errors import UsageError
-from flatcli.models import build_model
 from flatcli.analysis.scale import (
     adaptive_sharpness,
     normalise_logits,
@@ -38,6 +35,9 @@ from flatcli.analysis.scale import (
     relative_flatness,
     scale_weights,
 )
+from flatcli.errors import UsageError
+from flatcli.models import build_model
+from flatcli.workflows.data import load_dataset
 
 C = 10
 TIGHT = 1e-9  # relative tolerance for identities that hold up to float64 rounding
@@ -67,7 +67,9 @@ def trained_logreg(digits):
 @pytest.fixture(scope="module")
 def trained_mlp(digits):
     torch.manual_seed(0)
-    return train(build_model("mlp", input_shape=(1, 8, 8), num_classes=C, width=16).double(), *digits)
+    return train(
+        build_model("mlp", input_shape=(1, 8, 8), num_classes=C, width=16).double(), *digits
+    )
 
 
 def loss_of(model, x, y):
@@ -131,7 +133,9 @@ def test_bias_free_relu_net_is_homogeneous_of_degree_L_and_biases_break_it(digit
         nn.Flatten(), nn.Linear(64, 16, bias=False), nn.ReLU(), nn.Linear(16, C, bias=False)
     ).double()
     with torch.no_grad():
-        assert torch.allclose(scale_weights(bias_free, 2.0)(x), 4.0 * bias_free(x), rtol=1e-12, atol=0)
+        assert torch.allclose(
+            scale_weights(bias_free, 2.0)(x), 4.0 * bias_free(x), rtol=1e-12, atol=0
+        )
         torch.manual_seed(0)
         biased = build_model("mlp", input_shape=(1, 8, 8), num_classes=C, width=16).double()
         assert not torch.allclose(scale_weights(biased, 2.0)(x), 4.0 * biased(x), rtol=1e-3)
@@ -198,9 +202,13 @@ def test_b_moving_scale_between_relu_layers(trained_mlp, digits):
     assert rel(relative_flatness(trained_mlp, x, y), relative_flatness(moved, x, y)) < TIGHT
 
 
-def test_b_per_neuron_rescaling_keeps_adaptive_sharpness_but_not_relative_flatness(trained_mlp, digits):
+def test_b_per_neuron_rescaling_keeps_adaptive_sharpness_but_not_relative_flatness(
+    trained_mlp, digits
+):
     x, y = digits
-    scales = torch.exp(torch.randn(16, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    scales = torch.exp(
+        torch.randn(16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    )
     moved = copy.deepcopy(trained_mlp)
     with torch.no_grad():
         moved.hidden[0].weight.mul_(scales[:, None])
@@ -218,7 +226,9 @@ def test_b_per_neuron_rescaling_keeps_adaptive_sharpness_but_not_relative_flatne
 def test_c_scaling_a_layer_that_feeds_batchnorm(digits):
     x, y = digits
     torch.manual_seed(0)
-    model = build_model("cnn", input_shape=(1, 8, 8), num_classes=C, channels=2, batchnorm=True).double()
+    model = build_model(
+        "cnn", input_shape=(1, 8, 8), num_classes=C, channels=2, batchnorm=True
+    ).double()
     bn = model.features[1]
     bn.momentum = None  # running statistics = statistics of the pass below
     with torch.no_grad():

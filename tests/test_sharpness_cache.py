@@ -17,13 +17,15 @@ from typer.testing import CliRunner
 
 import flatcli.workflows.data
 from flatcli import build_model, load_dataset, save_checkpoint
+from flatcli.analysis.measures import SharpnessConfig, measure
 from flatcli.cli import app
 from flatcli.errors import DataError, NonFiniteError, UsageError
-from flatcli.analysis.measures import SharpnessConfig, measure
 from flatcli.workflows.sharpness import CACHE_FILE, ResultCache, load_point, sharpness
 
 runner = CliRunner()
-sharpness_module = importlib.import_module("flatcli.workflows.sharpness")  # flatcli.sharpness is also a function
+sharpness_module = importlib.import_module(
+    "flatcli.workflows.sharpness"
+)  # flatcli.sharpness is also a function
 DIGITS = {"name": "digits", "num_classes": 10, "input_shape": [1, 8, 8]}
 
 
@@ -33,8 +35,11 @@ def make_run(folder: Path, arch: str = "logreg", nan: bool = False, **kwargs) ->
     if nan:
         with torch.no_grad():
             next(model.parameters())[0, 0] = float("nan")
-    save_checkpoint(folder / "model.safetensors", model, {"arch": {"name": arch, "kwargs": kwargs},
-                                                          "dataset": DIGITS, "train": {"l2": 0.0}})
+    save_checkpoint(
+        folder / "model.safetensors",
+        model,
+        {"arch": {"name": arch, "kwargs": kwargs}, "dataset": DIGITS, "train": {"l2": 0.0}},
+    )
     return folder
 
 
@@ -44,24 +49,34 @@ def run(tmp_path):
 
 
 def cfg(measures, **kw):
-    return SharpnessConfig(measures=tuple(measures.split(",")), samples=kw.pop("samples", 150), max_iter=30, probes=20,
-                           **kw)
+    return SharpnessConfig(
+        measures=tuple(measures.split(",")),
+        samples=kw.pop("samples", 150),
+        max_iter=30,
+        probes=20,
+        **kw,
+    )
 
 
 def numbers(report):
     """What a report prints about its measures (JSON), without the cost and the cached flag."""
     doc = report.as_dict()
-    return {k: v for k, v in doc.items() if k not in ("hvps", "seconds", "cached", "cached_measures")}
+    return {
+        k: v for k, v in doc.items() if k not in ("hvps", "seconds", "cached", "cached_measures")
+    }
 
 
 def forbid_measuring(monkeypatch):
     def fail(*args, **kwargs):
-        raise AssertionError("measured although everything was cached (or before the options were checked)")
+        raise AssertionError(
+            "measured although everything was cached (or before the options were checked)"
+        )
 
     monkeypatch.setattr(sharpness_module, "measure", fail)
 
 
 # --- 1. the key: data, and per-measure results -------------------------------------------
+
 
 def test_a_cached_result_is_not_served_for_other_data(run, monkeypatch):
     first = sharpness(run, cfg("lambda_max,trace"))
@@ -86,12 +101,20 @@ def test_a_cached_result_is_not_served_for_other_data(run, monkeypatch):
     monkeypatch.setattr(flatcli.workflows.data, "load_dataset", other_labels)
     assert sharpness(run, cfg("lambda_max,trace")).cached == ()
     key = next(iter(json.loads((run / CACHE_FILE).read_text())["entries"]))
-    for part in ('"data": ', '"device": "cpu"', '"dtype": "float32"', '"checkpoint": ', '"flatcli": '):
+    for part in (
+        '"data": ',
+        '"device": "cpu"',
+        '"dtype": "float32"',
+        '"checkpoint": ',
+        '"flatcli": ',
+    ):
         assert part in key
     assert '"measures"' not in key  # the list of measures is not part of the key
 
 
-def test_a_subset_or_another_order_of_cached_measures_costs_nothing_and_equals_a_fresh_run(run, monkeypatch):
+def test_a_subset_or_another_order_of_cached_measures_costs_nothing_and_equals_a_fresh_run(
+    run, monkeypatch
+):
     sharpness(run, cfg("lambda_max,trace,frobenius,density"))
     fresh = sharpness(run, cfg("frobenius,density,lambda_max"), use_cache=False)
     with monkeypatch.context() as m:
@@ -127,13 +150,17 @@ def test_with_a_target_stderr_trace_and_frobenius_are_cached_with_their_partners
     sharpness(run, cfg("trace,frobenius", target_stderr=0.05))
     alone = sharpness(run, cfg("trace", target_stderr=0.05))
     assert alone.cached == ()  # its top-up follows only the trace's error: other numbers
-    assert numbers(alone) == numbers(sharpness(run, cfg("trace", target_stderr=0.05), use_cache=False))
+    assert numbers(alone) == numbers(
+        sharpness(run, cfg("trace", target_stderr=0.05), use_cache=False)
+    )
 
 
 def test_per_layer_results_are_cached_per_measure(tmp_path, monkeypatch):
     run = make_run(tmp_path / "mlp", "mlp", width=6)
     sharpness(run, cfg("trace,frobenius", per_layer=True, exact=True, dtype="float64"))
-    fresh = sharpness(run, cfg("frobenius", per_layer=True, exact=True, dtype="float64"), use_cache=False)
+    fresh = sharpness(
+        run, cfg("frobenius", per_layer=True, exact=True, dtype="float64"), use_cache=False
+    )
     with monkeypatch.context() as m:
         forbid_measuring(m)
         hit = sharpness(run, cfg("frobenius", per_layer=True, exact=True, dtype="float64"))
@@ -141,29 +168,47 @@ def test_per_layer_results_are_cached_per_measure(tmp_path, monkeypatch):
 
 
 def test_the_cli_says_a_cache_hit(run):
-    args = ["sharpness", str(run), "--measures", "lambda_max", "--samples", "120", "--max-iter", "30", "--json"]
+    args = [
+        "sharpness",
+        str(run),
+        "--measures",
+        "lambda_max",
+        "--samples",
+        "120",
+        "--max-iter",
+        "30",
+        "--json",
+    ]
     first = runner.invoke(app, args)
-    assert first.exit_code == 0 and json.loads(first.stdout)["cached"] is False and first.stderr == ""
+    assert (
+        first.exit_code == 0 and json.loads(first.stdout)["cached"] is False and first.stderr == ""
+    )
     second = runner.invoke(app, args)
     assert second.exit_code == 0 and json.loads(second.stdout)["cached"] is True
     assert second.stderr.strip() == f"cached result from {run / CACHE_FILE}; --no-cache recomputes"
     third = runner.invoke(app, args + ["--no-cache"])
     assert json.loads(third.stdout)["cached"] is False and third.stderr == ""
     table = runner.invoke(app, args[:-1])
-    assert table.exit_code == 0 and "cached result from" in table.stderr and "lambda" in table.stdout
+    assert (
+        table.exit_code == 0 and "cached result from" in table.stderr and "lambda" in table.stdout
+    )
     more = runner.invoke(app, args[:3] + ["trace,lambda_max"] + args[4:])
     assert more.exit_code == 0, more.stderr
     assert json.loads(more.stdout)["cached_measures"] == ["lambda_max"]
-    assert more.stderr.strip() == (f"cached lambda_max from {run / CACHE_FILE} (the rest measured now); "
-                                   "--no-cache recomputes")
+    assert more.stderr.strip() == (
+        f"cached lambda_max from {run / CACHE_FILE} (the rest measured now); --no-cache recomputes"
+    )
 
 
 # --- 2. concurrent writers ---------------------------------------------------------------
 
+
 def _writer(path: str, tag: str, count: int) -> None:
     cache = ResultCache(Path(path))
     for i in range(count):
-        assert cache.update("key", {"loss": 1.0}, [], {f"{tag}{i}": {"result": {"value": float(i)}}})
+        assert cache.update(
+            "key", {"loss": 1.0}, [], {f"{tag}{i}": {"result": {"value": float(i)}}}
+        )
 
 
 def test_concurrent_writers_keep_every_entry(tmp_path):
@@ -183,14 +228,27 @@ def test_concurrent_writers_keep_every_entry(tmp_path):
 
 # --- 3. a cache that cannot be written or read -------------------------------------------
 
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
 def test_a_cache_that_cannot_be_written_costs_one_warning_not_the_result(run, monkeypatch, code):
     def refuse(path, text):
         raise OSError(code, __import__("os").strerror(code))
 
     monkeypatch.setattr(sharpness_module, "atomic_write_text", refuse)
-    result = runner.invoke(app, ["sharpness", str(run), "--measures", "trace", "--samples", "100", "--probes", "20",
-                                 "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "sharpness",
+            str(run),
+            "--measures",
+            "trace",
+            "--samples",
+            "100",
+            "--probes",
+            "20",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["trace"]["value"] > 0
     lines = result.stderr.strip().splitlines()
@@ -205,13 +263,33 @@ def test_a_lock_file_that_cannot_be_opened_costs_one_warning(run):
     assert report.measures["trace"].value > 0
 
 
-@pytest.mark.parametrize("content", [b"[]", b'{"entries": [1, 2]}', b'{"entries": {"k": 3}}',
-                                     b'{"format": 2, "entries": {"k": "v"}}', b"\xff\xfe\x00garbage", b"",
-                                     b'"a string"', b'{"entries": null}'])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"[]",
+        b'{"entries": [1, 2]}',
+        b'{"entries": {"k": 3}}',
+        b'{"format": 2, "entries": {"k": "v"}}',
+        b"\xff\xfe\x00garbage",
+        b"",
+        b'"a string"',
+        b'{"entries": null}',
+    ],
+)
 @pytest.mark.parametrize("no_cache", [False, True])
 def test_a_corrupt_cache_is_read_as_empty_and_replaced(run, content, no_cache):
     (run / CACHE_FILE).write_bytes(content)
-    args = ["sharpness", str(run), "--measures", "trace", "--samples", "100", "--probes", "20", "--json"]
+    args = [
+        "sharpness",
+        str(run),
+        "--measures",
+        "trace",
+        "--samples",
+        "100",
+        "--probes",
+        "20",
+        "--json",
+    ]
     result = runner.invoke(app, args + (["--no-cache"] if no_cache else []))
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["cached"] is False
@@ -228,8 +306,10 @@ def test_a_corrupt_entry_of_the_right_key_is_read_as_empty(run):
     path = run / CACHE_FILE
     doc = json.loads(path.read_text())
     key = next(iter(doc["entries"]))
-    for broken in ({"head": 1, "layers": [], "measures": {}},
-                   {"head": {}, "layers": [], "measures": {"trace": {"result": {"value": 1.0}}}}):
+    for broken in (
+        {"head": 1, "layers": [], "measures": {}},
+        {"head": {}, "layers": [], "measures": {"trace": {"result": {"value": 1.0}}}},
+    ):
         doc["entries"][key] = broken
         path.write_text(json.dumps(doc))
         with pytest.warns(UserWarning, match="corrupt"):
@@ -239,12 +319,25 @@ def test_a_corrupt_entry_of_the_right_key_is_read_as_empty(run):
 
 # --- 4. output paths ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("option, target", [("--plot", "missing/x.png"), ("--density-out", "missing/x.csv"),
-                                            ("--density-out", "."), ("--plot", "."), ("--plot", "x.unknown")])
+
+@pytest.mark.parametrize(
+    "option, target",
+    [
+        ("--plot", "missing/x.png"),
+        ("--density-out", "missing/x.csv"),
+        ("--density-out", "."),
+        ("--plot", "."),
+        ("--plot", "x.unknown"),
+    ],
+)
 def test_output_paths_are_checked_before_measuring(run, monkeypatch, tmp_path, option, target):
     forbid_measuring(monkeypatch)
-    monkeypatch.setattr(sharpness_module, "load_point", lambda *a, **k: pytest.fail("loaded before the check"))
-    result = runner.invoke(app, ["sharpness", str(run), "--measures", "density", option, str(tmp_path / target)])
+    monkeypatch.setattr(
+        sharpness_module, "load_point", lambda *a, **k: pytest.fail("loaded before the check")
+    )
+    result = runner.invoke(
+        app, ["sharpness", str(run), "--measures", "density", option, str(tmp_path / target)]
+    )
     assert result.exit_code == 2, result.stderr
     assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1
     assert option in result.stderr
@@ -252,10 +345,30 @@ def test_output_paths_are_checked_before_measuring(run, monkeypatch, tmp_path, o
 
 def test_a_density_file_that_cannot_be_written_keeps_the_result(run, tmp_path, monkeypatch):
     out = tmp_path / "d.csv"
-    monkeypatch.setattr(Path, "write_text", lambda self, text, *a, **k: (_ for _ in ()).throw(
-        OSError(errno.ENOSPC, "No space left on device")) if self == out else None)
-    result = runner.invoke(app, ["sharpness", str(run), "--measures", "density", "--samples", "100",
-                                 "--density-out", str(out), "--json", "--no-cache"])
+    monkeypatch.setattr(
+        Path,
+        "write_text",
+        lambda self, text, *a, **k: (
+            (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+            if self == out
+            else None
+        ),
+    )
+    result = runner.invoke(
+        app,
+        [
+            "sharpness",
+            str(run),
+            "--measures",
+            "density",
+            "--samples",
+            "100",
+            "--density-out",
+            str(out),
+            "--json",
+            "--no-cache",
+        ],
+    )
     assert result.exit_code == 1
     assert "grid" in json.loads(result.stdout)["density"]  # printed first
     assert result.stderr.strip().splitlines()[-1].startswith("error: could not write")
@@ -263,11 +376,19 @@ def test_a_density_file_that_cannot_be_written_keeps_the_result(run, tmp_path, m
 
 # --- 5. the data must fit the checkpoint -------------------------------------------------
 
+
 def test_a_data_set_of_another_input_shape_is_refused_before_loading(run, monkeypatch):
-    monkeypatch.setattr(flatcli.workflows.data, "load_dataset", lambda *a, **k: pytest.fail("loaded"))
-    with pytest.raises(DataError, match="mnist has inputs of shape 1x28x28, but the checkpoint takes 1x8x8"):
+    monkeypatch.setattr(
+        flatcli.workflows.data, "load_dataset", lambda *a, **k: pytest.fail("loaded")
+    )
+    with pytest.raises(
+        DataError, match="mnist has inputs of shape 1x28x28, but the checkpoint takes 1x8x8"
+    ):
         load_point(run, dataset="mnist")
-    for command in (["sharpness", str(run), "--dataset", "mnist"], ["rank-bound", str(run), "-d", "mnist"]):
+    for command in (
+        ["sharpness", str(run), "--dataset", "mnist"],
+        ["rank-bound", str(run), "-d", "mnist"],
+    ):
         result = runner.invoke(app, command)
         assert result.exit_code == 1 and result.stdout == ""
         lines = result.stderr.strip().splitlines()
@@ -276,7 +397,11 @@ def test_a_data_set_of_another_input_shape_is_refused_before_loading(run, monkey
 
 def _serve(monkeypatch, inputs: torch.Tensor, labels: torch.Tensor) -> None:
     """Make every data set load as (inputs, labels)."""
-    monkeypatch.setattr(flatcli.workflows.data, "load_dataset", lambda *a, **k: torch.utils.data.TensorDataset(inputs, labels))
+    monkeypatch.setattr(
+        flatcli.workflows.data,
+        "load_dataset",
+        lambda *a, **k: torch.utils.data.TensorDataset(inputs, labels),
+    )
 
 
 def test_data_of_another_shape_under_the_same_name_is_refused(run, monkeypatch):
@@ -293,14 +418,21 @@ def test_labels_the_model_has_no_output_for_are_refused(run, monkeypatch):
 
 def test_another_data_set_of_the_same_shape_is_measured_with_a_warning(run, monkeypatch):
     real = flatcli.workflows.data.load_dataset
-    monkeypatch.setitem(flatcli.workflows.data.DATASETS, "digits2", flatcli.workflows.data.DATASETS["digits"])
-    monkeypatch.setattr(flatcli.workflows.data, "load_dataset", lambda name, *a, **k: real("digits", *a, **k))
-    with pytest.warns(UserWarning, match="measuring on digits2, but the checkpoint was trained on digits"):
+    monkeypatch.setitem(
+        flatcli.workflows.data.DATASETS, "digits2", flatcli.workflows.data.DATASETS["digits"]
+    )
+    monkeypatch.setattr(
+        flatcli.workflows.data, "load_dataset", lambda name, *a, **k: real("digits", *a, **k)
+    )
+    with pytest.warns(
+        UserWarning, match="measuring on digits2, but the checkpoint was trained on digits"
+    ):
         point = load_point(run, dataset="digits2", samples=50)
     assert point.dataset == "digits2" and len(point.targets) == 50
 
 
 # --- 6. non-finite weights, losses and scales --------------------------------------------
+
 
 def test_non_finite_weights_are_refused_before_measuring(tmp_path):
     run = make_run(tmp_path / "nan", nan=True)
@@ -308,9 +440,11 @@ def test_non_finite_weights_are_refused_before_measuring(tmp_path):
         warnings.simplefilter("error")  # one error, not a warning and an error
         with pytest.raises(NonFiniteError, match="non-finite weights .* fc.weight"):
             load_point(run)
-    for command in (["sharpness", str(run), "--measures", "lambda_max"],
-                    ["sharpness", str(run), "--exact", "--measures", "trace"],
-                    ["rank-bound", str(run)]):
+    for command in (
+        ["sharpness", str(run), "--measures", "lambda_max"],
+        ["sharpness", str(run), "--exact", "--measures", "trace"],
+        ["rank-bound", str(run)],
+    ):
         result = runner.invoke(app, command)
         assert result.exit_code == 1, (command, result.stderr)
         lines = result.stderr.strip().splitlines()
@@ -350,8 +484,22 @@ def test_a_scale_that_overflows_is_one_line_before_measuring(tmp_path, monkeypat
     point = load_point(run, samples=100)
     with pytest.raises(UsageError, match="1e\\+30"):
         sweep.scaling_sweep(point.model, point.inputs, point.targets, [1e30], SharpnessConfig())
-    ok = runner.invoke(app, ["sharpness", str(run), "--scale", "0.5,2", "--samples", "100", "--json",
-                             "--max-iter", "20", "--probes", "20"])
+    ok = runner.invoke(
+        app,
+        [
+            "sharpness",
+            str(run),
+            "--scale",
+            "0.5,2",
+            "--samples",
+            "100",
+            "--json",
+            "--max-iter",
+            "20",
+            "--probes",
+            "20",
+        ],
+    )
     assert ok.exit_code == 0, ok.stderr and len(json.loads(ok.stdout)) == 2
 
 

@@ -9,7 +9,7 @@ import torch
 from flatcli import load_checkpoint, load_dataset, train
 from flatcli.config import make_train_config
 from flatcli.errors import RunExistsError, UsageError
-from flatcli.workflows.training import SCHEDULES, evaluate, regularised_step, OPTIMIZERS
+from flatcli.workflows.training import OPTIMIZERS, SCHEDULES, evaluate, regularised_step
 
 
 def test_logreg_reaches_90_percent_on_digits_and_reduces_loss(make_config):
@@ -65,7 +65,9 @@ def test_paper_schedule_holds_decays_linearly_then_holds():
 
 def test_averaging_equals_the_mean_of_the_epoch_snapshots(make_config):
     snapshots = []
-    config = make_config(epochs=4, average_from=2, out=Path("avg"), model="mlp", model_kwargs={"width": 8})
+    config = make_config(
+        epochs=4, average_from=2, out=Path("avg"), model="mlp", model_kwargs={"width": 8}
+    )
     import flatcli.workflows.training as training
 
     original = training.train_one_epoch
@@ -88,8 +90,15 @@ def test_averaging_equals_the_mean_of_the_epoch_snapshots(make_config):
 
 
 def test_averaging_recomputes_batchnorm_statistics(make_config):
-    result = train(make_config(epochs=3, average_from=2, out=Path("bn"), model="cnn",
-                               model_kwargs={"batchnorm": True, "channels": 4}))
+    result = train(
+        make_config(
+            epochs=3,
+            average_from=2,
+            out=Path("bn"),
+            model="cnn",
+            model_kwargs={"batchnorm": True, "channels": 4},
+        )
+    )
     model, _ = load_checkpoint(result.checkpoint)
     x = load_dataset("digits").tensors[0]
     bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
@@ -122,8 +131,14 @@ def test_same_seed_gives_bit_identical_checkpoints(make_config):
 
 
 def test_resume_reaches_the_same_result_as_an_uninterrupted_run(make_config):
-    kw = dict(model="mlp", model_kwargs={"width": 16}, optimizer="adam", epochs=4, average_from=3,
-              schedule="paper")
+    kw = dict(
+        model="mlp",
+        model_kwargs={"width": 16},
+        optimizer="adam",
+        epochs=4,
+        average_from=3,
+        schedule="paper",
+    )
     train(make_config(out=Path("full"), **kw))
 
     from flatcli.workflows.training import TrainCallbacks
@@ -141,7 +156,9 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(make_config):
     with pytest.raises(RunExistsError):  # an interrupted run is not silently restarted
         train(make_config(out=Path("part"), **kw))
     train(make_config(out=Path("part"), resume=True, **kw))
-    assert Path("full/model.safetensors").read_bytes() == Path("part/model.safetensors").read_bytes()
+    assert (
+        Path("full/model.safetensors").read_bytes() == Path("part/model.safetensors").read_bytes()
+    )
     assert Path("full/last.safetensors").read_bytes() == Path("part/last.safetensors").read_bytes()
     assert len(Path("part/metrics.jsonl").read_text().splitlines()) == 4
 
@@ -162,8 +179,17 @@ def test_existing_runs_and_files_are_never_overwritten_unless_asked(make_config)
         train(make_config(out=Path("run"), epochs=1, resume=True))
 
 
-@pytest.mark.parametrize("bad", [dict(epochs=0), dict(lr=-1.0), dict(batch_size=0), dict(l2=-0.1),
-                                 dict(weight_decay=-1.0), dict(epochs=3, average_from=4)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(epochs=0),
+        dict(lr=-1.0),
+        dict(batch_size=0),
+        dict(l2=-0.1),
+        dict(weight_decay=-1.0),
+        dict(epochs=3, average_from=4),
+    ],
+)
 def test_bad_option_values_are_usage_errors(bad):
     with pytest.raises(UsageError):
         make_train_config(**bad)
@@ -178,7 +204,13 @@ def test_unknown_names_say_what_is_known():
 
 def test_recipes_fill_defaults_and_explicit_options_win():
     g = make_train_config(recipe="gadam", epochs=10)
-    assert (g.optimizer, g.weight_decay, g.l2, g.schedule, g.average_from) == ("adamw", 0.25, 0.0, "paper", 6)
+    assert (g.optimizer, g.weight_decay, g.l2, g.schedule, g.average_from) == (
+        "adamw",
+        0.25,
+        0.0,
+        "paper",
+        6,
+    )
     assert g.final_lr == pytest.approx(0.5 * g.lr)
     s = make_train_config(recipe="swa", epochs=10, lr=0.2, l2=0.0)
     assert (s.optimizer, s.lr, s.l2) == ("sgd", 0.2, 0.0) and s.final_lr == pytest.approx(0.1)

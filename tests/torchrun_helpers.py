@@ -21,9 +21,26 @@ def env(**extra) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "FLATCLI_DIST_TIMEOUT": "60", **extra}
 
 
-def torchrun(*args, nproc: int = 2, timeout: float = TIMEOUT_S, **extra_env) -> subprocess.CompletedProcess:
+def torchrun(
+    *args, nproc: int = 2, timeout: float = TIMEOUT_S, **extra_env
+) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --nproc-per-node N -m flatcli --threads 1 ARGS``."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-               "-m", "flatcli", "--threads", "1", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env(**extra_env))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "flatcli",
+        "--threads",
+        "1",
+        *map(str, args),
+    ]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env=env(**extra_env)
+    )

@@ -49,47 +49,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from flatcli.curvature import (CurvatureOperator, EigenEstimate, FrobeniusEstimate, StochasticEstimate, dense_hessian,
-                        extreme_eigenvalues, lambda_max, lambda_min, memory_bounded, slq_density,
-                        trace_and_frobenius)
+from flatcli.config import SharpnessConfig  # noqa: F401  (defined in config.py, which needs no torch; re-exported)
+from flatcli.curvature import (
+    CurvatureOperator,
+    EigenEstimate,
+    FrobeniusEstimate,
+    StochasticEstimate,
+    dense_hessian,
+    extreme_eigenvalues,
+    lambda_max,
+    lambda_min,
+    memory_bounded,
+    slq_density,
+    trace_and_frobenius,
+)
 from flatcli.curvature.batches import as_source
 from flatcli.curvature.exact import single_linear, verified_logistic_regression_hessian
-from flatcli.config import SharpnessConfig  # noqa: F401  (defined in config.py, which needs no torch; re-exported)
+from flatcli.curvature.results import Estimate
 from flatcli.distributed import my_shard
 from flatcli.errors import NonFiniteError, UsageError, few
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """A measured number and its uncertainty: a rigorous bound (eigenvalues) or a
-    standard error (stochastic estimates); 0 for exact values.
-
-    ``converged=False`` says the uncertainty is NOT what its kind promises:
-
-    * a Lanczos run that stopped (``--max-iter``) before every wanted Ritz residual met
-      ``tol``: the residual only says that SOME eigenvalue lies within it of the value,
-      not that the largest (smallest) one does, and an early Ritz value typically lies
-      well inside the spectrum;
-    * a standard error from fewer than ``flatcli.curvature.trace.MIN_SAMPLES`` samples
-      (Hutch++ with ``--probes`` under 13, adaptive sharpness with fewer Monte Carlo
-      draws), which may be many times too small, or that missed ``--target-stderr``.
-
-    Such a value is shown as "not converged", never as a bound or a standard error, and
-    ``compare`` gives no verdict on it. Measures derived from others (``spectral_norm``,
-    ``*_normalised``) inherit the flag.
-    """
-
-    value: float
-    uncertainty: float
-    kind: str  # "bound", "stderr" or "exact"
-    hvps: int = 0
-    converged: bool = True
-
-    def as_dict(self) -> dict:
-        key = "bound" if self.kind in ("bound", "exact") else "stderr"
-        return {"value": self.value, key: self.uncertainty, "converged": self.converged}
 
 
 @dataclass(frozen=True)
@@ -110,8 +90,12 @@ class LayerReport:
     measures: dict[str, Any]
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "params": list(self.params), "num_params": self.num_params,
-                **{k: v.as_dict() for k, v in self.measures.items()}}
+        return {
+            "name": self.name,
+            "params": list(self.params),
+            "num_params": self.num_params,
+            **{k: v.as_dict() for k, v in self.measures.items()},
+        }
 
 
 @dataclass(frozen=True)
@@ -153,35 +137,80 @@ class SharpnessReport:
         return self.as_dict()
 
     def as_dict(self) -> dict:
-        head = {k: getattr(self, k) for k in ("checkpoint", "dataset", "split", "num_samples", "num_params",
-                                               "curvature", "bn_mode", "dtype", "device", "seed", "loss",
-                                               "accuracy", "weight_norm")}
+        head = {
+            k: getattr(self, k)
+            for k in (
+                "checkpoint",
+                "dataset",
+                "split",
+                "num_samples",
+                "num_params",
+                "curvature",
+                "bn_mode",
+                "dtype",
+                "device",
+                "seed",
+                "loss",
+                "accuracy",
+                "weight_norm",
+            )
+        }
         head["include_l2"] = self.l2
         head["exact"] = self.exact
         head["bn_batch_size"] = self.bn_batch_size
         body = {k: v.as_dict() for k, v in self.measures.items()}
-        tail: dict[str, Any] = {"hvps": self.hvps, "seconds": self.seconds, "cached": self.fully_cached}
-        if self.cached and not self.fully_cached:  # some measures from the cache, the rest computed now
+        tail: dict[str, Any] = {
+            "hvps": self.hvps,
+            "seconds": self.seconds,
+            "cached": self.fully_cached,
+        }
+        if (
+            self.cached and not self.fully_cached
+        ):  # some measures from the cache, the rest computed now
             tail["cached_measures"] = list(self.cached)
         if self.layers:
             tail = {"layers": [layer.as_dict() for layer in self.layers], **tail}
         return {**head, **body, **tail}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SharpnessReport":
+    def from_dict(cls, d: dict) -> SharpnessReport:
         """Rebuild a report from :meth:`as_dict` (used by the ``sharpness.json`` cache)."""
         measures = {}
         for name, value in d.items():  # in the document's order (the order they were asked for)
             if name in MEASURES or name == "spectral_norm":
                 measures[name] = _measure_from_dict(value)
-        layers = [LayerReport(x["name"], tuple(x["params"]), x["num_params"],
-                              {k: _measure_from_dict(v) for k, v in x.items() if isinstance(v, dict)})
-                  for x in d.get("layers", [])]
-        return cls(d["checkpoint"], d["dataset"], d["split"], d["num_samples"], d["num_params"], d["curvature"],
-                   d["bn_mode"], d["dtype"], d["device"], d["seed"], d["loss"], d["accuracy"], d["weight_norm"],
-                   d.get("include_l2", 0.0), measures, d["hvps"], d["seconds"], d.get("exact", False), layers,
-                   tuple(measures) if d.get("cached") is True else tuple(d.get("cached_measures", ())),
-                   bn_batch_size=d.get("bn_batch_size"))
+        layers = [
+            LayerReport(
+                x["name"],
+                tuple(x["params"]),
+                x["num_params"],
+                {k: _measure_from_dict(v) for k, v in x.items() if isinstance(v, dict)},
+            )
+            for x in d.get("layers", [])
+        ]
+        return cls(
+            d["checkpoint"],
+            d["dataset"],
+            d["split"],
+            d["num_samples"],
+            d["num_params"],
+            d["curvature"],
+            d["bn_mode"],
+            d["dtype"],
+            d["device"],
+            d["seed"],
+            d["loss"],
+            d["accuracy"],
+            d["weight_norm"],
+            d.get("include_l2", 0.0),
+            measures,
+            d["hvps"],
+            d["seconds"],
+            d.get("exact", False),
+            layers,
+            tuple(measures) if d.get("cached") is True else tuple(d.get("cached_measures", ())),
+            bn_batch_size=d.get("bn_batch_size"),
+        )
 
 
 def _measure_from_dict(d: dict):
@@ -197,9 +226,16 @@ def _measure_from_dict(d: dict):
 class MeasureContext:
     """Shared state of one measurement: the operator and work reused across measures."""
 
-    def __init__(self, op: CurvatureOperator, config: SharpnessConfig, model: nn.Module,
-                 inputs: torch.Tensor, targets: torch.Tensor, closed_form: bool,
-                 status: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        op: CurvatureOperator,
+        config: SharpnessConfig,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        closed_form: bool,
+        status: Callable[[str], None] | None = None,
+    ) -> None:
         self.op, self.config, self.model = op, config, model
         self.status = status
         self.inputs, self.targets = inputs, targets
@@ -209,7 +245,9 @@ class MeasureContext:
         self._claimed: set[str] = set()
         self._spectrum: torch.Tensor | None = None
         self._results: dict[str, Any] = {}
-        self.weight_norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()))
+        self.weight_norm = math.sqrt(
+            sum(float(p.detach().double().pow(2).sum()) for p in model.parameters())
+        )
 
     def get(self, name: str) -> Any:
         """The result of measure ``name``, computed once per context."""
@@ -225,7 +263,9 @@ class MeasureContext:
         if self.status is not None:
             self.status(text)
 
-    def lanczos_callback(self, label: str) -> Callable[[int, tuple[float, ...], tuple[float, ...]], None] | None:
+    def lanczos_callback(
+        self, label: str
+    ) -> Callable[[int, tuple[float, ...], tuple[float, ...]], None] | None:
         """A Lanczos callback that reports ``label``'s running Ritz values and bounds."""
         if self.status is None:
             return None
@@ -241,7 +281,11 @@ class MeasureContext:
         """Exact eigenvalues (float64, ascending) of the dense matrix."""
         if self._spectrum is None:
             # the closed form only for a model verified to be W x.flatten(1) + b
-            h = verified_logistic_regression_hessian(self.op, self.model) if self.closed_form else None
+            h = (
+                verified_logistic_regression_hessian(self.op, self.model)
+                if self.closed_form
+                else None
+            )
             if h is None:
                 h = dense_hessian(self.op).double()
             self._spectrum = torch.linalg.eigvalsh(h.cpu())
@@ -258,22 +302,36 @@ class MeasureContext:
         """Tr H and ||H||_F from ONE block Krylov Hutch++ run (the same products)."""
         if self._trace_norm is None:
             c = self.config
-            targets = tuple(m for m in ("trace", "frobenius") if m in c.measures) or ("trace", "frobenius")
-            self._trace_norm = trace_and_frobenius(self.op, probes=c.probes, seed=c.seed,
-                                                   target_rel_stderr=c.target_stderr, targets=targets)
+            targets = tuple(m for m in ("trace", "frobenius") if m in c.measures) or (
+                "trace",
+                "frobenius",
+            )
+            self._trace_norm = trace_and_frobenius(
+                self.op,
+                probes=c.probes,
+                seed=c.seed,
+                target_rel_stderr=c.target_stderr,
+                targets=targets,
+            )
         return self._trace_norm
 
     def extremes(self) -> tuple[EigenEstimate, EigenEstimate]:
         if self._extremes is None:
             c = self.config
-            self._extremes = extreme_eigenvalues(self.op, tol=c.tol, max_iter=c.max_iter, seed=c.seed,
-                                                 callback=self.lanczos_callback("lambda_min, lambda_max"))
+            self._extremes = extreme_eigenvalues(
+                self.op,
+                tol=c.tol,
+                max_iter=c.max_iter,
+                seed=c.seed,
+                callback=self.lanczos_callback("lambda_min, lambda_max"),
+            )
         return self._extremes
 
 
 def _spectrum_end(ctx: MeasureContext, name: str) -> Estimate:
     """``lambda_max`` or ``lambda_min``: exact, from the shared run for both ends when
-    both are asked for (its HVPs counted under lambda_max), or from a run of its own."""
+    both are asked for (its HVPs counted under lambda_max), or from a run of its own.
+    """
     high = name == "lambda_max"
     if ctx.config.exact:
         return Estimate(float(ctx.spectrum()[-1 if high else 0]), 0.0, "exact")
@@ -281,8 +339,9 @@ def _spectrum_end(ctx: MeasureContext, name: str) -> Estimate:
         est = ctx.extremes()[1 if high else 0]
         return Estimate(est.value, est.bound, "bound", est.hvps if high else 0, est.converged)
     c = ctx.config
-    est = (lambda_max if high else lambda_min)(ctx.op, tol=c.tol, max_iter=c.max_iter, seed=c.seed,
-                                               callback=ctx.lanczos_callback(name))
+    est = (lambda_max if high else lambda_min)(
+        ctx.op, tol=c.tol, max_iter=c.max_iter, seed=c.seed, callback=ctx.lanczos_callback(name)
+    )
     return Estimate(est.value, est.bound, "bound", est.hvps, est.converged)
 
 
@@ -298,14 +357,18 @@ def _trace(ctx: MeasureContext) -> Estimate:
     if ctx.config.exact:
         return Estimate(float(ctx.spectrum().sum()), 0.0, "exact")
     est = ctx.trace_and_norm()[0]  # converged: >= MIN_SAMPLES remainder samples (see Estimate)
-    return Estimate(est.value, est.stderr, "stderr", ctx.claim("trace_and_norm", est.hvps), est.converged)
+    return Estimate(
+        est.value, est.stderr, "stderr", ctx.claim("trace_and_norm", est.hvps), est.converged
+    )
 
 
 def _frobenius(ctx: MeasureContext) -> Estimate:
     if ctx.config.exact:
         return Estimate(float(ctx.spectrum().pow(2).sum().sqrt()), 0.0, "exact")
     est = ctx.trace_and_norm()[1]
-    return Estimate(est.value, est.stderr, "stderr", ctx.claim("trace_and_norm", est.hvps), est.converged)
+    return Estimate(
+        est.value, est.stderr, "stderr", ctx.claim("trace_and_norm", est.hvps), est.converged
+    )
 
 
 def _density(ctx: MeasureContext) -> Density:
@@ -314,18 +377,22 @@ def _density(ctx: MeasureContext) -> Density:
         eig = ctx.spectrum()
         d = density_from_eigenvalues(eig)
         return Density(d[0].tolist(), d[1].tolist())
-    est = slq_density(ctx.op, probes=c.density_probes, iterations=c.density_iterations, seed=c.seed + 2)
+    est = slq_density(
+        ctx.op, probes=c.density_probes, iterations=c.density_iterations, seed=c.seed + 2
+    )
     return Density(est.grid.tolist(), est.values.tolist(), est.hvps)
 
 
 def _normalised(base: str) -> Callable[[MeasureContext], Estimate]:
     def compute(ctx: MeasureContext) -> Estimate:
         est = ctx.get(base)
-        w2 = ctx.weight_norm ** 2
+        w2 = ctx.weight_norm**2
         hvps = 0 if base in ctx.config.measures else est.hvps  # counted once
         return Estimate(est.value * w2, est.uncertainty * w2, est.kind, hvps, est.converged)
 
-    compute.__doc__ = f"{base} times ||w||^2 (invariant to a global rescaling of a homogeneous model)."
+    compute.__doc__ = (
+        f"{base} times ||w||^2 (invariant to a global rescaling of a homogeneous model)."
+    )
     return compute
 
 
@@ -333,19 +400,34 @@ def _adaptive_sharpness(ctx: MeasureContext) -> Estimate:
     from flatcli.analysis.scale import adaptive_sharpness
 
     c = ctx.config
-    est = adaptive_sharpness(ctx.model, ctx.inputs, ctx.targets, rho=c.rho, samples=c.sharpness_samples,
-                             seed=c.seed, logit_normalise=c.logit_normalise, batch_size=ctx.op.batch_size)
+    est = adaptive_sharpness(
+        ctx.model,
+        ctx.inputs,
+        ctx.targets,
+        rho=c.rho,
+        samples=c.sharpness_samples,
+        seed=c.seed,
+        logit_normalise=c.logit_normalise,
+        batch_size=ctx.op.batch_size,
+    )
     from flatcli.curvature.trace import MIN_SAMPLES
 
-    return Estimate(est.value, est.stderr, "stderr",
-                    converged=c.sharpness_samples >= MIN_SAMPLES and math.isfinite(est.stderr))
+    return Estimate(
+        est.value,
+        est.stderr,
+        "stderr",
+        converged=c.sharpness_samples >= MIN_SAMPLES and math.isfinite(est.stderr),
+    )
 
 
 def _relative_flatness(ctx: MeasureContext) -> Estimate:
     from flatcli.analysis.scale import relative_flatness
 
-    return Estimate(relative_flatness(ctx.model, ctx.inputs, ctx.targets, batch_size=ctx.op.batch_size),
-                    0.0, "exact")
+    return Estimate(
+        relative_flatness(ctx.model, ctx.inputs, ctx.targets, batch_size=ctx.op.batch_size),
+        0.0,
+        "exact",
+    )
 
 
 def density_from_eigenvalues(eig: torch.Tensor, grid_size: int = 512, sigma: float | None = None):
@@ -354,7 +436,9 @@ def density_from_eigenvalues(eig: torch.Tensor, grid_size: int = 512, sigma: flo
     lo, hi = float(eig.min()), float(eig.max())
     width = max(hi - lo, 1e-12)
     sigma = sigma or width / 200
-    grid = torch.linspace(lo - 4 * sigma - 0.01 * width, hi + 4 * sigma + 0.01 * width, grid_size, dtype=torch.float64)
+    grid = torch.linspace(
+        lo - 4 * sigma - 0.01 * width, hi + 4 * sigma + 0.01 * width, grid_size, dtype=torch.float64
+    )
     values = torch.exp(-0.5 * ((grid[:, None] - eig[None, :]) / sigma) ** 2).sum(1)
     values = values / (len(eig) * sigma * math.sqrt(2 * math.pi))
     return grid, values
@@ -380,14 +464,18 @@ PER_LAYER = ("lambda_max", "lambda_min", "trace", "frobenius")
 
 def _is_plain_logreg(model: nn.Module) -> bool:
     """A candidate for the closed form: every parameter belongs to one ``nn.Linear``. What
-    the model computes with them is checked later (verified_logistic_regression_hessian)."""
+    the model computes with them is checked later (verified_logistic_regression_hessian).
+    """
     return single_linear(model) is not None
 
 
 def non_finite_tensors(model: nn.Module) -> list[str]:
     """Names of the model's floating-point parameters and buffers holding a NaN or an Inf."""
-    return [name for name, t in (*model.named_parameters(), *model.named_buffers())
-            if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())]
+    return [
+        name
+        for name, t in (*model.named_parameters(), *model.named_buffers())
+        if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())
+    ]
 
 
 def require_finite_weights(model: nn.Module, where: str = "the model") -> None:
@@ -395,14 +483,23 @@ def require_finite_weights(model: nn.Module, where: str = "the model") -> None:
     bad = non_finite_tensors(model)
     if bad:
         names = few(bad)
-        raise NonFiniteError(f"{where} has non-finite weights (NaN or Inf) in {names}: its curvature is undefined")
+        raise NonFiniteError(
+            f"{where} has non-finite weights (NaN or Inf) in {names}: its curvature is undefined"
+        )
 
 
-def measure(model: nn.Module, inputs: Any, targets: torch.Tensor | SharpnessConfig | None = None,
-            config: SharpnessConfig | None = None, *,
-            l2: float = 0.0, progress: Callable[[int], None] | None = None,
-            status: Callable[[str], None] | None = None,
-            checkpoint: str | None = None, dataset: str | None = None) -> SharpnessReport:
+def measure(
+    model: nn.Module,
+    inputs: Any,
+    targets: torch.Tensor | SharpnessConfig | None = None,
+    config: SharpnessConfig | None = None,
+    *,
+    l2: float = 0.0,
+    progress: Callable[[int], None] | None = None,
+    status: Callable[[str], None] | None = None,
+    checkpoint: str | None = None,
+    dataset: str | None = None,
+) -> SharpnessReport:
     """Measure ``config.measures`` of ``model`` on (inputs, targets); see the module doc.
 
     The data is ``inputs, targets`` (tensors), or ``inputs`` alone: a pair of tensors, a
@@ -432,62 +529,123 @@ def measure(model: nn.Module, inputs: Any, targets: torch.Tensor | SharpnessConf
     if isinstance(targets, SharpnessConfig):  # measure(model, data, config)
         config, targets = targets, None
     config = config or SharpnessConfig()
-    require_finite_weights(model)  # NaN/Inf weights: one clear error, not a LinAlgError from the eigensolver
+    require_finite_weights(
+        model
+    )  # NaN/Inf weights: one clear error, not a LinAlgError from the eigensolver
     source = as_source(inputs, targets)  # a stream is read twice here and refused if it changes
     if source.streamed and config.bn_mode == "full":
         source = source.gather()  # whole-set statistics: one batch of all N samples, in memory
     if source.streamed and config.batch_size is not None:
-        raise UsageError(f"batch size {config.batch_size} does not apply to a DataLoader: its own batches "
-                         "are measured", hint="set the loader's batch_size instead")
+        raise UsageError(
+            f"batch size {config.batch_size} does not apply to a DataLoader: its own batches "
+            "are measured",
+            hint="set the loader's batch_size instead",
+        )
     inputs, targets = (source, None) if source.streamed else (source.inputs, source.targets)
     dtype = DTYPES[config.dtype]
     device = next(model.parameters()).device
     coeff = l2 if config.include_l2 else 0.0
-    widen = max(1, dtype.itemsize // next(model.parameters()).element_size())  # float64 on a float32 model
+    widen = max(
+        1, dtype.itemsize // next(model.parameters()).element_size()
+    )  # float64 on a float32 model
     # with batch statistics the batch defines the matrix: never set by device or memory
     batch = config.bn_batch_size if config.bn_mode == "batch" else config.batch_size
     x_part, y_part = inputs, targets  # this process's samples (all of them with one process)
-    if isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor) and config.bn_mode != "full":
+    if (
+        isinstance(inputs, torch.Tensor)
+        and isinstance(targets, torch.Tensor)
+        and config.bn_mode != "full"
+    ):
         part = my_shard(len(targets), batch if config.bn_mode == "batch" else None)
         x_part, y_part = inputs[part], targets[part]
-    bounded = memory_bounded(model, x_part, batch, budget_bytes=int(config.memory_gb * 2**30 / widen),
-                             bn_mode=config.bn_mode)
-    op_kwargs = dict(curvature=config.curvature, bn_mode=config.bn_mode, l2=coeff, dtype=dtype, progress=progress,
-                     **bounded)
+    bounded = memory_bounded(
+        model,
+        x_part,
+        batch,
+        budget_bytes=int(config.memory_gb * 2**30 / widen),
+        bn_mode=config.bn_mode,
+    )
+    op_kwargs = dict(
+        curvature=config.curvature,
+        bn_mode=config.bn_mode,
+        l2=coeff,
+        dtype=dtype,
+        progress=progress,
+        **bounded,
+    )
     op = CurvatureOperator(model, x_part, y_part, **op_kwargs)
     closed_form = config.exact and config.curvature == "hessian" and _is_plain_logreg(model)
     ctx = MeasureContext(op, config, model, inputs, targets, closed_form, status)
     loss, accuracy = op.loss_and_accuracy()
     if not math.isfinite(loss):  # e.g. logits that overflow float32: every HVP would be NaN
-        raise NonFiniteError(f"the loss is {loss} at these weights (logits overflow {config.dtype}?): "
-                             "its curvature is undefined")
+        raise NonFiniteError(
+            f"the loss is {loss} at these weights (logits overflow {config.dtype}?): "
+            "its curvature is undefined"
+        )
     try:
         results = {name: ctx.get(name) for name in config.measures}
-    except torch.linalg.LinAlgError as exc:  # a non-finite Hessian-vector product reached an eigensolver
-        raise NonFiniteError(f"the curvature is not finite at these weights ({str(exc).splitlines()[0]})") from None
+    except (
+        torch.linalg.LinAlgError
+    ) as exc:  # a non-finite Hessian-vector product reached an eigensolver
+        raise NonFiniteError(
+            f"the curvature is not finite at these weights ({str(exc).splitlines()[0]})"
+        ) from None
     if "lambda_max" in results and "lambda_min" in results:
         hi, lo = results["lambda_max"], results["lambda_min"]
         results["spectral_norm"] = max((hi, lo), key=lambda e: abs(e.value))
-        results["spectral_norm"] = replace(results["spectral_norm"], value=abs(results["spectral_norm"].value),
-                                           uncertainty=max(hi.uncertainty, lo.uncertainty), hvps=0)
+        results["spectral_norm"] = replace(
+            results["spectral_norm"],
+            value=abs(results["spectral_norm"].value),
+            uncertainty=max(hi.uncertainty, lo.uncertainty),
+            hvps=0,
+        )
     layers: list[LayerReport] = []
     hvps = op.hvps
     if config.per_layer:
         for name, names in parameter_groups(model).items():
             sub = CurvatureOperator(model, x_part, y_part, param_names=names, **op_kwargs)
             sub_ctx = MeasureContext(sub, config, model, inputs, targets, closed_form=False)
-            layers.append(LayerReport(name, tuple(names), sub.num_params,
-                                      {m: sub_ctx.get(m) for m in config.measures if m in PER_LAYER}))
+            layers.append(
+                LayerReport(
+                    name,
+                    tuple(names),
+                    sub.num_params,
+                    {m: sub_ctx.get(m) for m in config.measures if m in PER_LAYER},
+                )
+            )
             hvps += sub.hvps
     # samples measured: op.num_samples counts each process's part, which is all of the tensors on
     # every process when they are not sharded (bn_mode "full", fewer samples than processes)
     n_measured = len(targets) if isinstance(targets, torch.Tensor) else op.num_samples
-    bn_batch = (n_measured if config.bn_mode == "full" else op.batch_size if source.streamed
-                and config.bn_mode == "batch" else config.bn_batch_size)
-    return SharpnessReport(checkpoint, dataset, config.split, n_measured, op.num_params, config.curvature,
-                           config.bn_mode, config.dtype, str(device), config.seed, loss, accuracy, ctx.weight_norm,
-                           coeff, results, hvps, time.perf_counter() - start, config.exact, layers,
-                           bn_batch_size=bn_batch)
+    bn_batch = (
+        n_measured
+        if config.bn_mode == "full"
+        else op.batch_size
+        if source.streamed and config.bn_mode == "batch"
+        else config.bn_batch_size
+    )
+    return SharpnessReport(
+        checkpoint,
+        dataset,
+        config.split,
+        n_measured,
+        op.num_params,
+        config.curvature,
+        config.bn_mode,
+        config.dtype,
+        str(device),
+        config.seed,
+        loss,
+        accuracy,
+        ctx.weight_norm,
+        coeff,
+        results,
+        hvps,
+        time.perf_counter() - start,
+        config.exact,
+        layers,
+        bn_batch_size=bn_batch,
+    )
 
 
 def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
@@ -498,4 +656,3 @@ def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
             owner = name.rsplit(".", 1)[0] if "." in name else name
             groups.setdefault(owner, []).append(name)
     return groups
-

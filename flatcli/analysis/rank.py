@@ -130,7 +130,9 @@ def rank_bound(model: nn.Module, num_classes: int, num_samples: int) -> RankBoun
 
 
 def _magnitudes(eigenvalues: Any) -> np.ndarray:
-    values = np.abs(np.asarray(eigenvalues.detach().cpu() if isinstance(eigenvalues, Tensor) else eigenvalues))
+    values = np.abs(
+        np.asarray(eigenvalues.detach().cpu() if isinstance(eigenvalues, Tensor) else eigenvalues)
+    )
     if values.ndim != 1:
         raise UsageError(f"expected a 1-d array of eigenvalues, got shape {values.shape}")
     if not np.all(np.isfinite(values)):
@@ -158,7 +160,11 @@ def numerical_rank(eigenvalues: Any, rel_threshold: float | None = None) -> int:
     >>> numerical_rank([3.0, 1e-3, 1e-20, 0.0])
     2
     """
-    raw = eigenvalues.detach().cpu().numpy() if isinstance(eigenvalues, Tensor) else np.asarray(eigenvalues)
+    raw = (
+        eigenvalues.detach().cpu().numpy()
+        if isinstance(eigenvalues, Tensor)
+        else np.asarray(eigenvalues)
+    )
     values = _magnitudes(raw)
     if values.size == 0:
         return 0
@@ -171,7 +177,9 @@ def numerical_rank(eigenvalues: Any, rel_threshold: float | None = None) -> int:
     return int((values > rel_threshold * top).sum()) if top > 0 else 0
 
 
-def effective_rank(eigenvalues: Any, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> dict[float, int]:
+def effective_rank(
+    eigenvalues: Any, fractions: Sequence[float] = DEFAULT_FRACTIONS
+) -> dict[float, int]:
     """For each fraction f, the number of eigenvalues with ``|lambda| > f * max |lambda|``.
 
     Magnitudes are used, as for :func:`numerical_rank`: a rank counts directions of
@@ -264,10 +272,14 @@ def measured_rank(
         )
     from flatcli.curvature import CurvatureOperator, dense_hessian
 
-    part = my_shard(int(targets.shape[0]))  # torchrun: this process's samples (see measures.measure)
+    part = my_shard(
+        int(targets.shape[0])
+    )  # torchrun: this process's samples (see measures.measure)
 
     def spectrum(curvature: str) -> Tensor:
-        op = CurvatureOperator(model, inputs[part], targets[part], curvature=curvature, dtype=torch.float64)
+        op = CurvatureOperator(
+            model, inputs[part], targets[part], curvature=curvature, dtype=torch.float64
+        )
         h = dense_hessian(op, max_bytes=need)
         return torch.linalg.eigvalsh(0.5 * (h + h.T))
 
@@ -362,7 +374,11 @@ def estimated_rank(density: Any, num_params: int, fraction: float = 1e-2) -> Ran
     """
     if not 0 < fraction < 1:
         raise UsageError(f"fraction must lie in (0, 1), got {fraction}")
-    if isinstance(num_params, bool) or not isinstance(num_params, numbers.Integral) or num_params < 1:
+    if (
+        isinstance(num_params, bool)
+        or not isinstance(num_params, numbers.Integral)
+        or num_params < 1
+    ):
         raise UsageError(f"num_params must be a positive integer, got {num_params!r}")
     nodes = np.asarray(torch.as_tensor(density.nodes).detach().cpu(), dtype=np.float64).ravel()
     weights = np.asarray(torch.as_tensor(density.weights).detach().cpu(), dtype=np.float64).ravel()
@@ -371,7 +387,9 @@ def estimated_rank(density: Any, num_params: int, fraction: float = 1e-2) -> Ran
         raise UsageError(f"{nodes.size} nodes but {weights.size} weights")
     cut = fraction * np.abs(nodes).max()
     above = np.abs(nodes) > cut
-    per_probe = np.array([num_params * weights[s][above[s]].sum() for s in _split_probes(nodes, weights, probes)])
+    per_probe = np.array(
+        [num_params * weights[s][above[s]].sum() for s in _split_probes(nodes, weights, probes)]
+    )
     stderr = float(per_probe.std(ddof=1) / math.sqrt(probes)) if probes > 1 else math.nan
     return RankEstimate(
         value=float(per_probe.mean()),
@@ -445,14 +463,17 @@ def is_linear_model(model: nn.Module, inputs: Tensor | None = None) -> bool:
 def _affine_on(model: nn.Module, inputs: Tensor, samples: int = 8, rtol: float = 1e-9) -> bool:
     """f(t a + (1 - t) b) = t f(a) + (1 - t) f(b) for t = 0.3 and t = 2 (an affine f),
     on up to ``samples`` inputs a and seeded Gaussian b, evaluated in float64 on a copy
-    in eval mode; to ``rtol`` of the outputs' size (float64 rounding is ~1e-15)."""
+    in eval mode; to ``rtol`` of the outputs' size (float64 rounding is ~1e-15).
+    """
     import copy
 
     try:
         net = copy.deepcopy(model).to(torch.float64).eval()
         device = next(net.parameters()).device
         a = inputs[:samples].to(device=device, dtype=torch.float64)
-        b = torch.randn(a.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device)
+        b = torch.randn(
+            a.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+        ).to(device)
         with torch.no_grad():
             fa, fb = net(a), net(b)
             scale = float(fa.abs().max() + fb.abs().max()) + 1e-300
@@ -504,7 +525,11 @@ def rank_statement(bound: RankBound, measured: Measured, is_linear: bool) -> str
     lines = [head]
     if isinstance(measured, RankEstimate):
         low, high = measured.value - 2 * measured.stderr, measured.value + 2 * measured.stderr
-        err = f"+- {measured.stderr:,.1f}" if math.isfinite(measured.stderr) else "(no error bar: one probe)"
+        err = (
+            f"+- {measured.stderr:,.1f}"
+            if math.isfinite(measured.stderr)
+            else "(no error bar: one probe)"
+        )
         lines.append(
             f"Estimated effective rank (SLQ, {measured.probes} probes, |lambda| > {measured.fraction:g} "
             f"lambda_max): {measured.value:,.1f} {err}; an estimate, not an exact rank."
@@ -519,7 +544,9 @@ def rank_statement(bound: RankBound, measured: Measured, is_linear: bool) -> str
         elif is_linear:
             lines.append("Linear model: the bound is exact; the estimate is consistent with it.")
         else:
-            where = "above" if over else ("within" if high <= bound.min_bound else "consistent with")
+            where = (
+                "above" if over else ("within" if high <= bound.min_bound else "consistent with")
+            )
             lines.append(
                 f"Nonlinear model: the bound holds for the effective rank only under the "
                 f"Kronecker-factored approximation; the estimate is {where} it."
@@ -606,7 +633,10 @@ class RankReport:
             "num_params": b.num_params,
             "num_classes": b.num_classes,
             "num_samples": b.num_samples,
-            "layers": [{"name": i.name, "kind": i.kind, "fan_in": i.fan_in, "neurons": i.neurons} for i in b.layers],
+            "layers": [
+                {"name": i.name, "kind": i.kind, "fan_in": i.fan_in, "neurons": i.neurons}
+                for i in b.layers
+            ],
             "paper_bound": b.paper_bound,
             "data_bound": b.data_bound,
             "min_bound": b.min_bound,
@@ -616,23 +646,38 @@ class RankReport:
             "exact": m.exact,
         }
         if isinstance(m, MeasuredRank):
-            doc.update({"threshold": m.threshold, "numerical_rank": m.numerical_rank, "ggn_rank": m.ggn_rank,
-                        "effective_rank": {f"{k:g}": v for k, v in m.effective_rank.items()},
-                        "ggn_effective_rank": {f"{k:g}": v for k, v in m.ggn_effective_rank.items()}})
+            doc.update(
+                {
+                    "threshold": m.threshold,
+                    "numerical_rank": m.numerical_rank,
+                    "ggn_rank": m.ggn_rank,
+                    "effective_rank": {f"{k:g}": v for k, v in m.effective_rank.items()},
+                    "ggn_effective_rank": {f"{k:g}": v for k, v in m.ggn_effective_rank.items()},
+                }
+            )
         else:
-            doc.update({"numerical_rank": None, "ggn_rank": None,
-                        "effective_rank": {f"{m.fraction:g}": {"value": m.value, "stderr": m.stderr}}})
+            doc.update(
+                {
+                    "numerical_rank": None,
+                    "ggn_rank": None,
+                    "effective_rank": {f"{m.fraction:g}": {"value": m.value, "stderr": m.stderr}},
+                }
+            )
         doc["statement"] = self.statement
         return doc
 
 
-def check_rank_options(*, threshold: float | None = None, fraction: float = 1e-2, probes: int = 8,
-                       iterations: int = 80) -> None:
+def check_rank_options(
+    *, threshold: float | None = None, fraction: float = 1e-2, probes: int = 8, iterations: int = 80
+) -> None:
     """Refuse (:class:`UsageError`) options that cannot be right, before any computation:
     a ``threshold`` or ``fraction`` outside [0, 1) and (0, 1) (NaN included; 1 or more
-    would count no eigenvalue at all), fewer than 1 probe or iteration."""
+    would count no eigenvalue at all), fewer than 1 probe or iteration.
+    """
     if threshold is not None and not (0 <= threshold < 1):
-        raise UsageError(f"threshold must lie in [0, 1) (a fraction of max |lambda|), got {threshold}")
+        raise UsageError(
+            f"threshold must lie in [0, 1) (a fraction of max |lambda|), got {threshold}"
+        )
     if not (0 < fraction < 1):
         raise UsageError(f"fraction must lie in (0, 1), got {fraction}")
     for key, value in (("probes", probes), ("iterations", iterations)):
@@ -640,27 +685,41 @@ def check_rank_options(*, threshold: float | None = None, fraction: float = 1e-2
             raise UsageError(f"{key} must be a positive integer, got {value!r}")
 
 
-def rank_report(model: nn.Module, inputs: Tensor, targets: Tensor, num_classes: int, *,
-                exact: bool | None = None, threshold: float | None = None, fraction: float = 1e-2,
-                probes: int = 8, iterations: int = 80, seed: int = 0,
-                max_params: int = DEFAULT_MAX_PARAMS) -> RankReport:
+def rank_report(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    num_classes: int,
+    *,
+    exact: bool | None = None,
+    threshold: float | None = None,
+    fraction: float = 1e-2,
+    probes: int = 8,
+    iterations: int = 80,
+    seed: int = 0,
+    max_params: int = DEFAULT_MAX_PARAMS,
+) -> RankReport:
     """Bound and rank of ``model``'s Hessian on the data; exact when P <= ``max_params``
     (or when ``exact`` is True), else an SLQ estimate of the effective rank.
 
-    Every option is checked (:func:`check_rank_options`) before anything is computed."""
+    Every option is checked (:func:`check_rank_options`) before anything is computed.
+    """
     check_rank_options(threshold=threshold, fraction=fraction, probes=probes, iterations=iterations)
     bound = rank_bound(model, num_classes, len(targets))
     use_exact = bound.num_params <= max_params if exact is None else exact
     if exact:  # asked for explicitly: allow twice the default size before refusing
         max_params = max(max_params, 2 * DEFAULT_MAX_PARAMS)
     if use_exact:
-        measured: MeasuredRank | RankEstimate = measured_rank(model, inputs, targets, threshold=threshold,
-                                                              max_params=max_params)
+        measured: MeasuredRank | RankEstimate = measured_rank(
+            model, inputs, targets, threshold=threshold, max_params=max_params
+        )
     else:
         from flatcli.curvature import CurvatureOperator, memory_bounded, slq_density
 
         part = my_shard(len(targets))  # torchrun: this process's samples
-        op = CurvatureOperator(model, inputs[part], targets[part], **memory_bounded(model, inputs[part]))
+        op = CurvatureOperator(
+            model, inputs[part], targets[part], **memory_bounded(model, inputs[part])
+        )
         density = slq_density(op, probes=probes, iterations=iterations, seed=seed)
         measured = estimated_rank(density, bound.num_params, fraction)
     linear = is_linear_model(model, inputs)

@@ -101,7 +101,9 @@ def scale_weights(model: nn.Module, factor: float, layers: str = "all") -> nn.Mo
     >>> bool(torch.allclose(scale_weights(m, 2.0).weight, 2 * m.weight))
     True
     """
-    if isinstance(factor, bool) or not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+    if isinstance(factor, bool) or not (
+        isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0
+    ):
         raise UsageError(f"the scale factor must be a finite number > 0, got {factor!r}")
     scaled = copy.deepcopy(model)
     with torch.no_grad():
@@ -140,7 +142,9 @@ def normalised_measures(
     {'lambda_max_normalised': 18.0}
     """
     given = {"lambda_max": lambda_max, "trace": trace}
-    return {NORMALISED_NAMES[k]: normalised(v, weight_norm) for k, v in given.items() if v is not None}
+    return {
+        NORMALISED_NAMES[k]: normalised(v, weight_norm) for k, v in given.items() if v is not None
+    }
 
 
 # ----------------------------------------------------------------------------------------
@@ -169,12 +173,20 @@ def _first_parameter(model: nn.Module) -> nn.Parameter:
 def _to_model(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """A batch on the model's device; float inputs in the model's dtype."""
     first = _first_parameter(model)
-    x = x.to(device=first.device, dtype=first.dtype) if x.is_floating_point() else x.to(first.device)
+    x = (
+        x.to(device=first.device, dtype=first.dtype)
+        if x.is_floating_point()
+        else x.to(first.device)
+    )
     return x, y.to(first.device)
 
 
-def _prepare_data(model: nn.Module, inputs: Tensor | Iterable | DataSource, targets: Tensor | None,
-                  batch_size: int | None) -> Callable[[], Iterator[tuple[Tensor, Tensor]]]:
+def _prepare_data(
+    model: nn.Module,
+    inputs: Tensor | Iterable | DataSource,
+    targets: Tensor | None,
+    batch_size: int | None,
+) -> Callable[[], Iterator[tuple[Tensor, Tensor]]]:
     """The data's batches on the model's device, as a function that starts a pass.
 
     ``(inputs, targets)`` tensors are moved once and cut into ``batch_size`` slices; a
@@ -318,7 +330,9 @@ def adaptive_sharpness(
         for _ in range(samples):
             noisy = {}
             for name, p in params.items():
-                eps = torch.randn(p.shape, generator=gen, device=first.device, dtype=p.dtype).to(p.device)
+                eps = torch.randn(p.shape, generator=gen, device=first.device, dtype=p.dtype).to(
+                    p.device
+                )
                 noisy[name] = p + rho * p.abs() * eps
             diffs.append(_mean_loss(model, noisy, batches, logit_normalise) - base)
     d = torch.tensor(diffs, dtype=torch.float64)
@@ -410,7 +424,9 @@ def relative_flatness(
                     )
                 phi = captured["features"]
                 if phi.ndim != 2:
-                    raise UsageError(f"layer {name!r} gets inputs of shape {tuple(phi.shape)}, expected (N, d)")
+                    raise UsageError(
+                        f"layer {name!r} gets inputs of shape {tuple(phi.shape)}, expected (N, d)"
+                    )
                 p = torch.softmax(logits, dim=1)
                 q = phi.pow(2).sum(dim=1)  # ||phi_i||^2
                 trace_blocks += torch.diag(q @ p) - (p * q[:, None]).T @ p

@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from flatcli.errors import NonFiniteError, UsageError
 from flatcli.analysis.measures import DTYPES, SharpnessConfig, measure, non_finite_tensors
+from flatcli.errors import NonFiniteError, UsageError
 
 SWEEP_MEASURES = ("lambda_max", "trace", "frobenius")
 
@@ -32,8 +32,13 @@ class SweepRow:
     measures: dict
 
     def as_dict(self) -> dict:
-        return {"scale": self.scale, "loss": self.loss, "accuracy": self.accuracy, "weight_norm": self.weight_norm,
-                **{k: v.as_dict() for k, v in self.measures.items()}}
+        return {
+            "scale": self.scale,
+            "loss": self.loss,
+            "accuracy": self.accuracy,
+            "weight_norm": self.weight_norm,
+            **{k: v.as_dict() for k, v in self.measures.items()},
+        }
 
 
 def parse_scales(text: str) -> tuple[float, ...]:
@@ -46,9 +51,16 @@ def parse_scales(text: str) -> tuple[float, ...]:
     return scales
 
 
-def scaling_sweep(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, scales: Sequence[float],
-                  config: SharpnessConfig, *, layers: str = "all",
-                  progress: Callable[[int], None] | None = None) -> list[SweepRow]:
+def scaling_sweep(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    scales: Sequence[float],
+    config: SharpnessConfig,
+    *,
+    layers: str = "all",
+    progress: Callable[[int], None] | None = None,
+) -> list[SweepRow]:
     """Loss, accuracy and sharpness of ``model`` with its weights scaled by each factor."""
     from flatcli.analysis.scale import scale_weights
 
@@ -57,38 +69,70 @@ def scaling_sweep(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     measures = tuple(m for m in config.measures if m in SWEEP_MEASURES) or SWEEP_MEASURES
     config = replace(config, measures=measures, per_layer=False)
     for a in scales:  # every factor is checked before anything is measured
-        check_scale(model, inputs, targets, a, layers=layers, dtype=config.dtype, batch_size=config.batch_size)
+        check_scale(
+            model,
+            inputs,
+            targets,
+            a,
+            layers=layers,
+            dtype=config.dtype,
+            batch_size=config.batch_size,
+        )
     rows = []
     for a in scales:
         try:
-            report = measure(scale_weights(model, a, layers=layers), inputs, targets, config, progress=progress)
+            report = measure(
+                scale_weights(model, a, layers=layers), inputs, targets, config, progress=progress
+            )
         except NonFiniteError as exc:
             raise UsageError(f"--scale {a:g}: {exc.message}", hint="use smaller factors") from None
-        rows.append(SweepRow(a, report.loss, report.accuracy, report.weight_norm,
-                             {k: v for k, v in report.measures.items() if k in SWEEP_MEASURES}))
+        rows.append(
+            SweepRow(
+                a,
+                report.loss,
+                report.accuracy,
+                report.weight_norm,
+                {k: v for k, v in report.measures.items() if k in SWEEP_MEASURES},
+            )
+        )
     return rows
 
 
-def check_scale(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, factor: float, *,
-                layers: str = "all", dtype: str = "float32", batch_size: int | None = None) -> None:
+def check_scale(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    factor: float,
+    *,
+    layers: str = "all",
+    dtype: str = "float32",
+    batch_size: int | None = None,
+) -> None:
     """Refuse (:class:`UsageError`) a factor whose scaled weights, or whose loss, are not finite
-    in ``dtype``: e.g. 1e30 on a two-layer network gives logits near 1e60, beyond float32."""
+    in ``dtype``: e.g. 1e30 on a two-layer network gives logits near 1e60, beyond float32.
+    """
     from flatcli.analysis.scale import scale_weights
 
     scaled = scale_weights(model, factor, layers=layers)
     bad = non_finite_tensors(scaled)
     if bad:
-        raise UsageError(f"--scale {factor:g}: the scaled weights overflow {next(scaled.parameters()).dtype} "
-                         f"in {', '.join(bad[:3])}", hint="use smaller factors")
+        raise UsageError(
+            f"--scale {factor:g}: the scaled weights overflow {next(scaled.parameters()).dtype} "
+            f"in {', '.join(bad[:3])}",
+            hint="use smaller factors",
+        )
     first = next(scaled.parameters())
     scaled = scaled.to(DTYPES[dtype])
     total = torch.zeros((), dtype=torch.float64)
     step = batch_size or 1024
     with torch.no_grad():
         for start in range(0, len(targets), step):
-            x = inputs[start:start + step].to(first.device, DTYPES[dtype])
-            y = targets[start:start + step].to(first.device)
+            x = inputs[start : start + step].to(first.device, DTYPES[dtype])
+            y = targets[start : start + step].to(first.device)
             total += torch.nn.functional.cross_entropy(scaled(x), y, reduction="sum").double().cpu()
     if not torch.isfinite(total):
-        raise UsageError(f"--scale {factor:g}: the loss is {float(total)} at the scaled weights "
-                         f"(the logits overflow {dtype})", hint="use smaller factors")
+        raise UsageError(
+            f"--scale {factor:g}: the loss is {float(total)} at the scaled weights "
+            f"(the logits overflow {dtype})",
+            hint="use smaller factors",
+        )

@@ -29,11 +29,21 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
-                                 callback=_print_version),
-    threads: int = typer.Option(0, "--threads", envvar="FLATCLI_THREADS", min=0,
-                                help="CPU threads for torch (0: torch's default). On a machine that other jobs "
-                                     "keep busy, 1 avoids OpenMP spin-wait slow-downs."),
+    version: bool = typer.Option(
+        False,
+        "--version",
+        help="Print the version and exit.",
+        is_eager=True,
+        callback=_print_version,
+    ),
+    threads: int = typer.Option(
+        0,
+        "--threads",
+        envvar="FLATCLI_THREADS",
+        min=0,
+        help="CPU threads for torch (0: torch's default). On a machine that other jobs "
+        "keep busy, 1 avoids OpenMP spin-wait slow-downs.",
+    ),
 ) -> None:
     """Train classifiers and measure the curvature of their loss."""
     if threads:
@@ -89,7 +99,10 @@ def _run() -> int:
 
             if not exc.format_message():  # bare `flatcli`: the help was the message
                 return exc.exit_code
-            err.print(f"[bold red]error:[/] {escape(exc.format_message())} (see flatcli --help)", highlight=False)
+            err.print(
+                f"[bold red]error:[/] {escape(exc.format_message())} (see flatcli --help)",
+                highlight=False,
+            )
             return exc.exit_code
         if type(exc).__name__ == "Abort":  # Ctrl-C at a prompt
             return 130

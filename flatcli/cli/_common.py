@@ -15,6 +15,7 @@ from rich.console import Console
 
 from flatcli.errors import FlatcliError
 
+
 #: This process's rank under ``torchrun`` (0 otherwise), read from the environment so that
 #: the consoles are set before torch is imported.
 def _env_rank() -> int:
@@ -40,7 +41,9 @@ def is_main() -> bool:
 
 def fail(message: str, code: int = 1) -> None:
     if RANK != 0 and code != 2:  # this rank's own failure; an option error is rank 0's to say
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] rank {RANK}: {message}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(
+            f"[bold red]error:[/] rank {RANK}: {message}", highlight=False
+        )
         raise typer.Exit(code)
     err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
     raise typer.Exit(code)
@@ -50,7 +53,8 @@ def join_world(device: str) -> str:
     """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group, NCCL on CUDA and gloo
     on the CPU, and return this rank's device (``cuda:LOCAL_RANK`` for auto/cuda when CUDA is
     available); otherwise ``device`` unchanged. The group is left when the command ends
-    (:func:`handle_errors`)."""
+    (:func:`handle_errors`).
+    """
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return device
     from flatcli import distributed
@@ -61,7 +65,8 @@ def join_world(device: str) -> str:
 
 def _leave_world(together: bool = False) -> None:
     """Leave the process group, if joined; ``together``: after a command that succeeded, wait
-    for the other processes first (see :func:`flatcli.distributed.finish`)."""
+    for the other processes first (see :func:`flatcli.distributed.finish`).
+    """
     import sys
 
     dist = sys.modules.get("torch.distributed")  # never import torch just to leave
@@ -99,7 +104,9 @@ def _say_warnings(caught: list[warnings.WarningMessage]) -> None:
     """Print flatcli's own recorded warnings as yellow lines, once (the list is emptied)."""
     for w in caught:
         if _ours(w):
-            err.print(f"[yellow]warning:[/] {_escape(str(w.message).splitlines()[0])}", highlight=False)
+            err.print(
+                f"[yellow]warning:[/] {_escape(str(w.message).splitlines()[0])}", highlight=False
+            )
     caught.clear()
 
 

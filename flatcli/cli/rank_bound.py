@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,10 +14,31 @@ from flatcli.cli.sharpness import DatasetOverride, Samples
 
 @handle_errors
 def rank_bound(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint (.safetensors; with --model-factory also .pt/.pth/.bin or a Lightning .ckpt) or a run directory.")],
-    threshold: Annotated[Optional[float], typer.Option(help="Numerical rank: eigenvalues above this fraction of max|lambda| (default P * eps, as numpy.linalg.matrix_rank).")] = None,
-    exact: Annotated[Optional[bool], typer.Option("--exact/--estimate", help="Dense float64 ranks, or an SLQ estimate of the effective rank (default: exact when P <= 4096).")] = None,
-    fraction: Annotated[float, typer.Option(help="Estimate: effective rank counts |lambda| above this fraction of lambda_max.")] = 1e-2,
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            help="A checkpoint (.safetensors; with --model-factory also .pt/.pth/.bin or a Lightning .ckpt) or a run directory."
+        ),
+    ],
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Numerical rank: eigenvalues above this fraction of max|lambda| (default P * eps, as numpy.linalg.matrix_rank)."
+        ),
+    ] = None,
+    exact: Annotated[
+        bool | None,
+        typer.Option(
+            "--exact/--estimate",
+            help="Dense float64 ranks, or an SLQ estimate of the effective rank (default: exact when P <= 4096).",
+        ),
+    ] = None,
+    fraction: Annotated[
+        float,
+        typer.Option(
+            help="Estimate: effective rank counts |lambda| above this fraction of lambda_max."
+        ),
+    ] = 1e-2,
     samples: Samples = None,
     seed: opt.Seed = 0,
     device: opt.Device = "auto",
@@ -33,21 +54,40 @@ def rank_bound(
     The bound is exact for linear models (logistic regression; for deep linear nets, for the GGN); for
     nonlinear nets it bounds the effective rank under a Kronecker-factored approximation. Both are reported.
     """
-    from flatcli.errors import UsageError
     from flatcli.analysis.rank import check_rank_options, rank_report
+    from flatcli.errors import UsageError
     from flatcli.report.tables import rank_table
     from flatcli.workflows.sharpness import load_point
 
-    check_rank_options(threshold=threshold, fraction=fraction)  # before anything is loaded or computed
+    check_rank_options(
+        threshold=threshold, fraction=fraction
+    )  # before anything is loaded or computed
     if samples is not None and samples < 1:
         raise UsageError(f"samples must be positive, got {samples}")
-    device = join_world(device)  # under torchrun: this rank's device, after joining the process group
-    point = load_point(checkpoint, samples=samples, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
-                       device=device, model_factory=model_factory, factory_args=opt.factory_args(factory_arg),
-                       output=output)
+    device = join_world(
+        device
+    )  # under torchrun: this rank's device, after joining the process group
+    point = load_point(
+        checkpoint,
+        samples=samples,
+        dataset=dataset,
+        data_dir=str(data_dir) if data_dir else None,
+        device=device,
+        model_factory=model_factory,
+        factory_args=opt.factory_args(factory_arg),
+        output=output,
+    )
     num_classes = int(point.info.dataset.get("num_classes") or _num_classes(point))
-    report = rank_report(point.model, point.inputs, point.targets, num_classes, exact=exact,
-                         threshold=threshold, fraction=fraction, seed=seed)
+    report = rank_report(
+        point.model,
+        point.inputs,
+        point.targets,
+        num_classes,
+        exact=exact,
+        threshold=threshold,
+        fraction=fraction,
+        seed=seed,
+    )
     if json_:
         print_json(report.as_dict())
         return

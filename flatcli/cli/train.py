@@ -3,59 +3,150 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from flatcli.config import make_train_config
 from flatcli.cli import options as opt
 from flatcli.cli._common import err, handle_errors, join_world, out, parse_kwargs, print_json
+from flatcli.config import make_train_config
 
 
 @handle_errors
 def train(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="logreg (default), mlp, cnn, vgg16, preresnet, wrn.")] = None,
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set: digits (default, embedded), mnist, fashion-mnist, cifar10, cifar100.")] = None,
-    width: Annotated[Optional[int], typer.Option(help="mlp: hidden units per layer.")] = None,
-    depth: Annotated[Optional[int], typer.Option(help="mlp: hidden layers; preresnet/wrn: depth.")] = None,
-    widen: Annotated[Optional[int], typer.Option(help="wrn: widening factor.")] = None,
-    batchnorm: Annotated[Optional[bool], typer.Option("--batchnorm/--no-batchnorm", help="vgg16/cnn: BatchNorm layers.")] = None,
-    model_arg: Annotated[Optional[list[str]], typer.Option("--model-arg", help="Other model keyword, KEY=VALUE (repeatable).")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="sgd, adam or adamw.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: 0.05 for sgd, 1e-3 for adam/adamw).")] = None,
-    momentum: Annotated[Optional[float], typer.Option(help="SGD momentum.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default 20).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Mini-batch size (default 128); under torchrun the global batch, split over the processes.")] = None,
-    l2: Annotated[Optional[float], typer.Option(help="Coupled L2: adds X*w to the gradient.")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Decoupled weight decay: w <- w(1 - lr X) (as AdamW).")] = None,
-    schedule: Annotated[Optional[str], typer.Option(help="constant, cosine or paper (hold to 50%, linear decay to --lr-final at 90%).")] = None,
-    lr_final: Annotated[Optional[float], typer.Option(help="Final learning rate of cosine/paper (default lr/100).")] = None,
-    average_from: Annotated[Optional[int], typer.Option(help="Average iterates from this epoch on (one snapshot per epoch).")] = None,
-    recipe: Annotated[Optional[str], typer.Option(help="gadam (AdamW + decoupled wd + averaging) or swa (SGD + averaging).")] = None,
-    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random crop + flip (default on for CIFAR only).")] = None,
-    sync_bn: Annotated[Optional[bool], typer.Option("--sync-bn/--no-sync-bn", help="Under torchrun on GPUs: BatchNorm over the global batch (SyncBatchNorm) instead of each process's part.")] = None,
-    train_samples: Annotated[Optional[int], typer.Option(help="Train on a deterministic subset of N images.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed (default 0).")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="logreg (default), mlp, cnn, vgg16, preresnet, wrn."),
+    ] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            "--dataset",
+            "-d",
+            help="Data set: digits (default, embedded), mnist, fashion-mnist, cifar10, cifar100.",
+        ),
+    ] = None,
+    width: Annotated[int | None, typer.Option(help="mlp: hidden units per layer.")] = None,
+    depth: Annotated[
+        int | None, typer.Option(help="mlp: hidden layers; preresnet/wrn: depth.")
+    ] = None,
+    widen: Annotated[int | None, typer.Option(help="wrn: widening factor.")] = None,
+    batchnorm: Annotated[
+        bool | None,
+        typer.Option("--batchnorm/--no-batchnorm", help="vgg16/cnn: BatchNorm layers."),
+    ] = None,
+    model_arg: Annotated[
+        list[str] | None,
+        typer.Option("--model-arg", help="Other model keyword, KEY=VALUE (repeatable)."),
+    ] = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd, adam or adamw.")] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Learning rate (default: 0.05 for sgd, 1e-3 for adam/adamw)."),
+    ] = None,
+    momentum: Annotated[float | None, typer.Option(help="SGD momentum.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (default 20).")] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Mini-batch size (default 128); under torchrun the global batch, split over the processes."
+        ),
+    ] = None,
+    l2: Annotated[
+        float | None, typer.Option(help="Coupled L2: adds X*w to the gradient.")
+    ] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option(help="Decoupled weight decay: w <- w(1 - lr X) (as AdamW).")
+    ] = None,
+    schedule: Annotated[
+        str | None,
+        typer.Option(
+            help="constant, cosine or paper (hold to 50%, linear decay to --lr-final at 90%)."
+        ),
+    ] = None,
+    lr_final: Annotated[
+        float | None, typer.Option(help="Final learning rate of cosine/paper (default lr/100).")
+    ] = None,
+    average_from: Annotated[
+        int | None,
+        typer.Option(help="Average iterates from this epoch on (one snapshot per epoch)."),
+    ] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(help="gadam (AdamW + decoupled wd + averaging) or swa (SGD + averaging)."),
+    ] = None,
+    augment: Annotated[
+        bool | None,
+        typer.Option(
+            "--augment/--no-augment", help="Random crop + flip (default on for CIFAR only)."
+        ),
+    ] = None,
+    sync_bn: Annotated[
+        bool | None,
+        typer.Option(
+            "--sync-bn/--no-sync-bn",
+            help="Under torchrun on GPUs: BatchNorm over the global batch (SyncBatchNorm) instead of each process's part.",
+        ),
+    ] = None,
+    train_samples: Annotated[
+        int | None, typer.Option(help="Train on a deterministic subset of N images.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed (default 0).")] = None,
     data_dir: opt.DataDir = None,
     download: opt.Download = False,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto (default: CUDA when available), cpu or cuda.")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default runs/DATASET-MODEL-OPTIMIZER-sSEED).")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option("--device", help="auto (default: CUDA when available), cpu or cuda."),
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Run directory (default runs/DATASET-MODEL-OPTIMIZER-sSEED)."
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out with its own options (--epochs may change).")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue an interrupted run in --out with its own options (--epochs may change)."
+        ),
+    ] = False,
     json_: opt.Json = False,
 ) -> None:
     """Train a classifier and save DIR/model.safetensors (safetensors + JSON metadata)."""
     model_kwargs = parse_kwargs(model_arg)
-    for key, value in (("width", width), ("depth", depth), ("widen", widen), ("batchnorm", batchnorm)):
+    for key, value in (
+        ("width", width),
+        ("depth", depth),
+        ("widen", widen),
+        ("batchnorm", batchnorm),
+    ):
         if value is not None:
             model_kwargs[key] = value
     # Options left at None were not given: defaults for a new run, the run's own for --resume.
     given = dict(
-        dataset=dataset, model=model, model_kwargs=model_kwargs or None, optimizer=optimizer, lr=lr,
-        momentum=momentum, epochs=epochs, batch_size=batch_size, l2=l2, weight_decay=weight_decay,
-        schedule=schedule, lr_final=lr_final, average_from=average_from, augment=augment, sync_bn=sync_bn,
-        train_samples=train_samples, seed=seed, data_dir=str(data_dir) if data_dir else None,
-        download=download, device=device, out=out_dir)
+        dataset=dataset,
+        model=model,
+        model_kwargs=model_kwargs or None,
+        optimizer=optimizer,
+        lr=lr,
+        momentum=momentum,
+        epochs=epochs,
+        batch_size=batch_size,
+        l2=l2,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        lr_final=lr_final,
+        average_from=average_from,
+        augment=augment,
+        sync_bn=sync_bn,
+        train_samples=train_samples,
+        seed=seed,
+        data_dir=str(data_dir) if data_dir else None,
+        download=download,
+        device=device,
+        out=out_dir,
+    )
     if not resume:
         config = make_train_config(recipe, **given, overwrite=overwrite)
     else:
@@ -63,17 +154,42 @@ def train(
         from flatcli.workflows.training import default_run_dir, main_decides, read_run_options
 
         TrainConfig(overwrite=overwrite, resume=True)  # refuses the two together
-        run_dir = out_dir if out_dir is not None else default_run_dir(make_train_config(recipe, **given, resume=True))
+        run_dir = (
+            out_dir
+            if out_dir is not None
+            else default_run_dir(make_train_config(recipe, **given, resume=True))
+        )
         join_world(device or "auto")  # under torchrun, rank 0 alone reads the run folder
-        config = resume_config(main_decides(lambda: read_run_options(run_dir)), recipe, **{**given, "out": run_dir})
+        config = resume_config(
+            main_decides(lambda: read_run_options(run_dir)), recipe, **{**given, "out": run_dir}
+        )
 
-    from flatcli.workflows.training import EpochRecord, TrainCallbacks, train as run_training  # torch
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )  # not needed for --help
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # not needed for --help
+    from flatcli.workflows.training import (
+        EpochRecord,
+        TrainCallbacks,
+    )  # torch
+    from flatcli.workflows.training import (
+        train as run_training,
+    )
 
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err, transient=True,
-                  disable=not err.is_terminal) as bar:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    ) as bar:
         epochs_task = bar.add_task("epochs", total=config.epochs, info="")
         batch_task = bar.add_task("batches", total=1, info="")
 
@@ -85,13 +201,20 @@ def train(
             bar.update(batch_task, completed=batch + 1, info=f"loss {float(loss):.4f}")
 
         def on_epoch(r: EpochRecord) -> None:
-            bar.update(epochs_task, completed=r.epoch,
-                       info=f"train {r.train_loss:.4f} / {r.train_accuracy:.1%}  test {r.test_loss:.4f} / {r.test_accuracy:.1%}")
+            bar.update(
+                epochs_task,
+                completed=r.epoch,
+                info=f"train {r.train_loss:.4f} / {r.train_accuracy:.1%}  test {r.test_loss:.4f} / {r.test_accuracy:.1%}",
+            )
             bar.update(batch_task, completed=0)
 
         result = run_training(config, TrainCallbacks(on_start, on_batch, on_epoch))
 
-    document = {**result.metrics, "checkpoint": str(result.checkpoint), "run_dir": str(result.run_dir)}
+    document = {
+        **result.metrics,
+        "checkpoint": str(result.checkpoint),
+        "run_dir": str(result.run_dir),
+    }
     if json_:
         print_json(document)
         return

@@ -12,13 +12,6 @@
   :func:`logistic_regression_trace`.
 """
 
-from flatcli.curvature.results import (
-    EigenEstimate,
-    FrobeniusEstimate,
-    LanczosResult,
-    SpectralDensity,
-    StochasticEstimate,
-)
 from flatcli.curvature.density import slq_density
 from flatcli.curvature.exact import (
     dense_hessian,
@@ -39,6 +32,13 @@ from flatcli.curvature.operator import (
     auto_batch_size,
     memory_bounded,
     suggest_chunk_size,
+)
+from flatcli.curvature.results import (
+    EigenEstimate,
+    FrobeniusEstimate,
+    LanczosResult,
+    SpectralDensity,
+    StochasticEstimate,
 )
 from flatcli.curvature.trace import frobenius, hutchinson_trace, hutchpp_trace, trace_and_frobenius
 

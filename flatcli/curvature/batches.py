@@ -39,17 +39,26 @@ from flatcli.errors import DataError, UsageError
 
 def _check_targets(y: Tensor, where: str) -> None:
     if not isinstance(y, Tensor) or y.is_floating_point() or y.is_complex() or y.dim() != 1:
-        got = f"dtype {y.dtype} and shape {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
+        got = (
+            f"dtype {y.dtype} and shape {tuple(y.shape)}"
+            if isinstance(y, Tensor)
+            else type(y).__name__
+        )
         hint = "pass one integer class label per input"
         if isinstance(y, Tensor) and y.dim() == 0:
-            hint = ("this looks like a Dataset of single samples: wrap it in "
-                    "torch.utils.data.DataLoader(dataset, batch_size=...)")
-        raise DataError(f"{where}: targets must be a 1-D tensor of integer class labels, got {got}", hint)
+            hint = (
+                "this looks like a Dataset of single samples: wrap it in "
+                "torch.utils.data.DataLoader(dataset, batch_size=...)"
+            )
+        raise DataError(
+            f"{where}: targets must be a 1-D tensor of integer class labels, got {got}", hint
+        )
 
 
 class DataSource:
     """The measured samples, as batches. ``num_samples`` is N, the count every batch
-    weight ``n_b / N`` divides by."""
+    weight ``n_b / N`` divides by.
+    """
 
     #: True when the batches are the source's own (a stream): ``batch_size`` does not apply.
     streamed: bool = False
@@ -66,17 +75,23 @@ class TensorData(DataSource):
 
     def __init__(self, inputs: Tensor, targets: Tensor) -> None:
         if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
-            raise UsageError("data must be a pair of tensors (inputs, targets), a DataLoader or "
-                             "an iterable of (inputs, targets) batches")
+            raise UsageError(
+                "data must be a pair of tensors (inputs, targets), a DataLoader or "
+                "an iterable of (inputs, targets) batches"
+            )
         if inputs.dim() == 0 or targets.dim() == 0 or inputs.shape[0] != targets.shape[0]:
-            raise UsageError(f"{inputs.shape[0] if inputs.dim() else 0} inputs but "
-                             f"{targets.shape[0] if targets.dim() else 0} targets",
-                             "pass one integer class label per input")
+            raise UsageError(
+                f"{inputs.shape[0] if inputs.dim() else 0} inputs but "
+                f"{targets.shape[0] if targets.dim() else 0} targets",
+                "pass one integer class label per input",
+            )
         if inputs.shape[0] == 0:
             raise UsageError("the data set is empty", "pass at least one sample")
         if targets.is_floating_point() or targets.is_complex() or targets.dim() != 1:
-            raise UsageError("targets must be a 1-D tensor of integer class labels",
-                             f"got dtype {targets.dtype} and shape {tuple(targets.shape)}")
+            raise UsageError(
+                "targets must be a 1-D tensor of integer class labels",
+                f"got dtype {targets.dtype} and shape {tuple(targets.shape)}",
+            )
         self.inputs, self.targets = inputs, targets
         self.num_samples = inputs.shape[0]
         self.example = inputs[:1]
@@ -88,14 +103,22 @@ class TensorData(DataSource):
 
 
 def _unpack(batch: Any, index: int) -> tuple[Tensor, Tensor]:
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch):
+    if (
+        isinstance(batch, (tuple, list))
+        and len(batch) == 2
+        and all(isinstance(t, Tensor) for t in batch)
+    ):
         x, y = batch
         if x.dim() == 0 or x.shape[0] != (y.shape[0] if y.dim() else -1):
             _check_targets(y, f"batch {index}")
-            raise DataError(f"batch {index} has {x.shape[0] if x.dim() else 0} inputs but {len(y)} targets")
+            raise DataError(
+                f"batch {index} has {x.shape[0] if x.dim() else 0} inputs but {len(y)} targets"
+            )
         return x, y
-    raise DataError(f"batch {index} is a {type(batch).__name__}, not a pair (inputs, targets) of tensors",
-                    "iterate over (x, y) batches, e.g. a DataLoader over a TensorDataset")
+    raise DataError(
+        f"batch {index} is a {type(batch).__name__}, not a pair (inputs, targets) of tensors",
+        "iterate over (x, y) batches, e.g. a DataLoader over a TensorDataset",
+    )
 
 
 def tensor_digest(*tensors: Tensor) -> str:
@@ -118,9 +141,15 @@ def _random_sampler(loader: Any) -> str | None:
     from torch.utils.data import RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
     batch_sampler = getattr(loader, "batch_sampler", None)
-    for sampler in (getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None), batch_sampler):
-        if isinstance(sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)) or \
-                getattr(sampler, "shuffle", False) is True:  # e.g. DistributedSampler(shuffle=True)
+    for sampler in (
+        getattr(loader, "sampler", None),
+        getattr(batch_sampler, "sampler", None),
+        batch_sampler,
+    ):
+        if (
+            isinstance(sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler))
+            or getattr(sampler, "shuffle", False) is True
+        ):  # e.g. DistributedSampler(shuffle=True)
             return type(sampler).__name__
     return None
 
@@ -142,20 +171,28 @@ class StreamedData(DataSource):
     def __init__(self, data: Iterable) -> None:
         sampler = _random_sampler(data)
         if sampler is not None:
-            raise DataError(f"the DataLoader shuffles (its sampler is a {sampler}): each data pass would measure "
-                            "the loss on differently cut batches, and its curvature must be of one fixed function",
-                            "build the loader with shuffle=False and no random sampler")
+            raise DataError(
+                f"the DataLoader shuffles (its sampler is a {sampler}): each data pass would measure "
+                "the loss on differently cut batches, and its curvature must be of one fixed function",
+                "build the loader with shuffle=False and no random sampler",
+            )
         from torch.utils.data import Dataset
 
         if isinstance(data, Dataset) and not isinstance(data, Iterable):
-            raise DataError(f"a {type(data).__name__} gives single samples, not batches",
-                            "wrap it in torch.utils.data.DataLoader(dataset, batch_size=...)")
+            raise DataError(
+                f"a {type(data).__name__} gives single samples, not batches",
+                "wrap it in torch.utils.data.DataLoader(dataset, batch_size=...)",
+            )
         if not isinstance(data, Iterable):
-            raise UsageError(f"data of type {type(data).__name__} is not a pair (inputs, targets) of tensors, "
-                             "a DataLoader, or an iterable of (x, y) batches")
+            raise UsageError(
+                f"data of type {type(data).__name__} is not a pair (inputs, targets) of tensors, "
+                "a DataLoader, or an iterable of (x, y) batches"
+            )
         if isinstance(data, Iterator):  # a generator: a second pass would find it exhausted
-            raise DataError("the data is a one-shot iterator, but every data pass must iterate it again",
-                            "pass a DataLoader, a list of (x, y) batches, or a pair of tensors")
+            raise DataError(
+                "the data is a one-shot iterator, but every data pass must iterate it again",
+                "pass a DataLoader, a list of (x, y) batches, or a pair of tensors",
+            )
         self.data = data
         self.max_label = -1  # the largest label (checked against the model's outputs)
         first = self._read()
@@ -164,14 +201,18 @@ class StreamedData(DataSource):
         second = self._read()
         for i, (a, b) in enumerate(zip(first, second)):
             if a != b:
-                what = ("batch sizes" if a[0] != b[0] else "labels" if a[1] != b[1] else "inputs")
-                raise DataError(f"the data changes between passes (batch {i}: different {what}): "
-                                "a loader that shuffles or augments at random gives another loss each pass, "
-                                "and its curvature must be of one fixed function",
-                                "use shuffle=False and the transforms of evaluation (no random augmentation)")
+                what = "batch sizes" if a[0] != b[0] else "labels" if a[1] != b[1] else "inputs"
+                raise DataError(
+                    f"the data changes between passes (batch {i}: different {what}): "
+                    "a loader that shuffles or augments at random gives another loss each pass, "
+                    "and its curvature must be of one fixed function",
+                    "use shuffle=False and the transforms of evaluation (no random augmentation)",
+                )
         if len(first) != len(second):
-            raise DataError(f"the data changes between passes ({len(first)} batches, then {len(second)})",
-                            "use a loader that gives the same batches every time it is iterated")
+            raise DataError(
+                f"the data changes between passes ({len(first)} batches, then {len(second)})",
+                "use a loader that gives the same batches every time it is iterated",
+            )
         self.sizes: tuple[int, ...] = tuple(n for n, _, _ in first)
         self._labels = tuple(y for _, y, _ in first)
         self.num_samples = sum(self.sizes)
@@ -196,18 +237,27 @@ class StreamedData(DataSource):
 
     def batches(self, batch_size: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """The stream's own batches (``batch_size`` is ignored), checked against the
-        batch sizes and labels seen on construction."""
+        batch sizes and labels seen on construction.
+        """
         count = 0
         for i, batch in enumerate(self.data):
             x, y = _unpack(batch, i)
-            if i >= len(self.sizes) or x.shape[0] != self.sizes[i] or tensor_digest(y) != self._labels[i]:
-                raise DataError(f"the data changed since it was checked (batch {i})",
-                                "use a loader that gives the same batches every time it is iterated")
+            if (
+                i >= len(self.sizes)
+                or x.shape[0] != self.sizes[i]
+                or tensor_digest(y) != self._labels[i]
+            ):
+                raise DataError(
+                    f"the data changed since it was checked (batch {i})",
+                    "use a loader that gives the same batches every time it is iterated",
+                )
             count += 1
             yield x, y
         if count != len(self.sizes):
-            raise DataError(f"the data changed since it was checked ({count} batches, not {len(self.sizes)})",
-                            "use a loader that gives the same batches every time it is iterated")
+            raise DataError(
+                f"the data changed since it was checked ({count} batches, not {len(self.sizes)})",
+                "use a loader that gives the same batches every time it is iterated",
+            )
 
     def gather(self) -> TensorData:
         """All batches concatenated in memory (one batch of N: BatchNorm mode ``"full"``)."""
@@ -217,15 +267,22 @@ class StreamedData(DataSource):
 
 def as_source(data: Any, targets: Tensor | None = None) -> DataSource:
     """A :class:`DataSource` from ``(inputs, targets)`` tensors (as two arguments or one
-    pair), a DataLoader or another re-iterable of ``(x, y)`` batches; a source as is."""
+    pair), a DataLoader or another re-iterable of ``(x, y)`` batches; a source as is.
+    """
     if isinstance(data, DataSource):
         return data
     if targets is not None:
         return TensorData(data, targets)
     if isinstance(data, Tensor):
-        raise UsageError("inputs were given without targets",
-                         "pass (inputs, targets), a DataLoader, or an iterable of (x, y) batches")
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        raise UsageError(
+            "inputs were given without targets",
+            "pass (inputs, targets), a DataLoader, or an iterable of (x, y) batches",
+        )
+    if (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and all(isinstance(t, Tensor) for t in data)
+    ):
         return TensorData(*data)
     return StreamedData(data)
 

@@ -150,7 +150,11 @@ def slq_density(
     if sigma is None:
         spread = hi - lo
         # 1% of the spread, widened if needed so that the grid resolves it
-        sigma = max(0.01 * spread, spread / (grid_size - 11)) if spread > 0 else 0.01 * max(abs(hi), 1.0)
+        sigma = (
+            max(0.01 * spread, spread / (grid_size - 11))
+            if spread > 0
+            else 0.01 * max(abs(hi), 1.0)
+        )
     grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, grid_size, dtype=torch.float64)
     spacing = float(grid[1] - grid[0])
     if spacing > sigma:

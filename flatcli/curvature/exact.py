@@ -29,7 +29,7 @@ from torch.func import functional_call, hessian
 
 from flatcli.curvature.probes import LinearOperatorLike
 from flatcli.distributed import all_agree, all_reduce_sum
-from flatcli.errors import TooLargeError, UsageError, UnknownNameError
+from flatcli.errors import TooLargeError, UnknownNameError, UsageError
 
 if TYPE_CHECKING:
     from flatcli.curvature.operator import CurvatureOperator
@@ -52,7 +52,8 @@ def dense_hessian(
     op: LinearOperatorLike, *, max_bytes: int = DEFAULT_MAX_BYTES, block_size: int = 128
 ) -> Tensor:
     """The operator as a dense (P, P) matrix on its device and dtype, ``op.matmat`` of
-    the identity in blocks of ``block_size`` columns (P / block_size data passes)."""
+    the identity in blocks of ``block_size`` columns (P / block_size data passes).
+    """
     n = op.num_params
     _check_size(n, max_bytes)
     if block_size < 1:
@@ -70,7 +71,8 @@ def exact_spectrum(
     op: LinearOperatorLike, *, max_bytes: int = DEFAULT_MAX_BYTES, block_size: int = 128
 ) -> Tensor:
     """All eigenvalues of the operator, float64 on the CPU, ascending (of the
-    symmetrised dense matrix (H + H^T) / 2)."""
+    symmetrised dense matrix (H + H^T) / 2).
+    """
     h = dense_hessian(op, max_bytes=max_bytes, block_size=block_size).to("cpu", torch.float64)
     return torch.linalg.eigvalsh((h + h.T) / 2)
 
@@ -131,7 +133,9 @@ def hessian_via_torch_func(
     order as :class:`~flatcli.curvature.operator.CurvatureOperator`.
     """
     if bn_mode not in ("eval", "batch", "full"):
-        raise UnknownNameError(f"unknown BatchNorm mode {bn_mode!r}", "choose 'eval', 'batch' or 'full'")
+        raise UnknownNameError(
+            f"unknown BatchNorm mode {bn_mode!r}", "choose 'eval', 'batch' or 'full'"
+        )
     net = copy.deepcopy(model).to(dtype).eval()
     if bn_mode in ("batch", "full"):  # one batch of all the data: the two coincide
         _decompose_batch_norms(net)
@@ -186,7 +190,9 @@ def logistic_regression_hessian(
     x = _augmented(inputs, bias).to(weight.dtype)
     d_aug = x.shape[1]
     _check_size(num_classes * d_aug, max_bytes)
-    blocks = torch.zeros(num_classes, num_classes, d_aug, d_aug, dtype=weight.dtype, device=weight.device)
+    blocks = torch.zeros(
+        num_classes, num_classes, d_aug, d_aug, dtype=weight.dtype, device=weight.device
+    )
     for start in range(0, x.shape[0], chunk):
         xb = x[start : start + chunk]
         logits = xb[:, :d] @ weight.T + (bias if bias is not None else 0)
@@ -222,13 +228,16 @@ def logistic_regression_trace(
 
 def unhooked(model: nn.Module) -> bool:
     """No forward hooks (global or per module) and no instance-level ``forward``: each
-    module computes what its class's ``forward`` says."""
+    module computes what its class's ``forward`` says.
+    """
     from torch.nn.modules import module as module_lib
 
     if module_lib._global_forward_hooks or module_lib._global_forward_pre_hooks:
         return False
-    return all(not m._forward_hooks and not m._forward_pre_hooks and "forward" not in vars(m)
-               for m in model.modules())
+    return all(
+        not m._forward_hooks and not m._forward_pre_hooks and "forward" not in vars(m)
+        for m in model.modules()
+    )
 
 
 def single_linear(model: nn.Module) -> nn.Linear | None:
@@ -249,8 +258,9 @@ def single_linear(model: nn.Module) -> nn.Linear | None:
 
 
 def is_flatcli_logreg(model: nn.Module) -> bool:
-    """flatcli's own ``logreg`` (:class:`flatcli.models.linear.LogReg`, not a subclass)
-    with a plain ``nn.Linear`` and no hooks: ``fc(x.flatten(1))`` by construction."""
+    """Flatcli's own ``logreg`` (:class:`flatcli.models.linear.LogReg`, not a subclass)
+    with a plain ``nn.Linear`` and no hooks: ``fc(x.flatten(1))`` by construction.
+    """
     from flatcli.models.linear import LogReg
 
     return type(model) is LogReg and type(model.fc) is nn.Linear and unhooked(model)
@@ -263,7 +273,11 @@ PRODUCT_RTOL = 1e-9
 
 @torch.no_grad()
 def verified_logistic_regression_hessian(
-    op: "CurvatureOperator", model: nn.Module, *, probes: int = 2, seed: int = 0,
+    op: CurvatureOperator,
+    model: nn.Module,
+    *,
+    probes: int = 2,
+    seed: int = 0,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Tensor | None:
     """The closed-form Hessian (float64, plus ``op.l2 * I``) of ``op``'s loss when the
@@ -305,7 +319,9 @@ def verified_logistic_regression_hessian(
     weight = lin.weight.detach().to(dtype)
     bias = None if lin.bias is None else lin.bias.detach().to(dtype)
     h = logistic_regression_hessian(weight, bias, x_all.flatten(1).to(device), max_bytes=max_bytes)
-    if op.num_samples != len(x_all):  # torchrun: the mean over this shard, weighted and summed over shards
+    if op.num_samples != len(
+        x_all
+    ):  # torchrun: the mean over this shard, weighted and summed over shards
         h.mul_(len(x_all) / op.num_samples)
         all_reduce_sum([h])
     h = h + op.l2 * torch.eye(h.shape[0], dtype=dtype, device=device)
@@ -326,7 +342,9 @@ def verified_logistic_regression_hessian(
             break
     if not all_agree(same):  # every process of a torchrun takes the same path
         return None
-    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same vectors on every process and device
+    gen = torch.Generator().manual_seed(
+        seed
+    )  # on the CPU: the same vectors on every process and device
     v = torch.randn(h.shape[0], probes, generator=gen, dtype=dtype).to(device)
     gap = torch.linalg.matrix_norm(op64.matmat(v) - h @ v)
     if gap > PRODUCT_RTOL * torch.linalg.matrix_norm(h) * torch.linalg.matrix_norm(v):

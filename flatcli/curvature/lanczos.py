@@ -169,12 +169,14 @@ def lanczos(
         # products computed in op.dtype: never report less than that.
         residuals = _residuals(s, beta, dropped).clamp(min=eps * spectral_scale)
         floor = math.sqrt(eps) * spectral_scale
-        small_enough = all(
-            residuals[i] <= tol * max(abs(float(theta[i])), floor) for i in wanted
-        )
+        small_enough = all(residuals[i] <= tol * max(abs(float(theta[i])), floor) for i in wanted)
         invariant = beta <= 64 * eps * max(spectral_scale, abs(alphas[-1]))
         if callback is not None:
-            callback(m, tuple(float(theta[i]) for i in wanted), tuple(float(residuals[i]) for i in wanted))
+            callback(
+                m,
+                tuple(float(theta[i]) for i in wanted),
+                tuple(float(residuals[i]) for i in wanted),
+            )
         if m >= k and (small_enough or invariant):
             converged = True
             break
@@ -215,9 +217,12 @@ def lanczos(
     )
 
 
-def _operator_rounding(op: LinearOperatorLike, vectors: Tensor, thetas: Tensor) -> tuple[Tensor, int]:
+def _operator_rounding(
+    op: LinearOperatorLike, vectors: Tensor, thetas: Tensor
+) -> tuple[Tensor, int]:
     """Bounds for the Ritz pairs (thetas, columns of ``vectors``) that include the
-    operator's rounding (module docstring), float64; and the products they took."""
+    operator's rounding (module docstring), float64; and the products they took.
+    """
     astype = getattr(op, "astype", None)
     scale = float(thetas.abs().max())
     if callable(astype):
@@ -266,7 +271,11 @@ def _residuals(s: Tensor, beta: float, dropped: list[tuple[int, float]]) -> Tens
 
 
 def lambda_max(
-    op: LinearOperatorLike, *, tol: float = 1e-6, max_iter: int = 100, seed: int = 0,
+    op: LinearOperatorLike,
+    *,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    seed: int = 0,
     callback: Callback | None = None,
 ) -> EigenEstimate:
     """The largest eigenvalue (the most positive, not the largest in modulus)."""
@@ -275,7 +284,11 @@ def lambda_max(
 
 
 def lambda_min(
-    op: LinearOperatorLike, *, tol: float = 1e-6, max_iter: int = 100, seed: int = 0,
+    op: LinearOperatorLike,
+    *,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    seed: int = 0,
     callback: Callback | None = None,
 ) -> EigenEstimate:
     """The smallest (most negative) eigenvalue."""
@@ -284,7 +297,11 @@ def lambda_min(
 
 
 def extreme_eigenvalues(
-    op: LinearOperatorLike, *, tol: float = 1e-6, max_iter: int = 100, seed: int = 0,
+    op: LinearOperatorLike,
+    *,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    seed: int = 0,
     callback: Callback | None = None,
 ) -> tuple[EigenEstimate, EigenEstimate]:
     """``(lambda_min, lambda_max)`` from ONE Lanczos run (``which="both"``).

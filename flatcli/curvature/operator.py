@@ -79,9 +79,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, replace_all_batch_norm_modules_, vjp, vmap
 
-from flatcli.distributed import active as distributed_active, all_reduce_sum, global_count
 from flatcli.curvature.batches import DataSource, StreamedData, TensorData, as_source
-from flatcli.errors import TooLargeError, UsageError, UnknownNameError
+from flatcli.distributed import active as distributed_active
+from flatcli.distributed import all_reduce_sum, global_count
+from flatcli.errors import TooLargeError, UnknownNameError, UsageError
 
 if TYPE_CHECKING:  # scipy is optional (a test/benchmark dependency)
     import scipy.sparse.linalg
@@ -189,15 +190,24 @@ def _map_rows(fn: Callable[[Tensor], Tensor], vs: Tensor, chunk_size: int | None
 def activation_bytes_per_sample(model: nn.Module, inputs: Tensor) -> int:
     """Bytes of all leaf modules' outputs for one input (one forward pass, eval mode)."""
     sizes: list[int] = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out: sizes.append(out.numel() * out.element_size()))
-             for m in model.modules() if not list(m.children())]
+    hooks = [
+        m.register_forward_hook(
+            lambda mod, inp, out: sizes.append(out.numel() * out.element_size())
+        )
+        for m in model.modules()
+        if not list(m.children())
+    ]
     flags = [(m, m.training) for m in model.modules()]  # each module's own flag, restored
     example = inputs.example if isinstance(inputs, DataSource) else inputs[:1]
     try:
         model.eval()
         with torch.no_grad():
             first = next(model.parameters())
-            model(example.to(device=first.device, dtype=first.dtype if example.is_floating_point() else None))
+            model(
+                example.to(
+                    device=first.device, dtype=first.dtype if example.is_floating_point() else None
+                )
+            )
     finally:
         for m, flag in flags:
             m.training = flag
@@ -206,9 +216,15 @@ def activation_bytes_per_sample(model: nn.Module, inputs: Tensor) -> int:
     return max(sum(sizes), 1)
 
 
-def suggest_chunk_size(model: nn.Module, inputs: Tensor, batch_size: int, *,
-                       budget_bytes: int = 2 * 2**30, overhead: float = 2.0,
-                       per_sample: int | None = None) -> int:
+def suggest_chunk_size(
+    model: nn.Module,
+    inputs: Tensor,
+    batch_size: int,
+    *,
+    budget_bytes: int = 2 * 2**30,
+    overhead: float = 2.0,
+    per_sample: int | None = None,
+) -> int:
     """How many vectors one vmapped call may carry within ``budget_bytes``.
 
     A vmapped Hessian-vector product keeps, per vector, about the activations of one
@@ -255,8 +271,14 @@ def auto_batch_size(model: nn.Module, inputs: Tensor, per_sample: int | None = N
     return min(max(MIN_AUTO_BATCH, min(fits, DEFAULT_BATCH)), n)
 
 
-def memory_bounded(model: nn.Module, inputs: Tensor, batch_size: int | None = None, *,
-                   budget_bytes: int = 2 * 2**30, bn_mode: str = "eval") -> dict[str, Any]:
+def memory_bounded(
+    model: nn.Module,
+    inputs: Tensor,
+    batch_size: int | None = None,
+    *,
+    budget_bytes: int = 2 * 2**30,
+    bn_mode: str = "eval",
+) -> dict[str, Any]:
     """Operator settings that keep a block product within ``budget_bytes``.
 
     With batch statistics the batch defines the matrix, so memory never sets it:
@@ -310,7 +332,9 @@ def memory_bounded(model: nn.Module, inputs: Tensor, batch_size: int | None = No
             "raise the memory budget (--memory-gb), or choose the batch that defines the matrix "
             "yourself (--batch-size, with --bn-mode batch), or use --bn-mode eval",
         )
-    chunk = suggest_chunk_size(model, inputs, batch, budget_bytes=budget_bytes, per_sample=per_sample)
+    chunk = suggest_chunk_size(
+        model, inputs, batch, budget_bytes=budget_bytes, per_sample=per_sample
+    )
     if next(model.parameters()).device.type == "cpu":
         chunk = 1
     cache = 4 * n * per_sample <= budget_bytes
@@ -408,14 +432,18 @@ class CurvatureOperator:
                 raise UsageError(f"{name} must be a positive integer, got {value}")
         source = as_source(inputs, targets)  # checks shapes, labels and a stream's determinism
         if source.streamed and batch_size is not None:
-            raise UsageError(f"batch_size {batch_size} does not apply to a DataLoader: its own batches are measured",
-                             "set the loader's batch_size instead")
+            raise UsageError(
+                f"batch_size {batch_size} does not apply to a DataLoader: its own batches are measured",
+                "set the loader's batch_size instead",
+            )
         if self.bn_mode is BatchNormMode.FULL and isinstance(source, StreamedData):
             if distributed_active():  # each process would normalise with its own part's statistics
-                raise UsageError("bn_mode 'full' with a DataLoader under torchrun would normalise each process's "
-                                 "part by its own statistics, not the whole set's",
-                                 "pass the data as tensors (flatcli then gives every process all of it), "
-                                 "or measure in one process")
+                raise UsageError(
+                    "bn_mode 'full' with a DataLoader under torchrun would normalise each process's "
+                    "part by its own statistics, not the whole set's",
+                    "pass the data as tensors (flatcli then gives every process all of it), "
+                    "or measure in one process",
+                )
             source = source.gather()  # whole-set statistics: one batch of all N samples
 
         all_params = dict(model.named_parameters())
@@ -442,7 +470,11 @@ class CurvatureOperator:
 
         self._model = _structural_copy(model)
         self._model.eval()  # dropout off; BatchNorm on running statistics
-        if self.bn_mode is BatchNormMode.FULL and batch_size is not None and batch_size < source.num_samples:
+        if (
+            self.bn_mode is BatchNormMode.FULL
+            and batch_size is not None
+            and batch_size < source.num_samples
+        ):
             raise UsageError(
                 f"bn_mode 'full' normalises with the statistics of all {source.num_samples} samples, "
                 f"which takes one batch of them, not batches of {batch_size}",
@@ -491,8 +523,13 @@ class CurvatureOperator:
         self.local_samples: int = source.num_samples
         self.num_samples: int = global_count(self.local_samples)
         # a stream's batch size is its own (its largest batch), for information only
-        self.batch_size: int = (source.batch_size if isinstance(source, StreamedData)
-                                else self.local_samples if batch_size is None else batch_size)
+        self.batch_size: int = (
+            source.batch_size
+            if isinstance(source, StreamedData)
+            else self.local_samples
+            if batch_size is None
+            else batch_size
+        )
         self.chunk_size = chunk_size
         self.l2 = float(l2)
         self.progress = progress
@@ -503,9 +540,14 @@ class CurvatureOperator:
         # Default: when the data is a single batch; pass True when memory allows more.
         # A stream's graphs stay valid because its batches are checked to be the same
         # every pass (sizes and labels each pass, inputs on construction).
-        single_batch = (len(source.sizes) == 1 if isinstance(source, StreamedData)
-                        else self.batch_size >= self.local_samples)
-        self._cache: list | None = [] if (single_batch if cache_graph is None else cache_graph) else None
+        single_batch = (
+            len(source.sizes) == 1
+            if isinstance(source, StreamedData)
+            else self.batch_size >= self.local_samples
+        )
+        self._cache: list | None = (
+            [] if (single_batch if cache_graph is None else cache_graph) else None
+        )
         self._batch_index = 0
         #: the data (:mod:`flatcli.curvature.batches`); ``_inputs``/``_targets`` the
         #: tensors when they are in memory, None for a stream
@@ -523,7 +565,8 @@ class CurvatureOperator:
         """Split a flat vector (P,) into ``{name: tensor of the parameter's shape}``."""
         pieces = torch.split(v, self._numels)
         return {
-            n: t.reshape(s) for n, t, s in zip(self.param_names, pieces, self.param_shapes, strict=True)
+            n: t.reshape(s)
+            for n, t, s in zip(self.param_names, pieces, self.param_shapes, strict=True)
         }
 
     def flatten(self, tensors: dict[str, Tensor] | Iterable[Tensor]) -> Tensor:
@@ -619,7 +662,9 @@ class CurvatureOperator:
     def matvec(self, v: Tensor) -> Tensor:
         """``H v`` for v of shape (P,) (one pass over the data)."""
         if v.dim() != 1:
-            raise UsageError(f"expected a vector of shape ({self.num_params},), got {tuple(v.shape)}")
+            raise UsageError(
+                f"expected a vector of shape ({self.num_params},), got {tuple(v.shape)}"
+            )
         return self.matmat(v.unsqueeze(1)).squeeze(1)
 
     def __matmul__(self, other: Tensor) -> Tensor:
@@ -634,7 +679,8 @@ class CurvatureOperator:
     @torch.no_grad()
     def loss_and_accuracy(self) -> tuple[float, float]:
         """Mean cross-entropy (without the l2 term) and accuracy at the measured point,
-        with the same BatchNorm mode, batches and dtype as the curvature."""
+        with the same BatchNorm mode, batches and dtype as the curvature.
+        """
 
         def batch_fn(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
             z = self._logits(self.params, x)
@@ -647,7 +693,8 @@ class CurvatureOperator:
 
     def to_scipy(self) -> scipy.sparse.linalg.LinearOperator:
         """A float64 scipy ``LinearOperator`` applying this operator (for references and
-        benchmarks; needs scipy)."""
+        benchmarks; needs scipy).
+        """
         import scipy.sparse.linalg
 
         def matmat(x: np.ndarray) -> np.ndarray:
@@ -666,7 +713,8 @@ class CurvatureOperator:
         computed in ``dtype``, cast from the original tensors rather than from this
         operator's: e.g. a float64 re-check of a float32 operator (see
         :func:`flatcli.curvature.lanczos.lanczos`). Its ``hvps`` start at 0; no progress
-        callback, no cached graphs."""
+        callback, no cached graphs.
+        """
         if not dtype.is_floating_point:
             raise UsageError(f"dtype must be a floating-point type, got {dtype}")
         new = copy.copy(self)

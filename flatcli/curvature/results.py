@@ -15,6 +15,40 @@ from torch import Tensor
 
 
 @dataclass(frozen=True)
+class Estimate:
+    """A measured number and its uncertainty: a rigorous bound (eigenvalues) or a
+    standard error (stochastic estimates); 0 for exact values.
+
+    ``converged=False`` says the uncertainty is NOT what its kind promises:
+
+    * a Lanczos run that stopped (``--max-iter``) before every wanted Ritz residual met
+      ``tol``: the residual only says that SOME eigenvalue lies within it of the value,
+      not that the largest (smallest) one does, and an early Ritz value typically lies
+      well inside the spectrum;
+    * a standard error from fewer than ``flatcli.curvature.trace.MIN_SAMPLES`` samples
+      (Hutch++ with ``--probes`` under 13, adaptive sharpness with fewer Monte Carlo
+      draws), which may be many times too small, or that missed ``--target-stderr``.
+
+    Such a value is shown as "not converged", never as a bound or a standard error, and
+    ``compare`` gives no verdict on it. Measures derived from others (``spectral_norm``,
+    ``*_normalised``) inherit the flag.
+    """
+
+    value: float
+    uncertainty: float
+    kind: str  # "bound", "stderr" or "exact"
+    hvps: int = 0
+    converged: bool = True
+    #: Measures computed by the same run, whose products ``hvps`` already counts (the two
+    #: ends of one Lanczos run; trace and Frobenius norm from one set of probes).
+    shared_with: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, float | bool]:
+        key = "bound" if self.kind in ("bound", "exact") else "stderr"
+        return {"value": self.value, key: self.uncertainty, "converged": self.converged}
+
+
+@dataclass(frozen=True)
 class LanczosResult:
     """Ritz values of a Lanczos run and their residual bounds.
 
@@ -145,7 +179,8 @@ class SpectralDensity:
 
     def moment(self, order: int) -> float:
         """Quadrature estimate of ``Tr(H^order) / P`` (exact in expectation for
-        ``order <= 2 * iterations - 1``)."""
+        ``order <= 2 * iterations - 1``).
+        """
         return float((self.weights * self.nodes**order).sum() / self.probes)
 
     @property

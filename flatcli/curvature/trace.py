@@ -66,7 +66,8 @@ def _mean_and_stderr(samples: Tensor, exact_part: float = 0.0) -> tuple[float, f
     of the samples' dtype (the operator's) and ``exact_part`` the deterministic term the
     mean is added to. Samples of zero variance (Hutch++ when Q spans the whole space, a
     trace with no random part) otherwise report a standard error of ~1e-60, far below the
-    error the products' rounding leaves in the value."""
+    error the products' rounding leaves in the value.
+    """
     x = samples.to(torch.float64)
     floor = torch.finfo(samples.dtype).eps * (float(x.abs().mean()) + abs(exact_part))
     return float(x.mean()), max(float(x.std(correction=1) / math.sqrt(x.numel())), floor)
@@ -82,7 +83,8 @@ MIN_SAMPLES = 10
 
 def _converged(samples: int, rel_stderr: float, target: float | None, exact: bool = False) -> bool:
     """Whether a standard error is trustworthy: enough samples (or none needed, ``exact``)
-    and the relative ``target`` met when one was asked for."""
+    and the relative ``target`` met when one was asked for.
+    """
     return (exact or samples >= MIN_SAMPLES) and (target is None or rel_stderr <= target)
 
 
@@ -95,7 +97,8 @@ def _check_adaptive(target_rel_stderr: float | None, max_hvps: int | None) -> No
 
 def _top_up(samples: int, rel_stderr: float, target: float) -> int:
     """How many more samples should bring ``rel_stderr`` to ``target``: the standard error
-    falls like 1/sqrt(n), so n (rel/target)^2 in all, with 10% to spare (at least 2)."""
+    falls like 1/sqrt(n), so n (rel/target)^2 in all, with 10% to spare (at least 2).
+    """
     return max(2, math.ceil(1.1 * samples * ((rel_stderr / target) ** 2 - 1)))
 
 
@@ -108,7 +111,8 @@ def _grow(
 ) -> Tensor:
     """Append fresh samples (rows; one data pass per top-up) while the relative stderr
     misses ``target``; each top-up is the count that the current spread predicts to
-    suffice."""
+    suffice.
+    """
     if target is None:
         return samples
     while (rel := rel_stderr(samples)) > target:
@@ -210,7 +214,9 @@ class _Deflated:
     subspace: int  # dim Q
 
 
-def _fresh_columns(op: LinearOperatorLike, x: Tensor, basis: Tensor, gen: torch.Generator) -> Tensor:
+def _fresh_columns(
+    op: LinearOperatorLike, x: Tensor, basis: Tensor, gen: torch.Generator
+) -> Tensor:
     """Orthonormal columns spanning ``x`` deflated against ``basis`` (orthonormal).
 
     A column numerically inside span(basis) (the Krylov space became invariant, e.g.
@@ -316,23 +322,39 @@ def trace_and_frobenius(
         norm = math.sqrt(max(squared, 0.0))
         n = samples.shape[0]
         common = dict(hvps=op.hvps - start, probes=d.subspace + n, samples=n)
-        trace = StochasticEstimate(value=d.trace_part + mean, stderr=se, estimator="hutch++", **common)
-        fro = FrobeniusEstimate(value=norm, stderr=se2 / (2 * norm) if norm > 0 else math.inf,
-                                squared=squared, squared_stderr=se2, **common)
+        trace = StochasticEstimate(
+            value=d.trace_part + mean, stderr=se, estimator="hutch++", **common
+        )
+        fro = FrobeniusEstimate(
+            value=norm,
+            stderr=se2 / (2 * norm) if norm > 0 else math.inf,
+            squared=squared,
+            squared_stderr=se2,
+            **common,
+        )
         # Q spanning the whole space leaves no remainder: the values are exact.
         exact = d.subspace >= op.num_params
-        return (replace(trace, converged=_converged(n, trace.rel_stderr, goal("trace"), exact)),
-                replace(fro, converged=_converged(n, fro.rel_stderr, goal("frobenius"), exact)))
+        return (
+            replace(trace, converged=_converged(n, trace.rel_stderr, goal("trace"), exact)),
+            replace(fro, converged=_converged(n, fro.rel_stderr, goal("frobenius"), exact)),
+        )
 
     def goal(name: str) -> float | None:
         return target_rel_stderr if name in targets else None
 
     def rel(samples: Tensor) -> float:
-        return max(e.rel_stderr for e, name in zip(estimates(samples), ("trace", "frobenius")) if name in targets)
+        return max(
+            e.rel_stderr
+            for e, name in zip(estimates(samples), ("trace", "frobenius"))
+            if name in targets
+        )
 
     samples = _grow(
         torch.stack([d.trace_samples, d.squared_samples], dim=1),
-        lambda k: torch.stack(more(k), dim=1), rel, target_rel_stderr, lambda: budget - (op.hvps - start),
+        lambda k: torch.stack(more(k), dim=1),
+        rel,
+        target_rel_stderr,
+        lambda: budget - (op.hvps - start),
     )
     return estimates(samples)
 
@@ -365,8 +387,14 @@ def hutchpp_trace(
         >>> abs(est.value - exact) <= 4 * est.stderr
         True
     """
-    return trace_and_frobenius(op, probes=probes, seed=seed, target_rel_stderr=target_rel_stderr,
-                               max_hvps=max_hvps, targets=("trace",))[0]
+    return trace_and_frobenius(
+        op,
+        probes=probes,
+        seed=seed,
+        target_rel_stderr=target_rel_stderr,
+        max_hvps=max_hvps,
+        targets=("trace",),
+    )[0]
 
 
 def frobenius(
@@ -383,5 +411,11 @@ def frobenius(
     second unbiased with a sample standard error. Arguments as for
     :func:`hutchpp_trace`; the adaptive target applies to ``||H||_F``.
     """
-    return trace_and_frobenius(op, probes=probes, seed=seed, target_rel_stderr=target_rel_stderr,
-                               max_hvps=max_hvps, targets=("frobenius",))[1]
+    return trace_and_frobenius(
+        op,
+        probes=probes,
+        seed=seed,
+        target_rel_stderr=target_rel_stderr,
+        max_hvps=max_hvps,
+        targets=("frobenius",),
+    )[1]

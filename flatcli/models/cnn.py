@@ -20,10 +20,17 @@ from torch import nn
 from flatcli.models.registry import check_input_shape, check_int, register
 
 
-@register("cnn", help="2 conv layers (channels, 2*channels) + ReLU + max-pool, global avg-pool, linear")
+@register(
+    "cnn", help="2 conv layers (channels, 2*channels) + ReLU + max-pool, global avg-pool, linear"
+)
 class CNN(nn.Module):
     def __init__(
-        self, input_shape: tuple[int, ...], num_classes: int, *, channels: int = 16, batchnorm: bool = False
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        *,
+        channels: int = 16,
+        batchnorm: bool = False,
     ) -> None:
         super().__init__()
         check_int("cnn", "channels", channels, 1)

@@ -33,15 +33,19 @@ from torch import nn
 from flatcli.errors import CheckpointError, UsageError, few, first_line
 
 
-def import_factory(spec: str, factory_args: Mapping[str, Any] | None = None) -> Callable[[], nn.Module]:
+def import_factory(
+    spec: str, factory_args: Mapping[str, Any] | None = None
+) -> Callable[[], nn.Module]:
     """``MODULE:FUNCTION`` or ``FILE.py:FUNCTION`` -> a zero-argument builder of the ``nn.Module``.
 
     The module is imported now (an import error is one :class:`CheckpointError`); the
     function is called by the builder, with ``factory_args`` as keyword arguments.
     """
     if not isinstance(spec, str) or ":" not in spec or not all(spec.rsplit(":", 1)):
-        raise UsageError(f"--model-factory {spec!r} is not MODULE:FUNCTION or FILE.py:FUNCTION",
-                         hint="e.g. torchvision.models:resnet18 or mymodels.py:build")
+        raise UsageError(
+            f"--model-factory {spec!r} is not MODULE:FUNCTION or FILE.py:FUNCTION",
+            hint="e.g. torchvision.models:resnet18 or mymodels.py:build",
+        )
     module_name, func_name = spec.rsplit(":", 1)
     try:
         if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
@@ -51,8 +55,10 @@ def import_factory(spec: str, factory_args: Mapping[str, Any] | None = None) -> 
     except CheckpointError:
         raise
     except Exception as exc:  # any import failure of user code is the user's to fix
-        raise CheckpointError(f"--model-factory: cannot import {module_name} ({type(exc).__name__}: "
-                              f"{first_line(exc)})") from None
+        raise CheckpointError(
+            f"--model-factory: cannot import {module_name} ({type(exc).__name__}: "
+            f"{first_line(exc)})"
+        ) from None
     func: Any = module
     for part in func_name.split("."):
         func = getattr(func, part, None)
@@ -64,7 +70,8 @@ def import_factory(spec: str, factory_args: Mapping[str, Any] | None = None) -> 
 def _import_module(name: str):
     """``importlib.import_module``, with the working folder last on ``sys.path`` meanwhile:
     a console script's ``sys.path`` lacks it, and ``mymodels:build`` means ./mymodels.py
-    there as it does for ``python -m``; installed modules come first."""
+    there as it does for ``python -m``; installed modules come first.
+    """
     cwd = os.getcwd()
     added = cwd not in sys.path and "" not in sys.path
     if added:
@@ -95,10 +102,15 @@ def _import_file(path: Path):
     return module
 
 
-def checked_factory(func: Callable[..., Any], factory_args: Mapping[str, Any] | None = None, *,
-                    name: str | None = None) -> Callable[[], nn.Module]:
+def checked_factory(
+    func: Callable[..., Any],
+    factory_args: Mapping[str, Any] | None = None,
+    *,
+    name: str | None = None,
+) -> Callable[[], nn.Module]:
     """A zero-argument builder calling ``func(**factory_args)``: whatever it raises, or a
-    result that is not an ``nn.Module``, becomes one :class:`CheckpointError`."""
+    result that is not an ``nn.Module``, becomes one :class:`CheckpointError`.
+    """
     kwargs = dict(factory_args or {})
     label = name or getattr(func, "__qualname__", None) or repr(func)
 
@@ -107,21 +119,26 @@ def checked_factory(func: Callable[..., Any], factory_args: Mapping[str, Any] | 
             model = func(**kwargs)
         except Exception as exc:
             args = f" with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())}" if kwargs else ""
-            raise CheckpointError(f"the model factory {label}{args} failed: {type(exc).__name__}: "
-                                  f"{first_line(exc)}") from None
+            raise CheckpointError(
+                f"the model factory {label}{args} failed: {type(exc).__name__}: {first_line(exc)}"
+            ) from None
         if not isinstance(model, nn.Module):
-            raise CheckpointError(f"the model factory {label} returned {type(model).__name__}, "
-                                  "not a torch.nn.Module")
+            raise CheckpointError(
+                f"the model factory {label} returned {type(model).__name__}, not a torch.nn.Module"
+            )
         return model
 
     return build
 
 
-def resolve_factory(model_factory: Any, factory_args: Mapping[str, Any] | None = None
-                    ) -> Callable[[], nn.Module] | None:
+def resolve_factory(
+    model_factory: Any, factory_args: Mapping[str, Any] | None = None
+) -> Callable[[], nn.Module] | None:
     """``model_factory`` (a spec string, a callable or None) with its arguments -> a builder or None."""
     if factory_args is not None and not isinstance(factory_args, Mapping):
-        raise UsageError(f"factory_args must be a dict of keyword arguments, not {type(factory_args).__name__}")
+        raise UsageError(
+            f"factory_args must be a dict of keyword arguments, not {type(factory_args).__name__}"
+        )
     if model_factory is None:
         if factory_args:
             raise UsageError("--factory-arg needs --model-factory")
@@ -129,12 +146,14 @@ def resolve_factory(model_factory: Any, factory_args: Mapping[str, Any] | None =
     if isinstance(model_factory, str):
         return import_factory(model_factory, factory_args)
     if not callable(model_factory):
-        raise UsageError(f"model_factory must be MODULE:FUNCTION or a callable, not {type(model_factory).__name__}")
+        raise UsageError(
+            f"model_factory must be MODULE:FUNCTION or a callable, not {type(model_factory).__name__}"
+        )
     return checked_factory(model_factory, factory_args)
 
 
-
 # --- logits out of whatever the forward returns -------------------------------------------
+
 
 def pick_logits(out: Any, output: str | int | None = None) -> torch.Tensor:
     """The logits in a model's output ``out``.
@@ -157,8 +176,10 @@ def pick_logits(out: Any, output: str | int | None = None) -> torch.Tensor:
     if output is not None:
         picked = _by_key(out, output)
         if not isinstance(picked, torch.Tensor):
-            raise UsageError(f"--output {output} picks a {describe_output(picked)} out of the model's "
-                             f"{describe_output(out)}, not a tensor of logits")
+            raise UsageError(
+                f"--output {output} picks a {describe_output(picked)} out of the model's "
+                f"{describe_output(out)}, not a tensor of logits"
+            )
         return picked
     if isinstance(out, torch.Tensor):
         return out
@@ -170,11 +191,18 @@ def pick_logits(out: Any, output: str | int | None = None) -> torch.Tensor:
             return tensors[0]
     elif isinstance(getattr(out, "logits", None), torch.Tensor):
         return out.logits
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) and out[0].ndim == 2:
+    if (
+        isinstance(out, (tuple, list))
+        and out
+        and isinstance(out[0], torch.Tensor)
+        and out[0].ndim == 2
+    ):
         return out[0]
-    raise CheckpointError(f"the model returned a {describe_output(out)}, and flatcli cannot tell which part "
-                          "is the logits", hint="pass --output KEY (a dict key, attribute name or tuple index; "
-                                                "Python: output=...)")
+    raise CheckpointError(
+        f"the model returned a {describe_output(out)}, and flatcli cannot tell which part "
+        "is the logits",
+        hint="pass --output KEY (a dict key, attribute name or tuple index; Python: output=...)",
+    )
 
 
 def _by_key(out: Any, key: str | int) -> Any:
@@ -184,14 +212,20 @@ def _by_key(out: Any, key: str | int) -> Any:
             return out[text]
         if text.lstrip("-").isdigit() and int(text) in out:
             return out[int(text)]
-        raise UsageError(f"--output {text}: the model returned a {describe_output(out)} without the key {text!r}")
+        raise UsageError(
+            f"--output {text}: the model returned a {describe_output(out)} without the key {text!r}"
+        )
     if isinstance(out, (tuple, list)) and text.lstrip("-").isdigit():
         if not -len(out) <= int(text) < len(out):
-            raise UsageError(f"--output {text}: the model returned a {describe_output(out)}, "
-                             f"indices 0 to {len(out) - 1}")
+            raise UsageError(
+                f"--output {text}: the model returned a {describe_output(out)}, "
+                f"indices 0 to {len(out) - 1}"
+            )
         return out[int(text)]
     if not text.isidentifier() or not hasattr(out, text):
-        raise UsageError(f"--output {text}: the model returned a {describe_output(out)}, which has no {text!r}")
+        raise UsageError(
+            f"--output {text}: the model returned a {describe_output(out)}, which has no {text!r}"
+        )
     return getattr(out, text)
 
 
@@ -207,9 +241,15 @@ def describe_output(out: Any, depth: int = 0) -> str:
     if isinstance(out, (tuple, list)):
         if depth or not out:
             return f"{name} of {len(out)}"
-        items = ", ".join(describe_output(v, 1) for v in out[:4]) + (", ..." if len(out) > 4 else "")
+        items = ", ".join(describe_output(v, 1) for v in out[:4]) + (
+            ", ..." if len(out) > 4 else ""
+        )
         return f"{name} of {len(out)} ({items})"
-    fields = [k for k, v in vars(out).items() if not k.startswith("_")] if hasattr(out, "__dict__") else []
+    fields = (
+        [k for k, v in vars(out).items() if not k.startswith("_")]
+        if hasattr(out, "__dict__")
+        else []
+    )
     return f"{name} with attributes {', '.join(fields[:6])}" if fields else name
 
 

@@ -71,7 +71,8 @@ class PreActBlock(nn.Module):
 
 class PreActBottleneck(nn.Module):
     """Bottleneck pre-activation block: BN-ReLU-conv1x1, BN-ReLU-conv3x3 (stride),
-    BN-ReLU-conv1x1 to ``4 * planes`` channels."""
+    BN-ReLU-conv1x1 to ``4 * planes`` channels.
+    """
 
     expansion = 4
 
@@ -107,7 +108,9 @@ def blocks_per_stage(depth: int) -> tuple[type[nn.Module], int]:
     return block, (depth - 2) // layers_per_block
 
 
-@register("preresnet", help="pre-activation ResNet for CIFAR (He et al. 2016); depth 110 uses bottlenecks")
+@register(
+    "preresnet", help="pre-activation ResNet for CIFAR (He et al. 2016); depth 110 uses bottlenecks"
+)
 class PreResNet(nn.Module):
     def __init__(
         self, input_shape: tuple[int, ...], num_classes: int, *, depth: int = 110, width: int = 16

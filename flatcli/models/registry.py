@@ -18,12 +18,13 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
-from flatcli.errors import FlatcliError, UsageError, UnknownNameError
+from flatcli.errors import FlatcliError, UnknownNameError, UsageError
 
 # ----------------------------------------------------------------------------------------
 # The registry
@@ -64,7 +65,9 @@ def register(name: str, help: str) -> Callable[[type[nn.Module]], type[nn.Module
             if p.name in ("self", "input_shape", "num_classes"):
                 continue
             if p.kind is not p.KEYWORD_ONLY or p.default is p.empty:
-                raise TypeError(f"{cls.__name__}: argument {p.name!r} must be keyword-only with a default")
+                raise TypeError(
+                    f"{cls.__name__}: argument {p.name!r} must be keyword-only with a default"
+                )
             if not isinstance(p.default, _JSON_SCALARS):
                 raise TypeError(f"{cls.__name__}: default of {p.name!r} is not a JSON scalar")
             defaults[p.name] = p.default
@@ -81,7 +84,9 @@ def model_names() -> list[str]:
 
 def _spec(name: str) -> ModelSpec:
     if name not in MODELS:
-        raise UnknownNameError(f"unknown model {name!r}", hint=f"choose one of: {', '.join(MODELS)}")
+        raise UnknownNameError(
+            f"unknown model {name!r}", hint=f"choose one of: {', '.join(MODELS)}"
+        )
     return MODELS[name]
 
 
@@ -92,7 +97,11 @@ def _coerce(model: str, key: str, value: Any, default: Any) -> Any:
     if kind is bool:
         ok = value if isinstance(value, bool) else None
     elif kind is int:
-        ok = int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else None
+        ok = (
+            int(value)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            else None
+        )
     elif kind is float:
         real = isinstance(value, numbers.Real) and not isinstance(value, bool)
         ok = float(value) if real and math.isfinite(value) else None
@@ -127,7 +136,9 @@ def resolve_kwargs(name: str, **kwargs: Any) -> dict[str, Any]:
     return {k: _coerce(name, k, kwargs.get(k, d), d) for k, d in spec.defaults.items()}
 
 
-def build_model(name: str, *, input_shape: tuple[int, ...], num_classes: int, **kwargs: Any) -> nn.Module:
+def build_model(
+    name: str, *, input_shape: tuple[int, ...], num_classes: int, **kwargs: Any
+) -> nn.Module:
     """Model ``name`` for samples of shape ``input_shape`` (C, H, W) and ``num_classes`` logits.
 
     Weights are drawn from torch's global generator: seed it with ``torch.manual_seed``
@@ -136,7 +147,11 @@ def build_model(name: str, *, input_shape: tuple[int, ...], num_classes: int, **
     spec = _spec(name)
     resolved = resolve_kwargs(name, **kwargs)
     shape = check_input_shape(input_shape)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
+    if (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, numbers.Integral)
+        or num_classes < 2
+    ):
         raise UsageError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     return spec.builder(input_shape=shape, num_classes=int(num_classes), **resolved)
 

@@ -19,7 +19,10 @@ from flatcli.models.preresnet import PreActBlock, conv, he_init
 from flatcli.models.registry import check_input_shape, check_int, register
 
 
-@register("wrn", help="Wide ResNet WRN-depth-widen (Zagoruyko & Komodakis 2016); default 28-10, no dropout")
+@register(
+    "wrn",
+    help="Wide ResNet WRN-depth-widen (Zagoruyko & Komodakis 2016); default 28-10, no dropout",
+)
 class WideResNet(nn.Module):
     def __init__(
         self,
@@ -44,7 +47,9 @@ class WideResNet(nn.Module):
         for i, planes in enumerate([16 * widen, 32 * widen, 64 * widen]):
             blocks = []
             for j in range(n):
-                blocks.append(PreActBlock(c_in, planes, stride=2 if i > 0 and j == 0 else 1, dropout=dropout))
+                blocks.append(
+                    PreActBlock(c_in, planes, stride=2 if i > 0 and j == 0 else 1, dropout=dropout)
+                )
                 c_in = planes
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)

@@ -22,8 +22,11 @@ def metrics_table(title: str, metrics: dict) -> Table:
 
 
 _MEASURE_LABELS = {
-    "lambda_max": "lambda_max", "lambda_min": "lambda_min", "spectral_norm": "spectral norm",
-    "trace": "trace", "frobenius": "Frobenius norm",
+    "lambda_max": "lambda_max",
+    "lambda_min": "lambda_min",
+    "spectral_norm": "spectral norm",
+    "trace": "trace",
+    "frobenius": "Frobenius norm",
 }
 
 
@@ -34,7 +37,9 @@ def _uncertainty(estimate) -> str:
     if estimate.kind == "exact":
         return "exact"
     sign = "<=" if estimate.kind == "bound" else "±"
-    return f"{sign} {estimate.uncertainty:.2g}" + (" (bound)" if estimate.kind == "bound" else " (s.e.)")
+    return f"{sign} {estimate.uncertainty:.2g}" + (
+        " (bound)" if estimate.kind == "bound" else " (s.e.)"
+    )
 
 
 # measures computed from the products of another one (their HVPs are counted there)
@@ -43,9 +48,11 @@ _SHARED = {"frobenius": "trace", "lambda_min": "lambda_max"}
 
 def sharpness_table(report) -> Table:
     """The measures of a :class:`~flatcli.analysis.measures.SharpnessReport`, one row each."""
-    title = (f"{report.curvature} of the mean cross-entropy on {report.dataset or 'data'} ({report.split}, "
-             f"N={report.num_samples}, P={report.num_params}, BatchNorm {report.bn_mode}, {report.dtype}, "
-             f"{report.device}{', + l2 I = %g' % report.l2 if report.l2 else ''})")
+    title = (
+        f"{report.curvature} of the mean cross-entropy on {report.dataset or 'data'} ({report.split}, "
+        f"N={report.num_samples}, P={report.num_params}, BatchNorm {report.bn_mode}, {report.dtype}, "
+        f"{report.device}{', + l2 I = %g' % report.l2 if report.l2 else ''})"
+    )
     table = Table(title=title, title_justify="left")
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -58,8 +65,12 @@ def sharpness_table(report) -> Table:
         if not hasattr(est, "uncertainty"):
             continue
         shared = est.kind != "exact" and name in _SHARED and _SHARED[name] in report.measures
-        table.add_row(_MEASURE_LABELS.get(name, name.replace("_", " ")), f"{est.value:.5g}", _uncertainty(est),
-                      str(est.hvps) if est.hvps else f"(with {_SHARED[name]})" if shared else "")
+        table.add_row(
+            _MEASURE_LABELS.get(name, name.replace("_", " ")),
+            f"{est.value:.5g}",
+            _uncertainty(est),
+            str(est.hvps) if est.hvps else f"(with {_SHARED[name]})" if shared else "",
+        )
     table.caption = f"{report.hvps} Hessian-vector products in {report.seconds:.2f} s"
     return table
 
@@ -72,14 +83,17 @@ def layers_table(report) -> Table:
     for m in names:
         table.add_column(_MEASURE_LABELS.get(m, m), justify="right")
     for layer in report.layers:
-        table.add_row(layer.name, str(layer.num_params),
-                      *[_value(layer.measures[m]) for m in names])
+        table.add_row(
+            layer.name, str(layer.num_params), *[_value(layer.measures[m]) for m in names]
+        )
     return table
 
 
 def _value(estimate) -> str:
     """A value for a table without an uncertainty column, marked when not converged."""
-    return f"{estimate.value:.4g}" + ("" if getattr(estimate, "converged", True) else " (not converged)")
+    return f"{estimate.value:.4g}" + (
+        "" if getattr(estimate, "converged", True) else " (not converged)"
+    )
 
 
 def density_histogram(grid, values, bins: int = 24, width: int = 40) -> str:
@@ -103,16 +117,24 @@ def density_histogram(grid, values, bins: int = 24, width: int = 40) -> str:
 
 def sweep_table(rows, layers: str = "all") -> Table:
     """One row per scale factor of the weight-scaling sweep."""
-    table = Table(title=f"weights of {'all layers' if layers == 'all' else 'the ' + layers + ' layer'} "
-                        "multiplied by a", title_justify="left")
+    table = Table(
+        title=f"weights of {'all layers' if layers == 'all' else 'the ' + layers + ' layer'} "
+        "multiplied by a",
+        title_justify="left",
+    )
     for col in ("a", "||w||", "loss", "accuracy"):
         table.add_column(col, justify="right")
     names = list(rows[0].measures) if rows else []
     for name in names:
         table.add_column(_MEASURE_LABELS.get(name, name), justify="right")
     for row in rows:
-        table.add_row(f"{row.scale:g}", f"{row.weight_norm:.4g}", f"{row.loss:.4g}", f"{row.accuracy:.2%}",
-                      *[_value(row.measures[n]) for n in names])
+        table.add_row(
+            f"{row.scale:g}",
+            f"{row.weight_norm:.4g}",
+            f"{row.loss:.4g}",
+            f"{row.accuracy:.2%}",
+            *[_value(row.measures[n]) for n in names],
+        )
     return table
 
 
@@ -123,26 +145,42 @@ def rank_table(report) -> list[Table]:
     for col in ("layer", "kind", "fan-in", "neurons", "(C-1)(fan-in+1)"):
         layers.add_column(col, justify="left" if col in ("layer", "kind") else "right")
     for info in b.layers:
-        layers.add_row(info.name, info.kind, str(info.fan_in), str(info.neurons),
-                       f"{(b.num_classes - 1) * (info.fan_in + 1):,}")
+        layers.add_row(
+            info.name,
+            info.kind,
+            str(info.fan_in),
+            str(info.neurons),
+            f"{(b.num_classes - 1) * (info.fan_in + 1):,}",
+        )
     ranks = Table(title="rank", title_justify="left")
     ranks.add_column("quantity")
     ranks.add_column("value", justify="right")
     ranks.add_column("fraction of P", justify="right")
     p = b.num_params
-    rows = [("parameters P", p), ("paper bound (C-1) sum(fan-in+1)", b.paper_bound),
-            ("data bound N(C-1)", b.data_bound)]
+    rows = [
+        ("parameters P", p),
+        ("paper bound (C-1) sum(fan-in+1)", b.paper_bound),
+        ("data bound N(C-1)", b.data_bound),
+    ]
     if m.exact:
-        rows += [(f"Hessian numerical rank (|lambda| > {m.threshold:.2g} max)", m.numerical_rank),
-                 ("GGN numerical rank", m.ggn_rank)]
-        rows += [(f"effective rank (|lambda| > {k:g} lambda_max)", v) for k, v in m.effective_rank.items()]
+        rows += [
+            (f"Hessian numerical rank (|lambda| > {m.threshold:.2g} max)", m.numerical_rank),
+            ("GGN numerical rank", m.ggn_rank),
+        ]
+        rows += [
+            (f"effective rank (|lambda| > {k:g} lambda_max)", v)
+            for k, v in m.effective_rank.items()
+        ]
         for label, value in rows:
             ranks.add_row(label, f"{value:,}", f"{value / p:.2%}")
     else:
         for label, value in rows:
             ranks.add_row(label, f"{value:,}", f"{value / p:.2%}")
-        ranks.add_row(f"effective rank, SLQ estimate (|lambda| > {m.fraction:g} lambda_max)",
-                      f"{m.value:,.0f} ± {m.stderr:,.0f}", f"{m.value / p:.2%}")
+        ranks.add_row(
+            f"effective rank, SLQ estimate (|lambda| > {m.fraction:g} lambda_max)",
+            f"{m.value:,.0f} ± {m.stderr:,.0f}",
+            f"{m.value / p:.2%}",
+        )
     return [layers, ranks]
 
 
@@ -160,12 +198,22 @@ def comparison_table(comparison) -> Table:
     table.add_row("weight decay (decoupled)", *[f"{r.weight_decay:g}" for r in runs])
     table.add_row("averaging from epoch", *[str(r.averaging) if r.averaging else "-" for r in runs])
     table.add_row("train loss", *[f"{r.train_loss:.4g}" for r in runs])
-    table.add_row("test loss", *[f"{r.test_loss:.4g} ({q.get('test_loss', float('nan')):.2f}x)"
-                                 for r, q in zip(runs, ratios)])
+    table.add_row(
+        "test loss",
+        *[
+            f"{r.test_loss:.4g} ({q.get('test_loss', float('nan')):.2f}x)"
+            for r, q in zip(runs, ratios)
+        ],
+    )
     table.add_row("test accuracy", *[f"{r.test_accuracy:.2%}" for r in runs])
     table.add_row("generalisation gap (points)", *[f"{r.gap:.2f}" for r in runs])
-    table.add_row("||w||", *[f"{r.weight_norm:.4g} ({q.get('weight_norm', float('nan')):.2f}x)"
-                            for r, q in zip(runs, ratios)])
+    table.add_row(
+        "||w||",
+        *[
+            f"{r.weight_norm:.4g} ({q.get('weight_norm', float('nan')):.2f}x)"
+            for r, q in zip(runs, ratios)
+        ],
+    )
     names = [m for m in MEASURE_ORDER if any(m in r.measures for r in runs)]
     names += sorted({m for r in runs for m in r.measures} - set(names))
     for m in names:
@@ -197,9 +245,17 @@ def demo_report(console, result) -> None:
             console.print(table)
         console.print(report.statement, highlight=False)
     console.print(sweep_table(result.sweep))
-    console.print(f"\n[bold]The paper's claims on {result.config.dataset}[/] (computed from the numbers above)")
-    mark = {True: "[green]held[/]", False: "[red]did not hold[/]", None: "[yellow]tie / inconclusive[/]"}
+    console.print(
+        f"\n[bold]The paper's claims on {result.config.dataset}[/] (computed from the numbers above)"
+    )
+    mark = {
+        True: "[green]held[/]",
+        False: "[red]did not hold[/]",
+        None: "[yellow]tie / inconclusive[/]",
+    }
     for c in result.claims:
         console.print(f"- {c.claim} \\[{c.model}]: {mark[c.held]}", highlight=False)
         console.print(f"    {c.evidence}", highlight=False, markup=False)
-    console.print(f"{len(result.runs)} runs under {result.config.out}; {result.seconds:.0f} s in all.")
+    console.print(
+        f"{len(result.runs)} runs under {result.config.out}; {result.seconds:.0f} s in all."
+    )

@@ -112,7 +112,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     try:
         try:
             write(Path(tmp))
-        except SafetensorError as exc:  # safetensors reports a full disk as "I/O error: ... (os error 28)"
+        except (
+            SafetensorError
+        ) as exc:  # safetensors reports a full disk as "I/O error: ... (os error 28)"
             code = re.search(r"os error (\d+)", str(exc))
             if code is None:
                 raise
@@ -141,10 +143,13 @@ def is_run_file(name: str) -> bool:
         return True
     bare = name[1:] if name.startswith(".") else name
     if bare.endswith(".lock"):  # e.g. sharpness.json.lock, .sharpness.json.lock, .sharpness.lock
-        stem = bare[:-len(".lock")]
+        stem = bare[: -len(".lock")]
         return stem in RUN_FILES or stem in {Path(f).stem for f in RUN_FILES}
-    return name.startswith(".") and name.endswith(".tmp") and any(
-        bare.startswith(f"{f}.") for f in (*RUN_FILES, LOCK_FILE.lstrip(".")))
+    return (
+        name.startswith(".")
+        and name.endswith(".tmp")
+        and any(bare.startswith(f"{f}.") for f in (*RUN_FILES, LOCK_FILE.lstrip(".")))
+    )
 
 
 def remove_temporaries(folder: Path, names: tuple[str, ...] = TRAIN_FILES) -> list[Path]:
@@ -170,7 +175,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, metadata: dict) -
     doc = {"format_version": FORMAT_VERSION, **metadata}
     tensors = _tensors_of(model)
     path = Path(path)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(doc)}))
+    atomic_write(
+        path, lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(doc)})
+    )
     return path
 
 
@@ -180,8 +187,11 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     if p.is_dir():
         if (p / MODEL_FILE).is_file():
             return p / MODEL_FILE
-        hint = "the run is unfinished: continue it with flatcli train --resume" if (p / STATE_FILE).exists() else (
-            f"pass a .safetensors file or a run directory containing {MODEL_FILE}")
+        hint = (
+            "the run is unfinished: continue it with flatcli train --resume"
+            if (p / STATE_FILE).exists()
+            else (f"pass a .safetensors file or a run directory containing {MODEL_FILE}")
+        )
         raise CheckpointError(f"{p} holds no checkpoint ({MODEL_FILE} is missing)", hint=hint)
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist")
@@ -198,8 +208,9 @@ def read_metadata(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{p} is not a readable safetensors file ({first_line(exc)})",
-                              hint="is it truncated?") from None
+        raise CheckpointError(
+            f"{p} is not a readable safetensors file ({first_line(exc)})", hint="is it truncated?"
+        ) from None
     if METADATA_KEY not in meta:
         return tensors, None
     try:
@@ -207,7 +218,6 @@ def read_metadata(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     except json.JSONDecodeError:
         raise CheckpointError(f"{p} has corrupt flatcli metadata") from None
     return tensors, doc
-
 
 
 def load_checkpoint(
@@ -231,12 +241,14 @@ def load_checkpoint(
     :class:`CheckpointNote` warning; NaN or Inf weights load, with a
     :class:`RuntimeWarning`.
     """
-    from flatcli.models.factory import LogitsOf, resolve_factory
     from flatcli.models import build_model
+    from flatcli.models.factory import LogitsOf, resolve_factory
 
     factory = resolve_factory(model_factory, factory_args)
     if output is not None and factory is None:
-        raise UsageError("--output applies to a model built by --model-factory (flatcli's own models return logits)")
+        raise UsageError(
+            "--output applies to a model built by --model-factory (flatcli's own models return logits)"
+        )
     p = resolve_checkpoint_path(path)
     tensors, doc, notes = read_weights(p)
     if factory is not None:
@@ -247,13 +259,17 @@ def load_checkpoint(
             raise CheckpointError(
                 f"{p} has no flatcli metadata, so its architecture is unknown",
                 hint="pass --model-factory MODULE:FUNCTION or FILE.py:FUNCTION that builds the model, and --dataset; "
-                     "in Python model_factory=... and dataset=...",
+                "in Python model_factory=... and dataset=...",
             )
         info = checkpoint_info(p, doc)
         ds = info.dataset
         try:
-            model = build_model(info.arch["name"], input_shape=tuple(ds["input_shape"]),
-                                num_classes=ds["num_classes"], **info.arch["kwargs"])
+            model = build_model(
+                info.arch["name"],
+                input_shape=tuple(ds["input_shape"]),
+                num_classes=ds["num_classes"],
+                **info.arch["kwargs"],
+            )
         except FlatcliError as exc:  # a bad value in the file is the file's fault, not an option's
             raise CheckpointError(f"{p} metadata describes no buildable model: {exc}") from None
     tensors, stripped = match_keys(tensors, model.state_dict())
@@ -267,7 +283,11 @@ def load_checkpoint(
     model.to(map_location).eval()
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        warnings.warn(f"{p}: non-finite values (NaN/Inf) in {', '.join(bad[:5])}", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"{p}: non-finite values (NaN/Inf) in {', '.join(bad[:5])}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return model, info
 
 
@@ -299,11 +319,16 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, list
             raise CheckpointError(
                 f"{p} needs code to be unpickled{what}; flatcli reads only tensors (torch.load weights_only=True) "
                 "and never runs code from a file",
-                hint="save the weights alone: torch.save(model.state_dict(), PATH) or safetensors") from None
+                hint="save the weights alone: torch.save(model.state_dict(), PATH) or safetensors",
+            ) from None
         raise CheckpointError(f"{p} is not a readable torch file ({first_line(exc)})") from None
-    except Exception as exc:  # a corrupt or truncated archive: whatever torch raises, the file is at fault
-        raise CheckpointError(f"{p} is not a readable torch file ({type(exc).__name__}: {first_line(exc)})",
-                              hint="is it truncated?") from None
+    except (
+        Exception
+    ) as exc:  # a corrupt or truncated archive: whatever torch raises, the file is at fault
+        raise CheckpointError(
+            f"{p} is not a readable torch file ({type(exc).__name__}: {first_line(exc)})",
+            hint="is it truncated?",
+        ) from None
     tensors, notes = _state_dict_in(obj, p)
     return tensors, None, notes
 
@@ -311,7 +336,8 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, list
 def _is_torch_file(p: Path) -> bool:
     """By the name, else by the first bytes: torch.save's zip archive, or its legacy format
     (pickle protocol 2 and a 10-byte magic number; as a safetensors header length that
-    would be 176 MB, beyond what safetensors allows)."""
+    would be 176 MB, beyond what safetensors allows).
+    """
     suffix = p.suffix.lower()
     if suffix in (".safetensors", *TORCH_SUFFIXES):
         return suffix != ".safetensors"
@@ -327,30 +353,42 @@ def _state_dict_in(obj: Any, p: Path) -> tuple[dict[str, torch.Tensor], list[str
     """The state dict in what ``torch.load`` returned, and where it was found."""
     notes = []
     for _ in range(3):
-        if not isinstance(obj, Mapping) or (obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
+        if not isinstance(obj, Mapping) or (
+            obj and all(isinstance(v, torch.Tensor) for v in obj.values())
+        ):
             break
         key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if key is None:
             break
-        lightning = key == "state_dict" and any(k in obj for k in ("pytorch-lightning_version", "epoch", "global_step"))
-        notes.append(f"read the state dict under {key!r}" + (" (a Lightning checkpoint)" if lightning else ""))
+        lightning = key == "state_dict" and any(
+            k in obj for k in ("pytorch-lightning_version", "epoch", "global_step")
+        )
+        notes.append(
+            f"read the state dict under {key!r}"
+            + (" (a Lightning checkpoint)" if lightning else "")
+        )
         obj = obj[key]
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{p} holds a {type(obj).__name__}, not a state dict",
-                              hint="save one with torch.save(model.state_dict(), PATH)")
+        raise CheckpointError(
+            f"{p} holds a {type(obj).__name__}, not a state dict",
+            hint="save one with torch.save(model.state_dict(), PATH)",
+        )
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         keys = ", ".join(repr(k) for k in list(obj)[:6]) or "none"
-        raise CheckpointError(f"{p} holds no tensors (keys: {keys})",
-                              hint=f"expected a state dict, or a dict with one under {', '.join(map(repr, WRAPPER_KEYS))}")
+        raise CheckpointError(
+            f"{p} holds no tensors (keys: {keys})",
+            hint=f"expected a state dict, or a dict with one under {', '.join(map(repr, WRAPPER_KEYS))}",
+        )
     others = [str(k) for k in obj if k not in tensors]
     if others:
         notes.append(f"left out {len(others)} entries that are not tensors ({few(others)})")
     return tensors, notes
 
 
-def match_keys(tensors: dict[str, torch.Tensor], expected: Mapping[str, Any]
-               ) -> tuple[dict[str, torch.Tensor], str]:
+def match_keys(
+    tensors: dict[str, torch.Tensor], expected: Mapping[str, Any]
+) -> tuple[dict[str, torch.Tensor], str]:
     """``tensors`` with the key prefix of a wrapper stripped, and the prefix stripped ("" for none).
 
     A prefix of :data:`KEY_PREFIXES` is stripped only when every key has it, repeatedly
@@ -363,10 +401,12 @@ def match_keys(tensors: dict[str, torch.Tensor], expected: Mapping[str, Any]
     candidates = [(tensors, "")]
     current, stripped = tensors, ""
     while set(current) != want:
-        prefix = next((q for q in KEY_PREFIXES if current and all(k.startswith(q) for k in current)), None)
+        prefix = next(
+            (q for q in KEY_PREFIXES if current and all(k.startswith(q) for k in current)), None
+        )
         if prefix is None:
             break
-        current, stripped = {k[len(prefix):]: v for k, v in current.items()}, stripped + prefix
+        current, stripped = {k[len(prefix) :]: v for k, v in current.items()}, stripped + prefix
         candidates.append((current, stripped))
     if set(current) == want:
         return current, stripped
@@ -379,6 +419,7 @@ def checkpoint_info(p: Path, doc: Any, need_arch: bool = True) -> CheckpointInfo
     Every field a command reads later is checked here, so that a hand-edited or foreign
     file is one :class:`CheckpointError`, not a TypeError deep inside a measure.
     """
+
     def bad(what: str) -> CheckpointError:
         return CheckpointError(f"{p} has malformed flatcli metadata: {what}")
 
@@ -388,8 +429,11 @@ def checkpoint_info(p: Path, doc: Any, need_arch: bool = True) -> CheckpointInfo
     if not _is_int(version) or version < 1:
         raise bad(f"format_version is {version!r}, not a positive integer")
     if version > FORMAT_VERSION:
-        raise CheckpointError(f"{p} was written by a newer flatcli (checkpoint format {version}; this flatcli "
-                              f"reads up to {FORMAT_VERSION})", hint="upgrade flatcli: pip install -U flatcli")
+        raise CheckpointError(
+            f"{p} was written by a newer flatcli (checkpoint format {version}; this flatcli "
+            f"reads up to {FORMAT_VERSION})",
+            hint="upgrade flatcli: pip install -U flatcli",
+        )
     for key in ("arch", "dataset", "train", "metrics"):
         if key in doc and not isinstance(doc[key], dict):
             raise bad(f"{key} is a JSON {_json_type(doc[key])}, not an object")
@@ -434,7 +478,14 @@ def _is_number(value: Any) -> bool:
 
 
 def _json_type(value: Any) -> str:
-    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    names = {
+        dict: "object",
+        list: "list",
+        str: "string",
+        bool: "boolean",
+        int: "number",
+        float: "number",
+    }
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
@@ -449,10 +500,16 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], origin: Path 
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    shapes = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in tensors and tensors[k].shape != v.shape]
-    kinds = [f"{k} {str(tensors[k].dtype).removeprefix('torch.')} vs {str(v.dtype).removeprefix('torch.')}"
-             for k, v in expected.items() if k in tensors and _kind(tensors[k].dtype) != _kind(v.dtype)]
+    shapes = [
+        f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    kinds = [
+        f"{k} {str(tensors[k].dtype).removeprefix('torch.')} vs {str(v.dtype).removeprefix('torch.')}"
+        for k, v in expected.items()
+        if k in tensors and _kind(tensors[k].dtype) != _kind(v.dtype)
+    ]
     if missing or unexpected or shapes or kinds:
         parts = []
         if missing:
@@ -463,17 +520,26 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], origin: Path 
             parts.append(f"wrong shape {few(shapes)}")
         if kinds:
             parts.append(f"wrong dtype {few(kinds)}")
-        raise CheckpointError(f"{origin}: tensors do not match the architecture: {'; '.join(parts)}")
+        raise CheckpointError(
+            f"{origin}: tensors do not match the architecture: {'; '.join(parts)}"
+        )
     model.load_state_dict(tensors)
 
 
 def _kind(dtype: torch.dtype) -> str:
-    return "complex" if dtype.is_complex else "float" if dtype.is_floating_point else "bool" if dtype == torch.bool \
+    return (
+        "complex"
+        if dtype.is_complex
+        else "float"
+        if dtype.is_floating_point
+        else "bool"
+        if dtype == torch.bool
         else "integer"
-
+    )
 
 
 # --- resumable training state -------------------------------------------------------
+
 
 def _flatten(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> Any:
     """Replace every tensor in a nested structure by a reference into ``out``."""
@@ -482,11 +548,17 @@ def _flatten(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> Any:
         out[key] = obj.detach().to("cpu").contiguous().clone()
         return {"__tensor__": key}
     if isinstance(obj, dict):
-        return {"__dict__": [[_flatten(k, f"{prefix}.k{i}", out), _flatten(v, f"{prefix}.{i}", out)]
-                             for i, (k, v) in enumerate(obj.items())]}
+        return {
+            "__dict__": [
+                [_flatten(k, f"{prefix}.k{i}", out), _flatten(v, f"{prefix}.{i}", out)]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
     if isinstance(obj, (list, tuple)):
-        return {"__list__": [_flatten(v, f"{prefix}.{i}", out) for i, v in enumerate(obj)],
-                "tuple": isinstance(obj, tuple)}
+        return {
+            "__list__": [_flatten(v, f"{prefix}.{i}", out) for i, v in enumerate(obj)],
+            "tuple": isinstance(obj, tuple),
+        }
     if isinstance(obj, float) and not math.isfinite(obj):
         return {"__float__": repr(obj)}
     return obj
@@ -510,8 +582,10 @@ def save_state(path: str | os.PathLike, state: dict) -> None:
     """Atomically save a nested dict of tensors and JSON values (e.g. optimiser state)."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(state, "s", tensors)
-    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp),
-                                                    metadata={METADATA_KEY: json.dumps(skeleton)}))
+    atomic_write(
+        Path(path),
+        lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(skeleton)}),
+    )
 
 
 def load_state_file(path: str | os.PathLike, tensors: bool = True) -> dict:
@@ -539,4 +613,6 @@ def _read_skeleton(p: Path) -> Any:
             meta = f.metadata() or {}
         return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{p} is not a readable safetensors file ({first_line(exc)})") from None
+        raise CheckpointError(
+            f"{p} is not a readable safetensors file ({first_line(exc)})"
+        ) from None

@@ -100,7 +100,9 @@ class RunSummary:
                     hint="accuracies are fractions, not percentages",
                 )
         if self.test_size is not None and (isinstance(self.test_size, bool) or self.test_size < 1):
-            raise UsageError(f"run {self.name!r}: test_size must be a positive integer, got {self.test_size!r}")
+            raise UsageError(
+                f"run {self.name!r}: test_size must be a positive integer, got {self.test_size!r}"
+            )
 
     @property
     def gap(self) -> float:
@@ -166,7 +168,7 @@ MEASURE_ORDER: dict[str, str] = {
 
 
 def _ratio(x: float, y: float) -> float:
-    """x / y, with inf (or nan for 0/0) when y is 0."""
+    """X / y, with inf (or nan for 0/0) when y is 0."""
     if y != 0:
         return x / y
     return math.nan if x == 0 else math.copysign(math.inf, x)
@@ -210,7 +212,8 @@ def verdict(
     a: RunSummary, b: RunSummary, measure: str, *, tie_sigmas: float = 2.0, accuracy_points: float
 ) -> Verdict:
     """The verdict of ``a`` against ``b`` on ``measure`` (both must have it), given the
-    accuracy tie threshold ``accuracy_points``."""
+    accuracy tie threshold ``accuracy_points``.
+    """
     ma, mb = a.measures[measure], b.measures[measure]
     label = MEASURE_ORDER.get(measure, measure)
     diff_points = 100.0 * (b.test_accuracy - a.test_accuracy)
@@ -223,8 +226,14 @@ def verdict(
     if not (ma.converged and mb.converged):  # no uncertainty to judge a tie or a difference by
         which = " and ".join(r.name for r, m in ((a, ma), (b, mb)) if not m.converged)
         return Verdict(
-            a=a.name, b=b.name, measure=measure, sharpness_ratio=_ratio(mb.value, ma.value),
-            accuracy_difference_points=diff_points, sharpness_tie=False, accuracy_tie=acc_tie, agrees=None,
+            a=a.name,
+            b=b.name,
+            measure=measure,
+            sharpness_ratio=_ratio(mb.value, ma.value),
+            accuracy_difference_points=diff_points,
+            sharpness_tie=False,
+            accuracy_tie=acc_tie,
+            agrees=None,
             text=f"{label} of {which} did not converge ({values}): not converged, no verdict on flatness.",
             converged=False,
         )
@@ -237,7 +246,9 @@ def verdict(
     else:
         sharper, flatter = (b, a) if mb.value > ma.value else (a, b)
         hi, lo = max(ma.value, mb.value), min(ma.value, mb.value)
-        ordered = f"{_fmt(sharper.measures[measure].value)} vs {_fmt(flatter.measures[measure].value)}"
+        ordered = (
+            f"{_fmt(sharper.measures[measure].value)} vs {_fmt(flatter.measures[measure].value)}"
+        )
         times = f"{hi / lo:.3g}x sharper" if lo > 0 else "sharper"
         sharp_words = f"{sharper.name} is {times} than {flatter.name} by {label} ({ordered})"
 
@@ -302,7 +313,10 @@ def compare(
     base = runs[0]
     ratios = []
     for run in runs:
-        r = {m: _ratio(run.measures[m].value, base.measures[m].value) for m in _ordered_measures(base, run)}
+        r = {
+            m: _ratio(run.measures[m].value, base.measures[m].value)
+            for m in _ordered_measures(base, run)
+        }
         r["weight_norm"] = _ratio(run.weight_norm, base.weight_norm)
         r["test_loss"] = _ratio(run.test_loss, base.test_loss)
         ratios.append(r)
@@ -310,7 +324,9 @@ def compare(
     verdicts = []
     for i, a in enumerate(runs):
         for b in runs[i + 1 :]:
-            points = accuracy_threshold_points(a, b, tie_accuracy=tie_accuracy, accuracy_sigmas=accuracy_sigmas)
+            points = accuracy_threshold_points(
+                a, b, tie_accuracy=tie_accuracy, accuracy_sigmas=accuracy_sigmas
+            )
             for m in _ordered_measures(a, b):
                 verdicts.append(verdict(a, b, m, tie_sigmas=tie_sigmas, accuracy_points=points))
     return Comparison(runs=runs, ratios=tuple(ratios), verdicts=tuple(verdicts))
@@ -332,13 +348,21 @@ __all__ = [
 # From checkpoints to summaries
 
 #: Measures ``flatcli compare`` reports by default: the paper's and the scale-aware ones.
-DEFAULT_COMPARE_MEASURES = ("lambda_max", "trace", "frobenius", "lambda_max_normalised", "trace_normalised",
-                            "adaptive_sharpness", "relative_flatness")
+DEFAULT_COMPARE_MEASURES = (
+    "lambda_max",
+    "trace",
+    "frobenius",
+    "lambda_max_normalised",
+    "trace_normalised",
+    "adaptive_sharpness",
+    "relative_flatness",
+)
 
 
 def _measure(estimate: Any) -> Measure:
     """A :class:`Measure` from a :class:`flatcli.analysis.measures.Estimate`; a NaN or infinite
-    uncertainty (e.g. a standard error of one sample) is an unconverged one."""
+    uncertainty (e.g. a standard error of one sample) is an unconverged one.
+    """
     unc = float(estimate.uncertainty)
     converged = bool(getattr(estimate, "converged", True)) and math.isfinite(unc)
     return Measure(float(estimate.value), unc if math.isfinite(unc) else math.inf, converged)
@@ -347,15 +371,25 @@ def _measure(estimate: Any) -> Measure:
 def summarise(name: str, info: Any, report: Any, test_size: int | None) -> RunSummary:
     """A :class:`RunSummary` from a checkpoint's metadata and its sharpness report."""
     train_opts, metrics = info.train or {}, info.metrics or {}
-    measures = {k: _measure(v) for k, v in report.measures.items()
-                if hasattr(v, "uncertainty") and math.isfinite(v.value)}
+    measures = {
+        k: _measure(v)
+        for k, v in report.measures.items()
+        if hasattr(v, "uncertainty") and math.isfinite(v.value)
+    }
     return RunSummary(
-        name=name, optimizer=str(train_opts.get("optimizer", "?")), l2=float(train_opts.get("l2", 0.0) or 0.0),
-        weight_decay=float(train_opts.get("weight_decay", 0.0) or 0.0), averaging=train_opts.get("average_from"),
+        name=name,
+        optimizer=str(train_opts.get("optimizer", "?")),
+        l2=float(train_opts.get("l2", 0.0) or 0.0),
+        weight_decay=float(train_opts.get("weight_decay", 0.0) or 0.0),
+        averaging=train_opts.get("average_from"),
         train_loss=float(metrics.get("train_loss", report.loss)),
         train_accuracy=float(metrics.get("train_accuracy", report.accuracy)),
-        test_loss=float(metrics["test_loss"]), test_accuracy=float(metrics["test_accuracy"]),
-        weight_norm=report.weight_norm, measures=measures, test_size=test_size)
+        test_loss=float(metrics["test_loss"]),
+        test_accuracy=float(metrics["test_accuracy"]),
+        weight_norm=report.weight_norm,
+        measures=measures,
+        test_size=test_size,
+    )
 
 
 @dataclass(frozen=True)
@@ -368,8 +402,14 @@ class CheckedRun:
     measured_on: str
 
 
-def check_runs(paths: Sequence[Any], *, dataset: str | None = None, model_factory: Any = None,
-               factory_args: dict | None = None, output: str | int | None = None) -> list[CheckedRun]:
+def check_runs(
+    paths: Sequence[Any],
+    *,
+    dataset: str | None = None,
+    model_factory: Any = None,
+    factory_args: dict | None = None,
+    output: str | int | None = None,
+) -> list[CheckedRun]:
     """Check every run before anything is measured: each checkpoint exists and loads, all
     were trained on ONE data set (else their accuracies say nothing about each other), and
     the data set measured on (``dataset``, default the training set) fits each model.
@@ -384,10 +424,10 @@ def check_runs(paths: Sequence[Any], *, dataset: str | None = None, model_factor
     import warnings
     from pathlib import Path
 
-    from flatcli.workflows.checkpoint import MODEL_FILE, load_checkpoint, resolve_checkpoint_path
-    from flatcli.workflows.data import get_spec
     from flatcli.errors import DataError
     from flatcli.models.factory import resolve_factory
+    from flatcli.workflows.checkpoint import MODEL_FILE, load_checkpoint, resolve_checkpoint_path
+    from flatcli.workflows.data import get_spec
 
     factory = resolve_factory(model_factory, factory_args)  # imported once for every run
     checked: list[CheckedRun] = []
@@ -397,11 +437,17 @@ def check_runs(paths: Sequence[Any], *, dataset: str | None = None, model_factor
             warnings.simplefilter("ignore")
             _, info = load_checkpoint(ckpt, model_factory=factory, output=output)
         trained = info.dataset.get("name") if isinstance(info.dataset, dict) else None
-        if (not trained or not isinstance(trained, str)) and dataset is not None and model_factory is not None:
+        if (
+            (not trained or not isinstance(trained, str))
+            and dataset is not None
+            and model_factory is not None
+        ):
             trained = dataset  # a file from elsewhere: the data set it is measured on is the only one known
         if not trained or not isinstance(trained, str):
-            raise DataError(f"{ckpt} does not say which data set it was trained on",
-                            hint="pass --dataset (compare needs to know the data set of every run)")
+            raise DataError(
+                f"{ckpt} does not say which data set it was trained on",
+                hint="pass --dataset (compare needs to know the data set of every run)",
+            )
         _check_metrics(ckpt, info.metrics if isinstance(info.metrics, dict) else {})
         name = ckpt.parent.name if ckpt.name == MODEL_FILE else Path(ckpt).stem
         while name in [c.name for c in checked]:
@@ -409,20 +455,27 @@ def check_runs(paths: Sequence[Any], *, dataset: str | None = None, model_factor
         checked.append(CheckedRun(name, ckpt, trained, dataset or trained))
         first = checked[0]
         if trained != first.trained_on:
-            raise DataError(f"cannot compare runs trained on different data sets: {first.name} on "
-                            f"{first.trained_on}, {name} on {trained}",
-                            hint="compare runs of one data set")
+            raise DataError(
+                f"cannot compare runs trained on different data sets: {first.name} on "
+                f"{first.trained_on}, {name} on {trained}",
+                hint="compare runs of one data set",
+            )
         measured = dataset or trained
         if measured != trained:
             spec = get_spec(measured)
             shape = tuple(info.dataset.get("input_shape") or ())
             classes = info.dataset.get("num_classes")
             if shape != tuple(spec.input_shape) or classes != spec.num_classes:
-                raise DataError(f"{name} was trained on {trained} (input {_shape(shape)}, {classes} classes) and "
-                                f"cannot be measured on {measured} (input {_shape(spec.input_shape)}, "
-                                f"{spec.num_classes} classes)")
-            warnings.warn(f"{name} was trained on {trained} but is measured on {measured}", UserWarning,
-                          stacklevel=2)
+                raise DataError(
+                    f"{name} was trained on {trained} (input {_shape(shape)}, {classes} classes) and "
+                    f"cannot be measured on {measured} (input {_shape(spec.input_shape)}, "
+                    f"{spec.num_classes} classes)"
+                )
+            warnings.warn(
+                f"{name} was trained on {trained} but is measured on {measured}",
+                UserWarning,
+                stacklevel=2,
+            )
     return checked
 
 
@@ -437,7 +490,9 @@ def _check_metrics(ckpt: Any, metrics: dict) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             raise CheckpointError(f"{ckpt} metadata: metrics.{key} is {value!r}, not a number")
         if key.endswith("accuracy") and not 0 <= value <= 1:
-            raise CheckpointError(f"{ckpt} metadata: metrics.{key} is {value!r}, not a fraction in [0, 1]")
+            raise CheckpointError(
+                f"{ckpt} metadata: metrics.{key} is {value!r}, not a fraction in [0, 1]"
+            )
     if "test_accuracy" in metrics and "test_loss" not in metrics:
         raise CheckpointError(f"{ckpt} metadata: metrics has a test_accuracy but no test_loss")
 
@@ -446,10 +501,20 @@ def _shape(shape: Sequence[int]) -> str:
     return "x".join(str(n) for n in shape) or "?"
 
 
-def compare_checkpoints(paths: Sequence[Any], config: Any, *, data_dir: str | None = None, device: str = "auto",
-                        use_cache: bool = True, progress: Callable[[int], None] | None = None,
-                        tie_sigmas: float = 2.0, dataset: str | None = None, model_factory: Any = None,
-                        factory_args: dict | None = None, output: str | int | None = None) -> Comparison:
+def compare_checkpoints(
+    paths: Sequence[Any],
+    config: Any,
+    *,
+    data_dir: str | None = None,
+    device: str = "auto",
+    use_cache: bool = True,
+    progress: Callable[[int], None] | None = None,
+    tie_sigmas: float = 2.0,
+    dataset: str | None = None,
+    model_factory: Any = None,
+    factory_args: dict | None = None,
+    output: str | int | None = None,
+) -> Comparison:
     """Measure (or reuse cached) sharpness of each checkpoint and compare them.
 
     Everything is checked before anything is measured: the options, every checkpoint and
@@ -477,19 +542,40 @@ def compare_checkpoints(paths: Sequence[Any], config: Any, *, data_dir: str | No
     for run in runs:
         with warnings.catch_warnings():  # check_runs said it once already
             warnings.filterwarnings("ignore", message="measuring on ")
-            report = sharpness(run.checkpoint, config, dataset=run.measured_on, data_dir=data_dir, device=device,
-                               use_cache=use_cache, progress=progress, **loading)
+            report = sharpness(
+                run.checkpoint,
+                config,
+                dataset=run.measured_on,
+                data_dir=data_dir,
+                device=device,
+                use_cache=use_cache,
+                progress=progress,
+                **loading,
+            )
         with warnings.catch_warnings():  # notes on loading were said when it was measured
             warnings.simplefilter("ignore", CheckpointNote)
-            point = load_point(run.checkpoint, split="test", dataset=run.trained_on, data_dir=data_dir,
-                               device=device, **loading)
+            point = load_point(
+                run.checkpoint,
+                split="test",
+                dataset=run.trained_on,
+                data_dir=data_dir,
+                device=device,
+                **loading,
+            )
         info = point.info
         if "test_accuracy" not in (info.metrics or {}):
             test_loss, test_acc = evaluate(point.model, point.inputs, point.targets)
             x, y = load_dataset(point.dataset, "train", data_dir).tensors
             train_loss, train_acc = evaluate(point.model, x, y)
-            info = replace(info, metrics={"test_loss": test_loss, "test_accuracy": test_acc,
-                                          "train_loss": train_loss, "train_accuracy": train_acc})
+            info = replace(
+                info,
+                metrics={
+                    "test_loss": test_loss,
+                    "test_accuracy": test_acc,
+                    "train_loss": train_loss,
+                    "train_accuracy": train_acc,
+                },
+            )
         summaries.append(summarise(run.name, info, report, len(point.targets)))
     return compare(summaries, tie_sigmas=tie_sigmas)
 
@@ -498,12 +584,30 @@ def comparison_as_dict(comparison: Comparison) -> dict:
     """The JSON document of ``flatcli compare --json``: runs, ratios, verdicts."""
     runs = []
     for r in comparison.runs:
-        runs.append({"name": r.name, "optimizer": r.optimizer, "l2": r.l2, "weight_decay": r.weight_decay,
-                     "averaging": r.averaging, "train_loss": r.train_loss, "test_loss": r.test_loss,
-                     "train_accuracy": r.train_accuracy, "test_accuracy": r.test_accuracy,
-                     "generalisation_gap": r.gap, "weight_norm": r.weight_norm, "test_size": r.test_size,
-                     **{k: {"value": m.value, "uncertainty": m.uncertainty, "converged": m.converged}
-                        for k, m in r.measures.items()}})
-    return {"runs": runs,
-            "ratios": [{"name": r.name, **ratios} for r, ratios in zip(comparison.runs, comparison.ratios)],
-            "verdicts": [asdict(v) for v in comparison.verdicts]}
+        runs.append(
+            {
+                "name": r.name,
+                "optimizer": r.optimizer,
+                "l2": r.l2,
+                "weight_decay": r.weight_decay,
+                "averaging": r.averaging,
+                "train_loss": r.train_loss,
+                "test_loss": r.test_loss,
+                "train_accuracy": r.train_accuracy,
+                "test_accuracy": r.test_accuracy,
+                "generalisation_gap": r.gap,
+                "weight_norm": r.weight_norm,
+                "test_size": r.test_size,
+                **{
+                    k: {"value": m.value, "uncertainty": m.uncertainty, "converged": m.converged}
+                    for k, m in r.measures.items()
+                },
+            }
+        )
+    return {
+        "runs": runs,
+        "ratios": [
+            {"name": r.name, **ratios} for r, ratios in zip(comparison.runs, comparison.ratios)
+        ],
+        "verdicts": [asdict(v) for v in comparison.verdicts],
+    }

@@ -91,7 +91,9 @@ def _read_digits(train: bool, data_dir: Path, download: bool) -> tuple[np.ndarra
     return x[:, None, :, :], y
 
 
-def _torchvision_reader(cls_name: str) -> Callable[[bool, Path, bool], tuple[np.ndarray, np.ndarray]]:
+def _torchvision_reader(
+    cls_name: str,
+) -> Callable[[bool, Path, bool], tuple[np.ndarray, np.ndarray]]:
     def read(train: bool, data_dir: Path, download: bool) -> tuple[np.ndarray, np.ndarray]:
         import torchvision
 
@@ -103,7 +105,9 @@ def _torchvision_reader(cls_name: str) -> Callable[[bool, Path, bool], tuple[np.
         except OSError as exc:  # offline download, unreadable files
             raise _missing(cls_name, data_dir, download, exc) from None
         data = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else np.asarray(ds.data)
-        targets = ds.targets.numpy() if isinstance(ds.targets, torch.Tensor) else np.asarray(ds.targets)
+        targets = (
+            ds.targets.numpy() if isinstance(ds.targets, torch.Tensor) else np.asarray(ds.targets)
+        )
         if data.ndim == 3:  # MNIST-like: (N, H, W)
             data = data[:, None, :, :]
         else:  # CIFAR: (N, H, W, C)
@@ -114,7 +118,12 @@ def _torchvision_reader(cls_name: str) -> Callable[[bool, Path, bool], tuple[np.
 
 
 def _missing(cls_name: str, data_dir: Path, download: bool, exc: Exception) -> DataError:
-    name = {"MNIST": "mnist", "FashionMNIST": "fashion-mnist", "CIFAR10": "cifar10", "CIFAR100": "cifar100"}[cls_name]
+    name = {
+        "MNIST": "mnist",
+        "FashionMNIST": "fashion-mnist",
+        "CIFAR10": "cifar10",
+        "CIFAR100": "cifar100",
+    }[cls_name]
     layout = DATASETS[name].layout.format(root=data_dir)
     if download:
         return DataError(
@@ -128,25 +137,62 @@ def _missing(cls_name: str, data_dir: Path, download: bool, exc: Exception) -> D
 
 
 def _spec(name, classes, shape, mean, std, augment, read, layout) -> DatasetSpec:
-    norm = "(x/255 - mean) / std with mean={} std={}".format(list(mean), list(std))
+    norm = f"(x/255 - mean) / std with mean={list(mean)} std={list(std)}"
     return DatasetSpec(name, classes, shape, mean, std, norm, augment, read, layout)
 
 
 DATASETS: dict[str, DatasetSpec] = {
     "digits": DatasetSpec(
-        "digits", 10, (1, 8, 8), (0.0,), (16.0,),
+        "digits",
+        10,
+        (1, 8, 8),
+        (0.0,),
+        (16.0,),
         "pixel / 16 (scikit-learn load_digits; stratified 80/20 split, random_state=0)",
-        False, _read_digits, "bundled with scikit-learn",
+        False,
+        _read_digits,
+        "bundled with scikit-learn",
     ),
-    "mnist": _spec("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,), False, _torchvision_reader("MNIST"),
-                   "{root}/MNIST/raw/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte"),
-    "fashion-mnist": _spec("fashion-mnist", 10, (1, 28, 28), (0.2860,), (0.3530,), False,
-                           _torchvision_reader("FashionMNIST"),
-                           "{root}/FashionMNIST/raw/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte"),
-    "cifar10": _spec("cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True,
-                     _torchvision_reader("CIFAR10"), "{root}/cifar-10-batches-py/"),
-    "cifar100": _spec("cifar100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True,
-                      _torchvision_reader("CIFAR100"), "{root}/cifar-100-python/"),
+    "mnist": _spec(
+        "mnist",
+        10,
+        (1, 28, 28),
+        (0.1307,),
+        (0.3081,),
+        False,
+        _torchvision_reader("MNIST"),
+        "{root}/MNIST/raw/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte",
+    ),
+    "fashion-mnist": _spec(
+        "fashion-mnist",
+        10,
+        (1, 28, 28),
+        (0.2860,),
+        (0.3530,),
+        False,
+        _torchvision_reader("FashionMNIST"),
+        "{root}/FashionMNIST/raw/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte",
+    ),
+    "cifar10": _spec(
+        "cifar10",
+        10,
+        (3, 32, 32),
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+        True,
+        _torchvision_reader("CIFAR10"),
+        "{root}/cifar-10-batches-py/",
+    ),
+    "cifar100": _spec(
+        "cifar100",
+        100,
+        (3, 32, 32),
+        (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762),
+        True,
+        _torchvision_reader("CIFAR100"),
+        "{root}/cifar-100-python/",
+    ),
 }
 
 
@@ -155,7 +201,9 @@ def get_spec(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]
     except KeyError:
-        raise UnknownNameError(f"unknown data set {name!r}", hint=f"choose one of: {', '.join(DATASETS)}") from None
+        raise UnknownNameError(
+            f"unknown data set {name!r}", hint=f"choose one of: {', '.join(DATASETS)}"
+        ) from None
 
 
 def load_dataset(
@@ -198,8 +246,9 @@ def subset_indices(n: int, samples: int) -> torch.Tensor:
     return perm[:samples].sort().values
 
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4,
-                  part: tuple[int, slice] | None = None) -> torch.Tensor:
+def augment_batch(
+    x: torch.Tensor, generator: torch.Generator, pad: int = 4, part: tuple[int, slice] | None = None
+) -> torch.Tensor:
     """Random crop (zero padding ``pad``) and horizontal flip, per image, on a batch.
 
     The standard CIFAR augmentation (He et al. 2016), done on tensors on the batch's own
@@ -215,7 +264,7 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4,
     dy = torch.randint(0, 2 * pad + 1, (total,), generator=generator)[rows_of].to(x.device)
     dx = torch.randint(0, 2 * pad + 1, (total,), generator=generator)[rows_of].to(x.device)
     flip = (torch.rand(total, generator=generator) < 0.5)[rows_of].to(x.device)
-    rows = (torch.arange(h, device=x.device).view(1, h) + dy.view(n, 1))  # (n, h)
+    rows = torch.arange(h, device=x.device).view(1, h) + dy.view(n, 1)  # (n, h)
     cols = torch.arange(w, device=x.device).view(1, w) + dx.view(n, 1)  # (n, w)
     cols = torch.where(flip.view(n, 1), cols.flip(1), cols)
     batch = torch.arange(n, device=x.device).view(n, 1, 1)

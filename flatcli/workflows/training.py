@@ -60,15 +60,36 @@ from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 from flatcli import __version__, distributed
-from flatcli.workflows.checkpoint import (LAST_FILE, LOCK_FILE, METRICS_FILE, MODEL_FILE, RUN_FILES, STAGING_DIR, STATE_FILE,
-                         TRAIN_FILES, atomic_write_text, is_run_file, load_state_file, remove_temporaries,
-                         save_checkpoint, save_state)
 from flatcli.config import TrainConfig, contradiction
-from flatcli.workflows.data import augment_batch, get_spec, load_dataset
 from flatcli.distributed import DistributedError, World
-from flatcli.errors import (CheckpointError, FlatcliError, OutputError, RunExistsError, UnknownNameError, UsageError, few,
-                     first_line)
+from flatcli.errors import (
+    CheckpointError,
+    FlatcliError,
+    OutputError,
+    RunExistsError,
+    UnknownNameError,
+    UsageError,
+    few,
+    first_line,
+)
 from flatcli.models import build_model, resolve_kwargs
+from flatcli.workflows.checkpoint import (
+    LAST_FILE,
+    LOCK_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    RUN_FILES,
+    STAGING_DIR,
+    STATE_FILE,
+    TRAIN_FILES,
+    atomic_write_text,
+    is_run_file,
+    load_state_file,
+    remove_temporaries,
+    save_checkpoint,
+    save_state,
+)
+from flatcli.workflows.data import augment_batch, get_spec, load_dataset
 
 OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], TrainConfig], torch.optim.Optimizer]] = {
     "sgd": lambda params, c: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum),
@@ -90,10 +111,21 @@ def _paper_factor(epoch: int, budget: int, final_ratio: float) -> float:
 
 SCHEDULES: dict[str, Callable[[TrainConfig], Callable[[int], float]]] = {
     "constant": lambda c: lambda epoch: 1.0,
-    "cosine": lambda c: lambda epoch: (c.final_lr / c.lr) + (1 - c.final_lr / c.lr) * 0.5 * (
-        1 + math.cos(math.pi * min(epoch, c.epochs) / c.epochs)),
-    "paper": lambda c: lambda epoch: _paper_factor(
-        epoch, (c.average_from - 1) if c.average_from and c.average_from > 1 else c.epochs, c.final_lr / c.lr),
+    "cosine": lambda c: (
+        lambda epoch: (
+            (c.final_lr / c.lr)
+            + (1 - c.final_lr / c.lr)
+            * 0.5
+            * (1 + math.cos(math.pi * min(epoch, c.epochs) / c.epochs))
+        )
+    ),
+    "paper": lambda c: (
+        lambda epoch: _paper_factor(
+            epoch,
+            (c.average_from - 1) if c.average_from and c.average_from > 1 else c.epochs,
+            c.final_lr / c.lr,
+        )
+    ),
 }
 
 
@@ -106,7 +138,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is available", hint="use --device cpu")
+        raise UsageError(
+            "--device cuda was asked for but no CUDA device is available", hint="use --device cpu"
+        )
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -116,8 +150,9 @@ def resolve_device(name: str) -> torch.device:
     except (RuntimeError, AssertionError, ValueError) as exc:
         text = first_line(exc)
         why = f" ({text})" if len(text) <= 80 else ""  # torch's dispatcher message runs to a page
-        raise UsageError(f"--device {name} is not available on this machine{why}",
-                         hint="use auto, cpu or cuda") from None
+        raise UsageError(
+            f"--device {name} is not available on this machine{why}", hint="use auto, cpu or cuda"
+        ) from None
     return device
 
 
@@ -152,8 +187,13 @@ class TrainCallbacks:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-             batch_size: int = 1024, world: World | None = None) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    batch_size: int = 1024,
+    world: World | None = None,
+) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` (in eval mode) on the given data.
 
     With ``world`` of N processes (every rank calls this), each rank takes its
@@ -184,8 +224,9 @@ def weight_norm(model: nn.Module) -> float:
     return math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()))
 
 
-def regularised_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], l2: float,
-                     weight_decay: float) -> None:
+def regularised_step(
+    optimizer: torch.optim.Optimizer, params: list[nn.Parameter], l2: float, weight_decay: float
+) -> None:
     """Apply coupled L2 to the gradients and decoupled decay to the weights, then step.
 
     ``grad <- grad + l2 w`` (coupled) and ``w <- w (1 - lr mu)`` (decoupled, at the
@@ -204,10 +245,17 @@ def regularised_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter
     optimizer.step()
 
 
-def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
-                    targets: torch.Tensor, config: TrainConfig, generator: torch.Generator,
-                    augment: bool, on_batch: Callable[[int, float], None] | None = None,
-                    world: World | None = None) -> tuple[float, float]:
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    config: TrainConfig,
+    generator: torch.Generator,
+    augment: bool,
+    on_batch: Callable[[int, float], None] | None = None,
+    world: World | None = None,
+) -> tuple[float, float]:
     """One pass over the data in the order drawn from ``generator``; returns (loss, accuracy).
 
     The loss and accuracy are running means over the epoch's batches (as seen while
@@ -225,7 +273,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: 
     total_loss = torch.zeros((), device=inputs.device)
     correct = torch.zeros((), dtype=torch.int64, device=inputs.device)
     for b, start in enumerate(range(0, n, config.batch_size)):
-        idx = order[start:start + config.batch_size]
+        idx = order[start : start + config.batch_size]
         part = world.shard(len(idx))
         x, y = inputs[idx[part]], targets[idx[part]]
         if augment:
@@ -256,7 +304,10 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 def default_run_dir(config: TrainConfig) -> Path:
     """``runs/DATASET-MODEL-OPTIMIZER-sSEED`` (a ``-2``, ``-3``... suffix for a new run when taken)."""
-    base = Path("runs") / f"{config.dataset}-{config.model}-{config.recipe or config.optimizer}-s{config.seed}"
+    base = (
+        Path("runs")
+        / f"{config.dataset}-{config.model}-{config.recipe or config.optimizer}-s{config.seed}"
+    )
     out, k = base, 2
     while out.exists() and not config.resume:
         out, k = base.with_name(f"{base.name}-{k}"), k + 1
@@ -274,18 +325,26 @@ def _plan(out: Path, config: TrainConfig) -> str:
     names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if config.resume:
         if not (out / STATE_FILE).is_file():
-            why = "it is already complete" if (out / MODEL_FILE).is_file() else "it holds no resumable state"
+            why = (
+                "it is already complete"
+                if (out / MODEL_FILE).is_file()
+                else "it holds no resumable state"
+            )
             raise RunExistsError(f"cannot resume {out}: {why}")
         return "resume"
     foreign = [n for n in names if not is_run_file(n)]
     if foreign:
         shown = few(foreign)
-        raise RunExistsError(f"{out} holds files that are not a flatcli run's: {shown}",
-                             hint="choose another --out; --overwrite replaces only a run's own files")
+        raise RunExistsError(
+            f"{out} holds files that are not a flatcli run's: {shown}",
+            hint="choose another --out; --overwrite replaces only a run's own files",
+        )
     if any(n in RUN_FILES for n in names):
         if not config.overwrite:
-            raise RunExistsError(f"{out} already holds a run",
-                                 hint="pass --overwrite to replace it, --resume to continue it")
+            raise RunExistsError(
+                f"{out} already holds a run",
+                hint="pass --overwrite to replace it, --resume to continue it",
+            )
         return "overwrite"
     return "fresh"
 
@@ -319,8 +378,10 @@ class _RunLock:
             except BlockingIOError:
                 holder = _read_pid(fd)
                 os.close(fd)
-                raise RunExistsError(f"{folder} is in use: another flatcli train{holder} is writing to it",
-                                     hint="wait for it to finish, or choose another --out") from None
+                raise RunExistsError(
+                    f"{folder} is in use: another flatcli train{holder} is writing to it",
+                    hint="wait for it to finish, or choose another --out",
+                ) from None
             except BaseException:
                 os.close(fd)
                 raise
@@ -355,9 +416,13 @@ def _read_pid(fd: int) -> str:
 @dataclass
 class _RunFolder:
     out: Path  # the run folder
-    work: Path | None  # where this process writes: ``out``, or its staging folder for --overwrite (None: rank > 0)
+    work: (
+        Path | None
+    )  # where this process writes: ``out``, or its staging folder for --overwrite (None: rank > 0)
     mode: str
-    trained: bool = False  # past the run's last collective: the other ranks wait for rank 0's last word
+    trained: bool = (
+        False  # past the run's last collective: the other ranks wait for rank 0's last word
+    )
 
 
 @contextlib.contextmanager
@@ -379,7 +444,9 @@ def _run_folder(config: TrainConfig) -> Iterator[_RunFolder]:
         _plan(out, config)  # refuse before creating or locking anything
         created = _make_dirs(out)
         lock = _RunLock(out)
-        mode = _plan(out, config)  # again, under the lock: another process may have finished meanwhile
+        mode = _plan(
+            out, config
+        )  # again, under the lock: another process may have finished meanwhile
         shutil.rmtree(out / STAGING_DIR, ignore_errors=True)
         remove_temporaries(out)
         folder = _RunFolder(out, out / STAGING_DIR if mode == "overwrite" else out, mode)
@@ -429,7 +496,8 @@ def _write_error(exc: OSError, out: Path, folder: _RunFolder | None) -> OutputEr
         message = f"cannot create or lock the run folder {out}: {reason}"
     else:
         message = f"cannot write the run in {out}: {reason}" + (
-            "; the old run is kept" if folder.mode == "overwrite" else "")
+            "; the old run is kept" if folder.mode == "overwrite" else ""
+        )
     if exc.errno == errno.ENOSPC:
         hint = "free some disk space, or choose another --out"
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -465,21 +533,34 @@ def _check_resume(options: dict, state: dict, config: TrainConfig) -> None:
             if key in ("epochs", "device") or key not in stored or stored[key] == value:
                 continue
             if key == "model_kwargs" and isinstance(stored[key], dict):
-                problems += [contradiction(k, v, stored[key].get(k)) for k, v in value.items()
-                             if stored[key].get(k) != v]
+                problems += [
+                    contradiction(k, v, stored[key].get(k))
+                    for k, v in value.items()
+                    if stored[key].get(k) != v
+                ]
             else:
                 problems.append(contradiction(key, value, stored[key]))
     if config.epochs < done:
-        problems.append(f"--epochs {config.epochs} is fewer than the {done} epochs the run has done")
-    elif isinstance(stored, dict) and not problems and isinstance(stored.get("epochs"), int) \
-            and stored["epochs"] != config.epochs:
+        problems.append(
+            f"--epochs {config.epochs} is fewer than the {done} epochs the run has done"
+        )
+    elif (
+        isinstance(stored, dict)
+        and not problems
+        and isinstance(stored.get("epochs"), int)
+        and stored["epochs"] != config.epochs
+    ):
         before = replace(config, epochs=stored["epochs"])  # all else is equal (no problems above)
         old_f, new_f = SCHEDULES[config.schedule](before), SCHEDULES[config.schedule](config)
         if any(old_f(e) != new_f(e) for e in range(done + 1)):
-            problems.append(contradiction("epochs", config.epochs, stored["epochs"])
-                            + f": the {config.schedule} schedule of the {done} epochs already run depends on it")
+            problems.append(
+                contradiction("epochs", config.epochs, stored["epochs"])
+                + f": the {config.schedule} schedule of the {done} epochs already run depends on it"
+            )
     if problems:
-        raise UsageError("; ".join(problems), hint="--resume alone continues the run with its own options")
+        raise UsageError(
+            "; ".join(problems), hint="--resume alone continues the run with its own options"
+        )
 
 
 def train(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> TrainResult:
@@ -498,16 +579,27 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> Train
     if config.schedule not in SCHEDULES:
         _unknown("schedule", config.schedule, SCHEDULES)
     if config.sync_bn and world.size > 1 and device.type != "cuda":
-        raise UsageError("--sync-bn needs CUDA devices: torch.nn.SyncBatchNorm synchronises GPU tensors only",
-                         hint="drop --sync-bn: each process then normalises over its part of the batch")
+        raise UsageError(
+            "--sync-bn needs CUDA devices: torch.nn.SyncBatchNorm synchronises GPU tensors only",
+            hint="drop --sync-bn: each process then normalises over its part of the batch",
+        )
     augment = spec.augment_by_default if config.augment is None else config.augment
     torch.manual_seed(config.seed)
-    model = build_model(config.model, input_shape=spec.input_shape, num_classes=spec.num_classes, **kwargs)
+    model = build_model(
+        config.model, input_shape=spec.input_shape, num_classes=spec.num_classes, **kwargs
+    )
 
     def load() -> tuple:
-        return (load_dataset(config.dataset, "train", config.data_dir, download=config.download,
-                             samples=config.train_samples),
-                load_dataset(config.dataset, "test", config.data_dir, download=config.download))
+        return (
+            load_dataset(
+                config.dataset,
+                "train",
+                config.data_dir,
+                download=config.download,
+                samples=config.train_samples,
+            ),
+            load_dataset(config.dataset, "test", config.data_dir, download=config.download),
+        )
 
     if config.download and world.size > 1:  # rank 0 downloads, then the others read its files
         train_set, test_set = _main_first(world, load)
@@ -555,7 +647,12 @@ def _from_main(word):
         if isinstance(word, FlatcliError):
             word = ("error", type(word), word.message, word.hint)
         else:
-            word = ("error", DistributedError, f"process 0 of this run failed ({first_line(word)})", None)
+            word = (
+                "error",
+                DistributedError,
+                f"process 0 of this run failed ({first_line(word)})",
+                None,
+            )
     received = distributed.broadcast_object(word)
     if isinstance(received, tuple) and received[:1] == ("error",):
         _, cls, message, hint = received
@@ -605,29 +702,66 @@ def _resume_state(run: _RunFolder, config: TrainConfig, options: dict) -> dict:
     return state
 
 
-def _train_in(run: _RunFolder, config: TrainConfig, options: dict, model: nn.Module, spec, device: torch.device,
-              augment: bool, train_set, test_set, cb: TrainCallbacks, state: dict | None = None,
-              world: World | None = None) -> TrainResult:
+def _train_in(
+    run: _RunFolder,
+    config: TrainConfig,
+    options: dict,
+    model: nn.Module,
+    spec,
+    device: torch.device,
+    augment: bool,
+    train_set,
+    test_set,
+    cb: TrainCallbacks,
+    state: dict | None = None,
+    world: World | None = None,
+) -> TrainResult:
     """Train (from ``state`` when resuming) and, on rank 0, write the run into ``run.work``."""
     world = world or World()
     try:
-        return _train_loop(run, config, options, model, spec, device, augment, train_set, test_set, cb, state, world)
+        return _train_loop(
+            run,
+            config,
+            options,
+            model,
+            spec,
+            device,
+            augment,
+            train_set,
+            test_set,
+            cb,
+            state,
+            world,
+        )
     except RuntimeError as exc:  # a collective of DDP failed: another rank died or timed out
         if world.size > 1 and _collective_failure(exc):
-            raise DistributedError(f"another process of this run failed or timed out ({first_line(exc)[:120]})") \
-                from None
+            raise DistributedError(
+                f"another process of this run failed or timed out ({first_line(exc)[:120]})"
+            ) from None
         raise
 
 
 def _collective_failure(exc: RuntimeError) -> bool:
     text = str(exc).lower()
     return isinstance(exc, torch.distributed.DistError) or any(
-        word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))
+        word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer")
+    )
 
 
-def _train_loop(run: _RunFolder, config: TrainConfig, options: dict, model: nn.Module, spec, device: torch.device,
-                augment: bool, train_set, test_set, cb: TrainCallbacks, state: dict | None,
-                world: World) -> TrainResult:
+def _train_loop(
+    run: _RunFolder,
+    config: TrainConfig,
+    options: dict,
+    model: nn.Module,
+    spec,
+    device: torch.device,
+    augment: bool,
+    train_set,
+    test_set,
+    cb: TrainCallbacks,
+    state: dict | None,
+    world: World,
+) -> TrainResult:
     out = run.work
     x_train, y_train = (t.to(device) for t in train_set.tensors)
     x_test, y_test = test_set.tensors
@@ -649,14 +783,18 @@ def _train_loop(run: _RunFolder, config: TrainConfig, options: dict, model: nn.M
                 averaged.load_state_dict(state["averaged"])
             history = [EpochRecord(**r) for r in state["history"]]
         except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{run.out / STATE_FILE} does not match this run's model and optimiser "
-                                  f"({first_line(exc)})", hint="was it made by another flatcli version?") from None
+            raise CheckpointError(
+                f"{run.out / STATE_FILE} does not match this run's model and optimiser "
+                f"({first_line(exc)})",
+                hint="was it made by another flatcli version?",
+            ) from None
         start_epoch, elapsed = state["epoch"], float(state.get("elapsed", 0.0))
 
     trainer = model
     if world.size > 1:  # broadcasts rank 0's parameters and buffers; averages gradients in backward
-        trainer = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                      else None)
+        trainer = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     n_batches = math.ceil(len(y_train) / config.batch_size)
     cb.on_start(start_epoch, config.epochs, n_batches)
     for epoch in range(start_epoch + 1, config.epochs + 1):
@@ -665,8 +803,17 @@ def _train_loop(run: _RunFolder, config: TrainConfig, options: dict, model: nn.M
         # dropout, if any: its own stream per rank (rank 0's is the one-process stream)
         torch.manual_seed(config.seed * 1_000_003 + epoch + (world.rank << 40))
         lr = optimizer.param_groups[0]["lr"]
-        loss, acc = train_one_epoch(trainer, optimizer, x_train, y_train, config, generator, augment,
-                                    lambda b, l, e=epoch: cb.on_batch(e, b, l), world=world)
+        loss, acc = train_one_epoch(
+            trainer,
+            optimizer,
+            x_train,
+            y_train,
+            config,
+            generator,
+            augment,
+            lambda b, l, e=epoch: cb.on_batch(e, b, l),
+            world=world,
+        )
         scheduler.step()
         if world.size > 1:  # each rank's BatchNorm statistics saw its own part: keep rank 0's
             distributed.broadcast(list(model.buffers()))
@@ -677,11 +824,22 @@ def _train_loop(run: _RunFolder, config: TrainConfig, options: dict, model: nn.M
         history.append(record)
         elapsed += record.seconds
         if world.is_main:
-            save_state(out / STATE_FILE, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "averaged": averaged.state_dict() if averaged else None,
-                "epoch": epoch, "elapsed": elapsed, "history": [r.__dict__ for r in history], "options": options})
-            atomic_write_text(out / METRICS_FILE, "".join(json.dumps(r.__dict__) + "\n" for r in history))
+            save_state(
+                out / STATE_FILE,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "averaged": averaged.state_dict() if averaged else None,
+                    "epoch": epoch,
+                    "elapsed": elapsed,
+                    "history": [r.__dict__ for r in history],
+                    "options": options,
+                },
+            )
+            atomic_write_text(
+                out / METRICS_FILE, "".join(json.dumps(r.__dict__) + "\n" for r in history)
+            )
         cb.on_epoch(record)
 
     final = model
@@ -705,8 +863,13 @@ def _train_loop(run: _RunFolder, config: TrainConfig, options: dict, model: nn.M
     return TrainResult(run.out, run.out / MODEL_FILE, {**metrics, "seconds": elapsed}, history)
 
 
-def _recompute_bn(averaged: AveragedModel, x_train: torch.Tensor, batch_size: int, device: torch.device,
-                  world: World) -> None:
+def _recompute_bn(
+    averaged: AveragedModel,
+    x_train: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    world: World,
+) -> None:
     """BatchNorm statistics for the averaged weights: ``update_bn`` over the training set.
 
     ``update_bn`` sets each running mean and variance to the mean over the batches of
@@ -715,26 +878,39 @@ def _recompute_bn(averaged: AveragedModel, x_train: torch.Tensor, batch_size: in
     averaged: with SyncBatchNorm every part sees the whole batch's statistics (the
     one-process result); without, each is that of B/N samples, as BatchNorm was trained.
     """
-    batches = [x_train[i:i + batch_size] for i in range(0, len(x_train), batch_size)]
+    batches = [x_train[i : i + batch_size] for i in range(0, len(x_train), batch_size)]
     if world.size == 1:
         update_bn(batches, averaged, device=device)
         return
     sync = any(isinstance(m, nn.SyncBatchNorm) for m in averaged.modules())
     parts = [b[world.shard(len(b))] for b in batches]
-    update_bn([p for p in parts if len(p) or sync], averaged, device=device)  # SyncBatchNorm needs every rank
-    stats = [t for m in averaged.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             for t in (m.running_mean, m.running_var) if t is not None]
+    update_bn(
+        [p for p in parts if len(p) or sync], averaged, device=device
+    )  # SyncBatchNorm needs every rank
+    stats = [
+        t
+        for m in averaged.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for t in (m.running_mean, m.running_var)
+        if t is not None
+    ]
     distributed.all_reduce_sum(stats)
     for t in stats:
         t.div_(world.size)
 
 
-
-def final_metrics(model: nn.Module, x_train, y_train, x_test, y_test, world: World | None = None) -> dict:
+def final_metrics(
+    model: nn.Module, x_train, y_train, x_test, y_test, world: World | None = None
+) -> dict:
     train_loss, train_acc = evaluate(model, x_train, y_train, world=world)
     test_loss, test_acc = evaluate(model, x_test, y_test, world=world)
-    return {"train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss,
-            "test_accuracy": test_acc, "weight_norm": weight_norm(model)}
+    return {
+        "train_loss": train_loss,
+        "train_accuracy": train_acc,
+        "test_loss": test_loss,
+        "test_accuracy": test_acc,
+        "weight_norm": weight_norm(model),
+    }
 
 
 def _unknown(kind: str, name: str, registry: dict):

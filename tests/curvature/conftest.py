@@ -21,7 +21,9 @@ from flatcli.curvature import hessian_via_torch_func
 
 def pytest_configure(config: pytest.Config) -> None:
     # torch's first use of forward-mode AD scripts its decompositions (a torch warning).
-    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script` is deprecated:FutureWarning")
+    config.addinivalue_line(
+        "filterwarnings", "ignore:`torch.jit.script` is deprecated:FutureWarning"
+    )
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class Problem:
         return sum(p.numel() for p in self.model.parameters())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def digits(n: int = 200) -> tuple[Tensor, Tensor]:
     """The first n scikit-learn digits: (n, 64) float32 in [0, 1], labels 0-9."""
     from sklearn.datasets import load_digits
@@ -62,7 +64,9 @@ def _build(kind: str, d: int, side: int, classes: int) -> nn.Module:
     if kind == "mlp_tanh":
         return nn.Sequential(nn.Linear(d, 6), nn.Tanh(), nn.Linear(6, classes))
     if kind == "mlp_relu":
-        return nn.Sequential(nn.Linear(d, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, classes))
+        return nn.Sequential(
+            nn.Linear(d, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, classes)
+        )
     flat = 2 * ((side - 2) // 2) ** 2
     if kind == "cnn":
         return nn.Sequential(
@@ -72,7 +76,11 @@ def _build(kind: str, d: int, side: int, classes: int) -> nn.Module:
         return nn.Sequential(nn.Linear(d, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, classes))
     if kind == "bn_cnn":
         return nn.Sequential(
-            nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Conv2d(1, 2, 3),
+            nn.BatchNorm2d(2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
             nn.Linear(flat, classes),
         )
     raise ValueError(kind)
@@ -82,10 +90,11 @@ MODELS = ("logreg", "mlp_tanh", "mlp_relu", "cnn", "bn_mlp", "bn_cnn")
 DATASETS = ("random", "digits")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build_problem(kind: str, dataset: str) -> Problem:
     """Seeded model on a data set; BatchNorm models get non-trivial running statistics
-    (a few train-mode forward passes) and are left in train mode, as after training."""
+    (a few train-mode forward passes) and are left in train mode, as after training.
+    """
     if dataset == "random":
         side, classes = 6, 3
         x, y = random_data(37, side * side if kind.endswith("cnn") else 5, classes, seed=1)
@@ -107,7 +116,7 @@ def build_problem(kind: str, dataset: str) -> Problem:
 ALL_PROBLEMS = [(m, d) for m in MODELS for d in DATASETS]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(kind: str, dataset: str, bn_mode: str) -> Tensor:
     p = build_problem(kind, dataset)
     return hessian_via_torch_func(p.model, p.inputs, p.targets, bn_mode=bn_mode)
@@ -121,7 +130,8 @@ def dense_reference(problem: Problem, bn_mode: str = "eval") -> Tensor:
 
 class DenseOperator:
     """A symmetric matrix with the operator interface the estimators use (for tests of
-    the linear algebra on spectra chosen by hand)."""
+    the linear algebra on spectra chosen by hand).
+    """
 
     def __init__(self, matrix: Tensor) -> None:
         self.matrix = matrix
@@ -161,7 +171,8 @@ def problem(request: pytest.FixtureRequest) -> Problem:
 @pytest.fixture(scope="session")
 def make_problem():
     """``make_problem(kind, dataset) -> Problem`` (cached; kinds in MODELS, data sets
-    "random" (N = 37, 3 classes) and "digits" (N = 200, 10 classes))."""
+    "random" (N = 37, 3 classes) and "digits" (N = 200, 10 classes)).
+    """
     return build_problem
 
 

@@ -1,6 +1,7 @@
 """Stochastic Lanczos quadrature: a density that integrates to 1, whose mean estimates
 Tr(H)/P within the stochastic tolerance, quadratures exact for low-degree moments of
-each probe, and probes run in lockstep (one data pass per Lanczos step)."""
+each probe, and probes run in lockstep (one data pass per Lanczos step).
+"""
 
 from __future__ import annotations
 
@@ -19,11 +20,15 @@ F64 = torch.float64
 def setup(make_problem, reference_hessian, kind: str, dataset: str):
     problem = make_problem(kind, dataset)
     passes: list[int] = []
-    op = CurvatureOperator(problem.model, problem.inputs, problem.targets, dtype=F64, progress=passes.append)
+    op = CurvatureOperator(
+        problem.model, problem.inputs, problem.targets, dtype=F64, progress=passes.append
+    )
     return op, reference_hessian(problem), passes
 
 
-@pytest.mark.parametrize("kind, dataset", [("mlp_relu", "digits"), ("bn_cnn", "digits"), ("cnn", "random")])
+@pytest.mark.parametrize(
+    "kind, dataset", [("mlp_relu", "digits"), ("bn_cnn", "digits"), ("cnn", "random")]
+)
 def test_density_integrates_to_one_and_its_mean_estimates_trace_over_p(
     make_problem, reference_hessian, kind: str, dataset: str
 ) -> None:
@@ -35,10 +40,15 @@ def test_density_integrates_to_one_and_its_mean_estimates_trace_over_p(
     # mean = (1/K) sum_k v_k^T H v_k with unit Rademacher v: variance per probe is
     # 2 (||H||_F^2 - sum_i H_ii^2) / P^2
     p = op.num_params
-    stderr = math.sqrt(2 * (float(dense.pow(2).sum()) - float(dense.diagonal().pow(2).sum())) / probes) / p
+    stderr = (
+        math.sqrt(2 * (float(dense.pow(2).sum()) - float(dense.diagonal().pow(2).sum())) / probes)
+        / p
+    )
     assert abs(d.mean - float(torch.trace(dense)) / p) <= 4 * stderr
     # the trapezoid mean of the smoothed density equals the quadrature mean
-    assert float(torch.trapezoid(d.grid * d.values, d.grid)) == pytest.approx(d.mean, abs=1e-6 * float(d.grid.abs().max()))
+    assert float(torch.trapezoid(d.grid * d.values, d.grid)) == pytest.approx(
+        d.mean, abs=1e-6 * float(d.grid.abs().max())
+    )
     # lockstep: one data pass per Lanczos step for all probes together
     assert d.hvps == probes * steps and len(passes) == steps and d.iterations == steps
 
@@ -66,7 +76,9 @@ def test_full_length_run_puts_nodes_on_the_eigenvalues(dense_operator, spectrum_
     assert d.weights.reshape(2, 6).sum(dim=1).tolist() == pytest.approx([1.0, 1.0], abs=1e-12)
 
 
-def test_probes_that_reach_an_invariant_subspace_stop_early(make_problem, reference_hessian) -> None:
+def test_probes_that_reach_an_invariant_subspace_stop_early(
+    make_problem, reference_hessian
+) -> None:
     # logistic regression with P = 18 and rank 12: Krylov spaces become invariant at ~13
     op, dense, passes = setup(make_problem, reference_hessian, "logreg", "random")
     d = slq_density(op, probes=3, iterations=18, seed=0)
@@ -92,7 +104,9 @@ def test_explicit_sigma_and_grid(dense_operator, spectrum_matrix) -> None:
         slq_density(op, probes=2, iterations=8, sigma=1e-4, grid_size=64)
 
 
-@pytest.mark.parametrize("kwargs", [dict(probes=0), dict(iterations=0), dict(grid_size=4), dict(sigma=-1.0)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(probes=0), dict(iterations=0), dict(grid_size=4), dict(sigma=-1.0)]
+)
 def test_bad_arguments_raise_usage_errors(dense_operator, kwargs: dict) -> None:
     with pytest.raises(UsageError):
         slq_density(dense_operator(torch.eye(4, dtype=F64)), **kwargs)

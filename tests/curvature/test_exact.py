@@ -1,6 +1,7 @@
 """Dense references and closed forms: dense_hessian follows the operator's semantics and
 equals torch.func.hessian; it refuses what would not fit; the logistic-regression
-Hessian and trace in closed form equal autograd's."""
+Hessian and trace in closed form equal autograd's.
+"""
 
 from __future__ import annotations
 
@@ -35,8 +36,13 @@ def test_dense_hessian_follows_the_operator_options(make_problem, reference_hess
     problem = make_problem("bn_mlp", "digits")
     first = next(iter(dict(problem.model.named_parameters())))
     op = CurvatureOperator(
-        problem.model, problem.inputs, problem.targets, dtype=F64, l2=0.5,
-        param_names=[first], bn_mode="batch",
+        problem.model,
+        problem.inputs,
+        problem.targets,
+        dtype=F64,
+        l2=0.5,
+        param_names=[first],
+        bn_mode="batch",
     )
     n = problem.model[0].weight.numel()
     expected = reference_hessian(problem, "batch")[:n, :n] + 0.5 * torch.eye(n, dtype=F64)
@@ -80,17 +86,23 @@ def test_default_limit_refuses_a_large_model() -> None:
 def hand_written_bn_cnn_reference(problem) -> torch.Tensor:
     """torch.func.hessian of Conv -> BatchNorm2d (batch statistics) -> ReLU -> MaxPool ->
     Linear written with functional ops, for a check of hessian_via_torch_func's
-    decomposed BatchNorm."""
+    decomposed BatchNorm.
+    """
     model = problem.model
     shapes = [p.shape for p in model.parameters()]
     x = problem.inputs.to(F64)
 
     def loss(flat: torch.Tensor) -> torch.Tensor:
-        cw, cb, g, b, lw, lb = (t.reshape(s) for t, s in zip(flat.split([s.numel() for s in shapes]), shapes, strict=True))
+        cw, cb, g, b, lw, lb = (
+            t.reshape(s)
+            for t, s in zip(flat.split([s.numel() for s in shapes]), shapes, strict=True)
+        )
         h = F.conv2d(x, cw, cb)
         mean = h.mean(dim=(0, 2, 3), keepdim=True)
         var = h.var(dim=(0, 2, 3), keepdim=True, unbiased=False)
-        h = (h - mean) / torch.sqrt(var + model[1].eps) * g[None, :, None, None] + b[None, :, None, None]
+        h = (h - mean) / torch.sqrt(var + model[1].eps) * g[None, :, None, None] + b[
+            None, :, None, None
+        ]
         h = F.max_pool2d(F.relu(h), 2).flatten(1)
         return F.cross_entropy(h @ lw.T + lb, problem.targets)
 
@@ -99,9 +111,13 @@ def hand_written_bn_cnn_reference(problem) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dataset", ["random", "digits"])
-def test_reference_with_batch_statistics_equals_a_hand_written_network(make_problem, dataset: str) -> None:
+def test_reference_with_batch_statistics_equals_a_hand_written_network(
+    make_problem, dataset: str
+) -> None:
     problem = make_problem("bn_cnn", dataset)
-    reference = hessian_via_torch_func(problem.model, problem.inputs, problem.targets, bn_mode="batch")
+    reference = hessian_via_torch_func(
+        problem.model, problem.inputs, problem.targets, bn_mode="batch"
+    )
     torch.testing.assert_close(reference, hand_written_bn_cnn_reference(problem), **TOL)
     torch.testing.assert_close(reference, reference.T, **TOL)
 
@@ -116,7 +132,9 @@ def logistic_problem(make_problem, dataset: str, bias: bool, scale: float = 1.0)
     return problem, weight, b
 
 
-def autograd_logistic_hessian(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+def autograd_logistic_hessian(
+    x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias
+) -> torch.Tensor:
     c, d = weight.shape
     x = x.to(F64)
 
@@ -137,13 +155,17 @@ def test_closed_form_logistic_regression_hessian_equals_autograd(
 ) -> None:
     problem, weight, b = logistic_problem(make_problem, dataset, bias, scale)
     closed = logistic_regression_hessian(weight, b, problem.inputs, problem.targets)
-    torch.testing.assert_close(closed, autograd_logistic_hessian(problem.inputs, problem.targets, weight, b), **TOL)
+    torch.testing.assert_close(
+        closed, autograd_logistic_hessian(problem.inputs, problem.targets, weight, b), **TOL
+    )
     trace = logistic_regression_trace(weight, b, problem.inputs, problem.targets)
     assert trace == pytest.approx(float(torch.trace(closed)), rel=1e-12)
 
 
 @pytest.mark.parametrize("dataset", ["random", "digits"])
-def test_closed_form_matches_the_operator_ordering(make_problem, reference_hessian, dataset: str) -> None:
+def test_closed_form_matches_the_operator_ordering(
+    make_problem, reference_hessian, dataset: str
+) -> None:
     problem = make_problem("logreg", dataset)
     weight, bias = problem.model.weight.detach().to(F64), problem.model.bias.detach().to(F64)
     torch.testing.assert_close(
@@ -158,7 +180,9 @@ def test_logistic_hessian_rank_is_classes_minus_one_times_inputs_plus_one(make_p
     assert torch.linalg.matrix_rank(closed, hermitian=True).item() == 12
 
 
-def test_logistic_measures_shrink_as_weights_grow_along_a_separating_direction(make_problem) -> None:
+def test_logistic_measures_shrink_as_weights_grow_along_a_separating_direction(
+    make_problem,
+) -> None:
     # the paper's claim 1 in its simplest form: scaling a correct classifier flattens H
     problem, weight, bias = logistic_problem(make_problem, "digits", True)
     fitted = nn.Linear(64, 10).double()

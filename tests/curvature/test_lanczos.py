@@ -1,5 +1,6 @@
 """Lanczos: converged extreme eigenvalues to 1e-6 relative of dense eigvalsh (float64),
-and Ritz residuals that bound the true error."""
+and Ritz residuals that bound the true error.
+"""
 
 from __future__ import annotations
 
@@ -27,9 +28,17 @@ def setup(make_problem, reference_hessian, kind: str, dataset: str, l2: float = 
 
 @pytest.mark.parametrize(
     "kind, dataset",
-    [("logreg", "digits"), ("mlp_tanh", "digits"), ("cnn", "digits"), ("bn_mlp", "random"), ("mlp_relu", "random")],
+    [
+        ("logreg", "digits"),
+        ("mlp_tanh", "digits"),
+        ("cnn", "digits"),
+        ("bn_mlp", "random"),
+        ("mlp_relu", "random"),
+    ],
 )
-def test_converged_lambda_max_within_1e_6_relative(make_problem, reference_hessian, kind: str, dataset: str) -> None:
+def test_converged_lambda_max_within_1e_6_relative(
+    make_problem, reference_hessian, kind: str, dataset: str
+) -> None:
     op, eigenvalues = setup(make_problem, reference_hessian, kind, dataset)
     est = lambda_max(op, tol=1e-6, max_iter=300)
     exact = float(eigenvalues[-1])
@@ -39,8 +48,12 @@ def test_converged_lambda_max_within_1e_6_relative(make_problem, reference_hessi
     assert est.hvps == op.hvps  # one HVP per step, nothing else
 
 
-@pytest.mark.parametrize("kind, dataset", [("mlp_tanh", "random"), ("mlp_relu", "random"), ("mlp_tanh", "digits")])
-def test_converged_lambda_min_of_an_indefinite_hessian(make_problem, reference_hessian, kind: str, dataset: str) -> None:
+@pytest.mark.parametrize(
+    "kind, dataset", [("mlp_tanh", "random"), ("mlp_relu", "random"), ("mlp_tanh", "digits")]
+)
+def test_converged_lambda_min_of_an_indefinite_hessian(
+    make_problem, reference_hessian, kind: str, dataset: str
+) -> None:
     op, eigenvalues = setup(make_problem, reference_hessian, kind, dataset)
     exact = float(eigenvalues[0])
     assert exact < 0  # the test is about a negative eigenvalue
@@ -49,7 +62,9 @@ def test_converged_lambda_min_of_an_indefinite_hessian(make_problem, reference_h
     assert abs(est.value - exact) <= 1e-6 * abs(exact)
 
 
-def test_lambda_min_of_a_regularised_rank_deficient_hessian(make_problem, reference_hessian) -> None:
+def test_lambda_min_of_a_regularised_rank_deficient_hessian(
+    make_problem, reference_hessian
+) -> None:
     # logistic regression on digits: rank <= 9 * 65 < 650, so lambda_min(H + l2 I) = l2
     op, eigenvalues = setup(make_problem, reference_hessian, "logreg", "digits", l2=1e-3)
     est = lambda_min(op, tol=1e-6, max_iter=650)
@@ -71,12 +86,16 @@ def test_k_largest_and_smallest(make_problem, reference_hessian) -> None:
     result = lanczos(op, k=3, which="both", max_iter=200)
     assert result.converged and len(result.eigenvalues) == 6
     expected = torch.cat([eigenvalues[:3], eigenvalues[-3:]])
-    torch.testing.assert_close(torch.tensor(result.eigenvalues, dtype=F64), expected, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(
+        torch.tensor(result.eigenvalues, dtype=F64), expected, rtol=1e-6, atol=1e-12
+    )
     assert list(result.eigenvalues) == sorted(result.eigenvalues)  # ascending
 
 
 @pytest.mark.parametrize("max_iter", [3, 6, 12])
-def test_ritz_residuals_bound_the_distance_to_the_spectrum(make_problem, reference_hessian, max_iter: int) -> None:
+def test_ritz_residuals_bound_the_distance_to_the_spectrum(
+    make_problem, reference_hessian, max_iter: int
+) -> None:
     # unconverged runs: every Ritz value has an eigenvalue within its residual
     op, eigenvalues = setup(make_problem, reference_hessian, "mlp_tanh", "digits")
     result = lanczos(op, k=2, which="both", max_iter=max_iter, tol=1e-14)
@@ -84,7 +103,12 @@ def test_ritz_residuals_bound_the_distance_to_the_spectrum(make_problem, referen
     for theta, residual in zip(result.eigenvalues, result.residuals, strict=True):
         assert float((eigenvalues - theta).abs().min()) <= residual * (1 + 1e-9) + 1e-14
     # and the extreme Ritz values lie inside the spectrum (Cauchy interlacing)
-    assert eigenvalues[0] - 1e-12 <= result.eigenvalues[0] <= result.eigenvalues[-1] <= eigenvalues[-1] + 1e-12
+    assert (
+        eigenvalues[0] - 1e-12
+        <= result.eigenvalues[0]
+        <= result.eigenvalues[-1]
+        <= eigenvalues[-1] + 1e-12
+    )
 
 
 def test_residuals_are_the_true_ritz_residual_norms(make_problem) -> None:
@@ -94,11 +118,15 @@ def test_residuals_are_the_true_ritz_residual_norms(make_problem) -> None:
     y = result.vectors
     theta = torch.tensor(result.eigenvalues, dtype=F64)
     true = torch.linalg.vector_norm(op.matmat(y) - y * theta, dim=0)
-    torch.testing.assert_close(torch.tensor(result.residuals, dtype=F64), true, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(
+        torch.tensor(result.residuals, dtype=F64), true, rtol=1e-6, atol=1e-12
+    )
     torch.testing.assert_close(y.T @ y, torch.eye(2, dtype=F64), rtol=0, atol=1e-10)
 
 
-def test_stops_on_an_invariant_subspace_of_a_low_rank_hessian(make_problem, reference_hessian) -> None:
+def test_stops_on_an_invariant_subspace_of_a_low_rank_hessian(
+    make_problem, reference_hessian
+) -> None:
     # logistic regression, d = 5, C = 3: P = 18 and rank H = (C - 1)(d + 1) = 12, so the
     # Krylov space of a random start is invariant after 13 steps (in exact arithmetic;
     # rounding may cost one more) and Lanczos stops there, well before P = 18
@@ -123,7 +151,9 @@ def test_more_steps_than_parameters(dense_operator, spectrum_matrix) -> None:
     op = dense_operator(spectrum_matrix(spectrum))
     result = lanczos(op, k=5, which="largest", max_iter=100)
     assert result.converged and result.iterations == 5 and op.hvps == 5
-    torch.testing.assert_close(torch.tensor(result.eigenvalues, dtype=F64), spectrum, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        torch.tensor(result.eigenvalues, dtype=F64), spectrum, rtol=1e-10, atol=1e-12
+    )
 
 
 def test_seed_sets_the_start_vector(dense_operator, spectrum_matrix) -> None:
@@ -143,7 +173,9 @@ def test_float32_operator_converges_to_float32_accuracy(make_problem, reference_
     assert abs(est.value - exact) <= 1e-4 * exact
 
 
-@pytest.mark.parametrize("kwargs", [dict(which="middle"), dict(k=0), dict(tol=0.0), dict(max_iter=0)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(which="middle"), dict(k=0), dict(tol=0.0), dict(max_iter=0)]
+)
 def test_bad_arguments_raise_usage_errors(dense_operator, kwargs: dict) -> None:
     with pytest.raises(UsageError):
         lanczos(dense_operator(torch.eye(3, dtype=F64)), **kwargs)

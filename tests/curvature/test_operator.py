@@ -41,7 +41,9 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_block_product_equals_dense_hessian_times_block(problem, method: str, reference_hessian) -> None:
+def test_block_product_equals_dense_hessian_times_block(
+    problem, method: str, reference_hessian
+) -> None:
     op = op_for(problem, method=method)
     v = random_block(op.num_params, 5)
     torch.testing.assert_close(op.matmat(v), reference_hessian(problem) @ v, **TOL)
@@ -65,7 +67,9 @@ def test_both_hvp_methods_agree_in_every_bn_mode(problem) -> None:
 
 
 @pytest.mark.parametrize("kind", ["mlp_relu", "bn_cnn"])
-def test_batches_weighted_exactly_when_n_is_not_a_multiple_of_batch_size(kind: str, make_problem) -> None:
+def test_batches_weighted_exactly_when_n_is_not_a_multiple_of_batch_size(
+    kind: str, make_problem
+) -> None:
     problem = make_problem(kind, "digits")  # N = 200
     full = op_for(problem)
     batched = op_for(problem, batch_size=64)  # 64 + 64 + 64 + 8
@@ -82,7 +86,9 @@ def test_chunked_vmap_and_the_loop_give_the_same_block(make_problem, method: str
     v = random_block(problem.num_params, 7)
     whole = op_for(problem, method=method).matmat(v)
     torch.testing.assert_close(op_for(problem, method=method, chunk_size=3).matmat(v), whole, **TOL)
-    torch.testing.assert_close(op_for(problem, method=method, chunk_size=1).matmat(v), whole, **TOL)  # loop
+    torch.testing.assert_close(
+        op_for(problem, method=method, chunk_size=1).matmat(v), whole, **TOL
+    )  # loop
     ggn = op_for(problem, curvature="ggn").matmat(v)
     torch.testing.assert_close(op_for(problem, curvature="ggn", chunk_size=2).matmat(v), ggn, **TOL)
     torch.testing.assert_close(op_for(problem, curvature="ggn", chunk_size=1).matmat(v), ggn, **TOL)
@@ -158,7 +164,8 @@ def test_l2_adds_l2_times_identity(make_problem) -> None:
 def hand_written_bn_mlp_loss(problem, statistics: str):
     """Loss of Linear -> BatchNorm1d -> Tanh -> Linear written out by hand, for a flat
     parameter vector in named_parameters order; "batch" normalises with the biased
-    statistics of the whole data, "running" with the model's running buffers."""
+    statistics of the whole data, "running" with the model's running buffers.
+    """
     model = problem.model
     bn = model[1]
     x = problem.inputs.to(F64)
@@ -166,7 +173,8 @@ def hand_written_bn_mlp_loss(problem, statistics: str):
 
     def loss(flat: torch.Tensor) -> torch.Tensor:
         w1, b1, gamma, beta, w2, b2 = (
-            t.reshape(s) for t, s in zip(flat.split([math.prod(s) for s in shapes]), shapes, strict=True)
+            t.reshape(s)
+            for t, s in zip(flat.split([math.prod(s) for s in shapes]), shapes, strict=True)
         )
         h = x @ w1.T + b1
         if statistics == "batch":
@@ -180,7 +188,9 @@ def hand_written_bn_mlp_loss(problem, statistics: str):
 
 
 @pytest.mark.parametrize("dataset", ["random", "digits"])
-def test_batch_mode_equals_hessian_of_the_loss_with_batch_statistics(dataset: str, make_problem) -> None:
+def test_batch_mode_equals_hessian_of_the_loss_with_batch_statistics(
+    dataset: str, make_problem
+) -> None:
     problem = make_problem("bn_mlp", dataset)
     op = op_for(problem, bn_mode="batch")
     dense = hessian(hand_written_bn_mlp_loss(problem, "batch"))(op.params)
@@ -214,13 +224,19 @@ def test_batch_mode_with_batches_is_the_weighted_mean_of_per_batch_hessians(make
 
 @pytest.mark.parametrize("bn_mode", ["eval", "batch"])
 @pytest.mark.parametrize("kind", ["bn_mlp", "bn_cnn"])
-def test_running_statistics_and_model_state_never_change(kind: str, bn_mode: str, make_problem) -> None:
+def test_running_statistics_and_model_state_never_change(
+    kind: str, bn_mode: str, make_problem
+) -> None:
     problem = make_problem(kind, "digits")
     model = problem.model
     before = snapshot(model)
     flags = [m.training for m in model.modules()]
     v = random_block(problem.num_params, 2)
-    for kwargs in (dict(method="double_backward"), dict(method="forward_over_reverse"), dict(curvature="ggn")):
+    for kwargs in (
+        dict(method="double_backward"),
+        dict(method="forward_over_reverse"),
+        dict(curvature="ggn"),
+    ):
         op = op_for(problem, bn_mode=bn_mode, batch_size=64, **kwargs)
         op.matmat(v)
         op.gradient()
@@ -258,7 +274,9 @@ def test_loss_accuracy_and_gradient_match_direct_computation(make_problem) -> No
     params = {n: p.detach().double() for n, p in model.named_parameters()}
     x = problem.inputs.double()
     logits = functional_call(model, params, (x,))
-    assert op.loss_and_accuracy()[0] == pytest.approx(float(F.cross_entropy(logits, problem.targets)), rel=1e-12)
+    assert op.loss_and_accuracy()[0] == pytest.approx(
+        float(F.cross_entropy(logits, problem.targets)), rel=1e-12
+    )
     accuracy = float((logits.argmax(1) == problem.targets).double().mean())
     assert op.loss_and_accuracy()[1] == pytest.approx(accuracy, rel=1e-12)
     theta = op.params.clone().requires_grad_(True)
@@ -309,13 +327,19 @@ def test_results_carry_no_autograd_graph(make_problem, bn_mode: str) -> None:
     # (batch-statistics BatchNorm's double backward used to leak a graph at level 0)
     problem = make_problem("bn_mlp", "random")
     v = random_block(problem.num_params, 2)
-    for kwargs in (dict(method="double_backward"), dict(method="forward_over_reverse"), dict(curvature="ggn")):
+    for kwargs in (
+        dict(method="double_backward"),
+        dict(method="forward_over_reverse"),
+        dict(curvature="ggn"),
+    ):
         op = op_for(problem, bn_mode=bn_mode, **kwargs)
         assert not op.matmat(v).requires_grad
         assert not op.gradient().requires_grad
 
 
-def test_inputs_on_another_layout_are_moved_and_cast_per_batch(make_problem, reference_hessian) -> None:
+def test_inputs_on_another_layout_are_moved_and_cast_per_batch(
+    make_problem, reference_hessian
+) -> None:
     # float64 inputs for a float32 model are cast to the operator's dtype, batch by batch
     problem = make_problem("logreg", "random")
     op = CurvatureOperator(problem.model, problem.inputs.double(), problem.targets, batch_size=7)
@@ -358,10 +382,24 @@ def test_mismatched_data_and_bad_blocks_raise_usage_errors(make_problem) -> None
 def test_cached_gradient_graphs_give_the_same_products_over_several_batches(make_problem) -> None:
     problem = make_problem("mlp_relu", "digits")
     v = torch.randn(sum(p.numel() for p in problem.model.parameters()), 3, dtype=torch.float64)
-    fresh = CurvatureOperator(problem.model, problem.inputs, problem.targets, batch_size=37, dtype=torch.float64,
-                              cache_graph=False, method="double_backward")
-    cached = CurvatureOperator(problem.model, problem.inputs, problem.targets, batch_size=37, dtype=torch.float64,
-                               cache_graph=True, method="double_backward")
+    fresh = CurvatureOperator(
+        problem.model,
+        problem.inputs,
+        problem.targets,
+        batch_size=37,
+        dtype=torch.float64,
+        cache_graph=False,
+        method="double_backward",
+    )
+    cached = CurvatureOperator(
+        problem.model,
+        problem.inputs,
+        problem.targets,
+        batch_size=37,
+        dtype=torch.float64,
+        cache_graph=True,
+        method="double_backward",
+    )
     expected = fresh.matmat(v)
     for _ in range(2):  # the second call runs on the cached graphs
         assert torch.allclose(cached.matmat(v), expected, rtol=1e-12, atol=1e-14)

@@ -13,7 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flatcli.curvature import CurvatureOperator, frobenius, hutchinson_trace, hutchpp_trace, trace_and_frobenius
+from flatcli.curvature import (
+    CurvatureOperator,
+    frobenius,
+    hutchinson_trace,
+    hutchpp_trace,
+    trace_and_frobenius,
+)
 from flatcli.curvature.trace import DEPTH, _split_budget
 from flatcli.errors import UsageError
 
@@ -32,19 +38,25 @@ def setup(make_problem, reference_hessian, kind: str, dataset: str, **kwargs):
 
 
 @pytest.mark.parametrize("kind, dataset", PROBLEMS)
-def test_hutchpp_within_4_stderr_of_the_exact_trace(make_problem, reference_hessian, kind: str, dataset: str) -> None:
+def test_hutchpp_within_4_stderr_of_the_exact_trace(
+    make_problem, reference_hessian, kind: str, dataset: str
+) -> None:
     op, dense, passes = setup(make_problem, reference_hessian, kind, dataset)
     exact = float(torch.trace(dense))
     for seed in SEEDS:
         est = hutchpp_trace(op, probes=60, seed=seed)
         assert est.stderr > 0
         assert abs(est.value - exact) <= 4 * est.stderr, (seed, est, exact)
-    assert est.hvps == 60 and est.samples == 30 and est.estimator == "hutch++"  # 3 blocks of 10, 30 samples
+    assert (
+        est.hvps == 60 and est.samples == 30 and est.estimator == "hutch++"
+    )  # 3 blocks of 10, 30 samples
     assert len(passes) == DEPTH * len(SEEDS)  # one data pass per Krylov step, samples on the last
 
 
 @pytest.mark.parametrize("kind, dataset", PROBLEMS)
-def test_hutchinson_within_4_stderr_of_the_exact_trace(make_problem, reference_hessian, kind: str, dataset: str) -> None:
+def test_hutchinson_within_4_stderr_of_the_exact_trace(
+    make_problem, reference_hessian, kind: str, dataset: str
+) -> None:
     op, dense, passes = setup(make_problem, reference_hessian, kind, dataset)
     exact = float(torch.trace(dense))
     for seed in SEEDS:
@@ -54,7 +66,9 @@ def test_hutchinson_within_4_stderr_of_the_exact_trace(make_problem, reference_h
 
 
 @pytest.mark.parametrize("kind, dataset", PROBLEMS)
-def test_frobenius_within_4_stderr_of_the_exact_norm(make_problem, reference_hessian, kind: str, dataset: str) -> None:
+def test_frobenius_within_4_stderr_of_the_exact_norm(
+    make_problem, reference_hessian, kind: str, dataset: str
+) -> None:
     op, dense, passes = setup(make_problem, reference_hessian, kind, dataset)
     exact = float(torch.linalg.matrix_norm(dense))
     for seed in SEEDS:
@@ -68,14 +82,20 @@ def test_frobenius_within_4_stderr_of_the_exact_norm(make_problem, reference_hes
 
 def test_standard_errors_shrink_as_probes_grow(make_problem, reference_hessian) -> None:
     op, _, _ = setup(make_problem, reference_hessian, "mlp_relu", "digits")
-    for estimator, small, large in [(hutchinson_trace, 10, 160), (hutchpp_trace, 12, 192), (frobenius, 12, 192)]:
+    for estimator, small, large in [
+        (hutchinson_trace, 10, 160),
+        (hutchpp_trace, 12, 192),
+        (frobenius, 12, 192),
+    ]:
         few = [estimator(op, probes=small, seed=s).stderr for s in SEEDS]
         many = [estimator(op, probes=large, seed=s).stderr for s in SEEDS]
         # 16x the probes: at least 4x smaller for Hutchinson's 1/sqrt(m); more with deflation
         assert sum(many) <= sum(few) / 3, (estimator.__name__, few, many)
 
 
-def test_hutchpp_beats_hutchinson_at_equal_cost_on_a_hessian_with_outliers(make_problem, reference_hessian) -> None:
+def test_hutchpp_beats_hutchinson_at_equal_cost_on_a_hessian_with_outliers(
+    make_problem, reference_hessian
+) -> None:
     op, dense, _ = setup(make_problem, reference_hessian, "logreg", "digits")
     exact = float(torch.trace(dense))
     err_pp = [abs(hutchpp_trace(op, probes=60, seed=s).value - exact) for s in SEEDS]
@@ -84,9 +104,13 @@ def test_hutchpp_beats_hutchinson_at_equal_cost_on_a_hessian_with_outliers(make_
 
 
 def test_hutchpp_is_exact_when_the_sketch_spans_the_range(dense_operator, spectrum_matrix) -> None:
-    spectrum = torch.cat([torch.tensor([5.0, 3.0, -2.0, 1.0], dtype=F64), torch.zeros(36, dtype=F64)])
+    spectrum = torch.cat(
+        [torch.tensor([5.0, 3.0, -2.0, 1.0], dtype=F64), torch.zeros(36, dtype=F64)]
+    )
     op = dense_operator(spectrum_matrix(spectrum))
-    est = hutchpp_trace(op, probes=40, seed=0)  # Krylov space of 3 blocks of 3 holds the rank-4 range
+    est = hutchpp_trace(
+        op, probes=40, seed=0
+    )  # Krylov space of 3 blocks of 3 holds the rank-4 range
     assert est.value == pytest.approx(7.0, abs=1e-12) and est.stderr <= 1e-12
     fro = frobenius(op, probes=40, seed=0)
     assert fro.squared == pytest.approx(39.0, abs=1e-11) and fro.squared_stderr <= 1e-11
@@ -99,7 +123,9 @@ def test_adaptive_mode_adds_blocks_until_the_target(make_problem, reference_hess
     assert first.rel_stderr > 0.05
     est = hutchpp_trace(op, probes=12, seed=3, target_rel_stderr=0.05, max_hvps=2000)
     assert est.rel_stderr <= 0.05 and est.hvps > 12 and est.samples > 10
-    assert est.hvps == 3 + est.samples  # 3 Krylov blocks of 1 (the budget goes to samples) + remainder
+    assert (
+        est.hvps == 3 + est.samples
+    )  # 3 Krylov blocks of 1 (the budget goes to samples) + remainder
     assert abs(est.value - exact) <= 4 * est.stderr
     capped = hutchinson_trace(op, probes=10, seed=3, target_rel_stderr=1e-9, max_hvps=35)
     assert capped.hvps == 35 and capped.samples == 35  # budget respected exactly
@@ -107,15 +133,21 @@ def test_adaptive_mode_adds_blocks_until_the_target(make_problem, reference_hess
     assert fro.rel_stderr <= 0.01 and fro.hvps > 12
 
 
-def test_adaptive_top_ups_take_the_count_the_spread_predicts(make_problem, reference_hessian) -> None:
+def test_adaptive_top_ups_take_the_count_the_spread_predicts(
+    make_problem, reference_hessian
+) -> None:
     from flatcli.curvature.trace import _top_up
 
-    assert _top_up(30, 0.02, 0.01) == 99  # 4x the samples for half the error, +10%: 30 * 3 * 1.1 more
+    assert (
+        _top_up(30, 0.02, 0.01) == 99
+    )  # 4x the samples for half the error, +10%: 30 * 3 * 1.1 more
     assert _top_up(30, 0.0100001, 0.01) == 2  # never fewer than 2
     op, _, passes = setup(make_problem, reference_hessian, "mlp_tanh", "digits")
     est = hutchpp_trace(op, probes=12, seed=3, target_rel_stderr=0.05, max_hvps=2000)
     assert est.rel_stderr <= 0.05
-    assert len(passes) <= DEPTH + 2  # the Krylov passes, then one or two top-ups, not a block at a time
+    assert (
+        len(passes) <= DEPTH + 2
+    )  # the Krylov passes, then one or two top-ups, not a block at a time
 
 
 def test_probes_follow_the_operator_dtype(make_problem, reference_hessian) -> None:
@@ -150,7 +182,9 @@ def test_budget_split_keeps_a_third_and_at_least_30_remainder_samples_when_it_ca
 
 
 @pytest.mark.parametrize("kind, dataset", PROBLEMS)
-def test_trace_and_frobenius_share_their_products(make_problem, reference_hessian, kind: str, dataset: str) -> None:
+def test_trace_and_frobenius_share_their_products(
+    make_problem, reference_hessian, kind: str, dataset: str
+) -> None:
     op, dense, passes = setup(make_problem, reference_hessian, kind, dataset)
     tr, fro = trace_and_frobenius(op, probes=60, seed=4)
     assert tr.hvps == fro.hvps == 60 and len(passes) == DEPTH  # both for the price of one
@@ -161,11 +195,14 @@ def test_trace_and_frobenius_share_their_products(make_problem, reference_hessia
     assert (alone_fro.value, alone_fro.stderr) == (fro.value, fro.stderr)
 
 
-def test_the_krylov_subspace_beats_a_one_pass_sketch_at_equal_cost(make_problem, reference_hessian) -> None:
+def test_the_krylov_subspace_beats_a_one_pass_sketch_at_equal_cost(
+    make_problem, reference_hessian
+) -> None:
     """Against Hutch++ as published (Q = orth(H S), s = 15, then H Q: 30 products) with
     the same 30 remainder samples (60 products in all), written here from its definition,
     on the logistic regression whose Hessian has 9 outliers: the 30-dimensional Krylov
-    space removes more of them, so the remainders' standard errors are smaller."""
+    space removes more of them, so the remainders' standard errors are smaller.
+    """
     op, _, _ = setup(make_problem, reference_hessian, "logreg", "digits")
     from flatcli.curvature.probes import gaussian, generator, rademacher
 
@@ -184,9 +221,13 @@ def test_the_krylov_subspace_beats_a_one_pass_sketch_at_equal_cost(make_problem,
     assert sum(f.squared_stderr for _, f in krylov) < 0.5 * sum(se for _, se in one_pass)
 
 
-def test_a_subspace_that_fills_the_space_gives_the_exact_values(dense_operator, spectrum_matrix) -> None:
+def test_a_subspace_that_fills_the_space_gives_the_exact_values(
+    dense_operator, spectrum_matrix
+) -> None:
     spectrum = torch.linspace(-1.0, 4.0, 12, dtype=F64)
     op = dense_operator(spectrum_matrix(spectrum))
-    tr, fro = trace_and_frobenius(op, probes=60, seed=0)  # blocks of 10 > P = 12: Q = I after 2 steps
+    tr, fro = trace_and_frobenius(
+        op, probes=60, seed=0
+    )  # blocks of 10 > P = 12: Q = I after 2 steps
     assert tr.value == pytest.approx(float(spectrum.sum()), abs=1e-12) and tr.stderr <= 1e-12
     assert fro.squared == pytest.approx(float(spectrum.pow(2).sum()), abs=1e-11)

@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from flatcli.errors import FlatcliError
-from flatcli.models import MODELS, LayerInfo, build_model, layer_fan_ins, model_names, resolve_kwargs
+from flatcli.models import (
+    MODELS,
+    LayerInfo,
+    build_model,
+    layer_fan_ins,
+    model_names,
+    resolve_kwargs,
+)
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]  # digits, MNIST / Fashion-MNIST, CIFAR
 SMALL = {  # cheap variants of every model, for forward passes
@@ -220,14 +227,18 @@ def test_cnn_parameter_count_formula():
     conv1, conv2, fc = (1 * 9 + 1) * c, (c * 9 + 1) * 2 * c, (2 * c + 1) * 10
     assert n_params(build("cnn", shape=(1, 28, 28))) == conv1 + conv2 + fc
     # BatchNorm adds a scale and a shift per channel
-    assert n_params(build("cnn", shape=(1, 28, 28), batchnorm=True)) == conv1 + conv2 + fc + 2 * 3 * c
+    assert (
+        n_params(build("cnn", shape=(1, 28, 28), batchnorm=True)) == conv1 + conv2 + fc + 2 * 3 * c
+    )
 
 
 def test_vgg16_parameter_counts_match_the_cifar_vgg16():
     # 14,728,266 is the well-known count of CIFAR-10 VGG-16-BN with one 512 -> 10 head.
     assert n_params(build("vgg16", shape=(3, 32, 32), classes=10)) == 14_728_266
     bn = 2 * (2 * 64 + 2 * 128 + 3 * 256 + 6 * 512)
-    assert n_params(build("vgg16", shape=(3, 32, 32), classes=10, batchnorm=False)) == 14_728_266 - bn
+    assert (
+        n_params(build("vgg16", shape=(3, 32, 32), classes=10, batchnorm=False)) == 14_728_266 - bn
+    )
     assert n_params(build("vgg16", shape=(3, 32, 32), classes=100)) == 14_728_266 + 90 * 513
 
 
@@ -266,7 +277,9 @@ def test_preresnet_parameter_counts():
     # PreResNet-110 (12 bottlenecks per stage), the paper's CIFAR-100 model.
     model = build("preresnet", shape=(3, 32, 32), classes=100)
     assert n_params(model) == _preresnet_params(110, 16, 3, 100) == 1_169_972
-    assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == 1 + 3 * 12 * 3 + 3  # + 3 projections
+    assert (
+        sum(isinstance(m, nn.Conv2d) for m in model.modules()) == 1 + 3 * 12 * 3 + 3
+    )  # + 3 projections
 
 
 def test_wrn_28_10_has_the_published_36_5m_parameters():
@@ -280,7 +293,9 @@ def test_wrn_has_no_dropout_by_default_and_dropout_when_asked():
     assert not any(isinstance(m, nn.Dropout) for m in model.modules())
     model = build("wrn", shape=(3, 32, 32), depth=10, widen=2, dropout=0.3)
     dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
-    assert len(dropouts) == 3 and all(m.p == 0.3 for m in dropouts)  # one per block, 1 block per stage
+    assert len(dropouts) == 3 and all(
+        m.p == 0.3 for m in dropouts
+    )  # one per block, 1 block per stage
 
 
 # ----------------------------------------------------------------------------------------
@@ -291,7 +306,9 @@ def test_wrn_has_no_dropout_by_default_and_dropout_when_asked():
 def test_same_seed_gives_identical_weights_and_another_seed_does_not(name):
     a, b = build(name, seed=0, **SMALL[name]), build(name, seed=0, **SMALL[name])
     c = build(name, seed=1, **SMALL[name])
-    for (k, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+    for (k, pa), pb, pc in zip(
+        a.state_dict().items(), b.state_dict().values(), c.state_dict().values()
+    ):
         assert torch.equal(pa, pb), k
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
 
@@ -301,7 +318,9 @@ def test_same_seed_gives_identical_weights_and_another_seed_does_not(name):
 
 
 def test_fan_ins_of_logreg():
-    assert layer_fan_ins(build("logreg", shape=(1, 8, 8))) == [LayerInfo("fc", "linear", 64, 10, True, 650)]
+    assert layer_fan_ins(build("logreg", shape=(1, 8, 8))) == [
+        LayerInfo("fc", "linear", 64, 10, True, 650)
+    ]
 
 
 def test_fan_ins_of_mlp():
@@ -328,7 +347,21 @@ def test_fan_ins_of_vgg16(batchnorm):
     infos = layer_fan_ins(build("vgg16", shape=(3, 32, 32), batchnorm=batchnorm))
     convs = [i for i in infos if i.kind == "conv"]
     assert [i.fan_in for i in convs] == [27, 576, 576, 1152, 1152, 2304, 2304, 2304] + [4608] * 5
-    assert [i.neurons for i in convs] == [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    assert [i.neurons for i in convs] == [
+        64,
+        64,
+        128,
+        128,
+        256,
+        256,
+        256,
+        512,
+        512,
+        512,
+        512,
+        512,
+        512,
+    ]
     assert sum(i.kind == "batchnorm" for i in infos) == (13 if batchnorm else 0)
     assert infos[-1] == LayerInfo("classifier", "linear", 512, 10, True, 5130)
 
