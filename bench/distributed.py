@@ -28,17 +28,40 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from flatcli import distributed
+from flatcli.curvature import CurvatureOperator, memory_bounded
+from flatcli.models import build_model
+from flatcli.workflows.data import get_spec, load_dataset
+
+#: environment variable that carries the parsed options to the torchrun workers
+WORKER_ARGS = "FLATCLI_BENCH_DISTRIBUTED_ARGS"
+
+
+def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median seconds of ``fn`` over ``repeats`` runs between barriers (after a warm-up)."""
+    fn()  # warm-up: allocations, cached graphs
+    times = []
+    for _ in range(repeats):
+        if dist.is_initialized():
+            dist.barrier()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if dist.is_initialized():
+            dist.barrier()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _worker(args: argparse.Namespace) -> None:
-    import torch
-    import torch.distributed as dist
-
-    from flatcli import distributed
-    from flatcli.curvature import CurvatureOperator, memory_bounded
-    from flatcli.models import build_model
-    from flatcli.workflows.data import get_spec, load_dataset
-
     torch.set_num_threads(args.threads)
     world = distributed.init(args.device)
     device = torch.device(distributed.device_for(args.device) if args.device != "cpu" else "cpu")
@@ -57,26 +80,8 @@ def _worker(args: argparse.Namespace) -> None:
         gen = torch.Generator().manual_seed(0)
         v = torch.randn(op.num_params, generator=gen).to(device)
         block = torch.randn(op.num_params, args.k, generator=gen).to(device)
-
-        def timed(fn) -> float:
-            fn()  # warm-up: allocations, cached graphs
-            times = []
-            for _ in range(args.repeats):
-                if dist.is_initialized():
-                    dist.barrier()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if dist.is_initialized():
-                    dist.barrier()
-                times.append(time.perf_counter() - start)
-            return statistics.median(times)
-
-        single = timed(lambda: op.matvec(v))
-        many = timed(lambda: op.matmat(block))
+        single = _timed(lambda op=op, v=v: op.matvec(v), device, args.repeats)
+        many = _timed(lambda op=op, block=block: op.matmat(block), device, args.repeats)
         results[name] = {
             "params": op.num_params,
             "samples": op.num_samples,
@@ -117,7 +122,7 @@ def main() -> None:
     if args.dataset == "digits":
         args.n = None
     if args.worker:
-        _worker(args)
+        _worker(argparse.Namespace(**json.loads(os.environ[WORKER_ARGS])))
         return
 
     counts = [int(c) for c in args.nproc.split(",")]
@@ -135,9 +140,14 @@ def main() -> None:
             str(_free_port()),
             __file__,
             "--worker",
-            *[a for a in sys.argv[1:]],
         ]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        # the options go by the environment: torchrun's parser would take a prefix of its
+        # own options (--n, --nproc) among the script's arguments for an ambiguous option
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(args.threads),
+            WORKER_ARGS: json.dumps(vars(args)),
+        }
         proc = subprocess.run(command, capture_output=True, text=True, env=env)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
@@ -146,7 +156,7 @@ def main() -> None:
 
     print(
         f"data {args.dataset}, {args.device}, {args.threads} thread(s) per process, K = {args.k}, "
-        f"medians of {args.repeats}; torch {__import__('torch').__version__}; {os.cpu_count()} CPUs"
+        f"medians of {args.repeats}; torch {torch.__version__}; {os.cpu_count()} CPUs"
     )
     header = (
         f"{'model':<6} {'P':>7} {'N':>6} {'procs':>5} {'1 HVP ms':>9} {'speed-up':>8} {'eff.':>5} "

@@ -1,6 +1,6 @@
 """Time one gradient against Hessian-vector products by each method, and print ratios.
 
-Problem: the MLP 784-64-10 (ReLU, 50,890 parameters) of docs/paper.md, 4,000 inputs in
+Problem: the MLP 784-64-10 (ReLU, 50,890 parameters) of Granziol (2020), 4,000 inputs in
 one batch; random inputs and labels by default, real MNIST digits with --data-dir (a
 torchvision MNIST root, e.g. ../shared/data/mnist5k). Quantities, each the median of
 --repeats runs after one warm-up:
@@ -109,7 +109,8 @@ def main() -> None:
 
     fns: dict[str, Callable[[], object]] = {"gradient": grad_op.gradient}
     for name, kw in variants.items():
-        fns[f"1 HVP, {name}"] = lambda op=CurvatureOperator(model, x, y, **kw): op.matvec(v)
+        single = CurvatureOperator(model, x, y, **kw)
+        fns[f"1 HVP, {name}"] = lambda op=single: op.matvec(v)
         for c in chunks:
             op = CurvatureOperator(model, x, y, chunk_size=c, **kw)
             fns[f"{k} HVPs (block, chunk {c}), {name}"] = lambda op=op: op.matmat(block)

@@ -10,6 +10,7 @@ script reproduces the files bit for bit with the same torch version.
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import shutil
 import subprocess
@@ -46,6 +47,9 @@ SAMPLES: dict[str, tuple[str, str]] = {
 
 
 def main() -> None:
+    argparse.ArgumentParser(
+        description=(__doc__ or "").splitlines()[0].rstrip(".") + "; overwrites them in place."
+    ).parse_args()
     OUT.mkdir(exist_ok=True)
     lines = [
         "# Sample checkpoints",

@@ -1,4 +1,4 @@
-"""How much does ``flatcli train`` cost over a plain PyTorch loop? (target: within 10%)
+"""How much does ``flatcli train`` cost over a plain PyTorch loop (target: within 10%)?
 
 Both train the same model on the same tensors with the same optimiser, batch size and
 shuffling, in one process, alternating so that machine noise hits both alike:
@@ -81,7 +81,14 @@ def main() -> None:
             t1 = time.perf_counter() - t
             t = time.perf_counter()
             train_one_epoch(
-                m2, o2, x, y, config, torch.Generator().manual_seed(epoch), False, lambda b, l: None
+                m2,
+                o2,
+                x,
+                y,
+                config,
+                torch.Generator().manual_seed(epoch),
+                False,
+                lambda batch, loss: None,
             )
             t2 = time.perf_counter() - t
             if epoch:

@@ -19,8 +19,8 @@ _EXPORTS: dict[str, str] = {
     # data and models
     "load_dataset": "workflows.data",
     "DATASETS": "workflows.data",
-    "build_model": "models",
-    "MODELS": "models",
+    "build_model": "models.registry",
+    "MODELS": "models.registry",
     # training and checkpoints
     "train": "workflows.training",
     "TrainResult": "workflows.training",
@@ -33,8 +33,8 @@ _EXPORTS: dict[str, str] = {
     # curvature
     "sharpness": "workflows.sharpness",
     "measure": "analysis.measures",
-    "SharpnessConfig": "analysis.measures",
-    "SharpnessReport": "analysis.measures",
+    "SharpnessConfig": "config",
+    "SharpnessReport": "analysis.sharpness_report",
     "MEASURES": "analysis.measures",
     "rank_bound": "analysis.rank",
     "rank_report": "analysis.rank",
@@ -59,12 +59,23 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from flatcli.analysis.measures import MEASURES, SharpnessConfig, SharpnessReport, measure
-    from flatcli.analysis.rank import rank_bound, rank_report
-    from flatcli.config import TrainConfig, make_train_config
-    from flatcli.errors import FlatcliError
-    from flatcli.models import MODELS, build_model
-    from flatcli.workflows.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
-    from flatcli.workflows.data import DATASETS, load_dataset
-    from flatcli.workflows.sharpness import sharpness
-    from flatcli.workflows.training import TrainResult, evaluate, train
+    from flatcli.analysis.measures import MEASURES as MEASURES
+    from flatcli.analysis.measures import measure as measure
+    from flatcli.analysis.rank import rank_bound as rank_bound
+    from flatcli.analysis.rank import rank_report as rank_report
+    from flatcli.analysis.sharpness_report import SharpnessReport as SharpnessReport
+    from flatcli.config import SharpnessConfig as SharpnessConfig
+    from flatcli.config import TrainConfig as TrainConfig
+    from flatcli.config import make_train_config as make_train_config
+    from flatcli.errors import FlatcliError as FlatcliError
+    from flatcli.models.registry import MODELS as MODELS
+    from flatcli.models.registry import build_model as build_model
+    from flatcli.workflows.checkpoint import CheckpointInfo as CheckpointInfo
+    from flatcli.workflows.checkpoint import load_checkpoint as load_checkpoint
+    from flatcli.workflows.checkpoint import save_checkpoint as save_checkpoint
+    from flatcli.workflows.data import DATASETS as DATASETS
+    from flatcli.workflows.data import load_dataset as load_dataset
+    from flatcli.workflows.sharpness import sharpness as sharpness
+    from flatcli.workflows.training import TrainResult as TrainResult
+    from flatcli.workflows.training import evaluate as evaluate
+    from flatcli.workflows.training import train as train

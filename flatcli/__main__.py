@@ -1,3 +1,5 @@
+"""``python -m flatcli``: the command line."""
+
 from flatcli.cli import main
 
 main()

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from flatcli.errors import CheckpointError, UnknownNameError, UsageError
+
+#: A run's recorded options (:meth:`TrainConfig.recorded`): JSON values by option name.
+Options = dict[str, Any]
 
 #: Default learning rate per optimiser (used when ``lr`` is not given).
 DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}
@@ -20,7 +24,7 @@ DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}
 #: The paper's recipes (Granziol 2020, sec. "Gadam"; Izmailov et al. 2018 for SWA).
 #: ``average_from`` is a fraction of the epochs: the authors average from epoch 161 of 300.
 #: ``lr_final`` is a fraction of ``lr``: the averaging learning rate is half the initial one.
-RECIPES: dict[str, dict] = {
+RECIPES: dict[str, dict[str, str | float]] = {
     "gadam": {
         "optimizer": "adamw",
         "lr": 1e-3,
@@ -47,7 +51,7 @@ class TrainConfig:
 
     dataset: str = "digits"
     model: str = "logreg"
-    model_kwargs: dict = field(default_factory=dict)
+    model_kwargs: dict[str, object] = field(default_factory=dict)
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
@@ -98,7 +102,7 @@ class TrainConfig:
         """The learning rate a decaying schedule ends at (default 1% of ``lr``)."""
         return self.lr_final if self.lr_final is not None else 0.01 * self.lr
 
-    def recorded(self) -> dict:
+    def recorded(self) -> Options:
         """The options a checkpoint records: all but where and how the run was written."""
         d = asdict(self)
         for key in ("out", "overwrite", "resume", "data_dir", "download"):
@@ -111,26 +115,27 @@ def _positive(name: str, value: float) -> None:
         raise UsageError(f"{name} must be positive, got {value}")
 
 
-def make_train_config(recipe: str | None = None, **given) -> TrainConfig:
+def make_train_config(recipe: str | None = None, **given: object) -> TrainConfig:
     """Build a :class:`TrainConfig` from explicitly given options, a recipe and defaults.
 
     Options that are ``None`` count as not given. Precedence: explicit option, then the
     recipe's value, then the optimiser's default learning rate, then the field default.
     """
-    given = {k: v for k, v in given.items() if v is not None}
-    values: dict = {}
+    # option values of every type, each checked by TrainConfig.__post_init__
+    chosen: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    values: dict[str, Any] = {}
     if recipe is not None:
         if recipe not in RECIPES:
             raise UnknownNameError(
                 f"unknown recipe {recipe!r}", hint=f"choose one of: {', '.join(RECIPES)}"
             )
         values.update(RECIPES[recipe])
-        epochs = given.get("epochs", TrainConfig.epochs)
+        epochs = chosen.get("epochs", TrainConfig.epochs)
         values["average_from"] = max(1, min(epochs, int(values["average_from"] * epochs) + 1))
-        lr = given.get("lr", values["lr"])
+        lr = chosen.get("lr", values["lr"])
         values["lr_final"] = values["lr_final"] * lr
         values["recipe"] = recipe
-    values.update(given)
+    values.update(chosen)
     if "lr" not in values:
         values["lr"] = DEFAULT_LR.get(
             values.get("optimizer", TrainConfig.optimizer), TrainConfig.lr
@@ -144,7 +149,9 @@ def make_train_config(recipe: str | None = None, **given) -> TrainConfig:
 LOCATION_OPTIONS = ("out", "overwrite", "resume", "data_dir", "download", "device")
 
 
-def resume_config(stored: dict | None, recipe: str | None = None, **given) -> TrainConfig:
+def resume_config(
+    stored: Options | None, recipe: str | None = None, **given: object
+) -> TrainConfig:
     """The configuration that continues a run whose recorded options are ``stored``.
 
     ``given`` are the options given now (``None``: not given). Each given option must
@@ -154,26 +161,26 @@ def resume_config(stored: dict | None, recipe: str | None = None, **given) -> Tr
     to :func:`make_train_config`. Raises a UsageError naming both values of each
     contradiction.
     """
-    given = {k: v for k, v in given.items() if v is not None}
-    location = {k: given.pop(k) for k in LOCATION_OPTIONS if k in given}
+    chosen: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    location = {k: chosen.pop(k) for k in LOCATION_OPTIONS if k in chosen}
     location["resume"] = True
     if stored is None:
-        return make_train_config(recipe, **given, **location)
+        return make_train_config(recipe, **chosen, **location)
     # The run's device is kept unless another is given (a run may move, e.g. to a GPU).
     values = {
         k: v
         for k, v in stored.items()
         if k in TrainConfig.__dataclass_fields__ and (k == "device" or k not in LOCATION_OPTIONS)
     }
-    problems = []
+    problems: list[str] = []
     if recipe is not None and recipe != stored.get("recipe"):
         problems.append(contradiction("recipe", recipe, stored.get("recipe")))
     stored_kwargs = stored.get("model_kwargs") or {}
-    for key, value in (given.pop("model_kwargs", None) or {}).items():
+    for key, value in (chosen.pop("model_kwargs", None) or {}).items():
         if stored_kwargs.get(key) != value:
             problems.append(contradiction(key, value, stored_kwargs.get(key, "(none)")))
-    epochs = given.pop("epochs", None)
-    for key, value in given.items():
+    epochs = chosen.pop("epochs", None)
+    for key, value in chosen.items():
         if key in values and values[key] != value:
             problems.append(contradiction(key, value, values[key]))
     if problems:
@@ -191,19 +198,15 @@ def resume_config(stored: dict | None, recipe: str | None = None, **given) -> Tr
         ) from None
 
 
-def contradiction(key: str, given, stored) -> str:
+def contradiction(key: str, given: object, stored: object) -> str:
     """``--lr 0.5 contradicts the run's lr 0.05``."""
     return f"--{key.replace('_', '-')} {_show(given)} contradicts the run's {key} {_show(stored)}"
 
 
-def _show(value) -> str:
+def _show(value: object) -> str:
     return (
         "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
     )
-
-
-def with_changes(config: TrainConfig, **changes) -> TrainConfig:
-    return replace(config, **changes)
 
 
 # --- measuring -----------------------------------------------------------------------
@@ -230,9 +233,32 @@ BN_MODES = ("eval", "batch", "full")
 BN_BATCH = 1024
 
 
+#: The SLQ density draws its probes from ``seed + DENSITY_SEED_OFFSET``: a stream of its
+#: own, apart from the start vectors and probes the other estimators draw from ``seed``.
+DENSITY_SEED_OFFSET = 2
+
+
 @dataclass(frozen=True)
 class SharpnessConfig:
-    """What to measure and how (every field is part of the cache key)."""
+    """What to measure and how (every field is part of the cache key).
+
+    The fields are flat (they are the keyword arguments of :func:`flatcli.sharpness`, the
+    options of ``flatcli sharpness`` and the keys of its JSON), in these groups:
+
+    * what: ``measures``; ``exact`` (dense eigendecomposition instead of the
+      estimators, small models only); ``per_layer`` (each layer's diagonal block too).
+    * data: ``split`` and ``samples`` (a fixed subset) of a checkpoint's own data set.
+    * the matrix and how it is applied: ``curvature`` (Hessian or generalised Gauss-Newton),
+      ``bn_mode`` (BatchNorm statistics; ``bn_batch_size`` is derived from it),
+      ``include_l2`` (add the run's coupled L2 term), ``dtype``, ``batch_size`` and
+      ``memory_gb`` (the batches of each Hessian-vector product).
+    * Lanczos (``lambda_max``, ``lambda_min``): ``tol``, ``max_iter``.
+    * Hutch++ (``trace``, ``frobenius``): ``probes``, ``target_stderr``.
+    * SLQ (``density``): ``density_iterations``, ``density_probes``.
+    * adaptive sharpness: ``rho``, ``sharpness_samples``, ``logit_normalise``.
+    * ``seed``: every estimator's random draws (the density's from
+      ``seed + DENSITY_SEED_OFFSET``).
+    """
 
     measures: tuple[str, ...] = ("lambda_max", "trace", "frobenius")
     split: str = "train"
@@ -322,4 +348,5 @@ class SharpnessConfig:
         )
 
     def key(self) -> str:
+        """Every setting (the derived ones included) as canonical JSON."""
         return json.dumps(asdict(self), sort_keys=True)

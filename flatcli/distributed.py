@@ -24,14 +24,20 @@ data pass), either ``exit`` (``os._exit(3)``, as a killed process) or ``raise`` 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
-from flatcli.errors import FlatcliError, first_line
+from flatcli.errors import FlatcliError, UsageError, first_line
+
+T = TypeVar("T")
 
 #: How long a collective may wait for the other ranks before the run is abandoned.
 DEFAULT_TIMEOUT_S = 300.0
@@ -171,6 +177,33 @@ def device_for(name: str) -> str:
     return name
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else the CPU; any other device must exist here.
+
+    A device is tried by allocating an empty tensor on it, which is what fails later
+    (``mps`` on Linux, ``cuda:3`` on a one-GPU machine) if it is not checked now.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(
+            "--device cuda was asked for but no CUDA device is available", hint="use --device cpu"
+        )
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}", hint="use auto, cpu or cuda") from None
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        text = first_line(exc)
+        why = f" ({text})" if len(text) <= 80 else ""  # torch's dispatcher message runs to a page
+        raise UsageError(
+            f"--device {name} is not available on this machine{why}", hint="use auto, cpu or cuda"
+        ) from None
+    return device
+
+
 def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
     """Sum each tensor over the ranks, in place (no-op with one process)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -185,8 +218,6 @@ def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
 
 def _peer_failed(exc: BaseException) -> DistributedError:
     """One line from a backend's error: its first sentence, without gloo's ``[file.cc:line]``."""
-    import re
-
     text = first_line(exc)
     text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", text).split(". ")[0]
     return DistributedError(
@@ -218,8 +249,11 @@ def all_agree(flag: bool) -> bool:
     return global_count(0 if flag else 1) == 0
 
 
-def broadcast_object(obj):
+def broadcast_object(obj: T) -> T:
     """Rank 0's ``obj`` on every rank (picklable; ``obj`` itself with one process).
+
+    Every rank passes a value of the same type (ranks other than 0 typically None, and
+    ``T`` an optional type); the value passed on ranks other than 0 is discarded.
 
     For decisions that read something outside the process group (a cache file another
     process may be writing): taken once on rank 0, so that all ranks run the same
@@ -288,3 +322,70 @@ def finish(wait: bool = False) -> None:
             dist.destroy_process_group()
         except Exception:  # a group whose peers died: nothing left to leave
             pass
+
+
+# --- rank 0 decides ----------------------------------------------------------------------
+# What reads or writes outside the process group (a run folder, a download) is done by rank
+# 0 alone; every rank then receives its value, or its error, so that all take the same path.
+
+
+def from_main(word: T | None) -> T:
+    """Rank 0's ``word`` on every rank; an exception from rank 0 is raised on every rank.
+
+    Every rank calls this together: rank 0 with its word, the others with None (their
+    value is discarded). A :class:`~flatcli.errors.FlatcliError` is re-created with its
+    class, message and hint, so that every rank ends with rank 0's one line and exit
+    code; anything else says that process 0 failed. One process: returns ``word``.
+    """
+    message: object = word
+    if isinstance(word, BaseException):
+        if isinstance(word, FlatcliError):
+            message = ("error", type(word), word.message, word.hint)
+        else:
+            message = (
+                "error",
+                DistributedError,
+                f"process 0 of this run failed ({first_line(word)})",
+                None,
+            )
+    received = broadcast_object(message)
+    if isinstance(received, tuple) and received[:1] == ("error",):
+        _, cls, text, hint = received
+        exc = cls.__new__(cls)
+        FlatcliError.__init__(exc, text, hint)
+        raise exc
+    return received  # type: ignore[return-value]  # rank 0's word: a T by the caller's contract
+
+
+def on_main(action: Callable[[], T]) -> T:
+    """``action()`` on rank 0; an error it raises is first sent to the other ranks, then raised here."""
+    try:
+        return action()
+    except BaseException as exc:
+        with contextlib.suppress(DistributedError):
+            from_main(exc)
+        raise
+
+
+def main_decides(action: Callable[[], T]) -> T:
+    """``action()`` on rank 0 alone; its value, or its error, on every rank (one process: ``action()``).
+
+    For what reads the run folder (e.g. a run's stored options for ``--resume``), which
+    only rank 0 may be able to see.
+    """
+    if not active():
+        return action()
+    if world().is_main:
+        return from_main(on_main(action))
+    received: T = from_main(None)
+    return received
+
+
+def main_first(current: World, action: Callable[[], T]) -> T:
+    """``action()`` on rank 0, then (if it succeeded) on the other ranks: e.g. a download."""
+    if current.is_main:
+        value = on_main(action)
+        from_main("done")
+        return value
+    from_main(None)
+    return action()

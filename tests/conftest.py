@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flatcli.config import make_train_config
+
 # The suite's problems are small: one thread is as fast, and immune to the 10-100x
 # slow-downs of OpenMP spin-waits when another process holds the machine's other core.
 torch.set_num_threads(1)
@@ -20,8 +22,6 @@ def _isolate(tmp_path, monkeypatch):
 
 @pytest.fixture
 def make_config():
-    from flatcli.config import make_train_config
-
     def make(**kw):
         base = dict(dataset="digits", model="logreg", epochs=2, batch_size=64, device="cpu")
         base.update(kw)

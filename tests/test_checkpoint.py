@@ -5,10 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+import flatcli
+import flatcli.workflows.checkpoint as ckpt
 from flatcli import build_model, load_checkpoint, save_checkpoint, train
 from flatcli.errors import CheckpointError
+from flatcli.workflows.checkpoint import read_metadata
 
 
 @pytest.fixture
@@ -26,10 +29,9 @@ def test_round_trip_rebuilds_the_model_and_its_metadata(run):
     assert info.arch == {"name": "mlp", "kwargs": {"width": 8, "depth": 1}}
     assert info.dataset["name"] == "digits" and info.dataset["input_shape"] == [1, 8, 8]
     assert info.train["l2"] == 1e-3 and info.train["weight_decay"] == 2e-3
-    assert info.train["torch_version"] == torch.__version__ and "flatcli_version" in info.train
+    assert info.train["torch_version"] == torch.__version__
+    assert info.train["flatcli_version"] == flatcli.__version__
     assert info.metrics["test_accuracy"] == run.metrics["test_accuracy"]
-    from safetensors.torch import load_file
-
     raw = load_file("run/model.safetensors")
     for k, v in model.state_dict().items():
         assert torch.equal(v, raw[k])
@@ -76,8 +78,6 @@ def test_plain_state_dict_needs_a_model_factory(tmp_path):
 
 
 def test_tensors_that_do_not_match_the_architecture_are_named(run, tmp_path):
-    from flatcli.workflows.checkpoint import read_metadata
-
     tensors, doc = read_metadata("run/model.safetensors")
     doc["arch"]["kwargs"]["width"] = 9
     bad = tmp_path / "bad.safetensors"
@@ -112,8 +112,6 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     target = tmp_path / "m.safetensors"
     save_checkpoint(target, model, meta)
     before = target.read_bytes()
-
-    import flatcli.workflows.checkpoint as ckpt
 
     def crash(*a, **k):
         raise OSError("disk full")

@@ -36,8 +36,8 @@ def test_importing_the_package_does_not_import_torch_until_a_name_is_used():
 )
 def test_help_version_and_option_errors_never_import_torch(args):
     code = (
-        "import sys\nfrom flatcli.cli import main\nsys.argv = ['flatcli', *%r]\n"
-        "try:\n    main()\nexcept SystemExit:\n    pass" % (args,)
+        f"import sys\nfrom flatcli.cli import main\nsys.argv = ['flatcli', *{args!r}]\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass"
     )
     assert not _imports_torch(code)
 
@@ -52,6 +52,48 @@ def test_the_public_function_sharpness_is_not_shadowed_by_its_module():
         callable(flatcli.sharpness)
         and flatcli.sharpness.__module__ == "flatcli.workflows.sharpness"
     )
+
+
+#: Each public name of ``flatcli`` and the module that defines it.
+CANONICAL = {
+    "load_dataset": "flatcli.workflows.data",
+    "DATASETS": "flatcli.workflows.data",
+    "build_model": "flatcli.models.registry",
+    "MODELS": "flatcli.models.registry",
+    "train": "flatcli.workflows.training",
+    "TrainResult": "flatcli.workflows.training",
+    "evaluate": "flatcli.workflows.training",
+    "TrainConfig": "flatcli.config",
+    "make_train_config": "flatcli.config",
+    "load_checkpoint": "flatcli.workflows.checkpoint",
+    "save_checkpoint": "flatcli.workflows.checkpoint",
+    "CheckpointInfo": "flatcli.workflows.checkpoint",
+    "sharpness": "flatcli.workflows.sharpness",
+    "measure": "flatcli.analysis.measures",
+    "SharpnessConfig": "flatcli.config",
+    "SharpnessReport": "flatcli.analysis.sharpness_report",
+    "MEASURES": "flatcli.analysis.measures",
+    "rank_bound": "flatcli.analysis.rank",
+    "rank_report": "flatcli.analysis.rank",
+    "FlatcliError": "flatcli.errors",
+}
+
+
+def test_every_public_name_is_the_object_of_its_canonical_module():
+    import importlib
+
+    import flatcli
+
+    assert sorted(flatcli.__all__) == sorted(CANONICAL)
+    for name, module_name in CANONICAL.items():
+        module = importlib.import_module(module_name)
+        value = getattr(flatcli, name)
+        assert value is getattr(module, name), name
+        if isinstance(value, type) or callable(value):  # defined there, not re-exported
+            assert value.__module__ == module_name, (name, value.__module__)
+    assert set(CANONICAL) <= set(dir(flatcli))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        flatcli.nope  # noqa: B018
 
 
 def test_torch_free_name_lists_match_the_registries():

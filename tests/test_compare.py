@@ -16,15 +16,21 @@ import math
 
 import pytest
 
-from flatcli.analysis.scale import normalised_measures
-from flatcli.errors import UsageError
-from flatcli.workflows.compare import (
-    Measure,
+from flatcli.analysis.verdicts import (
+    MEASURE_ORDER,
     RunSummary,
     Verdict,
     accuracy_threshold_points,
     compare,
+    verdict,
 )
+from flatcli.curvature.results import Estimate
+from flatcli.errors import UsageError
+from flatcli.workflows.compare import comparison_as_dict
+
+
+def estimate(value, uncertainty=0.0, converged=True):
+    return Estimate(value=value, uncertainty=uncertainty, kind="bound", converged=converged)
 
 
 def run(name, test_accuracy, measures, *, weight_norm=10.0, test_loss=1.0, test_size=10_000, **kw):
@@ -42,13 +48,13 @@ def run(name, test_accuracy, measures, *, weight_norm=10.0, test_loss=1.0, test_
         test_accuracy=test_accuracy,
         weight_norm=weight_norm,
         test_loss=test_loss,
-        measures={k: Measure(*v) for k, v in measures.items()},
+        measures={k: estimate(*v) for k, v in measures.items()},
         test_size=test_size,
         **base,
     )
 
 
-# The PreResNet-110 / CIFAR-100 numbers of docs/paper.md (accuracies illustrative).
+# The PreResNet-110 / CIFAR-100 numbers of Granziol 2020 (accuracies illustrative).
 SGD_WD = dict(
     name="sgd-wd", test_accuracy=0.77, measures={"lambda_max": (30.4, 0.1)}, weight_norm=45.5
 )
@@ -162,12 +168,14 @@ def test_three_runs_give_every_pair_and_every_shared_measure():
 
 
 def test_weight_norm_normalisation_flips_the_papers_verdict():
-    # docs/paper.md: weight decay raises lambda_max 8x for SGD, but times ||w||^2
+    # Granziol 2020: weight decay raises lambda_max 8x for SGD, but times ||w||^2
     # the no-wd solution is the sharper one.
     def with_normalised(spec):
         lam, unc = spec["measures"]["lambda_max"]
-        extra = normalised_measures(lam, None, spec["weight_norm"])
-        measures = {"lambda_max": (lam, unc), **{k: (v, 0.0) for k, v in extra.items()}}
+        measures = {
+            "lambda_max": (lam, unc),
+            "lambda_max_normalised": (lam * spec["weight_norm"] ** 2, 0.0),
+        }
         return run(**{**spec, "measures": measures})
 
     result = compare([with_normalised(SGD), with_normalised(SGD_WD)])
@@ -188,7 +196,9 @@ def test_gap_is_in_points():
     "bad",
     [
         lambda: run("a", 77.0, {}),  # a percentage, not a fraction
-        lambda: Measure(1.0, -0.1),
+        lambda: run("a", 0.5, {"lambda_max": (1.0, -0.1)}),  # a negative uncertainty
+        lambda: run("a", 0.5, {"lambda_max": (math.nan, 0.1)}),  # a value that is not finite
+        lambda: run("a", 0.5, {"lambda_max": (1.0, math.inf)}),  # converged, infinite error
         lambda: compare([run("a", 0.5, {})]),
         lambda: compare([run("a", 0.5, {}), run("a", 0.6, {})]),
     ],
@@ -196,3 +206,96 @@ def test_gap_is_in_points():
 def test_bad_input_is_a_usage_error(bad):
     with pytest.raises(UsageError):
         bad()
+
+
+def test_an_unconverged_measure_may_have_an_infinite_uncertainty_and_gets_no_verdict():
+    a = run("a", 0.90, {"lambda_max": (1.0, 0.01)})
+    b = run("b", 0.70, {"lambda_max": (10.0, math.inf, False)})
+    v = verdict(a, b, "lambda_max", accuracy_points=0.5)
+    assert (v.agrees, v.converged, v.sharpness_tie, v.accuracy_tie) == (None, False, False, False)
+    assert v.sharpness_ratio == pytest.approx(10.0)
+    assert v.text == (
+        "lambda_max of b did not converge (1 vs 10): not converged, no verdict on flatness."
+    )
+
+
+def test_measures_are_judged_in_the_documented_order():
+    names = ["relative_flatness", "zeta", "trace", "lambda_max", "alpha", "frobenius"]
+    a = run("a", 0.70, {m: (1.0, 0.0) for m in names})
+    b = run("b", 0.80, {m: (2.0, 0.0) for m in names})
+    order = [v.measure for v in compare([a, b]).verdicts]
+    assert order == ["lambda_max", "trace", "frobenius", "relative_flatness", "alpha", "zeta"]
+    assert "frobenius_normalised" not in MEASURE_ORDER  # no measure of that name exists
+
+
+def test_the_comparison_document_is_exact():
+    a = run("a", 0.70, {"lambda_max": (2.0, 0.5)}, weight_norm=4.0, test_loss=0.5, test_size=None)
+    b = run(
+        "b", 0.75, {"lambda_max": (8.0, 0.0, False)}, weight_norm=2.0, test_loss=1.0, test_size=None
+    )
+    doc = comparison_as_dict(compare([a, b], tie_accuracy=1.0))
+    common = dict(
+        optimizer="sgd",
+        l2=0.0,
+        weight_decay=0.0,
+        averaging=None,
+        train_loss=0.01,
+        train_accuracy=1.0,
+    )
+    assert doc == {
+        "runs": [
+            {
+                "name": "a",
+                **common,
+                "test_loss": 0.5,
+                "test_accuracy": 0.70,
+                "generalisation_gap": pytest.approx(30.0),
+                "weight_norm": 4.0,
+                "test_size": None,
+                "lambda_max": {"value": 2.0, "uncertainty": 0.5, "converged": True},
+            },
+            {
+                "name": "b",
+                **common,
+                "test_loss": 1.0,
+                "test_accuracy": 0.75,
+                "generalisation_gap": pytest.approx(25.0),
+                "weight_norm": 2.0,
+                "test_size": None,
+                "lambda_max": {"value": 8.0, "uncertainty": 0.0, "converged": False},
+            },
+        ],
+        "ratios": [
+            {"name": "a", "lambda_max": 1.0, "weight_norm": 1.0, "test_loss": 1.0},
+            {"name": "b", "lambda_max": 4.0, "weight_norm": 0.5, "test_loss": 2.0},
+        ],
+        "verdicts": [
+            {
+                "a": "a",
+                "b": "b",
+                "measure": "lambda_max",
+                "sharpness_ratio": 4.0,
+                "accuracy_difference_points": pytest.approx(5.0),
+                "sharpness_tie": False,
+                "accuracy_tie": False,
+                "agrees": None,
+                "text": "lambda_max of b did not converge (2 vs 8): not converged, no verdict on flatness.",
+                "converged": False,
+            }
+        ],
+    }
+    assert list(doc["runs"][0]) == [
+        "name",
+        "optimizer",
+        "l2",
+        "weight_decay",
+        "averaging",
+        "train_loss",
+        "test_loss",
+        "train_accuracy",
+        "test_accuracy",
+        "generalisation_gap",
+        "weight_norm",
+        "test_size",
+        "lambda_max",
+    ]

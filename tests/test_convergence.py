@@ -200,15 +200,15 @@ def test_hutchpp_standard_error_of_a_few_samples_is_marked_not_converged(point):
     trace, fro = float(h.trace()), float(eigs.pow(2).sum().sqrt())
     tiny = [trace_and_frobenius(op, probes=4, seed=s) for s in range(30)]
     assert all(t.samples == 2 and not t.converged and not f.converged for t, f in tiny)
-    z = [abs(t.value - trace) / t.stderr for t, _ in tiny] + [
-        abs(f.value - fro) / f.stderr for _, f in tiny
+    z = [abs(t.value - trace) / t.uncertainty for t, _ in tiny] + [
+        abs(f.value - fro) / f.uncertainty for _, f in tiny
     ]
     assert max(z) > 5  # what "not converged" protects against
     budget = MIN_SAMPLES + 3  # b d = 3 products build the subspace, the rest are samples
     assert not trace_and_frobenius(op, probes=budget - 1, seed=0)[0].converged
     enough = [trace_and_frobenius(op, probes=budget, seed=s) for s in range(30)]
     assert all(t.samples >= MIN_SAMPLES and t.converged and f.converged for t, f in enough)
-    z = sorted(abs(t.value - trace) / t.stderr for t, _ in enough)
+    z = sorted(abs(t.value - trace) / t.uncertainty for t, _ in enough)
     assert z[len(z) // 2] < 1.5 and z[-1] < 6
 
 

@@ -1,10 +1,11 @@
 """Data sets: the embedded digits split, subsets, augmentation, missing-data errors."""
 
+import numpy as np
 import pytest
 import torch
 
 from flatcli import load_dataset
-from flatcli.errors import DataError
+from flatcli.errors import DataError, UnknownNameError
 from flatcli.workflows.data import DATASETS, augment_batch, subset_indices
 
 
@@ -41,8 +42,6 @@ def test_bad_subset_sizes_are_refused(samples):
 
 
 def test_unknown_dataset_lists_the_known_ones():
-    from flatcli.errors import UnknownNameError
-
     with pytest.raises(UnknownNameError, match="digits, mnist"):
         load_dataset("imagenet")
 
@@ -57,8 +56,6 @@ def test_missing_torchvision_data_names_layout_and_options(name, tmp_path):
 
 def test_torchvision_reader_reads_the_real_layout(tmp_path):
     # Write a tiny MNIST in torchvision's raw IDX layout and read it back.
-    import numpy as np
-
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)

@@ -20,19 +20,28 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 from torchrun_helpers import env as _env
 from torchrun_helpers import free_port as _free_port
 from torchrun_helpers import torchrun
 
-from flatcli.distributed import DistributedError, World, configured_timeout
+from flatcli.config import SharpnessConfig, make_train_config
+from flatcli.distributed import (
+    DistributedError,
+    World,
+    configured_timeout,
+    main_decides,
+    main_first,
+)
+from flatcli.errors import RunExistsError
+from flatcli.workflows.sharpness import sharpness
+from flatcli.workflows.training import train
 
 TIMEOUT_S = 240  # a hang fails the test instead of the suite
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    from flatcli.config import make_train_config
-    from flatcli.workflows.training import train
 
     out = tmp_path_factory.mktemp("dist") / "RUN"
     train(
@@ -101,6 +110,21 @@ def test_shards_cover_every_sample_once_in_order_on_whole_batches(n, size, batch
     assert max(parts) - min(parts) <= 1
 
 
+def test_with_one_process_rank_0_decides_alone_and_its_error_is_raised_as_is():
+    calls = []
+    assert main_decides(lambda: calls.append("decided") or {"mode": "fresh"}) == {"mode": "fresh"}
+    assert main_first(World(), lambda: calls.append("first") or 7) == 7
+    assert calls == ["decided", "first"]
+    refusal = RunExistsError("runs/x already holds a run", hint="pass --overwrite")
+
+    def refuse() -> None:
+        raise refusal
+
+    with pytest.raises(RunExistsError) as caught:
+        main_decides(refuse)
+    assert caught.value is refusal
+
+
 def test_the_timeout_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("FLATCLI_DIST_TIMEOUT", "12.5")
     assert configured_timeout() == 12.5
@@ -113,8 +137,6 @@ def test_the_timeout_comes_from_the_environment(monkeypatch):
 
 
 def test_two_processes_measure_what_one_measures_and_rank_0_alone_writes(run_dir):
-    from flatcli.config import SharpnessConfig
-    from flatcli.workflows.sharpness import sharpness
 
     two = json_of(
         torchrun(
@@ -145,15 +167,13 @@ def test_two_processes_measure_what_one_measures_and_rank_0_alone_writes(run_dir
     peak = max(one["density"]["values"])
     assert all(
         abs(a - b) <= 1e-6 * peak
-        for a, b in zip(two["density"]["values"], one["density"]["values"])
+        for a, b in zip(two["density"]["values"], one["density"]["values"], strict=True)
     )
     assert two["density"]["grid"] == pytest.approx(one["density"]["grid"], rel=1e-6)
 
 
 @pytest.mark.slow
 def test_rank_bound_and_compare_under_two_processes_agree_with_one(run_dir, tmp_path):
-    from flatcli.config import make_train_config
-    from flatcli.workflows.training import train
 
     two_rank = json_of(torchrun("rank-bound", run_dir, "--json"))
     one_rank = json_of(one_process("rank-bound", run_dir, "--json"))
@@ -195,7 +215,7 @@ def test_rank_bound_and_compare_under_two_processes_agree_with_one(run_dir, tmp_
     )
     two = json_of(torchrun(*args))
     one = json_of(one_process(*args))
-    for a, b in zip(two["runs"], one["runs"]):
+    for a, b in zip(two["runs"], one["runs"], strict=True):
         for name in ("lambda_max", "trace"):
             assert close(a[name]["value"], b[name]["value"]), name
     assert [(v["measure"], v["agrees"], v["sharpness_tie"]) for v in two["verdicts"]] == [
@@ -209,7 +229,6 @@ def two_ranks(*args, **env) -> list[tuple[int, str, float]]:
     does (TORCHELASTIC_USE_AGENT_STORE), so that neither process depends on the other's start-up
     time. Returns each process's exit code, stderr and seconds.
     """
-    import torch.distributed as dist
 
     port = _free_port()
     store = dist.TCPStore(
@@ -278,9 +297,6 @@ def test_a_process_that_dies_mid_run_makes_the_other_exit_with_one_line(run_dir,
 def test_batch_statistics_are_those_of_one_process(tmp_path, bn):
     # batch statistics: each shard is whole one-process batches (5 of 100 -> 3 + 2), so every batch is
     # normalised as with one process; full: every process takes all 500 (the statistics of the set)
-    from flatcli.config import SharpnessConfig, make_train_config
-    from flatcli.workflows.sharpness import sharpness
-    from flatcli.workflows.training import train
 
     run = tmp_path / "BN"
     train(

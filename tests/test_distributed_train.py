@@ -22,13 +22,14 @@ from torchrun_helpers import free_port as _free_port
 from torchrun_helpers import torchrun
 from typer.testing import CliRunner
 
+from flatcli import distributed, load_checkpoint, load_dataset
 from flatcli.cli import app
 from flatcli.config import make_train_config
 from flatcli.distributed import World
 from flatcli.errors import UsageError
 from flatcli.workflows.checkpoint import load_state_file
 from flatcli.workflows.data import augment_batch
-from flatcli.workflows.training import TrainCallbacks, train
+from flatcli.workflows.training import TrainCallbacks, evaluate, train
 
 runner = CliRunner()
 RUN = [
@@ -203,7 +204,6 @@ def test_a_refusal_on_rank_0_ends_every_rank_with_one_line():
 
 
 def test_sync_bn_with_several_cpu_processes_is_refused_before_the_folder_is_touched(monkeypatch):
-    from flatcli import distributed
 
     monkeypatch.setattr(distributed, "init", lambda *args, **kwargs: World(0, 2))  # as rank 0 of 2
     with pytest.raises(UsageError, match="--sync-bn needs CUDA"):
@@ -248,8 +248,6 @@ def _after_whole_batch(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.slow
 def test_batchnorm_ranks_save_the_model_they_evaluated():
     """Per-rank BatchNorm statistics: rank 0's are kept, so the saved model is the one whose metrics are reported."""
-    from flatcli import load_checkpoint, load_dataset
-    from flatcli.workflows.training import evaluate
 
     args = [
         "--model",

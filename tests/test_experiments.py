@@ -10,6 +10,10 @@ from typer.testing import CliRunner
 from flatcli import load_checkpoint, load_dataset
 from flatcli.cli import app
 from flatcli.curvature import logistic_regression_hessian
+from flatcli.errors import RunExistsError
+from flatcli.report.text import demo_as_dict
+from flatcli.workflows.checkpoint import read_metadata, save_checkpoint
+from flatcli.workflows.demo import DemoConfig, ensure_run, run_demo, variant_config
 
 runner = CliRunner()
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_checkpoints"
@@ -130,15 +134,53 @@ def test_sample_checkpoints_are_small_and_documented():
         load_checkpoint(f)
 
 
-def test_demo_runs_end_to_end_in_reduced_size(tmp_path):
-    from flatcli.workflows.demo import DemoConfig, demo_as_dict, run_demo
+def _pair_held(comp):
+    """Claims 2 and 3 from a comparison document: B sharper (lambda_max) and better."""
+    (v,) = [v for v in comp["verdicts"] if v["measure"] == "lambda_max"]
+    if not v["converged"]:
+        return None
+    b_sharper = not v["sharpness_tie"] and v["sharpness_ratio"] > 1
+    if not b_sharper:
+        return False
+    if v["accuracy_tie"]:
+        return None
+    return v["accuracy_difference_points"] > 0
 
+
+def _sweep_held(rows):
+    """The mechanism: one accuracy at every scale, lambda_max falling at scales >= 1."""
+    up = sorted((r for r in rows if r["scale"] >= 1), key=lambda r: r["scale"])
+    lam = [r["lambda_max"]["value"] for r in up]
+    same = len({r["accuracy"] for r in rows}) == 1
+    return same and len(up) > 1 and all(b < a for a, b in zip(lam, lam[1:], strict=False))
+
+
+def _rank_held(rank):
+    """Claim 4: the effective rank at 1e-2 within the smallest bound (an estimate: -2 se)."""
+    eff = rank["effective_rank"]["0.01"]
+    if rank["exact"]:
+        return eff <= rank["min_bound"]
+    return eff["value"] - 2 * eff["stderr"] <= rank["min_bound"]
+
+
+def test_demo_runs_end_to_end_in_reduced_size(tmp_path):
     config = DemoConfig.reduced(out=tmp_path / "demo", device="cpu")
     result = run_demo(config)
     doc = demo_as_dict(result)
     assert len(doc["runs"]) == 6 and len(doc["comparisons"]) == 4
-    assert {c["model"] for c in doc["claims"]} == {"logreg", "mlp"}
-    assert all(c["held"] in (True, False, None) and c["evidence"] for c in doc["claims"])
+    # 4 pairs, the sweep, one rank per model; each verdict recomputed from the numbers
+    assert [c["model"] for c in doc["claims"]] == ["logreg"] * 2 + ["mlp"] * 2 + [
+        "logreg",
+        "logreg",
+        "mlp",
+    ]
+    expected = [_pair_held(comp) for comp in doc["comparisons"]]
+    expected.append(_sweep_held(doc["sweep"]["rows"]))
+    expected += [_rank_held(doc["rank"][m]) for m in ("logreg", "mlp")]
+    assert [c["held"] for c in doc["claims"]] == expected
+    for c in doc["claims"]:
+        prefix = {True: "held", False: "did not hold"}.get(c["held"])
+        assert prefix is None or prefix in c["evidence"]
     # every claim about a pair quotes the measured lambda_max of both runs
     for comp in doc["comparisons"]:
         a, b = comp["runs"]
@@ -158,9 +200,6 @@ def test_demo_runs_end_to_end_in_reduced_size(tmp_path):
 
 
 def test_demo_refuses_to_overwrite_a_different_run(tmp_path):
-    from flatcli.errors import RunExistsError
-    from flatcli.workflows.demo import DemoConfig, run_demo
-
     run_demo(DemoConfig.reduced(out=tmp_path / "demo", device="cpu", models=("logreg",)))
     with pytest.raises(RunExistsError):
         run_demo(
@@ -190,11 +229,8 @@ def test_demo_cli_prints_the_claims_table(tmp_path):
 
 
 def test_the_demo_reuses_a_run_recorded_before_an_option_existed(tmp_path):
-    from flatcli.workflows.checkpoint import read_metadata, save_checkpoint
-    from flatcli.workflows.demo import DemoConfig, _ensure_run, _train_config
-
-    tc = _train_config(DemoConfig.reduced(out=tmp_path, epochs=1), "logreg", "sgd")
-    _ensure_run(tc, overwrite=False)
+    tc = variant_config(DemoConfig.reduced(out=tmp_path, epochs=1), "logreg", "sgd")
+    ensure_run(tc, overwrite=False)
     ckpt = tc.out / "model.safetensors"
     _, meta = read_metadata(ckpt)
     del meta["train"][
@@ -204,5 +240,5 @@ def test_the_demo_reuses_a_run_recorded_before_an_option_existed(tmp_path):
     save_checkpoint(ckpt, model, meta)
     before = ckpt.read_bytes()
     assert (
-        _ensure_run(tc, overwrite=False) == tc.out and ckpt.read_bytes() == before
+        ensure_run(tc, overwrite=False) == tc.out and ckpt.read_bytes() == before
     )  # reused, not retrained

@@ -13,12 +13,14 @@ from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
 
-from flatcli import build_model, load_checkpoint
-from flatcli.analysis.measures import SharpnessConfig, measure, parameter_groups
+from flatcli import build_model, load_checkpoint, load_dataset
+from flatcli.analysis.measures import measure, parameter_groups
 from flatcli.cli import app
+from flatcli.config import SharpnessConfig
 from flatcli.errors import CheckpointError, UsageError
 from flatcli.models.factory import LogitsOf, pick_logits
 from flatcli.workflows.checkpoint import save_checkpoint
+from flatcli.workflows.training import evaluate
 
 runner = CliRunner()
 
@@ -435,11 +437,15 @@ def test_compare_with_a_model_factory(tmp_path):
     runs = json.loads(result.stdout)["runs"]
     assert [r["name"] for r in runs] == ["run1", "run2"]
     assert result.stderr.count("stripped the prefix 'model.' from 4 keys") == 2  # once per run
-    for run, path in zip(runs, own):
+    for run, path in zip(runs, own, strict=True):
         assert run["lambda_max"]["value"] == pytest.approx(
             lambda_max([str(path)])[0], rel=1e-12, abs=0
         )
-        assert 0 <= run["test_accuracy"] <= 1  # evaluated: a file from elsewhere records no metrics
+        # evaluated on the whole test split: a file from elsewhere records no metrics
+        model, _ = load_checkpoint(path)
+        test_loss, test_accuracy = evaluate(model, *load_dataset("digits", "test").tensors)
+        assert run["test_accuracy"] == pytest.approx(test_accuracy, rel=1e-12)
+        assert run["test_loss"] == pytest.approx(test_loss, rel=1e-6)
     no_dataset = runner.invoke(
         app, ["compare", str(tmp_path / "run1.ckpt"), str(tmp_path / "run2.ckpt"), *FACTORY]
     )

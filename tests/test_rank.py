@@ -30,10 +30,13 @@ from flatcli.analysis.rank import (
     measured_rank,
     numerical_rank,
     rank_bound,
-    rank_statement,
+    rank_report,
 )
-from flatcli.errors import TooLargeError
+from flatcli.curvature import CurvatureOperator, slq_density
+from flatcli.errors import TooLargeError, UsageError
 from flatcli.models import build_model
+from flatcli.models.factory import LogitsOf
+from flatcli.report.text import rank_as_dict, rank_statement
 from flatcli.workflows.data import load_dataset
 
 C, D = 10, 64  # digits: 10 classes, 8 x 8 inputs
@@ -235,9 +238,8 @@ def test_estimated_rank_from_constructed_quadrature():
 def test_estimated_rank_of_a_real_slq_density_matches_the_exact_rank(
     random_data, logreg_random_rank
 ):
-    curvature = pytest.importorskip("flatcli.curvature")
-    op = curvature.CurvatureOperator(logreg(), *random_data, dtype=torch.float64)
-    density = curvature.slq_density(op, probes=8, iterations=12, seed=0)
+    op = CurvatureOperator(logreg(), *random_data, dtype=torch.float64)
+    density = slq_density(op, probes=8, iterations=12, seed=0)
     est = estimated_rank(density, op.num_params, fraction=1e-2)
     exact = logreg_random_rank.effective_rank[0.01]  # 585, with a clear gap down to 0
     assert abs(est.value - exact) <= 4 * est.stderr + 1e-9
@@ -256,6 +258,56 @@ def test_is_linear_model():
     assert not is_linear_model(
         nn.Sequential(nn.Flatten(), nn.Linear(D, 4), nn.ReLU(), nn.Linear(4, C))
     )
+
+
+def test_a_wrapped_factory_model_is_linear_when_the_users_model_is():
+    assert is_linear_model(LogitsOf(logreg()))
+    assert is_linear_model(LogitsOf(deep_linear()))
+    assert not is_linear_model(
+        LogitsOf(build_model("mlp", input_shape=(1, 8, 8), num_classes=C, width=4))
+    )
+
+
+def test_an_estimate_from_one_probe_has_no_error_bar():
+    density = types.SimpleNamespace(
+        nodes=torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64),
+        weights=torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64),
+        probes=1,
+    )
+    est = estimated_rank(density, num_params=10, fraction=0.1)
+    assert est.value == pytest.approx(5.0) and np.isnan(est.stderr)
+    with pytest.raises(UsageError, match="split"):
+        estimated_rank(types.SimpleNamespace(**{**vars(density), "probes": 2}), 10)
+
+
+# ------------------------------------------------------------------ the report
+
+
+def test_rank_report_of_logreg_is_exact_and_its_document_carries_the_statement(random_data):
+    x, y = random_data
+    report = rank_report(logreg(), x, y, C)
+    assert report.is_linear and isinstance(report.measured, MeasuredRank)
+    assert report.bound == rank_bound(logreg(), C, len(y))
+    assert report.measured == measured_rank(logreg(), x, y)
+    doc = rank_as_dict(report)
+    assert (doc["paper_bound"], doc["numerical_rank"], doc["ggn_rank"]) == (585, 585, 585)
+    assert doc["exact"] is True and doc["linear_model"] is True
+    assert doc["effective_rank"] == {f"{k:g}": v for k, v in report.measured.effective_rank.items()}
+    assert doc["statement"] == rank_statement(report.bound, report.measured, True)
+    assert list(doc)[-1] == "statement"
+
+
+def test_rank_report_estimates_above_max_params(random_data):
+    x, y = random_data
+    model = build_model("mlp", input_shape=(1, 8, 8), num_classes=C, width=4)
+    report = rank_report(model, x, y, C, max_params=100, seed=3)
+    assert not report.is_linear and isinstance(report.measured, RankEstimate)
+    assert report.measured.num_params == sum(p.numel() for p in model.parameters())
+    doc = rank_as_dict(report)
+    assert doc["exact"] is False and doc["numerical_rank"] is None and doc["ggn_rank"] is None
+    assert doc["effective_rank"] == {
+        "0.01": {"value": report.measured.value, "stderr": report.measured.stderr}
+    }
 
 
 def _measured(rank, ggn):

@@ -8,20 +8,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+import flatcli.workflows.checkpoint as ckpt
 from flatcli import build_model, load_checkpoint, save_checkpoint, train
 from flatcli.cli import app
+from flatcli.distributed import resolve_device
 from flatcli.errors import (
     CheckpointError,
+    DataError,
     OutputError,
     RunExistsError,
     UnknownNameError,
     UsageError,
 )
 from flatcli.workflows.checkpoint import LOCK_FILE, STAGING_DIR, load_state_file, save_state
-from flatcli.workflows.training import TrainCallbacks, resolve_device
+from flatcli.workflows.training import TrainCallbacks
 
 runner = CliRunner()
 
@@ -210,7 +214,7 @@ def test_a_failed_train_leaves_no_folder_it_created(make_config):
     with pytest.raises(RuntimeError):
         train(make_config(out=Path("a/b/run"), epochs=1), TrainCallbacks(on_start=crash))
     assert not Path("a").exists()
-    with pytest.raises(Exception):
+    with pytest.raises(DataError, match="mnist not found in missing"):
         train(make_config(out=Path("c/run"), dataset="mnist", data_dir="missing"))
     assert not Path("c").exists()
     Path("empty").mkdir()  # a folder that was there stays
@@ -333,8 +337,6 @@ def test_files_respect_the_umask(make_config, umask, mode):
 def test_a_full_disk_during_train_is_one_line_and_keeps_the_old_run(
     old_run, make_config, monkeypatch
 ):
-    import flatcli.workflows.checkpoint as ckpt
-
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -342,7 +344,6 @@ def test_a_full_disk_during_train_is_one_line_and_keeps_the_old_run(
     with pytest.raises(OutputError, match="No space left on device"):
         train(make_config(out=Path("run"), epochs=1, seed=9, overwrite=True))
     assert snapshot("run") == old_run
-    from safetensors import SafetensorError
 
     def full_as_safetensors_says(*args, **kwargs):
         raise SafetensorError(

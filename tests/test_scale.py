@@ -27,14 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, hessian
 
+from flatcli.analysis.measures import SharpnessConfig, measure
 from flatcli.analysis.scale import (
     adaptive_sharpness,
+    eval_mode,
     normalise_logits,
-    normalised,
-    normalised_measures,
     relative_flatness,
     scale_weights,
 )
+from flatcli.curvature.trace import MIN_SAMPLES
 from flatcli.errors import UsageError
 from flatcli.models import build_model
 from flatcli.workflows.data import load_dataset
@@ -86,14 +87,16 @@ def hessian_of(model, x, y, names=None):
     w0 = torch.cat([params[n].detach().reshape(-1) for n in names])
 
     def loss(w):
-        chosen = {n: t.view(s) for n, s, t in zip(names, shapes, torch.split(w, sizes))}
+        chosen = {
+            n: t.view(s) for n, s, t in zip(names, shapes, torch.split(w, sizes), strict=True)
+        }
         return F.cross_entropy(functional_call(model, chosen, (x,)), y)
 
     return hessian(loss)(w0)
 
 
 def logreg_trace(model, x):
-    """Tr H = (1/N) sum_i ||x~_i||^2 (1 - ||p_i||^2) (docs/paper.md)."""
+    """Tr H = (1/N) sum_i ||x~_i||^2 (1 - ||p_i||^2) (Granziol 2020, logistic regression)."""
     with torch.no_grad():
         p = torch.softmax(model(x), dim=1)
         return ((x.flatten(1).pow(2).sum(1) + 1) * (1 - p.pow(2).sum(1))).mean().item()
@@ -141,13 +144,25 @@ def test_bias_free_relu_net_is_homogeneous_of_degree_L_and_biases_break_it(digit
         assert not torch.allclose(scale_weights(biased, 2.0)(x), 4.0 * biased(x), rtol=1e-3)
 
 
-def test_normalised_measures_multiply_by_the_squared_weight_norm():
-    assert normalised(2.5, 4.0) == 40.0
-    assert normalised_measures(30.4, 3.6e-3, 45.5) == {
-        "lambda_max_normalised": pytest.approx(30.4 * 45.5**2),
-        "trace_normalised": pytest.approx(3.6e-3 * 45.5**2),
-    }
-    assert normalised_measures(None, 1.0, 2.0) == {"trace_normalised": 4.0}
+def test_normalised_measures_multiply_by_the_squared_weight_norm(trained_logreg, digits):
+    x, y = digits
+    names = ("lambda_max", "trace", "lambda_max_normalised", "trace_normalised")
+    report = measure(
+        trained_logreg, x, y, SharpnessConfig(measures=names, exact=True, dtype="float64")
+    )
+    h = hessian_of(trained_logreg, x, y)
+    w2 = sum(float(p.detach().pow(2).sum()) for p in trained_logreg.parameters())
+    lam, tr = torch.linalg.eigvalsh(h)[-1].item(), torch.trace(h).item()
+    got = {k: report.measures[k].value for k in names}
+    assert got == pytest.approx(
+        {
+            "lambda_max": lam,
+            "trace": tr,
+            "lambda_max_normalised": lam * w2,
+            "trace_normalised": tr * w2,
+        },
+        rel=1e-9,
+    )
 
 
 # ------------------------------------------------------------------ (a) the mechanism
@@ -323,3 +338,48 @@ def test_adaptive_sharpness_is_seeded_batched_and_leaves_the_model_alone(trained
     assert rel(a.value, b.value) < 1e-12 and a.value != c.value
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_adaptive_sharpness_is_an_estimate_with_a_standard_error(trained_mlp, digits):
+    x, y = digits
+    few = adaptive_sharpness(trained_mlp, x, y, samples=MIN_SAMPLES - 1, seed=0)
+    enough = adaptive_sharpness(trained_mlp, x, y, samples=MIN_SAMPLES, seed=0)
+    for est, converged in ((few, False), (enough, True)):
+        assert est.estimate.kind == "stderr" and est.estimate.converged is converged
+        assert (est.value, est.stderr) == (est.estimate.value, est.estimate.uncertainty)
+    assert few.base_loss == pytest.approx(loss_of(trained_mlp, x, y), rel=1e-12)
+    assert few.samples == MIN_SAMPLES - 1 and few.rho == 0.05 and few.seed == 0
+
+
+def test_adaptive_sharpness_is_the_documented_monte_carlo_mean(trained_mlp, digits):
+    # draws: eps ~ N(0, 1) per entry, parameters in named_parameters order, one generator
+    x, y = digits
+    gen = torch.Generator().manual_seed(7)
+    base = loss_of(trained_mlp, x, y)
+    diffs = []
+    for _ in range(3):
+        noisy = {
+            n: p.detach()
+            + 0.1 * p.detach().abs() * torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            for n, p in trained_mlp.named_parameters()
+        }
+        with torch.no_grad():
+            diffs.append(
+                F.cross_entropy(functional_call(trained_mlp, noisy, (x,)), y).item() - base
+            )
+    d = torch.tensor(diffs, dtype=torch.float64)
+    est = adaptive_sharpness(trained_mlp, x, y, rho=0.1, samples=3, seed=7)
+    assert est.value == pytest.approx(d.mean().item(), rel=1e-9)
+    assert est.stderr == pytest.approx(d.std().item() / math.sqrt(3), rel=1e-6)
+
+
+def test_eval_mode_restores_every_modules_own_flag():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.BatchNorm1d(2)).train()
+    model[1].eval()  # a mix of flags
+    flags = [m.training for m in model.modules()]
+    with eval_mode(model) as inside:
+        assert inside is model and not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == flags
+    with pytest.raises(RuntimeError), eval_mode(model):
+        raise RuntimeError
+    assert [m.training for m in model.modules()] == flags

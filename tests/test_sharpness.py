@@ -1,6 +1,7 @@
 """``flatcli sharpness``: the report agrees with exact dense computation; JSON; cache; bad input."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from flatcli import load_dataset, train
 from flatcli.analysis.measures import SharpnessConfig, measure
 from flatcli.cli import app
 from flatcli.curvature import hessian_via_torch_func
+from flatcli.curvature.linalg import exact_density
 
 runner = CliRunner()
 
@@ -63,7 +65,7 @@ def test_iterative_measures_agree_with_the_dense_float64_hessian(runs, name):
     fro = float(eigs.pow(2).sum().sqrt())
     assert abs(doc["frobenius"]["value"] - fro) <= 4 * doc["frobenius"]["stderr"] + 1e-9 * fro
     assert doc["spectral_norm"]["value"] == pytest.approx(float(eigs.abs().max()), rel=1e-6)
-    for key in (
+    assert list(doc) == [  # the document's layout, in order
         "checkpoint",
         "dataset",
         "split",
@@ -77,11 +79,29 @@ def test_iterative_measures_agree_with_the_dense_float64_hessian(runs, name):
         "loss",
         "accuracy",
         "weight_norm",
+        "include_l2",
+        "exact",
+        "bn_batch_size",
+        "lambda_max",
+        "lambda_min",
+        "trace",
+        "frobenius",
+        "spectral_norm",
         "hvps",
         "seconds",
-    ):
-        assert key in doc
+        "cached",
+    ]
+    assert list(doc["lambda_max"]) == ["value", "bound", "converged"]
+    assert list(doc["trace"]) == ["value", "stderr", "converged"]
+    assert (doc["dataset"], doc["split"], doc["curvature"], doc["bn_mode"]) == (
+        "digits",
+        "train",
+        "hessian",
+        "eval",
+    )
+    assert (doc["dtype"], doc["device"], doc["seed"], doc["exact"]) == ("float64", "cpu", 0, False)
     assert doc["num_samples"] == 300 and doc["num_params"] == len(eigs)
+    assert doc["cached"] is False and doc["hvps"] > 0 and doc["bn_batch_size"] is None
 
 
 def test_target_stderr_adds_probes_until_both_estimates_meet_it(runs):
@@ -154,6 +174,13 @@ def test_exact_mode_equals_dense_eigenvalues(runs, name):
     assert doc["trace"]["value"] == pytest.approx(float(eigs.sum()), rel=1e-9)
     grid, values = torch.tensor(doc["density"]["grid"]), torch.tensor(doc["density"]["values"])
     assert float(torch.trapezoid(values, grid)) == pytest.approx(1.0, abs=1e-3)
+    # the one broadening rule of exact and SLQ densities (flatcli.curvature.linalg)
+    ref_grid, ref_values = exact_density(eigs)
+    width = float(eigs.max() - eigs.min())
+    got_grid = torch.tensor(doc["density"]["grid"], dtype=torch.float64)
+    got_values = torch.tensor(doc["density"]["values"], dtype=torch.float64)
+    assert torch.allclose(got_grid, ref_grid, rtol=0, atol=1e-9 * width)
+    assert torch.allclose(got_values, ref_values, rtol=1e-6, atol=1e-9 * float(ref_values.max()))
 
 
 def test_include_l2_adds_the_checkpoints_coefficient(runs):
@@ -453,3 +480,33 @@ def test_batch_statistics_use_the_documented_batch_whatever_the_device(monkeypat
     measure(model, x, y, SharpnessConfig(measures=("trace",), probes=6, bn_mode="batch"))
     measure(model, x, y, SharpnessConfig(measures=("trace",), probes=6))
     assert seen == [1024, None]  # batch statistics: 1024 (capped at N); eval mode: automatic
+
+
+def test_shared_work_is_counted_once_on_the_first_measure_that_read_it():
+    from flatcli import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mlp", input_shape=(1, 8, 8), num_classes=10, width=8)
+    x, y = load_dataset("digits", samples=60).tensors
+    names = ("frobenius", "lambda_min", "trace", "lambda_max", "trace_normalised", "density")
+    config = SharpnessConfig(
+        measures=names, probes=12, density_probes=2, density_iterations=6, max_iter=30
+    )
+    m = measure(model, x, y, config).measures
+    # one Hutch++ run for trace and norm: on frobenius, asked for first
+    assert m["frobenius"].hvps == 12 and m["trace"].hvps == m["trace_normalised"].hvps == 0
+    assert m["frobenius"].shared_with == ("trace", "trace_normalised")
+    assert m["trace"].shared_with == ("frobenius", "trace_normalised")
+    # one Lanczos run for both ends: on lambda_min, asked for first; spectral_norm derived
+    assert m["lambda_min"].hvps >= 3 and m["lambda_max"].hvps == m["spectral_norm"].hvps == 0
+    assert m["lambda_min"].shared_with == ("lambda_max", "spectral_norm")
+    assert m["spectral_norm"].shared_with == ("lambda_min", "lambda_max")
+    assert m["density"].hvps == 12  # its own run: 2 probes, 6 steps
+    # alone, a measure carries its run's cost and shares nothing
+    alone = measure(model, x, y, replace(config, measures=("trace",)))
+    trace = alone.measures["trace"]
+    assert trace.shared_with == () and trace.hvps == alone.hvps == 12
+    assert trace.value == m["trace"].value  # the same run
+    alone = measure(model, x, y, replace(config, measures=("lambda_max",)))
+    top = alone.measures["lambda_max"]
+    assert top.shared_with == () and top.hvps >= alone.hvps >= 3  # (+ a float64 re-check)

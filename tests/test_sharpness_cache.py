@@ -8,6 +8,7 @@ import errno
 import importlib
 import json
 import multiprocessing
+import os
 import warnings
 from pathlib import Path
 
@@ -15,12 +16,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import flatcli.analysis.sweep as sweep
+import flatcli.workflows.cache as cache_module
 import flatcli.workflows.data
 from flatcli import build_model, load_dataset, save_checkpoint
-from flatcli.analysis.measures import SharpnessConfig, measure
+from flatcli.analysis.measures import measure
 from flatcli.cli import app
-from flatcli.errors import DataError, NonFiniteError, UsageError
-from flatcli.workflows.sharpness import CACHE_FILE, ResultCache, load_point, sharpness
+from flatcli.config import SharpnessConfig
+from flatcli.errors import CheckpointError, DataError, NonFiniteError, UsageError
+from flatcli.workflows.cache import CACHE_FILE, ResultCache, cache_file
+from flatcli.workflows.sharpness import load_point, sharpness
 
 runner = CliRunner()
 sharpness_module = importlib.import_module(
@@ -146,6 +151,38 @@ def test_measures_sharing_work_are_cached_with_their_partners(run, monkeypatch):
         assert sharpness(run, cfg("trace,lambda_max,lambda_min")).fully_cached
 
 
+def test_a_partial_hit_measures_only_the_missing_measures_and_their_partners(run, monkeypatch):
+    sharpness(run, cfg("lambda_max,lambda_min"))
+    asked = []
+    real = sharpness_module.measure
+
+    def spy(model, inputs, targets, config, **kwargs):
+        asked.append(config.measures)
+        return real(model, inputs, targets, config, **kwargs)
+
+    monkeypatch.setattr(sharpness_module, "measure", spy)
+    report = sharpness(run, cfg("lambda_min,trace,lambda_max"))
+    assert asked == [("trace",)]
+    assert list(report.measures) == ["lambda_min", "trace", "lambda_max", "spectral_norm"]
+    # one end lost from the file: its partner is measured again with it (one shared Lanczos run)
+    doc = json.loads((run / CACHE_FILE).read_text())
+    (entry,) = doc["entries"].values()
+    del entry["measures"]["lambda_min@lambda_max+lambda_min"]
+    (run / CACHE_FILE).write_text(json.dumps(doc))
+    asked.clear()
+    again = sharpness(run, cfg("lambda_max,lambda_min,trace"))
+    assert asked == [("lambda_max", "lambda_min")] and again.cached == ("trace",)
+
+
+def test_the_cache_file_of_a_run_directory_and_of_another_checkpoint(run, tmp_path):
+    assert cache_file(run) == cache_file(run / "model.safetensors") == run / CACHE_FILE
+    other = tmp_path / "elsewhere.safetensors"
+    (run / "model.safetensors").rename(other)
+    assert cache_file(other) is None
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        cache_file(run)
+
+
 def test_with_a_target_stderr_trace_and_frobenius_are_cached_with_their_partners(run):
     sharpness(run, cfg("trace,frobenius", target_stderr=0.05))
     alone = sharpness(run, cfg("trace", target_stderr=0.05))
@@ -232,9 +269,9 @@ def test_concurrent_writers_keep_every_entry(tmp_path):
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
 def test_a_cache_that_cannot_be_written_costs_one_warning_not_the_result(run, monkeypatch, code):
     def refuse(path, text):
-        raise OSError(code, __import__("os").strerror(code))
+        raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(sharpness_module, "atomic_write_text", refuse)
+    monkeypatch.setattr(cache_module, "atomic_write_text", refuse)
     result = runner.invoke(
         app,
         [
@@ -468,8 +505,6 @@ def test_measure_raises_a_flatcli_error_not_a_linalg_error():
 
 
 def test_a_scale_that_overflows_is_one_line_before_measuring(tmp_path, monkeypatch):
-    import flatcli.analysis.sweep as sweep
-
     run = make_run(tmp_path / "mlp", "mlp", width=6)
     calls = []
     real = sweep.measure
@@ -500,7 +535,8 @@ def test_a_scale_that_overflows_is_one_line_before_measuring(tmp_path, monkeypat
             "20",
         ],
     )
-    assert ok.exit_code == 0, ok.stderr and len(json.loads(ok.stdout)) == 2
+    assert ok.exit_code == 0, ok.stderr
+    assert [point["scale"] for point in json.loads(ok.stdout)] == [0.5, 2.0]
 
 
 def test_plot_and_density_out_do_not_apply_to_a_sweep(run):

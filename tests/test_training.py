@@ -5,11 +5,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+import flatcli.workflows.training as training
 from flatcli import load_checkpoint, load_dataset, train
 from flatcli.config import make_train_config
-from flatcli.errors import RunExistsError, UsageError
-from flatcli.workflows.training import OPTIMIZERS, SCHEDULES, evaluate, regularised_step
+from flatcli.errors import RunExistsError, UnknownNameError, UsageError
+from flatcli.workflows.training import (
+    OPTIMIZERS,
+    SCHEDULES,
+    TrainCallbacks,
+    evaluate,
+    regularised_step,
+)
 
 
 def test_logreg_reaches_90_percent_on_digits_and_reduces_loss(make_config):
@@ -68,8 +76,6 @@ def test_averaging_equals_the_mean_of_the_epoch_snapshots(make_config):
     config = make_config(
         epochs=4, average_from=2, out=Path("avg"), model="mlp", model_kwargs={"width": 8}
     )
-    import flatcli.workflows.training as training
-
     original = training.train_one_epoch
 
     def spy(model, *args, **kwargs):
@@ -117,8 +123,6 @@ def test_averaging_recomputes_batchnorm_statistics(make_config):
 
 
 def _tensors(path):
-    from safetensors.torch import load_file
-
     return load_file(str(path))
 
 
@@ -140,8 +144,6 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(make_config):
         schedule="paper",
     )
     train(make_config(out=Path("full"), **kw))
-
-    from flatcli.workflows.training import TrainCallbacks
 
     class Interrupt(Exception):
         pass
@@ -196,8 +198,6 @@ def test_bad_option_values_are_usage_errors(bad):
 
 
 def test_unknown_names_say_what_is_known():
-    from flatcli.errors import UnknownNameError
-
     with pytest.raises(UnknownNameError, match="gadam, swa"):
         make_train_config(recipe="nope")
 

@@ -8,7 +8,7 @@ Granziol 2020 measures it):
 measure        definition                                  estimator (uncertainty)
 =============  ==========================================  ===============================
 lambda_max     largest eigenvalue of H                     Lanczos, full reorthogonalisation
-                                                           (Ritz residual bound)
+                                                           (error bound)
 lambda_min     smallest eigenvalue of H                    same run when both are asked for
 spectral_norm  max(|lambda_max|, |lambda_min|)             from the two (larger bound)
 trace          Tr H = sum of eigenvalues                   block Krylov Hutch++ (std. error)
@@ -32,207 +32,103 @@ measure comes from its eigenvalues, with zero uncertainty; for logistic regressi
 closed form H = (1/N) sum_i (diag p_i - p_i p_i^T) kron x_i x_i^T needs no autograd. It is
 used only for a model that provably computes W x.flatten(1) + b (flatcli's ``logreg``, or
 logits and products checked against the generic operator): a one-layer model that scales
-its logits has a different Hessian.
+its logits has a different Hessian. The exact density is broadened by the same rule as
+the SLQ one (:func:`flatcli.curvature.linalg.exact_density`).
 
 Measures are a registry (:data:`MEASURES`) of functions of a :class:`MeasureContext`,
-which shares work between them (one Lanczos run for both extremes, one dense spectrum).
+which shares work between them (one Lanczos run for both extremes, one set of Hutch++
+products for trace and Frobenius norm, one dense spectrum) and counts it once
+(:meth:`MeasureContext.results`). Each returns an
+:class:`~flatcli.curvature.results.Estimate` (the density a
+:class:`~flatcli.analysis.sharpness_report.Density`); :func:`measure` gathers them into a
+:class:`~flatcli.analysis.sharpness_report.SharpnessReport`.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
 
-from flatcli.config import SharpnessConfig  # noqa: F401  (defined in config.py, which needs no torch; re-exported)
-from flatcli.curvature import (
-    CurvatureOperator,
-    EigenEstimate,
-    FrobeniusEstimate,
-    StochasticEstimate,
-    dense_hessian,
-    extreme_eigenvalues,
-    lambda_max,
-    lambda_min,
-    memory_bounded,
-    slq_density,
-    trace_and_frobenius,
+from flatcli.analysis.finite_weights import non_finite_tensors, require_finite_weights
+from flatcli.analysis.scale import adaptive_sharpness, relative_flatness
+from flatcli.analysis.sharpness_report import (
+    Density,
+    LayerReport,
+    Measurement,
+    SharpnessReport,
 )
-from flatcli.curvature.batches import as_source
-from flatcli.curvature.exact import single_linear, verified_logistic_regression_hessian
-from flatcli.curvature.results import Estimate
+from flatcli.config import SharpnessConfig
+from flatcli.curvature.batches import DataSource, StreamedData, TensorData, as_source
+from flatcli.curvature.density import slq_density
+from flatcli.curvature.exact import (
+    exact_spectrum,
+    single_linear,
+    verified_logistic_regression_hessian,
+)
+from flatcli.curvature.lanczos import extreme_eigenvalues, lambda_max, lambda_min
+from flatcli.curvature.linalg import exact_density
+from flatcli.curvature.operator import CurvatureOperator, memory_bounded
+from flatcli.curvature.results import Estimate, SpectralDensity
+from flatcli.curvature.trace import MIN_SAMPLES, trace_and_frobenius
 from flatcli.distributed import my_shard
-from flatcli.errors import NonFiniteError, UsageError, few
+from flatcli.errors import NonFiniteError, UsageError
 
+__all__ = [  # SharpnessConfig and the report types are re-exported from their modules
+    "DENSITY_SEED_OFFSET",
+    "DTYPES",
+    "MEASURES",
+    "PER_LAYER",
+    "Density",
+    "Estimate",
+    "LayerReport",
+    "MeasureContext",
+    "SharpnessConfig",
+    "SharpnessReport",
+    "measure",
+    "non_finite_tensors",
+    "parameter_groups",
+    "require_finite_weights",
+]
+
+#: ``SharpnessConfig.dtype`` -> the precision of the products.
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
+#: ``config.seed`` plus this seeds the density's probes. Lanczos and Hutch++ draw their
+#: first vectors from a generator seeded with ``config.seed`` itself; stochastic Lanczos
+#: quadrature seeded the same would start from the same draws, so the density's errors
+#: would not be independent of lambda_max's and the trace's. (2, so that densities
+#: reproduce the reports made before the offset had a name.)
+DENSITY_SEED_OFFSET = 2
 
-@dataclass(frozen=True)
-class Density:
-    grid: list[float]
-    values: list[float]
-    hvps: int = 0
-
-    def as_dict(self) -> dict:
-        return {"grid": self.grid, "values": self.values}
-
-
-@dataclass(frozen=True)
-class LayerReport:
-    name: str
-    params: tuple[str, ...]
-    num_params: int
-    measures: dict[str, Any]
-
-    def as_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "params": list(self.params),
-            "num_params": self.num_params,
-            **{k: v.as_dict() for k, v in self.measures.items()},
-        }
-
-
-@dataclass(frozen=True)
-class SharpnessReport:
-    """Everything ``flatcli sharpness`` measured at one point."""
-
-    checkpoint: str | None
-    dataset: str | None
-    split: str
-    num_samples: int
-    num_params: int
-    curvature: str
-    bn_mode: str
-    dtype: str
-    device: str
-    seed: int
-    loss: float
-    accuracy: float
-    weight_norm: float
-    l2: float
-    measures: dict[str, Any]
-    hvps: int
-    seconds: float
-    exact: bool = False
-    layers: list[LayerReport] = field(default_factory=list)
-    #: The measures served from ``sharpness.json`` (not computed by this call); see ``flatcli.sharpness``.
-    cached: tuple[str, ...] = ()
-    #: The batch whose statistics define the matrix (SharpnessConfig.bn_batch_size; with
-    #: bn_mode "full" all num_samples); None with running statistics (bn_mode "eval").
-    bn_batch_size: int | None = None
-
-    @property
-    def fully_cached(self) -> bool:
-        """Every measure came from the cache (this call did no Hessian-vector product)."""
-        return bool(self.cached) and set(self.measures) <= set(self.cached)
-
-    def to_dict(self) -> dict:
-        """The report as the JSON document of ``flatcli sharpness --json`` (key order included)."""
-        return self.as_dict()
-
-    def as_dict(self) -> dict:
-        head = {
-            k: getattr(self, k)
-            for k in (
-                "checkpoint",
-                "dataset",
-                "split",
-                "num_samples",
-                "num_params",
-                "curvature",
-                "bn_mode",
-                "dtype",
-                "device",
-                "seed",
-                "loss",
-                "accuracy",
-                "weight_norm",
-            )
-        }
-        head["include_l2"] = self.l2
-        head["exact"] = self.exact
-        head["bn_batch_size"] = self.bn_batch_size
-        body = {k: v.as_dict() for k, v in self.measures.items()}
-        tail: dict[str, Any] = {
-            "hvps": self.hvps,
-            "seconds": self.seconds,
-            "cached": self.fully_cached,
-        }
-        if (
-            self.cached and not self.fully_cached
-        ):  # some measures from the cache, the rest computed now
-            tail["cached_measures"] = list(self.cached)
-        if self.layers:
-            tail = {"layers": [layer.as_dict() for layer in self.layers], **tail}
-        return {**head, **body, **tail}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SharpnessReport:
-        """Rebuild a report from :meth:`as_dict` (used by the ``sharpness.json`` cache)."""
-        measures = {}
-        for name, value in d.items():  # in the document's order (the order they were asked for)
-            if name in MEASURES or name == "spectral_norm":
-                measures[name] = _measure_from_dict(value)
-        layers = [
-            LayerReport(
-                x["name"],
-                tuple(x["params"]),
-                x["num_params"],
-                {k: _measure_from_dict(v) for k, v in x.items() if isinstance(v, dict)},
-            )
-            for x in d.get("layers", [])
-        ]
-        return cls(
-            d["checkpoint"],
-            d["dataset"],
-            d["split"],
-            d["num_samples"],
-            d["num_params"],
-            d["curvature"],
-            d["bn_mode"],
-            d["dtype"],
-            d["device"],
-            d["seed"],
-            d["loss"],
-            d["accuracy"],
-            d["weight_norm"],
-            d.get("include_l2", 0.0),
-            measures,
-            d["hvps"],
-            d["seconds"],
-            d.get("exact", False),
-            layers,
-            tuple(measures) if d.get("cached") is True else tuple(d.get("cached_measures", ())),
-            bn_batch_size=d.get("bn_batch_size"),
-        )
-
-
-def _measure_from_dict(d: dict):
-    if "grid" in d:
-        return Density(d["grid"], d["values"])
-    # An entry written before the flag existed cannot say: only an exact value is trusted.
-    converged = d.get("converged", "bound" in d and d["bound"] == 0) is True
-    if "stderr" in d:
-        return Estimate(d["value"], d["stderr"], "stderr", converged=converged)
-    return Estimate(d["value"], d["bound"], "bound" if d["bound"] else "exact", converged=converged)
+#: What shared work returns: one estimate, both ends of a spectrum or trace and norm, or
+#: a density; each carries the products it spent.
+_Work = TypeVar("_Work", Estimate, tuple[Estimate, Estimate], SpectralDensity)
 
 
 class MeasureContext:
-    """Shared state of one measurement: the operator and work reused across measures."""
+    """Shared state of one measurement: the operator and work reused across measures.
+
+    Work that several measures read (one Lanczos run for both ends of the spectrum, one
+    set of Hutch++ products for trace and Frobenius norm, one dense spectrum) is computed
+    once, by :meth:`shared`, which records its Hessian-vector products and which measures
+    read it; :meth:`results` then counts each piece of work once, on the first measure
+    that read it, and names the others in ``shared_with``. This is the one place where
+    shared work is counted.
+    """
 
     def __init__(
         self,
         op: CurvatureOperator,
         config: SharpnessConfig,
         model: nn.Module,
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
+        inputs: torch.Tensor | DataSource,
+        targets: torch.Tensor | None,
         closed_form: bool,
         status: Callable[[str], None] | None = None,
     ) -> None:
@@ -240,23 +136,74 @@ class MeasureContext:
         self.status = status
         self.inputs, self.targets = inputs, targets
         self.closed_form = closed_form
-        self._extremes: tuple[EigenEstimate, EigenEstimate] | None = None
-        self._trace_norm: tuple[StochasticEstimate, FrobeniusEstimate] | None = None
-        self._claimed: set[str] = set()
         self._spectrum: torch.Tensor | None = None
-        self._results: dict[str, Any] = {}
+        self._results: dict[str, Measurement] = {}
+        self._work: dict[str, object] = {}  # key of shared work -> its result
+        self._cost: dict[str, int] = {}  # key of shared work -> its Hessian-vector products
+        self._reads: dict[str, frozenset[str]] = {}  # measure -> the shared work it read
+        self._reading: list[set[str]] = []  # the work read by the measures being computed
         self.weight_norm = math.sqrt(
             sum(float(p.detach().double().pow(2).sum()) for p in model.parameters())
         )
 
-    def get(self, name: str) -> Any:
-        """The result of measure ``name``, computed once per context."""
+    def get(self, name: str) -> Measurement:
+        """The result of measure ``name``, computed once per context (``hvps`` and
+        ``shared_with`` not yet counted: see :meth:`results`).
+        """
         if name not in self._results:
+            self._reading.append(set())
             self._results[name] = MEASURES[name](self)
+            self._reads[name] = frozenset(self._reading.pop())
             result = self._results[name]
             if isinstance(result, Estimate):
                 self.say(f"{name} {result.value:.6g} ± {result.uncertainty:.2g}")
+        if self._reading:  # a measure derived from this one read the same work
+            self._reading[-1] |= self._reads[name]
         return self._results[name]
+
+    def shared(self, key: str, compute: Callable[[], _Work]) -> _Work:
+        """``compute()``, run once per ``key``; its products and readers are recorded.
+
+        The products are the result's own ``hvps`` (a pair's are those of its one run),
+        which include those of a float64 copy of the operator (the Lanczos re-check) that
+        ``op.hvps`` does not see.
+        """
+        if key not in self._work:
+            result = compute()
+            self._work[key] = result
+            self._cost[key] = result[0].hvps if isinstance(result, tuple) else result.hvps
+        if self._reading:
+            self._reading[-1].add(key)
+        return cast(_Work, self._work[key])
+
+    def results(
+        self, names: Sequence[str], *, with_spectral_norm: bool = True
+    ) -> dict[str, Measurement]:
+        """The measures ``names`` (then ``spectral_norm`` when both ends are among them
+        and ``with_spectral_norm``), in that order, each with the products it cost.
+
+        Work read by several of them is counted once, in the ``hvps`` of the first that
+        read it; each estimate's ``shared_with`` names the others that read any of its
+        work, in report order (so for an estimate with ``hvps=0`` and a ``shared_with``,
+        the first of them carries the cost). The products of a dense matrix (``exact``)
+        are counted by no estimate (the report's total counts them).
+        """
+        results = {name: self.get(name) for name in names}
+        hi, lo = results.get("lambda_max"), results.get("lambda_min")
+        if with_spectral_norm and isinstance(hi, Estimate) and isinstance(lo, Estimate):
+            results["spectral_norm"] = spectral_norm(hi, lo)
+            self._reads["spectral_norm"] = self._reads["lambda_max"] | self._reads["lambda_min"]
+        counted: set[str] = set()
+        for name, result in results.items():
+            reads = self._reads[name]
+            hvps = sum(self._cost[key] for key in reads - counted)
+            counted |= reads
+            if isinstance(result, Estimate):
+                partners = tuple(m for m in results if m != name and reads & self._reads[m])
+                results[name] = replace(result, hvps=hvps, shared_with=partners)
+            else:
+                results[name] = replace(result, hvps=hvps)
+        return results
 
     def say(self, text: str) -> None:
         """Pass the current estimate to the ``status`` callback (a progress display)."""
@@ -271,14 +218,18 @@ class MeasureContext:
             return None
 
         def report(step: int, values: tuple[float, ...], bounds: tuple[float, ...]) -> None:
-            text = ", ".join(f"{v:.6g} ± {b:.2g}" for v, b in zip(values, bounds))
+            text = ", ".join(f"{v:.6g} ± {b:.2g}" for v, b in zip(values, bounds, strict=True))
             self.say(f"{label} (Lanczos step {step}): {text}")
 
         return report
 
     # -- shared work ---------------------------------------------------------------
     def spectrum(self) -> torch.Tensor:
-        """Exact eigenvalues (float64, ascending) of the dense matrix."""
+        """Exact eigenvalues (float64, ascending) of the dense matrix.
+
+        Its products are not attributed to any measure (exact values carry ``hvps=0``);
+        the report's total counts them.
+        """
         if self._spectrum is None:
             # the closed form only for a model verified to be W x.flatten(1) + b
             h = (
@@ -286,63 +237,68 @@ class MeasureContext:
                 if self.closed_form
                 else None
             )
-            if h is None:
-                h = dense_hessian(self.op).double()
-            self._spectrum = torch.linalg.eigvalsh(h.cpu())
+            self._spectrum = (
+                exact_spectrum(self.op) if h is None else torch.linalg.eigvalsh(h.cpu())
+            )
         return self._spectrum
 
-    def claim(self, work: str, hvps: int) -> int:
-        """``hvps`` the first time shared ``work`` is reported, 0 after (counted once)."""
-        if work in self._claimed:
-            return 0
-        self._claimed.add(work)
-        return hvps
-
-    def trace_and_norm(self) -> tuple[StochasticEstimate, FrobeniusEstimate]:
+    def trace_and_norm(self) -> tuple[Estimate, Estimate]:
         """Tr H and ||H||_F from ONE block Krylov Hutch++ run (the same products)."""
-        if self._trace_norm is None:
-            c = self.config
-            targets = tuple(m for m in ("trace", "frobenius") if m in c.measures) or (
-                "trace",
-                "frobenius",
-            )
-            self._trace_norm = trace_and_frobenius(
+        c = self.config
+        targets = tuple(m for m in ("trace", "frobenius") if m in c.measures)
+        return self.shared(
+            "trace_and_norm",
+            lambda: trace_and_frobenius(
                 self.op,
                 probes=c.probes,
                 seed=c.seed,
                 target_rel_stderr=c.target_stderr,
-                targets=targets,
-            )
-        return self._trace_norm
+                targets=targets or ("trace", "frobenius"),
+            ),
+        )
 
-    def extremes(self) -> tuple[EigenEstimate, EigenEstimate]:
-        if self._extremes is None:
-            c = self.config
-            self._extremes = extreme_eigenvalues(
+    def extremes(self) -> tuple[Estimate, Estimate]:
+        """Both ends of the spectrum, ``(lambda_min, lambda_max)``, from ONE Lanczos run."""
+        c = self.config
+        return self.shared(
+            "extremes",
+            lambda: extreme_eigenvalues(
                 self.op,
                 tol=c.tol,
                 max_iter=c.max_iter,
                 seed=c.seed,
                 callback=self.lanczos_callback("lambda_min, lambda_max"),
-            )
-        return self._extremes
+            ),
+        )
+
+
+def spectral_norm(hi: Estimate, lo: Estimate) -> Estimate:
+    """``max(|lambda_max|, |lambda_min|)`` with the larger of the two uncertainties."""
+    end = max((hi, lo), key=lambda e: abs(e.value))
+    return replace(
+        end, value=abs(end.value), uncertainty=max(hi.uncertainty, lo.uncertainty), hvps=0
+    )
 
 
 def _spectrum_end(ctx: MeasureContext, name: str) -> Estimate:
     """``lambda_max`` or ``lambda_min``: exact, from the shared run for both ends when
-    both are asked for (its HVPs counted under lambda_max), or from a run of its own.
+    both are asked for, or from a run of its own.
     """
     high = name == "lambda_max"
-    if ctx.config.exact:
-        return Estimate(float(ctx.spectrum()[-1 if high else 0]), 0.0, "exact")
-    if ("lambda_min" if high else "lambda_max") in ctx.config.measures:
-        est = ctx.extremes()[1 if high else 0]
-        return Estimate(est.value, est.bound, "bound", est.hvps if high else 0, est.converged)
     c = ctx.config
-    est = (lambda_max if high else lambda_min)(
-        ctx.op, tol=c.tol, max_iter=c.max_iter, seed=c.seed, callback=ctx.lanczos_callback(name)
+    if c.exact:
+        return Estimate(
+            value=float(ctx.spectrum()[-1 if high else 0]), uncertainty=0.0, kind="exact"
+        )
+    if ("lambda_min" if high else "lambda_max") in c.measures:
+        return ctx.extremes()[1 if high else 0]
+    run = lambda_max if high else lambda_min
+    return ctx.shared(
+        name,
+        lambda: run(
+            ctx.op, tol=c.tol, max_iter=c.max_iter, seed=c.seed, callback=ctx.lanczos_callback(name)
+        ),
     )
-    return Estimate(est.value, est.bound, "bound", est.hvps, est.converged)
 
 
 def _lambda_max(ctx: MeasureContext) -> Estimate:
@@ -353,42 +309,45 @@ def _lambda_min(ctx: MeasureContext) -> Estimate:
     return _spectrum_end(ctx, "lambda_min")
 
 
+def _exact(value: torch.Tensor) -> Estimate:
+    return Estimate(value=float(value), uncertainty=0.0, kind="exact")
+
+
 def _trace(ctx: MeasureContext) -> Estimate:
     if ctx.config.exact:
-        return Estimate(float(ctx.spectrum().sum()), 0.0, "exact")
-    est = ctx.trace_and_norm()[0]  # converged: >= MIN_SAMPLES remainder samples (see Estimate)
-    return Estimate(
-        est.value, est.stderr, "stderr", ctx.claim("trace_and_norm", est.hvps), est.converged
-    )
+        return _exact(ctx.spectrum().sum())
+    return ctx.trace_and_norm()[0]  # converged: >= MIN_SAMPLES remainder samples
 
 
 def _frobenius(ctx: MeasureContext) -> Estimate:
     if ctx.config.exact:
-        return Estimate(float(ctx.spectrum().pow(2).sum().sqrt()), 0.0, "exact")
-    est = ctx.trace_and_norm()[1]
-    return Estimate(
-        est.value, est.stderr, "stderr", ctx.claim("trace_and_norm", est.hvps), est.converged
-    )
+        return _exact(ctx.spectrum().pow(2).sum().sqrt())
+    return ctx.trace_and_norm()[1]
 
 
 def _density(ctx: MeasureContext) -> Density:
     c = ctx.config
     if c.exact:
-        eig = ctx.spectrum()
-        d = density_from_eigenvalues(eig)
-        return Density(d[0].tolist(), d[1].tolist())
-    est = slq_density(
-        ctx.op, probes=c.density_probes, iterations=c.density_iterations, seed=c.seed + 2
+        grid, values = exact_density(ctx.spectrum())
+        return Density(grid.tolist(), values.tolist())
+    est = ctx.shared(
+        "density",
+        lambda: slq_density(
+            ctx.op,
+            probes=c.density_probes,
+            iterations=c.density_iterations,
+            seed=c.seed + DENSITY_SEED_OFFSET,
+        ),
     )
-    return Density(est.grid.tolist(), est.values.tolist(), est.hvps)
+    return Density(est.grid.tolist(), est.values.tolist())
 
 
 def _normalised(base: str) -> Callable[[MeasureContext], Estimate]:
     def compute(ctx: MeasureContext) -> Estimate:
         est = ctx.get(base)
+        assert isinstance(est, Estimate)  # the bases are Estimates (MEASURES)
         w2 = ctx.weight_norm**2
-        hvps = 0 if base in ctx.config.measures else est.hvps  # counted once
-        return Estimate(est.value * w2, est.uncertainty * w2, est.kind, hvps, est.converged)
+        return replace(est, value=est.value * w2, uncertainty=est.uncertainty * w2)
 
     compute.__doc__ = (
         f"{base} times ||w||^2 (invariant to a global rescaling of a homogeneous model)."
@@ -397,8 +356,6 @@ def _normalised(base: str) -> Callable[[MeasureContext], Estimate]:
 
 
 def _adaptive_sharpness(ctx: MeasureContext) -> Estimate:
-    from flatcli.analysis.scale import adaptive_sharpness
-
     c = ctx.config
     est = adaptive_sharpness(
         ctx.model,
@@ -410,42 +367,25 @@ def _adaptive_sharpness(ctx: MeasureContext) -> Estimate:
         logit_normalise=c.logit_normalise,
         batch_size=ctx.op.batch_size,
     )
-    from flatcli.curvature.trace import MIN_SAMPLES
-
     return Estimate(
-        est.value,
-        est.stderr,
-        "stderr",
+        value=est.value,
+        uncertainty=est.stderr,
+        kind="stderr",
         converged=c.sharpness_samples >= MIN_SAMPLES and math.isfinite(est.stderr),
+        samples=c.sharpness_samples,
     )
 
 
 def _relative_flatness(ctx: MeasureContext) -> Estimate:
-    from flatcli.analysis.scale import relative_flatness
-
     return Estimate(
-        relative_flatness(ctx.model, ctx.inputs, ctx.targets, batch_size=ctx.op.batch_size),
-        0.0,
-        "exact",
+        value=relative_flatness(ctx.model, ctx.inputs, ctx.targets, batch_size=ctx.op.batch_size),
+        uncertainty=0.0,
+        kind="exact",
     )
-
-
-def density_from_eigenvalues(eig: torch.Tensor, grid_size: int = 512, sigma: float | None = None):
-    """Gaussian-broadened density of given eigenvalues (the exact counterpart of SLQ)."""
-    eig = eig.double().cpu()
-    lo, hi = float(eig.min()), float(eig.max())
-    width = max(hi - lo, 1e-12)
-    sigma = sigma or width / 200
-    grid = torch.linspace(
-        lo - 4 * sigma - 0.01 * width, hi + 4 * sigma + 0.01 * width, grid_size, dtype=torch.float64
-    )
-    values = torch.exp(-0.5 * ((grid[:, None] - eig[None, :]) / sigma) ** 2).sum(1)
-    values = values / (len(eig) * sigma * math.sqrt(2 * math.pi))
-    return grid, values
 
 
 #: name -> function of the context. Order is the order of the report.
-MEASURES: dict[str, Callable[[MeasureContext], Any]] = {
+MEASURES: dict[str, Callable[[MeasureContext], Measurement]] = {
     "lambda_max": _lambda_max,
     "lambda_min": _lambda_min,
     "trace": _trace,
@@ -462,35 +402,9 @@ MEASURES: dict[str, Callable[[MeasureContext], Any]] = {
 PER_LAYER = ("lambda_max", "lambda_min", "trace", "frobenius")
 
 
-def _is_plain_logreg(model: nn.Module) -> bool:
-    """A candidate for the closed form: every parameter belongs to one ``nn.Linear``. What
-    the model computes with them is checked later (verified_logistic_regression_hessian).
-    """
-    return single_linear(model) is not None
-
-
-def non_finite_tensors(model: nn.Module) -> list[str]:
-    """Names of the model's floating-point parameters and buffers holding a NaN or an Inf."""
-    return [
-        name
-        for name, t in (*model.named_parameters(), *model.named_buffers())
-        if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())
-    ]
-
-
-def require_finite_weights(model: nn.Module, where: str = "the model") -> None:
-    """Raise :class:`~flatcli.errors.NonFiniteError` naming the tensors with NaN/Inf values."""
-    bad = non_finite_tensors(model)
-    if bad:
-        names = few(bad)
-        raise NonFiniteError(
-            f"{where} has non-finite weights (NaN or Inf) in {names}: its curvature is undefined"
-        )
-
-
 def measure(
     model: nn.Module,
-    inputs: Any,
+    inputs: torch.Tensor | DataSource | Iterable[Any],
     targets: torch.Tensor | SharpnessConfig | None = None,
     config: SharpnessConfig | None = None,
     *,
@@ -529,11 +443,10 @@ def measure(
     if isinstance(targets, SharpnessConfig):  # measure(model, data, config)
         config, targets = targets, None
     config = config or SharpnessConfig()
-    require_finite_weights(
-        model
-    )  # NaN/Inf weights: one clear error, not a LinAlgError from the eigensolver
+    # NaN/Inf weights: one clear error, not a LinAlgError from the eigensolver
+    require_finite_weights(model)
     source = as_source(inputs, targets)  # a stream is read twice here and refused if it changes
-    if source.streamed and config.bn_mode == "full":
+    if isinstance(source, StreamedData) and config.bn_mode == "full":
         source = source.gather()  # whole-set statistics: one batch of all N samples, in memory
     if source.streamed and config.batch_size is not None:
         raise UsageError(
@@ -541,13 +454,91 @@ def measure(
             "are measured",
             hint="set the loader's batch_size instead",
         )
-    inputs, targets = (source, None) if source.streamed else (source.inputs, source.targets)
-    dtype = DTYPES[config.dtype]
-    device = next(model.parameters()).device
+    data: torch.Tensor | DataSource = source
+    labels: torch.Tensor | None = None
+    if isinstance(source, TensorData):
+        data, labels = source.inputs, source.targets
     coeff = l2 if config.include_l2 else 0.0
-    widen = max(
-        1, dtype.itemsize // next(model.parameters()).element_size()
-    )  # float64 on a float32 model
+    x_part, y_part, op_settings = _operator_settings(model, data, labels, config, coeff, progress)
+    op = CurvatureOperator(model, x_part, y_part, **op_settings)
+    closed_form = (
+        config.exact and config.curvature == "hessian" and single_linear(model) is not None
+    )
+    ctx = MeasureContext(op, config, model, data, labels, closed_form, status)
+    loss, accuracy = op.loss_and_accuracy()
+    if not math.isfinite(loss):  # e.g. logits that overflow float32: every HVP would be NaN
+        raise NonFiniteError(
+            f"the loss is {loss} at these weights (logits overflow {config.dtype}?): "
+            "its curvature is undefined"
+        )
+    try:
+        results = ctx.results(config.measures)
+    # a non-finite product reached an eigensolver (torch.linalg does not declare the export)
+    except torch.linalg.LinAlgError as exc:  # type: ignore[attr-defined]
+        raise NonFiniteError(
+            f"the curvature is not finite at these weights ({str(exc).splitlines()[0]})"
+        ) from None
+    layers: list[LayerReport] = []
+    hvps = op.hvps
+    if config.per_layer:
+        for name, names in parameter_groups(model).items():
+            sub = CurvatureOperator(model, x_part, y_part, param_names=names, **op_settings)
+            sub_ctx = MeasureContext(sub, config, model, data, labels, closed_form=False)
+            wanted = [m for m in config.measures if m in PER_LAYER]
+            layer = sub_ctx.results(wanted, with_spectral_norm=False)
+            layers.append(LayerReport(name, tuple(names), sub.num_params, layer))
+            hvps += sub.hvps
+    # samples measured: op.num_samples counts each process's part, which is all of the tensors on
+    # every process when they are not sharded (bn_mode "full", fewer samples than processes)
+    n_measured = len(labels) if isinstance(labels, torch.Tensor) else op.num_samples
+    bn_batch = (
+        n_measured
+        if config.bn_mode == "full"
+        else op.batch_size
+        if source.streamed and config.bn_mode == "batch"
+        else config.bn_batch_size
+    )
+    return SharpnessReport(
+        checkpoint,
+        dataset,
+        config.split,
+        n_measured,
+        op.num_params,
+        config.curvature,
+        config.bn_mode,
+        config.dtype,
+        str(next(model.parameters()).device),
+        config.seed,
+        loss,
+        accuracy,
+        ctx.weight_norm,
+        coeff,
+        results,
+        hvps,
+        time.perf_counter() - start,
+        config.exact,
+        layers,
+        bn_batch_size=bn_batch,
+    )
+
+
+def _operator_settings(
+    model: nn.Module,
+    inputs: torch.Tensor | DataSource,
+    targets: torch.Tensor | None,
+    config: SharpnessConfig,
+    l2: float,
+    progress: Callable[[int], None] | None,
+) -> tuple[torch.Tensor | DataSource, torch.Tensor | None, dict[str, Any]]:
+    """This process's part of the data and the operator's settings for ``config``.
+
+    Under torchrun each process takes its contiguous shard of tensors (whole batches with
+    ``bn_mode="batch"``, all of them with ``"full"``); the batch and vmap chunk come from
+    :func:`~flatcli.curvature.operator.memory_bounded` within ``config.memory_gb``.
+    """
+    dtype = DTYPES[config.dtype]
+    # float64 products of a float32 model take twice the memory
+    widen = max(1, dtype.itemsize // next(model.parameters()).element_size())
     # with batch statistics the batch defines the matrix: never set by device or memory
     batch = config.bn_batch_size if config.bn_mode == "batch" else config.batch_size
     x_part, y_part = inputs, targets  # this process's samples (all of them with one process)
@@ -565,87 +556,15 @@ def measure(
         budget_bytes=int(config.memory_gb * 2**30 / widen),
         bn_mode=config.bn_mode,
     )
-    op_kwargs = dict(
+    settings: dict[str, Any] = dict(
         curvature=config.curvature,
         bn_mode=config.bn_mode,
-        l2=coeff,
+        l2=l2,
         dtype=dtype,
         progress=progress,
         **bounded,
     )
-    op = CurvatureOperator(model, x_part, y_part, **op_kwargs)
-    closed_form = config.exact and config.curvature == "hessian" and _is_plain_logreg(model)
-    ctx = MeasureContext(op, config, model, inputs, targets, closed_form, status)
-    loss, accuracy = op.loss_and_accuracy()
-    if not math.isfinite(loss):  # e.g. logits that overflow float32: every HVP would be NaN
-        raise NonFiniteError(
-            f"the loss is {loss} at these weights (logits overflow {config.dtype}?): "
-            "its curvature is undefined"
-        )
-    try:
-        results = {name: ctx.get(name) for name in config.measures}
-    except (
-        torch.linalg.LinAlgError
-    ) as exc:  # a non-finite Hessian-vector product reached an eigensolver
-        raise NonFiniteError(
-            f"the curvature is not finite at these weights ({str(exc).splitlines()[0]})"
-        ) from None
-    if "lambda_max" in results and "lambda_min" in results:
-        hi, lo = results["lambda_max"], results["lambda_min"]
-        results["spectral_norm"] = max((hi, lo), key=lambda e: abs(e.value))
-        results["spectral_norm"] = replace(
-            results["spectral_norm"],
-            value=abs(results["spectral_norm"].value),
-            uncertainty=max(hi.uncertainty, lo.uncertainty),
-            hvps=0,
-        )
-    layers: list[LayerReport] = []
-    hvps = op.hvps
-    if config.per_layer:
-        for name, names in parameter_groups(model).items():
-            sub = CurvatureOperator(model, x_part, y_part, param_names=names, **op_kwargs)
-            sub_ctx = MeasureContext(sub, config, model, inputs, targets, closed_form=False)
-            layers.append(
-                LayerReport(
-                    name,
-                    tuple(names),
-                    sub.num_params,
-                    {m: sub_ctx.get(m) for m in config.measures if m in PER_LAYER},
-                )
-            )
-            hvps += sub.hvps
-    # samples measured: op.num_samples counts each process's part, which is all of the tensors on
-    # every process when they are not sharded (bn_mode "full", fewer samples than processes)
-    n_measured = len(targets) if isinstance(targets, torch.Tensor) else op.num_samples
-    bn_batch = (
-        n_measured
-        if config.bn_mode == "full"
-        else op.batch_size
-        if source.streamed and config.bn_mode == "batch"
-        else config.bn_batch_size
-    )
-    return SharpnessReport(
-        checkpoint,
-        dataset,
-        config.split,
-        n_measured,
-        op.num_params,
-        config.curvature,
-        config.bn_mode,
-        config.dtype,
-        str(device),
-        config.seed,
-        loss,
-        accuracy,
-        ctx.weight_norm,
-        coeff,
-        results,
-        hvps,
-        time.perf_counter() - start,
-        config.exact,
-        layers,
-        bn_batch_size=bn_batch,
-    )
+    return x_part, y_part, settings
 
 
 def parameter_groups(model: nn.Module) -> dict[str, list[str]]:

@@ -6,12 +6,12 @@ of the cross-entropy Hessian of a network with C classes by
     rank(H) <= (C - 1) * sum over parameterised layers l of (fan_in_l + 1),
 
 where fan_in_l is the number of inputs of one neuron of layer l and the +1 is its bias
-(docs/paper.md, "Rank bound, the form flatcli uses"). The C - 1 comes from the null
+(Granziol 2020, "Rank bound"). The C - 1 comes from the null
 vector 1 of every sample's output Hessian ``diag(p) - p p^T``. Independently of the
 architecture, the Gauss-Newton part of H is a sum of N terms of rank <= C - 1, so
 ``rank(GGN) <= N (C - 1)`` (the *data bound*), and no rank exceeds P.
 
-What is exact and what is not (derived, see docs/paper.md and the tests):
+What is exact and what is not (derived here; tests/test_rank.py checks each case):
 
 * Logistic regression: H is the GGN, ``H = (1/N) sum_i A_i kron x~_i x~_i^T`` with
   ``A_i = diag p_i - p_i p_i^T``, so ``rank(H) <= (C - 1)(d + 1)`` and
@@ -26,7 +26,8 @@ What is exact and what is not (derived, see docs/paper.md and the tests):
 * Nonlinear networks: the bound rests on a Kronecker-factored (expectation)
   approximation of each layer's Hessian block. The exact rank can be nearly P; the
   *effective* rank (eigenvalues above a small fraction of lambda_max) is what stays near
-  the bound. :func:`rank_statement` says which case applies, with the numbers found.
+  the bound. :func:`flatcli.report.text.rank_statement` says which case applies, with the
+  numbers found.
 
 Counting (from :func:`flatcli.models.layer_fan_ins`): a Linear layer's neuron has
 ``in_features`` inputs; a convolution's neuron is an output channel with
@@ -39,19 +40,50 @@ form, also when it has no bias (the bound is then looser by C - 1 for that layer
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor, nn
 
+from flatcli.curvature.density import slq_density
+from flatcli.curvature.exact import exact_spectrum, is_flatcli_logreg, unhooked
+from flatcli.curvature.linalg import mean_and_stderr
+from flatcli.curvature.operator import CurvatureOperator, memory_bounded
 from flatcli.distributed import my_shard
 from flatcli.errors import TooLargeError, UsageError
 from flatcli.models import LayerInfo, layer_fan_ins
+from flatcli.models.factory import LogitsOf
+from flatcli.models.linear import LogReg
+from flatcli.models.mlp import MLP
+
+__all__ = [
+    "DEFAULT_FRACTIONS",
+    "DEFAULT_MAX_PARAMS",
+    "LINEAR_MODULES",
+    "MeasuredRank",
+    "RankBound",
+    "RankEstimate",
+    "RankReport",
+    "check_rank_options",
+    "default_rank_threshold",
+    "effective_rank",
+    "estimated_rank",
+    "is_linear_model",
+    "measured_rank",
+    "numerical_rank",
+    "rank_bound",
+    "rank_report",
+]
+
+#: Eigenvalues as a 1-d tensor, array or sequence of numbers.
+Eigenvalues = Tensor | npt.ArrayLike
 
 #: Default fractions of lambda_max for the effective rank.
 DEFAULT_FRACTIONS: tuple[float, ...] = (1e-2, 1e-3)
@@ -129,8 +161,8 @@ def rank_bound(model: nn.Module, num_classes: int, num_samples: int) -> RankBoun
 # Ranks of a spectrum
 
 
-def _magnitudes(eigenvalues: Any) -> np.ndarray:
-    values = np.abs(
+def _magnitudes(eigenvalues: Eigenvalues) -> np.ndarray:
+    values: np.ndarray = np.abs(
         np.asarray(eigenvalues.detach().cpu() if isinstance(eigenvalues, Tensor) else eigenvalues)
     )
     if values.ndim != 1:
@@ -140,7 +172,7 @@ def _magnitudes(eigenvalues: Any) -> np.ndarray:
     return values
 
 
-def default_rank_threshold(num_params: int, dtype: Any = np.float64) -> float:
+def default_rank_threshold(num_params: int, dtype: npt.DTypeLike = np.float64) -> float:
     """``max(P, 1) * eps(dtype)``: the relative threshold of :func:`numerical_rank`.
 
     This is numpy.linalg.matrix_rank's default (``S.max() * max(M, N) * eps``, after
@@ -151,7 +183,7 @@ def default_rank_threshold(num_params: int, dtype: Any = np.float64) -> float:
     return max(int(num_params), 1) * float(np.finfo(dtype).eps)
 
 
-def numerical_rank(eigenvalues: Any, rel_threshold: float | None = None) -> int:
+def numerical_rank(eigenvalues: Eigenvalues, rel_threshold: float | None = None) -> int:
     """Number of eigenvalues with ``|lambda| > rel_threshold * max |lambda|``.
 
     ``rel_threshold`` defaults to :func:`default_rank_threshold` of the number of
@@ -178,7 +210,7 @@ def numerical_rank(eigenvalues: Any, rel_threshold: float | None = None) -> int:
 
 
 def effective_rank(
-    eigenvalues: Any, fractions: Sequence[float] = DEFAULT_FRACTIONS
+    eigenvalues: Eigenvalues, fractions: Sequence[float] = DEFAULT_FRACTIONS
 ) -> dict[float, int]:
     """For each fraction f, the number of eigenvalues with ``|lambda| > f * max |lambda|``.
 
@@ -243,10 +275,9 @@ def measured_rank(
     """Exact Hessian and GGN ranks of the mean cross-entropy on ``(inputs, targets)``.
 
     Both matrices come from :class:`flatcli.curvature.CurvatureOperator` in float64 and
-    eval mode (BatchNorm running statistics, no dropout), applied to blocks of unit
-    vectors (:func:`flatcli.curvature.dense_hessian`); ``model`` itself is not changed.
-    Both are symmetrised and their eigenvalues computed with ``torch.linalg.eigvalsh``.
-    All parameters count.
+    eval mode (BatchNorm running statistics, no dropout), and their spectra from
+    :func:`flatcli.curvature.exact.exact_spectrum` (dense, symmetrised, ``eigvalsh``);
+    ``model`` itself is not changed. All parameters count.
 
     Args:
         threshold: relative threshold of :func:`numerical_rank`; default
@@ -270,18 +301,13 @@ def measured_rank(
             f"inputs and targets must hold the same number (> 0) of samples, got "
             f"{tuple(inputs.shape)} and {tuple(targets.shape)}"
         )
-    from flatcli.curvature import CurvatureOperator, dense_hessian
-
-    part = my_shard(
-        int(targets.shape[0])
-    )  # torchrun: this process's samples (see measures.measure)
+    part = my_shard(int(targets.shape[0]))  # torchrun: this process's samples
 
     def spectrum(curvature: str) -> Tensor:
         op = CurvatureOperator(
             model, inputs[part], targets[part], curvature=curvature, dtype=torch.float64
         )
-        h = dense_hessian(op, max_bytes=need)
-        return torch.linalg.eigvalsh(0.5 * (h + h.T))
+        return exact_spectrum(op, max_bytes=need)
 
     h_eigs, g_eigs = spectrum("hessian"), spectrum("ggn")
     rel = default_rank_threshold(p) if threshold is None else float(threshold)
@@ -308,8 +334,8 @@ class RankEstimate:
 
     Attributes:
         value: mean over probes of P * (quadrature mass of the nodes above the cut).
-        stderr: standard deviation of the per-probe estimates over sqrt(probes)
-            (NaN with one probe).
+        stderr: standard error of the mean of the per-probe estimates
+            (:func:`flatcli.curvature.linalg.mean_and_stderr`; NaN with one probe).
         fraction: the cut, relative to the largest |node| (the Lanczos estimate of
             max |lambda|).
         probes: number of probe vectors.
@@ -338,13 +364,13 @@ def _split_probes(nodes: np.ndarray, weights: np.ndarray, probes: int) -> list[s
         raise UsageError(f"cannot split {n} quadrature nodes among {probes} probes")
 
     def ok(bounds: list[int]) -> bool:
-        pieces = zip(bounds[:-1], bounds[1:])
+        pieces = zip(bounds[:-1], bounds[1:], strict=True)
         return all(b > a and abs(weights[a:b].sum() - 1.0) < 1e-3 for a, b in pieces)
 
     descents = [i + 1 for i in range(n - 1) if nodes[i + 1] < nodes[i]]
     bounds = [0, *descents, n]
     if len(descents) == probes - 1 and ok(bounds):
-        return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     if n % probes == 0 and ok(list(range(0, n + 1, n // probes))):
         m = n // probes
         return [slice(k * m, (k + 1) * m) for k in range(probes)]
@@ -353,7 +379,22 @@ def _split_probes(nodes: np.ndarray, weights: np.ndarray, probes: int) -> list[s
     )
 
 
-def estimated_rank(density: Any, num_params: int, fraction: float = 1e-2) -> RankEstimate:
+class Quadrature(Protocol):
+    """What :func:`estimated_rank` reads of a density: the concatenated Gauss quadratures
+    of its probes (a :class:`flatcli.curvature.results.SpectralDensity`).
+    """
+
+    @property
+    def nodes(self) -> Tensor: ...
+
+    @property
+    def weights(self) -> Tensor: ...
+
+    @property
+    def probes(self) -> int: ...
+
+
+def estimated_rank(density: Quadrature, num_params: int, fraction: float = 1e-2) -> RankEstimate:
     """Effective-rank estimate from stochastic Lanczos quadrature.
 
     For a unit probe v, Gauss quadrature gives ``v^T f(H) v ~ sum_i w_i f(theta_i)``; with
@@ -367,8 +408,8 @@ def estimated_rank(density: Any, num_params: int, fraction: float = 1e-2) -> Ran
     labelled so, never an exact rank.
 
     Args:
-        density: a :class:`flatcli.curvature.SpectralDensity` (or any object with
-            ``nodes``, ``weights`` and ``probes``).
+        density: a :class:`flatcli.curvature.results.SpectralDensity` (or any
+            :class:`Quadrature`: ``nodes``, ``weights`` and ``probes``).
         num_params: P.
         fraction: the cut relative to the largest |node|, in (0, 1).
     """
@@ -387,12 +428,16 @@ def estimated_rank(density: Any, num_params: int, fraction: float = 1e-2) -> Ran
         raise UsageError(f"{nodes.size} nodes but {weights.size} weights")
     cut = fraction * np.abs(nodes).max()
     above = np.abs(nodes) > cut
-    per_probe = np.array(
-        [num_params * weights[s][above[s]].sum() for s in _split_probes(nodes, weights, probes)]
+    per_probe = torch.tensor(
+        [num_params * weights[s][above[s]].sum() for s in _split_probes(nodes, weights, probes)],
+        dtype=torch.float64,
     )
-    stderr = float(per_probe.std(ddof=1) / math.sqrt(probes)) if probes > 1 else math.nan
+    if probes > 1:
+        value, stderr = mean_and_stderr(per_probe)
+    else:
+        value, stderr = float(per_probe.mean()), math.nan
     return RankEstimate(
-        value=float(per_probe.mean()),
+        value=value,
         stderr=stderr,
         fraction=float(fraction),
         probes=probes,
@@ -406,37 +451,29 @@ def estimated_rank(density: Any, num_params: int, fraction: float = 1e-2) -> Ran
 #: Module types whose forward is affine, or a composition of their children, mapped to a
 #: predicate on the instance. A model is linear when every module in it is listed and
 #: its predicate holds. Subclasses are not trusted (they may override ``forward``).
-LINEAR_MODULES: dict[type, Callable[[nn.Module], bool]] = {
+#: The zoo's logistic regression is the engine's own detector
+#: (:func:`flatcli.curvature.exact.is_flatcli_logreg`); the zoo's MLP is linear without
+#: hidden layers (depth 0: its ModuleList is then empty); a model of ``--model-factory``,
+#: wrapped to pick its logits (:class:`flatcli.models.factory.LogitsOf`), is linear when
+#: the user's model is (a linear model returns a tensor, passed on unchanged).
+LINEAR_MODULES: dict[type[nn.Module], Callable[[nn.Module], bool]] = {
     nn.Sequential: lambda m: True,
     nn.Flatten: lambda m: True,
     nn.Linear: lambda m: True,
     nn.Identity: lambda m: True,
+    nn.ModuleList: lambda m: not list(m.children()),
+    LogReg: is_flatcli_logreg,
+    MLP: lambda m: isinstance(m, MLP) and not list(m.hidden.children()),
+    LogitsOf: lambda m: isinstance(m, LogitsOf) and is_linear_model(m.wrapped),
 }
-
-
-def _register_zoo() -> None:
-    from flatcli.models.linear import LogReg
-    from flatcli.models.mlp import MLP
-
-    LINEAR_MODULES.setdefault(LogReg, lambda m: True)
-    # the MLP is linear without hidden layers (depth 0): its ModuleList is then empty
-    LINEAR_MODULES.setdefault(MLP, lambda m: len(m.hidden) == 0)
-    LINEAR_MODULES.setdefault(nn.ModuleList, lambda m: len(m) == 0)
-    from flatcli.models.factory import LogitsOf
-
-    # a model of --model-factory, wrapped to pick its logits: linear when the user's model is
-    # (a linear model returns a tensor, which the wrapper passes on unchanged)
-    LINEAR_MODULES.setdefault(LogitsOf, lambda m: is_linear_model(m.wrapped))
-
-
-_register_zoo()
 
 
 def is_linear_model(model: nn.Module, inputs: Tensor | None = None) -> bool:
     """True when ``model`` computes an affine function of its input.
 
     Decided from module types (:data:`LINEAR_MODULES`): Sequential, Flatten, Linear and
-    Identity, the zoo's logistic regression, and an MLP of depth 0. Any other module
+    Identity, the zoo's logistic regression, an MLP of depth 0, and a ``--model-factory``
+    model wrapped to pick its logits when the user's model is linear. Any other module
     (activations, convolutions, BatchNorm, custom classes) makes the answer False, which
     is the safe side: the rank bound is then reported as an approximation. A type only
     vouches for its class's ``forward``: a forward hook (per module or global) or an
@@ -449,8 +486,6 @@ def is_linear_model(model: nn.Module, inputs: Tensor | None = None) -> bool:
     >>> is_linear_model(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
     False
     """
-    from flatcli.curvature.exact import unhooked
-
     for module in model.modules():
         check = LINEAR_MODULES.get(type(module))
         if check is None or not check(module):
@@ -461,12 +496,11 @@ def is_linear_model(model: nn.Module, inputs: Tensor | None = None) -> bool:
 
 
 def _affine_on(model: nn.Module, inputs: Tensor, samples: int = 8, rtol: float = 1e-9) -> bool:
-    """f(t a + (1 - t) b) = t f(a) + (1 - t) f(b) for t = 0.3 and t = 2 (an affine f),
-    on up to ``samples`` inputs a and seeded Gaussian b, evaluated in float64 on a copy
-    in eval mode; to ``rtol`` of the outputs' size (float64 rounding is ~1e-15).
-    """
-    import copy
+    """Whether f(t a + (1 - t) b) = t f(a) + (1 - t) f(b) for t = 0.3 and t = 2 (f affine).
 
+    Checked on up to ``samples`` inputs a and seeded Gaussian b, evaluated in float64 on
+    a copy in eval mode; to ``rtol`` of the outputs' size (float64 rounding is ~1e-15).
+    """
     try:
         net = copy.deepcopy(model).to(torch.float64).eval()
         device = next(net.parameters()).device
@@ -487,149 +521,31 @@ def _affine_on(model: nn.Module, inputs: Tensor, samples: int = 8, rtol: float =
 
 
 # ----------------------------------------------------------------------------------------
-# Plain words
-
-Measured = Union[MeasuredRank, RankEstimate]
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
-def _effective_words(ranks: Mapping[float, int], bound: int) -> str:
-    parts = []
-    for f, r in ranks.items():
-        rel = "within" if r <= bound else "above"
-        parts.append(f"{r} above {f:g} lambda_max ({rel} the bound)")
-    return "; ".join(parts)
-
-
-def rank_statement(bound: RankBound, measured: Measured, is_linear: bool) -> str:
-    """What the measured rank says about the bound, in plain words and with the numbers.
-
-    Linear models: the bound is exact for the Gauss-Newton matrix (and for the Hessian
-    of a one-layer model, where the two coincide), so a measured GGN rank above it is a
-    contradiction and is reported loudly. For a multi-layer linear model the Hessian also
-    has the bilinear residual term, which may raise its rank above the bound away from a
-    stationary point; that is said, not hidden. Nonlinear models: the bound holds for the
-    effective rank under the Kronecker-factored approximation; the exact rank may exceed it.
-    """
-    p, b = bound.num_params, bound.paper_bound
-    head = (
-        f"Rank bound (C-1) * sum(fan_in+1) = {bound.num_classes - 1} x "
-        f"{sum(i.fan_in + 1 for i in bound.layers)} = {b:,} ({_pct(bound.paper_fraction)} of "
-        f"P = {p:,}); data bound N(C-1) = {bound.data_bound:,}; smallest bound {bound.min_bound:,} "
-        f"({_pct(bound.bound_fraction)} of P)."
-    )
-    one_layer = len(bound.layers) == 1
-    lines = [head]
-    if isinstance(measured, RankEstimate):
-        low, high = measured.value - 2 * measured.stderr, measured.value + 2 * measured.stderr
-        err = (
-            f"+- {measured.stderr:,.1f}"
-            if math.isfinite(measured.stderr)
-            else "(no error bar: one probe)"
-        )
-        lines.append(
-            f"Estimated effective rank (SLQ, {measured.probes} probes, |lambda| > {measured.fraction:g} "
-            f"lambda_max): {measured.value:,.1f} {err}; an estimate, not an exact rank."
-        )
-        over = math.isfinite(low) and low > bound.min_bound
-        if is_linear and over:
-            lines.append(
-                f"WARNING: for a linear model the estimate exceeds the bound {bound.min_bound:,} by more "
-                f"than 2 standard errors ({low:,.1f} .. {high:,.1f}): either the quadrature is too "
-                "coarse (raise --iterations) or something is wrong."
-            )
-        elif is_linear:
-            lines.append("Linear model: the bound is exact; the estimate is consistent with it.")
-        else:
-            where = (
-                "above" if over else ("within" if high <= bound.min_bound else "consistent with")
-            )
-            lines.append(
-                f"Nonlinear model: the bound holds for the effective rank only under the "
-                f"Kronecker-factored approximation; the estimate is {where} it."
-            )
-        return " ".join(lines)
-
-    m = measured
-    found = (
-        f"Exact (dense float64, |lambda| > {m.threshold:.2g} max|lambda|): Hessian rank "
-        f"{m.numerical_rank:,} ({_pct(m.numerical_rank / p)} of P), GGN rank {m.ggn_rank:,}; "
-        f"effective Hessian rank: {_effective_words(m.effective_rank, b)}."
-    )
-    lines.append(found)
-    if is_linear:
-        if m.ggn_rank > bound.min_bound:
-            lines.append(
-                f"WARNING: this is a linear model, for which the bound is exact, yet the GGN rank "
-                f"{m.ggn_rank:,} EXCEEDS the bound {bound.min_bound:,}. That contradicts the theory: "
-                "check the threshold or report a bug."
-            )
-        elif m.numerical_rank > bound.min_bound and one_layer:
-            lines.append(
-                f"WARNING: for this one-layer linear model the Hessian equals the GGN, yet its rank "
-                f"{m.numerical_rank:,} EXCEEDS the bound {bound.min_bound:,}: numerical noise above "
-                "the threshold, or a bug."
-            )
-        elif m.numerical_rank > bound.min_bound:
-            lines.append(
-                f"Linear model: the GGN rank {m.ggn_rank:,} obeys the exact bound, but the Hessian rank "
-                f"{m.numerical_rank:,} exceeds it by {m.numerical_rank - bound.min_bound:,}: the residual "
-                "term sum_c (p_c - y_c) d2z_c/dw2 couples the layers and only vanishes at a stationary "
-                "point, so the paper's bound does not hold for this Hessian here."
-            )
-        else:
-            lines.append(
-                f"Linear model: the bound is exact and the measured ranks obey it "
-                f"({m.numerical_rank:,} <= {bound.min_bound:,})."
-            )
-    else:
-        verdict = (
-            f"exceeds it by {m.numerical_rank - b:,}" if m.numerical_rank > b else "is within it"
-        )
-        lines.append(
-            f"Nonlinear model: the bound holds for the effective rank under the Kronecker-factored "
-            f"approximation, not for the exact rank; the exact Hessian rank {verdict}."
-        )
-    return " ".join(lines)
-
-
-__all__ = [
-    "DEFAULT_FRACTIONS",
-    "DEFAULT_MAX_PARAMS",
-    "LINEAR_MODULES",
-    "MeasuredRank",
-    "RankBound",
-    "RankEstimate",
-    "default_rank_threshold",
-    "effective_rank",
-    "estimated_rank",
-    "is_linear_model",
-    "measured_rank",
-    "numerical_rank",
-    "rank_bound",
-    "rank_statement",
-]
-
-
-# ----------------------------------------------------------------------------------------
-# The report behind ``flatcli rank-bound``
+# The bound and the rank of one model on its data
 
 
 @dataclass(frozen=True)
 class RankReport:
-    """The bound, the measured (or estimated) rank and the plain-words statement."""
+    """The bound, the measured (or estimated) rank, and whether the model is linear.
+
+    Its statement in plain words is :func:`flatcli.report.text.rank_statement`.
+    """
 
     bound: RankBound
     measured: MeasuredRank | RankEstimate
-    statement: str
     is_linear: bool
 
-    def as_dict(self) -> dict:
+    @property
+    def statement(self) -> str:
+        """TRANSITIONAL (remove once the CLI calls :mod:`flatcli.report.text`): the statement."""
+        from flatcli.report.text import rank_statement  # transitional: an upward import
+
+        return rank_statement(self.bound, self.measured, self.is_linear)
+
+    def as_dict(self) -> dict[str, object]:
+        """The numbers as JSON (:func:`flatcli.report.text.rank_as_dict` adds the statement)."""
         b, m = self.bound, self.measured
-        doc: dict[str, Any] = {
+        doc: dict[str, object] = {
             "num_params": b.num_params,
             "num_classes": b.num_classes,
             "num_samples": b.num_samples,
@@ -663,16 +579,17 @@ class RankReport:
                     "effective_rank": {f"{m.fraction:g}": {"value": m.value, "stderr": m.stderr}},
                 }
             )
-        doc["statement"] = self.statement
+        doc["statement"] = self.statement  # TRANSITIONAL: goes with the property above
         return doc
 
 
 def check_rank_options(
     *, threshold: float | None = None, fraction: float = 1e-2, probes: int = 8, iterations: int = 80
 ) -> None:
-    """Refuse (:class:`UsageError`) options that cannot be right, before any computation:
-    a ``threshold`` or ``fraction`` outside [0, 1) and (0, 1) (NaN included; 1 or more
-    would count no eigenvalue at all), fewer than 1 probe or iteration.
+    """Refuse (:class:`UsageError`) options that cannot be right, before any computation.
+
+    Refused: a ``threshold`` or ``fraction`` outside [0, 1) and (0, 1) (NaN included; 1 or
+    more would count no eigenvalue at all), fewer than 1 probe or iteration.
     """
     if threshold is not None and not (0 <= threshold < 1):
         raise UsageError(
@@ -699,10 +616,12 @@ def rank_report(
     seed: int = 0,
     max_params: int = DEFAULT_MAX_PARAMS,
 ) -> RankReport:
-    """Bound and rank of ``model``'s Hessian on the data; exact when P <= ``max_params``
-    (or when ``exact`` is True), else an SLQ estimate of the effective rank.
+    """Bound and rank of ``model``'s Hessian on the data.
 
-    Every option is checked (:func:`check_rank_options`) before anything is computed.
+    Exact (:func:`measured_rank`) when P <= ``max_params`` or when ``exact`` is True
+    (then up to twice :data:`DEFAULT_MAX_PARAMS`), else an SLQ estimate of the effective
+    rank (:func:`estimated_rank`). Every option is checked (:func:`check_rank_options`)
+    before anything is computed.
     """
     check_rank_options(threshold=threshold, fraction=fraction, probes=probes, iterations=iterations)
     bound = rank_bound(model, num_classes, len(targets))
@@ -714,13 +633,10 @@ def rank_report(
             model, inputs, targets, threshold=threshold, max_params=max_params
         )
     else:
-        from flatcli.curvature import CurvatureOperator, memory_bounded, slq_density
-
         part = my_shard(len(targets))  # torchrun: this process's samples
         op = CurvatureOperator(
             model, inputs[part], targets[part], **memory_bounded(model, inputs[part])
         )
         density = slq_density(op, probes=probes, iterations=iterations, seed=seed)
         measured = estimated_rank(density, bound.num_params, fraction)
-    linear = is_linear_model(model, inputs)
-    return RankReport(bound, measured, rank_statement(bound, measured, linear), linear)
+    return RankReport(bound, measured, is_linear_model(model, inputs))

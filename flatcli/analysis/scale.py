@@ -4,14 +4,14 @@ Granziol (2020, arXiv 2006.09091) explains why L2-regularised solutions look sha
 for cross-entropy, low-loss solutions with large weights have small Hessians. For
 logistic regression ``Tr H = (1/N) sum_i ||x~_i||^2 (1 - ||p_i||^2)`` and scaling the
 weights by a > 1 on correctly classified data pushes p_i -> e_{y_i}, so the loss, the
-trace, the Frobenius and the spectral norm all shrink (docs/paper.md). Dinh et al.
+trace, the Frobenius and the spectral norm all shrink (Granziol 2020, sec. 3). Dinh et al.
 (2017, "Sharp minima can generalize for deep nets") add that function-preserving
 rescalings between ReLU layers make raw Hessian sharpness arbitrary.
 
-This module provides the scaling itself (:func:`scale_weights`) and three measures that
-do not fall for it:
+This module provides the scaling itself (:func:`scale_weights`) and two measures that
+do not fall for it (a third, lambda_max and Tr H times ``||w||^2``, is the measures
+``lambda_max_normalised`` and ``trace_normalised`` of :mod:`flatcli.analysis.measures`):
 
-* ``||w||^2``-normalised lambda_max and trace (:func:`normalised_measures`);
 * average-case adaptive sharpness (:func:`adaptive_sharpness`; Kwon et al. 2021;
   Andriushchenko et al. 2023), optionally on normalised logits;
 * relative flatness of one layer (:func:`relative_flatness`; Petzka et al. 2021).
@@ -36,6 +36,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from flatcli.curvature.batches import DataSource, TensorData, as_source
+from flatcli.curvature.linalg import mean_and_stderr
+from flatcli.curvature.results import Estimate
+from flatcli.curvature.trace import MIN_SAMPLES
 from flatcli.errors import UsageError
 
 # ----------------------------------------------------------------------------------------
@@ -113,46 +116,11 @@ def scale_weights(model: nn.Module, factor: float, layers: str = "all") -> nn.Mo
 
 
 # ----------------------------------------------------------------------------------------
-# ||w||^2-normalised measures
-
-#: Names of the normalised measures (as in :data:`flatcli.workflows.compare.MEASURE_ORDER`).
-NORMALISED_NAMES = {"lambda_max": "lambda_max_normalised", "trace": "trace_normalised"}
-
-
-def normalised(value: float, weight_norm: float) -> float:
-    """``value * ||w||^2``.
-
-    For logistic regression on separable data, H(a w) ~ 0 as a grows while ||a w||^2
-    grows; the product puts runs of different weight norms on one footing (the paper's
-    table flips order under it: docs/paper.md). The map is linear, so an uncertainty is
-    normalised with the same call.
-    """
-    if not (math.isfinite(weight_norm) and weight_norm >= 0):
-        raise UsageError(f"weight_norm must be finite and >= 0, got {weight_norm}")
-    return float(value) * float(weight_norm) ** 2
-
-
-def normalised_measures(
-    lambda_max: float | None, trace: float | None, weight_norm: float
-) -> dict[str, float]:
-    """``{"lambda_max_normalised": lambda_max ||w||^2, "trace_normalised": Tr(H) ||w||^2}``,
-    leaving out a measure given as None.
-
-    >>> normalised_measures(2.0, None, 3.0)
-    {'lambda_max_normalised': 18.0}
-    """
-    given = {"lambda_max": lambda_max, "trace": trace}
-    return {
-        NORMALISED_NAMES[k]: normalised(v, weight_norm) for k, v in given.items() if v is not None
-    }
-
-
-# ----------------------------------------------------------------------------------------
 # Shared evaluation machinery
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` in eval mode, every module's own train/eval flag restored afterwards."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -183,7 +151,7 @@ def _to_model(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 def _prepare_data(
     model: nn.Module,
-    inputs: Tensor | Iterable | DataSource,
+    inputs: Tensor | Iterable[tuple[Tensor, Tensor]] | DataSource,
     targets: Tensor | None,
     batch_size: int | None,
 ) -> Callable[[], Iterator[tuple[Tensor, Tensor]]]:
@@ -200,7 +168,7 @@ def _prepare_data(
     if isinstance(source, TensorData):
         moved = TensorData(*_to_model(model, source.inputs, source.targets))
         return lambda: moved.batches(batch_size)
-    return lambda: (_to_model(model, x, y) for x, y in source.batches())
+    return lambda: (_to_model(model, x, y) for x, y in source.batches(None))
 
 
 #: Floor of the logit norm in :func:`normalise_logits` (as in Andriushchenko et al.'s code).
@@ -218,7 +186,8 @@ def normalise_logits(logits: Tensor) -> Tensor:
     """
     centred = logits - logits.mean(dim=-1, keepdim=True)
     norms = centred.norm(dim=-1, keepdim=True).clamp_min(LOGIT_NORM_FLOOR)
-    return centred / norms
+    normalised: Tensor = centred / norms
+    return normalised
 
 
 def _mean_loss(
@@ -245,11 +214,13 @@ def _mean_loss(
 
 @dataclass(frozen=True)
 class AdaptiveSharpness:
-    """A Monte Carlo estimate of average-case adaptive sharpness.
+    """A Monte Carlo estimate of average-case adaptive sharpness, and how it was drawn.
 
     Attributes:
-        value: mean over ``samples`` draws of ``L(w + d) - L(w)``.
-        stderr: sample standard deviation of the draws over sqrt(samples).
+        estimate: the mean over ``samples`` draws of ``L(w + d) - L(w)`` and its standard
+            error (:func:`flatcli.curvature.linalg.mean_and_stderr`), ``kind="stderr"``;
+            ``converged`` is False below ``flatcli.curvature.trace.MIN_SAMPLES`` draws,
+            where a standard deviation is itself too noisy to be an error bar.
         samples: number of draws.
         rho: relative noise level.
         base_loss: ``L(w)`` (of the normalised logits when ``logit_normalise``).
@@ -257,8 +228,7 @@ class AdaptiveSharpness:
         seed: the generator's seed.
     """
 
-    value: float
-    stderr: float
+    estimate: Estimate
     samples: int
     rho: float
     base_loss: float
@@ -266,14 +236,19 @@ class AdaptiveSharpness:
     seed: int
 
     @property
-    def rel_stderr(self) -> float:
-        """``stderr / |value|`` (``inf`` when the value is 0)."""
-        return self.stderr / abs(self.value) if self.value != 0 else math.inf
+    def value(self) -> float:
+        """The estimate's value."""
+        return self.estimate.value
+
+    @property
+    def stderr(self) -> float:
+        """The estimate's standard error."""
+        return self.estimate.uncertainty
 
 
 def adaptive_sharpness(
     model: nn.Module,
-    inputs: Tensor | Iterable | DataSource,
+    inputs: Tensor | Iterable[tuple[Tensor, Tensor]] | DataSource,
     targets: Tensor | None = None,
     *,
     rho: float = 0.05,
@@ -290,7 +265,8 @@ def adaptive_sharpness(
     as in Andriushchenko et al. 2023, "A modern look at the relationship between sharpness
     and generalization", ICML). L is the mean cross-entropy over ``(inputs, targets)``.
     The expectation is a Monte Carlo mean over ``samples`` draws, reported with its
-    standard error; ``L(w)`` is computed once, exactly.
+    standard error (an :class:`~flatcli.curvature.results.Estimate`, not converged below
+    ``MIN_SAMPLES`` draws); ``L(w)`` is computed once, exactly.
 
     Invariance: since the noise scales with |w| entry by entry, any rescaling of
     parameters by positive factors that leaves the function unchanged (moving a scale
@@ -325,7 +301,7 @@ def adaptive_sharpness(
     first = _first_parameter(model)
     gen = torch.Generator(device=first.device).manual_seed(int(seed))
     diffs = []
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         base = _mean_loss(model, params, batches, logit_normalise)
         for _ in range(samples):
             noisy = {}
@@ -335,10 +311,15 @@ def adaptive_sharpness(
                 )
                 noisy[name] = p + rho * p.abs() * eps
             diffs.append(_mean_loss(model, noisy, batches, logit_normalise) - base)
-    d = torch.tensor(diffs, dtype=torch.float64)
+    value, stderr = mean_and_stderr(torch.tensor(diffs, dtype=torch.float64))
+    estimate = Estimate(
+        value=value,
+        uncertainty=stderr,
+        kind="stderr",
+        converged=samples >= MIN_SAMPLES and math.isfinite(stderr),
+    )
     return AdaptiveSharpness(
-        value=float(d.mean()),
-        stderr=float(d.std(unbiased=True) / math.sqrt(samples)),
+        estimate=estimate,
         samples=samples,
         rho=float(rho),
         base_loss=base,
@@ -368,7 +349,7 @@ def _find_linear(model: nn.Module, layer: str | None) -> tuple[str, nn.Linear]:
 
 def relative_flatness(
     model: nn.Module,
-    inputs: Tensor | Iterable | DataSource,
+    inputs: Tensor | Iterable[tuple[Tensor, Tensor]] | DataSource,
     targets: Tensor | None = None,
     layer: str | None = None,
     *,
@@ -411,7 +392,7 @@ def relative_flatness(
     trace_blocks = torch.zeros(c, c, dtype=linear.weight.dtype, device=linear.weight.device)
     handle = linear.register_forward_hook(hook)
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             count = 0
             for x, y in batches():
                 count += y.shape[0]
@@ -441,12 +422,13 @@ def relative_flatness(
 __all__ = [
     "LAYER_SELECTIONS",
     "LOGIT_NORM_FLOOR",
-    "NORMALISED_NAMES",
     "AdaptiveSharpness",
     "adaptive_sharpness",
+    "eval_mode",
     "normalise_logits",
-    "normalised",
-    "normalised_measures",
     "relative_flatness",
     "scale_weights",
 ]
+
+#: Transitional: the old private name of :func:`eval_mode`.
+_eval_mode = eval_mode

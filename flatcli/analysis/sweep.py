@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from flatcli.analysis.measures import DTYPES, SharpnessConfig, measure, non_finite_tensors
+from flatcli.analysis.scale import scale_weights
+from flatcli.curvature.results import Estimate
 from flatcli.errors import NonFiniteError, UsageError
 
 SWEEP_MEASURES = ("lambda_max", "trace", "frobenius")
@@ -25,13 +27,16 @@ SWEEP_MEASURES = ("lambda_max", "trace", "frobenius")
 
 @dataclass(frozen=True)
 class SweepRow:
+    """One factor of the sweep: the scaled model's loss, accuracy, ``||w||`` and measures."""
+
     scale: float
     loss: float
     accuracy: float
     weight_norm: float
-    measures: dict
+    measures: dict[str, Estimate]
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
+        """The row as JSON: the numbers, then each measure's ``Estimate.as_dict()``."""
         return {
             "scale": self.scale,
             "loss": self.loss,
@@ -42,6 +47,7 @@ class SweepRow:
 
 
 def parse_scales(text: str) -> tuple[float, ...]:
+    """The factors of ``--scale``: a comma-separated list of positive numbers."""
     try:
         scales = tuple(float(s) for s in text.split(",") if s.strip())
     except ValueError:
@@ -62,8 +68,6 @@ def scaling_sweep(
     progress: Callable[[int], None] | None = None,
 ) -> list[SweepRow]:
     """Loss, accuracy and sharpness of ``model`` with its weights scaled by each factor."""
-    from flatcli.analysis.scale import scale_weights
-
     if layers not in ("all", "last"):
         raise UsageError(f"--scale-layer {layers!r}: use all or last")
     measures = tuple(m for m in config.measures if m in SWEEP_MEASURES) or SWEEP_MEASURES
@@ -92,7 +96,11 @@ def scaling_sweep(
                 report.loss,
                 report.accuracy,
                 report.weight_norm,
-                {k: v for k, v in report.measures.items() if k in SWEEP_MEASURES},
+                {
+                    k: v
+                    for k, v in report.measures.items()
+                    if k in SWEEP_MEASURES and isinstance(v, Estimate)
+                },
             )
         )
     return rows
@@ -111,8 +119,6 @@ def check_scale(
     """Refuse (:class:`UsageError`) a factor whose scaled weights, or whose loss, are not finite
     in ``dtype``: e.g. 1e30 on a two-layer network gives logits near 1e60, beyond float32.
     """
-    from flatcli.analysis.scale import scale_weights
-
     scaled = scale_weights(model, factor, layers=layers)
     bad = non_finite_tensors(scaled)
     if bad:

@@ -1,14 +1,26 @@
-"""The ``flatcli`` command line: a thin Typer layer over the library."""
+"""The ``flatcli`` command line: a thin Typer layer over the library.
+
+One module per command (``flatcli.cli.train``, ``.sharpness``, ``.rank_bound``,
+``.compare``, ``.demo``), each defining a ``*_command`` function; the options they share
+are declared once in :mod:`flatcli.cli.options`. Importing this package imports no torch:
+the commands import the library when they run, so that ``--help`` answers at once.
+"""
 
 from __future__ import annotations
 
-import typer
+import os
+import sys
 
-from flatcli.cli import compare as _compare
-from flatcli.cli import demo as _demo
-from flatcli.cli import rank_bound as _rank_bound
-from flatcli.cli import sharpness as _sharpness
-from flatcli.cli import train as _train
+import typer
+from rich.markup import escape
+
+from flatcli import __version__
+from flatcli.cli._common import err, fail
+from flatcli.cli.compare import compare_command
+from flatcli.cli.demo import demo_command
+from flatcli.cli.rank_bound import rank_bound_command
+from flatcli.cli.sharpness import sharpness_command
+from flatcli.cli.train import train_command
 
 app = typer.Typer(
     name="flatcli",
@@ -21,8 +33,6 @@ app = typer.Typer(
 
 def _print_version(value: bool) -> None:
     if value:
-        from flatcli import __version__
-
         print(__version__)
         raise typer.Exit()
 
@@ -47,23 +57,19 @@ def _root(
 ) -> None:
     """Train classifiers and measure the curvature of their loss."""
     if threads:
-        import os
-
         most = 4 * (os.cpu_count() or 1)
         if threads > most:  # OpenMP aborts (or segfaults) when asked for absurd pools
-            from flatcli.cli._common import fail
-
             fail(f"--threads {threads} is more than 4x this machine's {os.cpu_count()} CPUs", 2)
-        import torch
+        import torch  # only when asked for: --help stays fast
 
         torch.set_num_threads(threads)
 
 
-app.command("train")(_train.train)
-app.command("sharpness")(_sharpness.sharpness)
-app.command("rank-bound")(_rank_bound.rank_bound)
-app.command("compare")(_compare.compare)
-app.command("demo")(_demo.demo)
+app.command("train")(train_command)
+app.command("sharpness")(sharpness_command)
+app.command("rank-bound")(rank_bound_command)
+app.command("compare")(compare_command)
+app.command("demo")(demo_command)
 
 
 def main() -> None:
@@ -74,9 +80,6 @@ def main() -> None:
     otherwise abort an interpreter that is shutting down ("terminate called without an
     active exception", SIGABRT) after the command has succeeded.
     """
-    import os
-    import sys
-
     code = _run()
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         sys.stdout.flush()
@@ -87,24 +90,18 @@ def main() -> None:
 
 def _run() -> int:
     """Run the app; the exit code."""
-    from flatcli.cli._common import err
-
     try:
         code = app(standalone_mode=False)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except Exception as exc:  # the CLI parser's own errors carry format_message and exit_code
-        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
-            from rich.markup import escape
-
-            if not exc.format_message():  # bare `flatcli`: the help was the message
-                return exc.exit_code
-            err.print(
-                f"[bold red]error:[/] {escape(exc.format_message())} (see flatcli --help)",
-                highlight=False,
-            )
+    except typer.TyperException as exc:  # the parser's own errors: a bad option, a missing argument
+        if not exc.format_message():  # bare `flatcli`: the help was the message
             return exc.exit_code
-        if type(exc).__name__ == "Abort":  # Ctrl-C at a prompt
-            return 130
-        raise
+        err.print(
+            f"[bold red]error:[/] {escape(exc.format_message())} (see flatcli --help)",
+            highlight=False,
+        )
+        return exc.exit_code
+    except typer.Abort:  # Ctrl-C at a prompt
+        return 130
     return code if isinstance(code, int) else 0

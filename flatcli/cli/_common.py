@@ -6,14 +6,25 @@ import functools
 import json
 import math
 import os
+import sys
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, NoReturn, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from flatcli.errors import FlatcliError
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: The folder of the flatcli package: warnings raised from files under it are flatcli's own.
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 #: This process's rank under ``torchrun`` (0 otherwise), read from the environment so that
@@ -39,7 +50,12 @@ def is_main() -> bool:
     return RANK == 0
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Say ``message`` as one red line on stderr and exit with ``code``.
+
+    Under ``torchrun`` a rank other than 0 says its own failure (prefixed with its rank);
+    an option error (code 2) is rank 0's alone to say.
+    """
     if RANK != 0 and code != 2:  # this rank's own failure; an option error is rank 0's to say
         Console(stderr=True, soft_wrap=True).print(
             f"[bold red]error:[/] rank {RANK}: {message}", highlight=False
@@ -57,7 +73,7 @@ def join_world(device: str) -> str:
     """
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return device
-    from flatcli import distributed
+    from flatcli import distributed  # torch: imported only under torchrun
 
     distributed.init(device)
     return distributed.device_for(device)
@@ -67,20 +83,18 @@ def _leave_world(together: bool = False) -> None:
     """Leave the process group, if joined; ``together``: after a command that succeeded, wait
     for the other processes first (see :func:`flatcli.distributed.finish`).
     """
-    import sys
-
     dist = sys.modules.get("torch.distributed")  # never import torch just to leave
     if dist is not None and dist.is_available() and dist.is_initialized():
-        from flatcli import distributed
+        from flatcli import distributed  # torch, imported already
 
         distributed.finish(wait=together)
 
 
-def handle_errors(command: Callable) -> Callable:
+def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
     """Turn a :class:`FlatcliError` into one red line on stderr and its exit code."""
 
     @functools.wraps(command)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -89,7 +103,7 @@ def handle_errors(command: Callable) -> Callable:
                 return result
             except FlatcliError as exc:
                 _say_warnings(caught)  # what led up to the error, before it
-                fail(_escape(str(exc)), exc.exit_code)
+                fail(escape(str(exc)), exc.exit_code)
             except KeyboardInterrupt:
                 _say_warnings(caught)
                 fail("interrupted", 130)
@@ -105,55 +119,52 @@ def _say_warnings(caught: list[warnings.WarningMessage]) -> None:
     for w in caught:
         if _ours(w):
             err.print(
-                f"[yellow]warning:[/] {_escape(str(w.message).splitlines()[0])}", highlight=False
+                f"[yellow]warning:[/] {escape(str(w.message).splitlines()[0])}", highlight=False
             )
     caught.clear()
 
 
 def _ours(w: warnings.WarningMessage) -> bool:
     """Show flatcli's own warnings (and RuntimeWarnings such as NaN weights), not libraries' deprecations."""
-    import os
-
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return issubclass(w.category, RuntimeWarning) or os.path.abspath(w.filename).startswith(package)
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
+    return issubclass(w.category, RuntimeWarning) or os.path.abspath(w.filename).startswith(
+        PACKAGE_DIR
+    )
 
 
-def _jsonable(value: Any) -> Any:
+def _jsonable(value: object) -> object:
+    """``value`` with what JSON cannot hold made plain: non-finite floats, paths, tuples."""
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if hasattr(value, "__fspath__"):
+    if isinstance(value, os.PathLike):
         return str(value)
     return value
 
 
-def print_json(document: Any) -> None:
+def print_json(document: object) -> None:
     """Write one JSON document on stdout (plain print: no Rich wrapping or colour); rank 0 only."""
     if not is_main():
         return
     print(json.dumps(_jsonable(document), indent=2))
 
 
-def parse_kwargs(items: list[str] | None) -> dict:
-    """``key=value`` pairs (values parsed as JSON when they can be) into a dict."""
-    from flatcli.errors import UsageError
+def spinner() -> Progress:
+    """A transient spinner on stderr with the time elapsed (shown only on a terminal)."""
+    from rich.progress import (  # not needed for --help
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
-    result = {}
-    for item in items or []:
-        if "=" not in item:
-            raise UsageError(f"--model-arg {item!r} is not KEY=VALUE")
-        key, raw = item.split("=", 1)
-        try:
-            result[key.replace("-", "_")] = json.loads(raw)
-        except json.JSONDecodeError:
-            result[key.replace("-", "_")] = raw
-    return result
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )

@@ -1,4 +1,8 @@
-"""``flatcli compare``: runs side by side, ratios to the first, and computed verdicts."""
+"""``flatcli compare``: runs side by side, ratios to the first, and computed verdicts.
+
+The command builds a :class:`~flatcli.config.SharpnessConfig` from its options and hands
+it, with the runs, to :func:`flatcli.workflows.compare.compare_checkpoints`.
+"""
 
 from __future__ import annotations
 
@@ -8,63 +12,47 @@ from typing import Annotated
 import typer
 
 from flatcli.cli import options as opt
-from flatcli.cli._common import err, handle_errors, join_world, out, print_json
-from flatcli.cli.sharpness import (
-    BatchSize,
-    BnMode,
-    CurvatureOpt,
-    Dtype,
-    Exact,
-    IncludeL2,
-    LogitNormalise,
-    MaxIter,
-    MemoryGb,
-    NoCache,
-    Probes,
-    Rho,
-    Samples,
-    Split,
-    Tol,
-    build_config,
-)
-from flatcli.workflows.compare import (
-    DEFAULT_COMPARE_MEASURES,
-    compare_checkpoints,
-    comparison_as_dict,
-)
+from flatcli.cli._common import handle_errors, join_world, out, print_json, spinner
+from flatcli.config import SharpnessConfig
+from flatcli.errors import UsageError
 
 
 @handle_errors
-def compare(
+def compare_command(
+    ctx: typer.Context,
     runs: Annotated[
         list[Path],
         typer.Argument(help="Two or more run directories or checkpoints; ratios are to the first."),
     ],
     measures: Annotated[
-        str, typer.Option(help="Comma-separated measures (see flatcli sharpness --help).")
-    ] = ",".join(DEFAULT_COMPARE_MEASURES),
-    split: Split = "train",
-    samples: Samples = None,
-    batch_size: BatchSize = None,
-    memory_gb: MemoryGb = 2.0,
-    curvature: CurvatureOpt = "hessian",
-    bn_mode: BnMode = "eval",
-    include_l2: IncludeL2 = False,
-    exact: Exact = False,
-    tol: Tol = 1e-4,
-    max_iter: MaxIter = 100,
-    probes: Probes = 99,
-    rho: Rho = 0.05,
-    logit_normalise: LogitNormalise = False,
+        str | None,
+        typer.Option(
+            help="Comma-separated measures (see flatcli sharpness --help; default: lambda_max, "
+            "trace, frobenius and the scale-aware measures)."
+        ),
+    ] = None,
+    split: opt.Split = SharpnessConfig.split,
+    samples: opt.Samples = SharpnessConfig.samples,
+    batch_size: opt.BatchSize = SharpnessConfig.batch_size,
+    memory_gb: opt.MemoryGb = SharpnessConfig.memory_gb,
+    curvature: opt.Curvature = SharpnessConfig.curvature,
+    bn_mode: opt.BnMode = SharpnessConfig.bn_mode,
+    include_l2: opt.IncludeL2 = SharpnessConfig.include_l2,
+    exact: opt.Exact = SharpnessConfig.exact,
+    tol: opt.Tol = SharpnessConfig.tol,
+    max_iter: opt.MaxIter = SharpnessConfig.max_iter,
+    probes: opt.Probes = SharpnessConfig.probes,
+    rho: opt.Rho = SharpnessConfig.rho,
+    logit_normalise: opt.LogitNormalise = SharpnessConfig.logit_normalise,
     tie_sigmas: Annotated[
         float,
         typer.Option(
             help="Sharpness differences within this many combined uncertainties are ties."
         ),
     ] = 2.0,
-    seed: opt.Seed = 0,
-    dtype: Dtype = "float32",
-    device: opt.Device = "auto",
+    seed: opt.Seed = SharpnessConfig.seed,
+    dtype: opt.Dtype = SharpnessConfig.dtype,
+    device: opt.Device = opt.DEFAULT_DEVICE,
     data_dir: opt.DataDir = None,
     dataset: Annotated[
         str | None,
@@ -77,7 +65,7 @@ def compare(
     model_factory: opt.ModelFactory = None,
     factory_arg: opt.FactoryArg = None,
     output: opt.Output = None,
-    no_cache: NoCache = False,
+    no_cache: opt.NoCache = False,
     json_: opt.Json = False,
 ) -> None:
     """Compare runs: optimiser, regularisation, losses, accuracy, ||w||, sharpness (raw and scale-aware),
@@ -88,45 +76,19 @@ def compare(
     refused, and a measure that did not converge gets no verdict.
     """
     if len(runs) < 2:
-        from flatcli.errors import UsageError
-
         raise UsageError("compare needs at least two runs")
-    config = build_config(
-        measures,
-        split=split,
-        samples=samples,
-        batch_size=batch_size,
-        memory_gb=memory_gb,
-        curvature=curvature,
-        bn_mode=bn_mode,
-        include_l2=include_l2,
-        exact=exact,
-        tol=tol,
-        max_iter=max_iter,
-        probes=probes,
-        seed=seed,
-        dtype=dtype,
-        rho=rho,
-        logit_normalise=logit_normalise,
+    from flatcli.report.tables import comparison_table  # torch, as the workflow
+    from flatcli.workflows.compare import (
+        DEFAULT_COMPARE_MEASURES,
+        compare_checkpoints,
+        comparison_as_dict,
     )
-    device = join_world(
-        device
-    )  # under torchrun: this rank's device, after joining the process group
-    from rich.progress import (
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )  # not needed for --help
 
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-    ) as bar:
+    measured = DEFAULT_COMPARE_MEASURES if measures is None else opt.names(measures)
+    # the options named as fields of SharpnessConfig (--split ... --dtype) set them
+    config = opt.sharpness_config(ctx, measured)
+    device = join_world(device)  # under torchrun: this rank's device, after joining the group
+    with spinner() as bar:
         task = bar.add_task("measuring", total=None)
         comparison = compare_checkpoints(
             runs,
@@ -136,16 +98,12 @@ def compare(
             use_cache=not no_cache,
             tie_sigmas=tie_sigmas,
             dataset=dataset,
-            model_factory=model_factory,
-            factory_args=opt.factory_args(factory_arg),
-            output=output,
+            **opt.loading(model_factory, factory_arg, output),
             progress=lambda n: bar.update(task, description=f"measuring: {n} HVPs"),
         )
     if json_:
         print_json(comparison_as_dict(comparison))
         return
-    from flatcli.report.tables import comparison_table
-
     out.print(comparison_table(comparison))
     for verdict in comparison.verdicts:
         out.print(f"- {verdict.text}", highlight=False)

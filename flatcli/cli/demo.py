@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -9,10 +10,11 @@ import typer
 
 from flatcli.cli import options as opt
 from flatcli.cli._common import err, handle_errors, out, print_json
+from flatcli.errors import UsageError
 
 
 @handle_errors
-def demo(
+def demo_command(
     dataset: opt.Dataset = "digits",
     data_dir: opt.DataDir = None,
     models: Annotated[
@@ -35,30 +37,25 @@ def demo(
         bool, typer.Option(help="Retrain runs that exist with other settings.")
     ] = False,
     seed: opt.Seed = 0,
-    device: opt.Device = "auto",
+    device: opt.Device = opt.DEFAULT_DEVICE,
     json_: opt.Json = False,
 ) -> None:
     """Train the paper's contrasts (with/without L2; SGD vs Gadam) for each model, compare their sharpness
     and generalisation, check the rank bound, sweep the weight scale, and say which claims held.
     """
-    import os
-
-    if (
-        int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
-    ):  # N copies would train into the same folders
-        from flatcli.errors import UsageError
-
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # N copies would train into one folder
         raise UsageError(
             "flatcli demo runs in one process, not under torchrun",
             hint="run train, sharpness, rank-bound and compare under torchrun instead",
         )
-    from flatcli.report.tables import demo_report
-    from flatcli.workflows.demo import DemoConfig, demo_as_dict, run_demo
+    from flatcli.report.tables import demo_report  # torch
+    from flatcli.report.text import demo_as_dict
+    from flatcli.workflows.demo import DemoConfig, run_demo
 
     config = DemoConfig(
         dataset=dataset,
         data_dir=str(data_dir) if data_dir else None,
-        models=tuple(m.strip() for m in models.split(",") if m.strip()),
+        models=opt.names(models),
         epochs=epochs,
         train_samples=train_samples,
         measure_samples=samples,

@@ -1,11 +1,29 @@
-"""Options shared by several commands, declared once as ``Annotated`` aliases."""
+"""Options shared by several commands, declared once as ``Annotated`` aliases.
+
+Each alias carries the option's flags and help; the command's signature gives the
+default, read from the configuration classes of :mod:`flatcli.config` (for example
+``tol: Tol = SharpnessConfig.tol``), so that a default is written in one place only.
+This module imports no torch: ``flatcli --help`` must stay fast.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypedDict
 
 import typer
+
+from flatcli.config import MEASURE_NAMES, SharpnessConfig, TrainConfig
+from flatcli.errors import UsageError
+
+#: The device of every command unless ``--device`` says otherwise.
+DEFAULT_DEVICE = TrainConfig.device
+#: ``--measures`` of ``flatcli sharpness`` unless given.
+DEFAULT_MEASURES = ",".join(SharpnessConfig.measures)
+
+# --- data, device and output ------------------------------------------------------------
 
 Dataset = Annotated[
     str,
@@ -14,6 +32,9 @@ Dataset = Annotated[
         "-d",
         help="Data set: digits (embedded), mnist, fashion-mnist, cifar10, cifar100.",
     ),
+]
+DatasetOverride = Annotated[
+    str | None, typer.Option("--dataset", "-d", help="Data set (default: the checkpoint's).")
 ]
 DataDir = Annotated[
     Path | None,
@@ -31,7 +52,14 @@ Json = Annotated[
     bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")
 ]
 
-# A model from elsewhere (sharpness, rank-bound, compare): see flatcli.models.factory.
+# --- a checkpoint, possibly a model from elsewhere (see flatcli.models.factory) ---------
+
+Checkpoint = Annotated[
+    Path,
+    typer.Argument(
+        help="A checkpoint (.safetensors; with --model-factory also .pt/.pth/.bin or a Lightning .ckpt) or a run directory."
+    ),
+]
 ModelFactory = Annotated[
     str | None,
     typer.Option(
@@ -54,25 +82,129 @@ Output = Annotated[
     ),
 ]
 
+# --- what to measure and how: the fields of SharpnessConfig ------------------------------
 
-def factory_args(items: list[str] | None) -> dict:
-    """``--factory-arg KEY=VALUE`` pairs as keyword arguments: VALUE parsed as JSON when it
-    can be (``10`` an int, ``true`` a bool, ``[1, 2]`` a list), else kept as a string.
+Measures = Annotated[
+    str, typer.Option("--measures", help=f"Comma-separated, any of: {', '.join(MEASURE_NAMES)}.")
+]
+Split = Annotated[str, typer.Option(help="train or test.")]
+Samples = Annotated[int | None, typer.Option(help="Measure on a deterministic subset of N images.")]
+BatchSize = Annotated[
+    int | None,
+    typer.Option(
+        help="Images per forward pass (memory; with --bn-mode batch also the statistics). Default: on the CPU as many as keep a batch's activations within 8 MiB (32 to 1024), else 1024; with --bn-mode batch always 1024."
+    ),
+]
+MemoryGb = Annotated[
+    float,
+    typer.Option(
+        help="Memory budget for a block of Hessian-vector products (vmap chunk size, keeping gradient graphs)."
+    ),
+]
+Curvature = Annotated[str, typer.Option(help="hessian or ggn (generalised Gauss-Newton).")]
+BnMode = Annotated[
+    str,
+    typer.Option(
+        help="BatchNorm: eval (running statistics), batch (statistics of each batch of --batch-size, default 1024 whatever the machine or memory: the batch size defines the matrix and is recorded as bn_batch_size; as the paper's authors) or full (statistics of the whole measured set, one batch of all samples)."
+    ),
+]
+IncludeL2 = Annotated[
+    bool, typer.Option(help="Add the checkpoint's coupled L2 coefficient times the identity.")
+]
+Exact = Annotated[bool, typer.Option(help="Dense matrix and its eigenvalues (small models only).")]
+Tol = Annotated[
+    float,
+    typer.Option(
+        help="Lanczos: stop when the Ritz residual is below tol * |lambda| (0 < tol < 1). A run stopped by --max-iter first is reported as not converged."
+    ),
+]
+MaxIter = Annotated[int, typer.Option(help="Lanczos: most iterations.")]
+Probes = Annotated[
+    int,
+    typer.Option(
+        help="Trace/Frobenius: Hessian-vector products (block Krylov Hutch++; both share them). At least 4; under 13 the standard error rests on fewer than 10 samples and is reported as not converged."
+    ),
+]
+TargetStderr = Annotated[
+    float | None,
+    typer.Option(
+        help="Trace/Frobenius: add probes until the relative standard error is at most this (e.g. 0.01; at most 10x --probes in all)."
+    ),
+]
+Dtype = Annotated[str, typer.Option(help="float32 or float64.")]
+Rho = Annotated[
+    float,
+    typer.Option(
+        help="adaptive_sharpness: relative noise scale rho (perturbation |w| * N(0, rho^2))."
+    ),
+]
+LogitNormalise = Annotated[
+    bool,
+    typer.Option(
+        help="adaptive_sharpness: normalise the logits (scale-invariant for linear models)."
+    ),
+]
+NoCache = Annotated[
+    bool, typer.Option("--no-cache", help="Recompute even if sharpness.json has the result.")
+]
+
+
+def sharpness_config(ctx: typer.Context, measures: tuple[str, ...]) -> SharpnessConfig:
+    """The :class:`SharpnessConfig` of a command: ``measures``, and each option named as a
+    field of the config (``--tol`` sets ``tol``); the fields no option sets keep their
+    defaults.
     """
-    import json
+    settings = {name: ctx.params[name] for name in _SETTINGS if name in ctx.params}
+    return dataclasses.replace(SharpnessConfig(measures=measures), **settings)
 
-    from flatcli.errors import UsageError
 
-    result = {}
+#: The fields of :class:`SharpnessConfig` that a command's options may set.
+_SETTINGS = tuple(
+    f.name for f in dataclasses.fields(SharpnessConfig) if f.init and f.name != "measures"
+)
+
+
+def names(text: str) -> tuple[str, ...]:
+    """The names of a comma-separated option (``--measures a,b``), blanks dropped."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def key_values(items: list[str] | None, option: str, example: str) -> dict[str, object]:
+    """``KEY=VALUE`` pairs of a repeatable option as keyword arguments: VALUE parsed as JSON
+    when it can be (``10`` an int, ``true`` a bool, ``[1, 2]`` a list), else kept as a
+    string; dashes in KEY become underscores. A pair without ``=`` or whose KEY is no
+    Python name is a UsageError naming ``option``.
+    """
+    result: dict[str, object] = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key.isidentifier():
-            raise UsageError(
-                f"--factory-arg {item!r} is not KEY=VALUE", hint="e.g. --factory-arg num_classes=10"
-            )
+            raise UsageError(f"{option} {item!r} is not KEY=VALUE", hint=f"e.g. {option} {example}")
         try:
             result[key] = json.loads(raw)
         except json.JSONDecodeError:
             result[key] = raw
     return result
+
+
+def factory_args(items: list[str] | None) -> dict[str, object]:
+    """The ``--factory-arg KEY=VALUE`` pairs as keyword arguments of the model factory."""
+    return key_values(items, "--factory-arg", "num_classes=10")
+
+
+class Loading(TypedDict):
+    """How a checkpoint's model is built: the keyword arguments of ``load_point`` and ``sharpness``."""
+
+    model_factory: str | None
+    factory_args: dict[str, object]
+    output: str | None
+
+
+def loading(
+    model_factory: str | None, factory_arg: list[str] | None, output: str | None
+) -> Loading:
+    """The :class:`Loading` of ``--model-factory``, ``--factory-arg`` and ``--output``."""
+    return Loading(
+        model_factory=model_factory, factory_args=factory_args(factory_arg), output=output
+    )

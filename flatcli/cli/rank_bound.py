@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from flatcli.cli import options as opt
 from flatcli.cli._common import handle_errors, join_world, out, print_json
-from flatcli.cli.sharpness import DatasetOverride, Samples
+from flatcli.errors import UsageError
 
 
 @handle_errors
-def rank_bound(
-    checkpoint: Annotated[
-        Path,
-        typer.Argument(
-            help="A checkpoint (.safetensors; with --model-factory also .pt/.pth/.bin or a Lightning .ckpt) or a run directory."
-        ),
-    ],
+def rank_bound_command(
+    checkpoint: opt.Checkpoint,
     threshold: Annotated[
         float | None,
         typer.Option(
@@ -39,11 +33,11 @@ def rank_bound(
             help="Estimate: effective rank counts |lambda| above this fraction of lambda_max."
         ),
     ] = 1e-2,
-    samples: Samples = None,
+    samples: opt.Samples = None,
     seed: opt.Seed = 0,
-    device: opt.Device = "auto",
+    device: opt.Device = opt.DEFAULT_DEVICE,
     data_dir: opt.DataDir = None,
-    dataset: DatasetOverride = None,
+    dataset: opt.DatasetOverride = None,
     model_factory: opt.ModelFactory = None,
     factory_arg: opt.FactoryArg = None,
     output: opt.Output = None,
@@ -54,49 +48,28 @@ def rank_bound(
     The bound is exact for linear models (logistic regression; for deep linear nets, for the GGN); for
     nonlinear nets it bounds the effective rank under a Kronecker-factored approximation. Both are reported.
     """
-    from flatcli.analysis.rank import check_rank_options, rank_report
-    from flatcli.errors import UsageError
-    from flatcli.report.tables import rank_table
-    from flatcli.workflows.sharpness import load_point
+    from flatcli.report.tables import rank_table  # torch, as the workflow
+    from flatcli.report.text import rank_as_dict, rank_statement
+    from flatcli.workflows.rank import rank_checkpoint
 
-    check_rank_options(
-        threshold=threshold, fraction=fraction
-    )  # before anything is loaded or computed
     if samples is not None and samples < 1:
         raise UsageError(f"samples must be positive, got {samples}")
-    device = join_world(
-        device
-    )  # under torchrun: this rank's device, after joining the process group
-    point = load_point(
+    device = join_world(device)  # under torchrun: this rank's device, after joining the group
+    report = rank_checkpoint(
         checkpoint,
         samples=samples,
         dataset=dataset,
         data_dir=str(data_dir) if data_dir else None,
         device=device,
-        model_factory=model_factory,
-        factory_args=opt.factory_args(factory_arg),
-        output=output,
-    )
-    num_classes = int(point.info.dataset.get("num_classes") or _num_classes(point))
-    report = rank_report(
-        point.model,
-        point.inputs,
-        point.targets,
-        num_classes,
+        **opt.loading(model_factory, factory_arg, output),
         exact=exact,
         threshold=threshold,
         fraction=fraction,
         seed=seed,
     )
     if json_:
-        print_json(report.as_dict())
+        print_json(rank_as_dict(report))
         return
     for table in rank_table(report):
         out.print(table)
-    out.print(report.statement, highlight=False)
-
-
-def _num_classes(point) -> int:
-    from flatcli.workflows.data import get_spec
-
-    return get_spec(point.dataset).num_classes
+    out.print(rank_statement(report.bound, report.measured, report.is_linear), highlight=False)

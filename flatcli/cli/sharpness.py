@@ -1,124 +1,52 @@
-"""``flatcli sharpness``: curvature of a checkpoint's training loss, with error bars."""
+"""``flatcli sharpness``: curvature of a checkpoint's training loss, with error bars.
+
+The command builds a :class:`~flatcli.config.SharpnessConfig` from its options and hands
+it to :func:`flatcli.workflows.sharpness.sharpness` (or, with ``--scale``, to the
+weight-scaling sweep :func:`flatcli.analysis.sweep.scaling_sweep`); the tables, the CSV
+file and the figure come from :mod:`flatcli.report`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from flatcli.cli import options as opt
-from flatcli.cli._common import err, handle_errors, is_main, join_world, out, print_json
-from flatcli.config import MEASURE_NAMES, SharpnessConfig
+from flatcli.cli._common import err, handle_errors, is_main, join_world, out, print_json, spinner
+from flatcli.config import SharpnessConfig
 from flatcli.errors import FlatcliError, UsageError
 
-MeasuresOpt = Annotated[
-    str, typer.Option("--measures", help=f"Comma-separated, any of: {', '.join(MEASURE_NAMES)}.")
-]
-
-
-def build_config(measures: str, **options) -> SharpnessConfig:
-    names = tuple(m.strip() for m in measures.split(",") if m.strip())
-    return SharpnessConfig(measures=names, **options)
-
-
-Split = Annotated[str, typer.Option(help="train or test.")]
-Samples = Annotated[
-    int | None, typer.Option(help="Measure on a deterministic subset of N images.")
-]
-BatchSize = Annotated[
-    int | None,
-    typer.Option(
-        help="Images per forward pass (memory; with --bn-mode batch also the statistics). Default: on the CPU as many as keep a batch's activations within 8 MiB (32 to 1024), else 1024; with --bn-mode batch always 1024."
-    ),
-]
-MemoryGb = Annotated[
-    float,
-    typer.Option(
-        help="Memory budget for a block of Hessian-vector products (vmap chunk size, keeping gradient graphs)."
-    ),
-]
-CurvatureOpt = Annotated[str, typer.Option(help="hessian or ggn (generalised Gauss-Newton).")]
-BnMode = Annotated[
-    str,
-    typer.Option(
-        help="BatchNorm: eval (running statistics), batch (statistics of each batch of --batch-size, default 1024 whatever the machine or memory: the batch size defines the matrix and is recorded as bn_batch_size; as the paper's authors) or full (statistics of the whole measured set, one batch of all samples)."
-    ),
-]
-IncludeL2 = Annotated[
-    bool, typer.Option(help="Add the checkpoint's coupled L2 coefficient times the identity.")
-]
-Exact = Annotated[bool, typer.Option(help="Dense matrix and its eigenvalues (small models only).")]
-Tol = Annotated[
-    float,
-    typer.Option(
-        help="Lanczos: stop when the Ritz residual is below tol * |lambda| (0 < tol < 1). A run stopped by --max-iter first is reported as not converged."
-    ),
-]
-MaxIter = Annotated[int, typer.Option(help="Lanczos: most iterations.")]
-Probes = Annotated[
-    int,
-    typer.Option(
-        help="Trace/Frobenius: Hessian-vector products (block Krylov Hutch++; both share them). At least 4; under 13 the standard error rests on fewer than 10 samples and is reported as not converged."
-    ),
-]
-TargetStderr = Annotated[
-    float | None,
-    typer.Option(
-        help="Trace/Frobenius: add probes until the relative standard error is at most this (e.g. 0.01; at most 10x --probes in all)."
-    ),
-]
-Dtype = Annotated[str, typer.Option(help="float32 or float64.")]
-Rho = Annotated[
-    float,
-    typer.Option(
-        help="adaptive_sharpness: relative noise scale rho (perturbation |w| * N(0, rho^2))."
-    ),
-]
-LogitNormalise = Annotated[
-    bool,
-    typer.Option(
-        help="adaptive_sharpness: normalise the logits (scale-invariant for linear models)."
-    ),
-]
-ModelFactory = opt.ModelFactory  # declared once in options.py, with --factory-arg and --output
-DatasetOverride = Annotated[
-    str | None, typer.Option("--dataset", "-d", help="Data set (default: the checkpoint's).")
-]
-NoCache = Annotated[
-    bool, typer.Option("--no-cache", help="Recompute even if sharpness.json has the result.")
-]
+if TYPE_CHECKING:
+    from flatcli.analysis.sharpness_report import Density, SharpnessReport
 
 
 @handle_errors
-def sharpness(
-    checkpoint: Annotated[
-        Path,
-        typer.Argument(
-            help="A checkpoint (.safetensors; with --model-factory also .pt/.pth/.bin or a Lightning .ckpt) or a run directory."
-        ),
-    ],
-    measures: MeasuresOpt = "lambda_max,trace,frobenius",
-    split: Split = "train",
-    samples: Samples = None,
-    batch_size: BatchSize = None,
-    memory_gb: MemoryGb = 2.0,
-    curvature: CurvatureOpt = "hessian",
-    bn_mode: BnMode = "eval",
-    include_l2: IncludeL2 = False,
-    exact: Exact = False,
-    tol: Tol = 1e-4,
-    max_iter: MaxIter = 100,
-    probes: Probes = 99,
-    target_stderr: TargetStderr = None,
-    rho: Rho = 0.05,
-    logit_normalise: LogitNormalise = False,
-    seed: opt.Seed = 0,
-    dtype: Dtype = "float32",
-    device: opt.Device = "auto",
+def sharpness_command(
+    ctx: typer.Context,
+    checkpoint: opt.Checkpoint,
+    measures: opt.Measures = opt.DEFAULT_MEASURES,
+    split: opt.Split = SharpnessConfig.split,
+    samples: opt.Samples = SharpnessConfig.samples,
+    batch_size: opt.BatchSize = SharpnessConfig.batch_size,
+    memory_gb: opt.MemoryGb = SharpnessConfig.memory_gb,
+    curvature: opt.Curvature = SharpnessConfig.curvature,
+    bn_mode: opt.BnMode = SharpnessConfig.bn_mode,
+    include_l2: opt.IncludeL2 = SharpnessConfig.include_l2,
+    exact: opt.Exact = SharpnessConfig.exact,
+    tol: opt.Tol = SharpnessConfig.tol,
+    max_iter: opt.MaxIter = SharpnessConfig.max_iter,
+    probes: opt.Probes = SharpnessConfig.probes,
+    target_stderr: opt.TargetStderr = SharpnessConfig.target_stderr,
+    rho: opt.Rho = SharpnessConfig.rho,
+    logit_normalise: opt.LogitNormalise = SharpnessConfig.logit_normalise,
+    seed: opt.Seed = SharpnessConfig.seed,
+    dtype: opt.Dtype = SharpnessConfig.dtype,
+    device: opt.Device = opt.DEFAULT_DEVICE,
     per_layer: Annotated[
         bool, typer.Option(help="Also measure each layer's diagonal block.")
-    ] = False,
+    ] = SharpnessConfig.per_layer,
     scale: Annotated[
         str | None,
         typer.Option(help="Weight-scaling sweep: comma-separated factors, e.g. 0.5,1,2,4,8."),
@@ -127,7 +55,7 @@ def sharpness(
         str, typer.Option(help="Sweep: scale all layers or only the last.")
     ] = "all",
     data_dir: opt.DataDir = None,
-    dataset: DatasetOverride = None,
+    dataset: opt.DatasetOverride = None,
     model_factory: opt.ModelFactory = None,
     factory_arg: opt.FactoryArg = None,
     output: opt.Output = None,
@@ -137,7 +65,7 @@ def sharpness(
     density_out: Annotated[
         Path | None, typer.Option(help="Write the density points to this CSV.")
     ] = None,
-    no_cache: NoCache = False,
+    no_cache: opt.NoCache = False,
     json_: opt.Json = False,
 ) -> None:
     """Measure the curvature of the training loss: Hessian eigenvalues, trace, Frobenius norm, spectrum,
@@ -149,121 +77,54 @@ def sharpness(
     E over d ~ |w| * N(0, rho^2) of L(w + d) - L(w) (Kwon et al. 2021; Andriushchenko et al. 2023).
     relative_flatness: sum over s, s' of <w_s, w_s'> Tr(H_ss') of the last layer (Petzka et al. 2021).
     """
-    config = build_config(
-        measures,
-        split=split,
-        samples=samples,
-        batch_size=batch_size,
-        memory_gb=memory_gb,
-        curvature=curvature,
-        bn_mode=bn_mode,
-        include_l2=include_l2,
-        exact=exact,
-        tol=tol,
-        max_iter=max_iter,
-        probes=probes,
-        target_stderr=target_stderr,
-        seed=seed,
-        dtype=dtype,
-        per_layer=per_layer,
-        rho=rho,
-        logit_normalise=logit_normalise,
-    )
-    loading = {
-        "model_factory": model_factory,
-        "factory_args": opt.factory_args(factory_arg),
-        "output": output,
-    }
+    # the options named as fields of SharpnessConfig (--split ... --dtype) set them
+    config = opt.sharpness_config(ctx, opt.names(measures))
+    loading = opt.loading(model_factory, factory_arg, output)
+    where = str(data_dir) if data_dir else None
     if scale is not None:
         if plot is not None or density_out is not None:
             raise UsageError("--plot and --density-out do not apply to a --scale sweep")
-        _sweep(checkpoint, config, scale, scale_layer, dataset, data_dir, device, loading, json_)
+        scale_sweep(checkpoint, config, scale, scale_layer, dataset, where, device, loading, json_)
         return
     if (plot or density_out) and "density" not in config.measures:
         raise UsageError("--plot and --density-out need 'density' in --measures")
-    for option, path in (
-        ("--plot", plot),
-        ("--density-out", density_out),
-    ):  # before any computation
+    for option, path in (("--plot", plot), ("--density-out", density_out)):  # before measuring
         if path is not None:
             check_output_path(path, option)
+    from flatcli.analysis.sharpness_report import Density  # torch: once the options are checked
+    from flatcli.report import plots
+    from flatcli.workflows.sharpness import sharpness
+
     if plot is not None:
-        try:
-            from matplotlib.figure import Figure
-        except ImportError:
-            raise UsageError(
-                "--plot needs matplotlib", hint="pip install 'flatcli[plot]'"
-            ) from None
-        formats = Figure().canvas.get_supported_filetypes()
-        if plot.suffix.lstrip(".").lower() not in formats:
-            raise UsageError(
-                f"--plot {plot}: unknown image format {plot.suffix or '(none)'}",
-                hint=f"use one of: {', '.join('.' + f for f in sorted(formats))}",
-            )
-
-    from flatcli.workflows.sharpness import (
-        sharpness as run_sharpness,
-    )  # torch: imported once the options are checked
-
-    device = join_world(
-        device
-    )  # under torchrun: this rank's device, after joining the process group
-    from rich.progress import (
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )  # not needed for --help
-
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-    ) as bar:
+        plots.check_plot_path(plot)
+    device = join_world(device)  # under torchrun: this rank's device, after joining the group
+    with spinner() as bar:
         task = bar.add_task("measuring", total=None)
-        state = {"hvps": 0, "estimate": ""}
+        state = {"hvps": "0", "estimate": ""}
 
-        def show(**change) -> None:  # HVPs done and the current estimate
+        def show(**change: str) -> None:  # HVPs done and the current estimate
             state.update(change)
             bar.update(task, description=f"measuring: {state['hvps']} HVPs  {state['estimate']}")
 
-        report = run_sharpness(
+        report = sharpness(
             checkpoint,
             config,
             dataset=dataset,
-            data_dir=str(data_dir) if data_dir else None,
+            data_dir=where,
             device=device,
             **loading,
             use_cache=not no_cache,
-            progress=lambda n: show(hvps=n),
+            progress=lambda n: show(hvps=str(n)),
             status=lambda text: show(estimate=text),
         )
 
     if report.cached:
         _say_cached(report, checkpoint)
-    _print_report(report, config, json_)
-    density = report.measures.get("density")
-    failed = []  # the result is printed first: a file that cannot be written never costs it
-    if not is_main():  # under torchrun rank 0 alone writes files
-        density = None
-    if density is not None and density_out is not None:
-        try:
-            density_out.write_text(
-                "eigenvalue,density\n"
-                + "".join(f"{g!r},{v!r}\n" for g, v in zip(density.grid, density.values))
-            )
-        except OSError as exc:
-            failed.append(f"{density_out} ({exc.strerror or exc})")
-    if density is not None and plot is not None:
-        try:
-            _plot(density, plot)
-        except (OSError, ValueError) as exc:
-            failed.append(f"{plot} ({getattr(exc, 'strerror', None) or exc})")
-    if failed:
-        raise FlatcliError(f"could not write {' and '.join(failed)}; the result is printed above")
+    found = report.measures.get("density")
+    density = found if isinstance(found, Density) else None
+    _print_report(report, density, config, json_)
+    if is_main() and density is not None:  # under torchrun rank 0 alone writes files
+        _write_density(density, density_out, plot)
 
 
 def check_output_path(path: Path, option: str) -> None:
@@ -276,8 +137,29 @@ def check_output_path(path: Path, option: str) -> None:
         raise UsageError(f"{option} {path}: the folder {parent} {what}", hint="create it first")
 
 
-def _say_cached(report, checkpoint: Path) -> None:
-    from flatcli.workflows.sharpness import cache_file
+def _write_density(density: Density, csv_path: Path | None, plot: Path | None) -> None:
+    """Write the density's CSV and figure; the result is printed first, so that a file that
+    cannot be written never costs it: the failures are one error at the end.
+    """
+    from flatcli.report import csv, plots  # torch, imported already
+
+    failed = []
+    if csv_path is not None:
+        try:
+            csv.write_density_csv(density, csv_path)
+        except OSError as exc:
+            failed.append(f"{csv_path} ({exc.strerror or exc})")
+    if plot is not None:
+        try:
+            plots.plot_density(density, plot)
+        except (OSError, ValueError) as exc:
+            failed.append(f"{plot} ({getattr(exc, 'strerror', None) or exc})")
+    if failed:
+        raise FlatcliError(f"could not write {' and '.join(failed)}; the result is printed above")
+
+
+def _say_cached(report: SharpnessReport, checkpoint: Path) -> None:
+    from flatcli.workflows.cache import cache_file  # torch, imported already
 
     where = cache_file(checkpoint)
     if report.fully_cached:
@@ -289,13 +171,17 @@ def _say_cached(report, checkpoint: Path) -> None:
         )
 
 
-def _print_report(report, config, json_: bool) -> None:
-    density = report.measures.get("density")
+def _print_report(
+    report: SharpnessReport, density: Density | None, config: SharpnessConfig, json_: bool
+) -> None:
+    from flatcli.curvature.results import Estimate  # torch, imported already
+    from flatcli.report.tables import density_histogram, layers_table, sharpness_table
+
     if config.target_stderr is not None:  # said on stderr, so that --json stays one document
         for name in ("trace", "frobenius"):
             est = report.measures.get(name)
             if (
-                est is not None
+                isinstance(est, Estimate)
                 and est.value
                 and est.uncertainty > config.target_stderr * abs(est.value)
             ):
@@ -307,52 +193,42 @@ def _print_report(report, config, json_: bool) -> None:
     if json_:
         print_json(report.as_dict())
         return
-    from flatcli.report.tables import density_histogram, layers_table, sharpness_table
-
     out.print(sharpness_table(report))
     if report.layers:
         out.print(layers_table(report))
     if density is not None:
-        out.print(density_histogram(density.grid, density.values), highlight=False)
+        out.print(density_histogram(density), highlight=False)
 
 
-def _sweep(
-    checkpoint, config, scale, scale_layer, dataset, data_dir, device, loading, json_
+def scale_sweep(
+    checkpoint: Path,
+    config: SharpnessConfig,
+    scales: str,
+    layers: str,
+    dataset: str | None,
+    data_dir: str | None,
+    device: str,
+    loading: opt.Loading,
+    json_: bool,
 ) -> None:
-    from flatcli.analysis.sweep import parse_scales, scaling_sweep
+    """``--scale``: the measures of ``config`` with the weights (of ``layers``) times each factor."""
+    from flatcli.analysis.sweep import parse_scales, scaling_sweep  # torch
     from flatcli.report.tables import sweep_table
     from flatcli.workflows.sharpness import load_point
 
-    scales = parse_scales(scale)
+    factors = parse_scales(scales)
     device = join_world(device)
     point = load_point(
         checkpoint,
         split=config.split,
         samples=config.samples,
         dataset=dataset,
-        data_dir=str(data_dir) if data_dir else None,
+        data_dir=data_dir,
         device=device,
         **loading,
     )
-    rows = scaling_sweep(
-        point.model, point.inputs, point.targets, scales, config, layers=scale_layer
-    )
+    rows = scaling_sweep(point.model, point.inputs, point.targets, factors, config, layers=layers)
     if json_:
         print_json([row.as_dict() for row in rows])
         return
-    out.print(sweep_table(rows, scale_layer))
-
-
-def _plot(density, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.semilogy(density.grid, [max(v, 1e-12) for v in density.values])
-    ax.set_xlabel("eigenvalue")
-    ax.set_ylabel("density")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    out.print(sweep_table(rows, layers))

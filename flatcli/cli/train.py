@@ -3,27 +3,35 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, SupportsFloat
 
 import typer
 
 from flatcli.cli import options as opt
-from flatcli.cli._common import err, handle_errors, join_world, out, parse_kwargs, print_json
-from flatcli.config import make_train_config
+from flatcli.cli._common import err, handle_errors, join_world, out, print_json
+from flatcli.config import DEFAULT_LR, RECIPES, TrainConfig, make_train_config, resume_config
+
+#: The field defaults shown in the help: options left out are None (not given), so that
+#: ``--resume`` can tell them from the run's own values.
+_DEFAULT = TrainConfig()
 
 
 @handle_errors
-def train(
+def train_command(
     model: Annotated[
         str | None,
-        typer.Option("--model", "-m", help="logreg (default), mlp, cnn, vgg16, preresnet, wrn."),
+        typer.Option(
+            "--model",
+            "-m",
+            help=f"Model: logreg, mlp, cnn, vgg16, preresnet, wrn (default {_DEFAULT.model}).",
+        ),
     ] = None,
     dataset: Annotated[
         str | None,
         typer.Option(
             "--dataset",
             "-d",
-            help="Data set: digits (default, embedded), mnist, fashion-mnist, cifar10, cifar100.",
+            help=f"Data set: digits (embedded), mnist, fashion-mnist, cifar10, cifar100 (default {_DEFAULT.dataset}).",
         ),
     ] = None,
     width: Annotated[int | None, typer.Option(help="mlp: hidden units per layer.")] = None,
@@ -39,22 +47,29 @@ def train(
         list[str] | None,
         typer.Option("--model-arg", help="Other model keyword, KEY=VALUE (repeatable)."),
     ] = None,
-    optimizer: Annotated[str | None, typer.Option(help="sgd, adam or adamw.")] = None,
+    optimizer: Annotated[
+        str | None,
+        typer.Option(help=f"{', '.join(DEFAULT_LR)} (default {_DEFAULT.optimizer})."),
+    ] = None,
     lr: Annotated[
         float | None,
-        typer.Option(help="Learning rate (default: 0.05 for sgd, 1e-3 for adam/adamw)."),
+        typer.Option(
+            help="Learning rate (default: "
+            + ", ".join(f"{lr:g} for {name}" for name, lr in DEFAULT_LR.items())
+            + ")."
+        ),
     ] = None,
-    momentum: Annotated[float | None, typer.Option(help="SGD momentum.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs (default 20).")] = None,
+    momentum: Annotated[
+        float | None, typer.Option(help=f"SGD momentum (default {_DEFAULT.momentum:g}).")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help=f"Epochs (default {_DEFAULT.epochs}).")] = None,
     batch_size: Annotated[
         int | None,
         typer.Option(
-            help="Mini-batch size (default 128); under torchrun the global batch, split over the processes."
+            help=f"Mini-batch size (default {_DEFAULT.batch_size}); under torchrun the global batch, split over the processes."
         ),
     ] = None,
-    l2: Annotated[
-        float | None, typer.Option(help="Coupled L2: adds X*w to the gradient.")
-    ] = None,
+    l2: Annotated[float | None, typer.Option(help="Coupled L2: adds X*w to the gradient.")] = None,
     weight_decay: Annotated[
         float | None, typer.Option(help="Decoupled weight decay: w <- w(1 - lr X) (as AdamW).")
     ] = None,
@@ -73,7 +88,9 @@ def train(
     ] = None,
     recipe: Annotated[
         str | None,
-        typer.Option(help="gadam (AdamW + decoupled wd + averaging) or swa (SGD + averaging)."),
+        typer.Option(
+            help=f"{' or '.join(RECIPES)}: gadam is AdamW + decoupled wd + averaging, swa SGD + averaging."
+        ),
     ] = None,
     augment: Annotated[
         bool | None,
@@ -91,12 +108,16 @@ def train(
     train_samples: Annotated[
         int | None, typer.Option(help="Train on a deterministic subset of N images.")
     ] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Random seed (default 0).")] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help=f"Random seed (default {_DEFAULT.seed}).")
+    ] = None,
     data_dir: opt.DataDir = None,
     download: opt.Download = False,
     device: Annotated[
         str | None,
-        typer.Option("--device", help="auto (default: CUDA when available), cpu or cuda."),
+        typer.Option(
+            "--device", help=f"{_DEFAULT.device} (default: CUDA when available), cpu or cuda."
+        ),
     ] = None,
     out_dir: Annotated[
         Path | None,
@@ -114,7 +135,7 @@ def train(
     json_: opt.Json = False,
 ) -> None:
     """Train a classifier and save DIR/model.safetensors (safetensors + JSON metadata)."""
-    model_kwargs = parse_kwargs(model_arg)
+    model_kwargs = opt.key_values(model_arg, "--model-arg", "width=64")
     for key, value in (
         ("width", width),
         ("depth", depth),
@@ -150,8 +171,8 @@ def train(
     if not resume:
         config = make_train_config(recipe, **given, overwrite=overwrite)
     else:
-        from flatcli.config import TrainConfig, resume_config
-        from flatcli.workflows.training import default_run_dir, main_decides, read_run_options
+        from flatcli.distributed import main_decides  # torch
+        from flatcli.workflows.run_folder import default_run_dir, read_run_options
 
         TrainConfig(overwrite=overwrite, resume=True)  # refuses the two together
         run_dir = (
@@ -164,21 +185,16 @@ def train(
             main_decides(lambda: read_run_options(run_dir)), recipe, **{**given, "out": run_dir}
         )
 
-    from rich.progress import (
+    from rich.progress import (  # not needed for --help
         BarColumn,
         MofNCompleteColumn,
         Progress,
         TextColumn,
         TimeElapsedColumn,
-    )  # not needed for --help
-
-    from flatcli.workflows.training import (
-        EpochRecord,
-        TrainCallbacks,
-    )  # torch
-    from flatcli.workflows.training import (
-        train as run_training,
     )
+
+    from flatcli.report.tables import metrics_table  # torch, as the workflow
+    from flatcli.workflows.training import EpochRecord, TrainCallbacks, train
 
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -197,7 +213,7 @@ def train(
             bar.update(epochs_task, completed=start)
             bar.update(batch_task, total=batches, completed=0)
 
-        def on_batch(epoch: int, batch: int, loss: float) -> None:
+        def on_batch(epoch: int, batch: int, loss: SupportsFloat) -> None:
             bar.update(batch_task, completed=batch + 1, info=f"loss {float(loss):.4f}")
 
         def on_epoch(r: EpochRecord) -> None:
@@ -208,7 +224,7 @@ def train(
             )
             bar.update(batch_task, completed=0)
 
-        result = run_training(config, TrainCallbacks(on_start, on_batch, on_epoch))
+        result = train(config, TrainCallbacks(on_start, on_batch, on_epoch))
 
     document = {
         **result.metrics,
@@ -218,6 +234,4 @@ def train(
     if json_:
         print_json(document)
         return
-    from flatcli.report.tables import metrics_table
-
     out.print(metrics_table(f"{config.model} on {config.dataset}", document))

@@ -67,6 +67,7 @@ class DataSource:
     example: Tensor
 
     def batches(self, batch_size: int | None) -> Iterator[tuple[Tensor, Tensor]]:
+        """The ``(x, y)`` batches of one data pass (``batch_size`` if the source cuts)."""
         raise NotImplementedError
 
 
@@ -97,6 +98,7 @@ class TensorData(DataSource):
         self.example = inputs[:1]
 
     def batches(self, batch_size: int | None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Consecutive slices of ``batch_size`` samples (all N when None)."""
         step = batch_size or self.num_samples
         for start in range(0, self.num_samples, step):
             yield self.inputs[start : start + step], self.targets[start : start + step]
@@ -132,7 +134,7 @@ def tensor_digest(*tensors: Tensor) -> str:
         t = x.detach().to("cpu").contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)};".encode())
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
@@ -168,7 +170,7 @@ class StreamedData(DataSource):
 
     streamed = True
 
-    def __init__(self, data: Iterable) -> None:
+    def __init__(self, data: Iterable[Any]) -> None:
         sampler = _random_sampler(data)
         if sampler is not None:
             raise DataError(
@@ -199,7 +201,8 @@ class StreamedData(DataSource):
         if not first:
             raise DataError("the data loader gives no batches", "pass at least one sample")
         second = self._read()
-        for i, (a, b) in enumerate(zip(first, second)):
+        # the common batches first (a differing count is named below)
+        for i, (a, b) in enumerate(zip(first, second, strict=False)):
             if a != b:
                 what = "batch sizes" if a[0] != b[0] else "labels" if a[1] != b[1] else "inputs"
                 raise DataError(
@@ -223,7 +226,7 @@ class StreamedData(DataSource):
         self.digest = hashlib.sha256("".join(a + b for _, a, b in first).encode()).hexdigest()
 
     def _read(self) -> list[tuple[int, str, str]]:
-        prints = []
+        prints: list[tuple[int, str, str]] = []
         for i, batch in enumerate(self.data):
             x, y = _unpack(batch, i)
             _check_targets(y, f"batch {i}")
@@ -261,7 +264,7 @@ class StreamedData(DataSource):
 
     def gather(self) -> TensorData:
         """All batches concatenated in memory (one batch of N: BatchNorm mode ``"full"``)."""
-        xs, ys = zip(*self.batches())
+        xs, ys = zip(*self.batches(), strict=True)
         return TensorData(torch.cat(xs), torch.cat(ys))
 
 

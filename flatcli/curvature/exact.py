@@ -6,8 +6,8 @@
 * :func:`hessian_via_torch_func` is an independent reference: ``torch.func.hessian`` of
   the flattened-parameter loss of a float64 copy of the model.
 * :func:`logistic_regression_hessian` / :func:`logistic_regression_trace`: the closed
-  forms for a linear softmax classifier (Granziol 2020, section on logistic regression;
-  docs/paper.md), with no autograd at all.
+  forms for a linear softmax classifier (Granziol 2020, section on logistic regression),
+  with no autograd at all.
 * :func:`verified_logistic_regression_hessian`: that closed form for an operator's model,
   only when the model provably computes ``W x.flatten(1) + b`` (flatcli's ``logreg``), or
   when its logits and a few products were checked against the generic operator.
@@ -20,19 +20,18 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, hessian
+from torch.nn.modules import module as module_lib
 
+from flatcli.curvature.operator import Curvature, CurvatureOperator
 from flatcli.curvature.probes import LinearOperatorLike
 from flatcli.distributed import all_agree, all_reduce_sum
 from flatcli.errors import TooLargeError, UnknownNameError, UsageError
-
-if TYPE_CHECKING:
-    from flatcli.curvature.operator import CurvatureOperator
+from flatcli.models.linear import LogReg
 
 DEFAULT_MAX_BYTES = 2 * 2**30
 
@@ -67,14 +66,26 @@ def dense_hessian(
     return torch.cat(columns, dim=1)
 
 
+def dense_spectrum(matrix: Tensor) -> Tensor:
+    """All eigenvalues of a dense curvature matrix: ``eigvalsh((H + H^T) / 2)`` in float64
+    on the CPU, ascending.
+
+    A Hessian assembled column by column (or a closed form) is symmetric only up to the
+    rounding of its products; ``eigvalsh`` reads one triangle, so the symmetrisation makes
+    the spectrum that of the nearest symmetric matrix rather than of one triangle.
+    """
+    h = matrix.detach().to("cpu", torch.float64)
+    eigenvalues: Tensor = torch.linalg.eigvalsh((h + h.T) / 2)
+    return eigenvalues
+
+
 def exact_spectrum(
     op: LinearOperatorLike, *, max_bytes: int = DEFAULT_MAX_BYTES, block_size: int = 128
 ) -> Tensor:
-    """All eigenvalues of the operator, float64 on the CPU, ascending (of the
-    symmetrised dense matrix (H + H^T) / 2).
+    """All eigenvalues of the operator, float64 on the CPU, ascending: the
+    :func:`dense_spectrum` of :func:`dense_hessian`. The one exact spectrum of flatcli.
     """
-    h = dense_hessian(op, max_bytes=max_bytes, block_size=block_size).to("cpu", torch.float64)
-    return torch.linalg.eigvalsh((h + h.T) / 2)
+    return dense_spectrum(dense_hessian(op, max_bytes=max_bytes, block_size=block_size))
 
 
 class _DecomposedBatchNorm(nn.Module):
@@ -147,11 +158,12 @@ def hessian_via_torch_func(
     x = inputs.to(dtype) if inputs.is_floating_point() else inputs
 
     def loss(flat: Tensor) -> Tensor:
-        pieces = flat.split([s.numel() for s in shapes])
+        pieces = torch.split(flat, [s.numel() for s in shapes])
         params = {n: t.reshape(s) for n, t, s in zip(names, pieces, shapes, strict=True)}
         return F.cross_entropy(functional_call(net, params, (x,)), targets)
 
-    return hessian(loss)(theta)
+    matrix: Tensor = hessian(loss)(theta)
+    return matrix
 
 
 def _augmented(inputs: Tensor, bias: Tensor | None) -> Tensor:
@@ -230,8 +242,6 @@ def unhooked(model: nn.Module) -> bool:
     """No forward hooks (global or per module) and no instance-level ``forward``: each
     module computes what its class's ``forward`` says.
     """
-    from torch.nn.modules import module as module_lib
-
     if module_lib._global_forward_hooks or module_lib._global_forward_pre_hooks:
         return False
     return all(
@@ -252,7 +262,7 @@ def single_linear(model: nn.Module) -> nn.Linear | None:
     lin = linears[0]
     own = [lin.weight] + ([lin.bias] if lin.bias is not None else [])
     params = list(model.parameters())
-    if len(params) != len(own) or any(p is not q for p, q in zip(params, own)):
+    if len(params) != len(own) or any(p is not q for p, q in zip(params, own, strict=True)):
         return None
     return lin if all(p.requires_grad for p in params) else None
 
@@ -261,8 +271,6 @@ def is_flatcli_logreg(model: nn.Module) -> bool:
     """Flatcli's own ``logreg`` (:class:`flatcli.models.linear.LogReg`, not a subclass)
     with a plain ``nn.Linear`` and no hooks: ``fc(x.flatten(1))`` by construction.
     """
-    from flatcli.models.linear import LogReg
-
     return type(model) is LogReg and type(model.fc) is nn.Linear and unhooked(model)
 
 
@@ -304,8 +312,6 @@ def verified_logistic_regression_hessian(
     ``None`` also when the operator streams its data (a DataLoader): the closed form
     needs all inputs in memory, and the generic dense path gives the same matrix.
     """
-    from flatcli.curvature.operator import Curvature
-
     lin = single_linear(model)
     if lin is None or op.curvature is not Curvature.HESSIAN:
         return None

@@ -1,36 +1,63 @@
-"""Extreme eigenvalues by the Lanczos method with full reorthogonalisation.
+"""The Lanczos method: one lockstep core, and extreme eigenvalues with error bounds.
 
 Lanczos (1950) builds an orthonormal basis V_m = [v_1 ... v_m] of the Krylov space
-span{v_1, H v_1, ..., H^{m-1} v_1} from a Gaussian start vector, in which H is the
-tridiagonal matrix T_m (diagonal alpha_j, off-diagonal beta_j):
+span{v_1, H v_1, ..., H^{m-1} v_1} from a start vector, in which H is the tridiagonal
+matrix T_m (diagonal alpha_j, off-diagonal beta_j):
 
     H V_m = V_m T_m + beta_m v_{m+1} e_m^T.
 
-The eigenpairs (theta_i, s_i) of T_m give Ritz pairs (theta_i, y_i = V_m s_i) whose
-residual is ``||H y_i - theta_i y_i|| = |beta_m s_{m,i}|``; for symmetric H some eigenvalue
-lies within that distance of theta_i (Parlett 1998, "The Symmetric Eigenvalue Problem",
-Thm 4.5.1), so the residual is a rigorous error bar. The extreme Ritz values converge
-first, which is why Granziol (2020) and the PyHessian/hessian-eigenthings tools use
-Lanczos for lambda_max; this one stops when the wanted residuals fall below
-``tol * |theta|`` rather than after a fixed number of steps.
+The core, :class:`LockstepLanczos`, runs K such recurrences from K start vectors at
+once: each step is ONE ``op.matmat`` of the K current vectors (one data pass for all),
+and each new vector is orthogonalised against its own whole basis twice (classical
+Gram-Schmidt, "twice is enough": Giraud, Langou, Rozloznik 2005;
+:func:`flatcli.curvature.linalg.orthogonalise`), which keeps every V_m orthonormal to
+working precision and prevents the spurious copies of converged eigenvalues that plain
+Lanczos produces. A recurrence whose Krylov space becomes invariant (beta ~ 0, e.g. when
+H has low rank) is stopped there or restarted from a random vector orthogonal to its
+basis (the dropped coupling is added to the residual bounds); the others continue.
+:func:`lanczos` (extreme eigenvalues) runs it with K = 1,
+:func:`flatcli.curvature.density.slq_density` with K probes. Memory: K m P basis entries.
 
-Every new vector is orthogonalised against the whole basis twice (classical
-Gram-Schmidt, "twice is enough": Giraud, Langou, Rozloznik 2005), which keeps V_m
-orthonormal to working precision and prevents the spurious copies of converged
-eigenvalues that plain Lanczos produces. If the Krylov space becomes invariant
-(beta ~ 0, e.g. when H has low rank) its Ritz values are eigenvalues and the run
-stops; if fewer than k Ritz values exist by then, it continues from a fresh random
-vector orthogonal to the basis (the dropped coupling is added to the residual bounds).
-Each step costs one Hessian-vector product (one data pass) and O(P m) memory.
+Error bounds. The eigenpairs (theta_i, s_i) of T_m give Ritz pairs (theta_i, y_i = V_m s_i)
+whose residual is ``r_i = ||H y_i - theta_i y_i|| = |beta_m s_{m,i}|``; for symmetric H some
+eigenvalue lies within r_i of theta_i (Parlett 1998, "The Symmetric Eigenvalue Problem",
+Thm 4.5.1), so the residual is a rigorous error bar. It is pessimistic: the error of a
+converged Ritz value falls like r_i^2, not r_i. The gap theorem (Kato 1949, Temple 1929;
+Parlett 1998, sec. 10.2 and Thm 11.7.1) makes that precise: if theta is the Rayleigh
+quotient of a unit y with residual r, and (a, b) contains theta and exactly one
+eigenvalue lambda of H, then
+
+    theta - r^2 / (b - theta) <= lambda <= theta + r^2 / (theta - a).
+
+For the largest Ritz value theta_1 (b = infinity), with a = theta_2 + r_2 from the next
+Ritz value and its residual, the error is at most r_1^2 / delta with the gap
+delta = theta_1 - (theta_2 + r_2); the smallest end is the mirror image, and an interior
+wanted value takes the smaller of the gaps to its two neighbours. The assumption is that
+no eigenvalue other than lambda lies above theta_2 + r_2 (below theta_2 - r_2 at the
+smallest end). Interlacing gives only theta_2 <= lambda_2, never the upper side, so the
+assumption cannot be verified from the Krylov space: it fails whenever an eigenvalue
+close to lambda_1 has not yet been resolved (two outliers a fraction of a percent
+apart, a narrow cluster at the top); theta_1 is then a mixture of both, and r_1^2 / delta
+understates the error by orders of magnitude (tests/curvature/test_lanczos.py shows
+such a case). The residual bound has a milder form of the same limitation: it bounds the
+distance to SOME eigenvalue, which in an unresolved pair need not be lambda_1.
+
+With ``gap_rule=True`` :func:`lanczos` uses the gap bound, and stops on it, only where the
+premises that can be checked hold: theta_1 has a neighbour, delta > r_1 (so the gap
+bound is the smaller one and the two Ritz intervals are disjoint), the same held at the
+previous step, and theta_1 stayed inside the interval that the previous step's gap bound
+claimed (Ritz values move monotonically towards the extreme eigenvalues, so a Ritz
+value beyond that interval proves the assumption false). Everywhere else, and by
+default, the bound is the rigorous residual. :attr:`LanczosResult.bound_kinds` says which
+was used. With a clear gap the gap rule stops several products earlier.
 
 Rounding of the operator. In float32 the products are those of H + E, E the rounding of
 the operator itself (sums over samples and parameters), and the Ritz residual bounds the
 distance to the spectrum of H + E, not of H; ||E y|| can exceed the eps |theta| floor
-(see tests/curvature/test_foreign_models.py). So a run
-on an operator below float64 ends with a float64 re-check of the wanted Ritz vectors
-(``op.astype(torch.float64)``: the same loss, parameters and data in float64; one data
-pass for all of them). For a unit vector y and any theta, some eigenvalue of the float64
-matrix H64 lies within
+(see tests/curvature/test_foreign_models.py). So a run on an operator below float64 ends
+with a float64 re-check of the wanted Ritz vectors (``op.astype(torch.float64)``: the same
+loss, parameters and data in float64; one data pass for all of them). For a unit vector y
+and any theta, some eigenvalue of the float64 matrix H64 lies within
 
     r64 = ||H64 y - theta y||
 
@@ -38,11 +65,12 @@ of theta (Parlett, Thm 4.5.1, again). With rho = y^T H64 y, H64 y - rho y is ort
 to y, so r64^2 = ||H64 y - rho y||^2 + (rho - theta)^2 <= (||H64 y - rho y|| + |rho - theta|)^2:
 r64 covers both the residual of the float64 matrix and the shift of the Rayleigh
 quotient that the float32 operator caused. The reported bound is
-max(residual, r64 + eps64 |theta|) (|theta| the largest wanted one), a bound for the
-float64 matrix, i.e. for the exact Hessian up to float64 rounding. An operator without ``astype`` gets an estimate
-instead: the explicit residual ||H y - theta y|| plus the spread ||H(3y)/3 - H y|| of a
-product computed twice at different scales (the exact products agree, the rounding does
-not). Either costs one data pass at the end, never one per step.
+max(bound, r64 + eps64 |theta|) (|theta| the largest wanted one), a bound for the
+float64 matrix, i.e. for the exact Hessian up to float64 rounding. An operator without
+``astype`` gets an estimate instead: the explicit residual ||H y - theta y|| plus the
+spread ||H(3y)/3 - H y|| of a product computed twice at different scales (the exact
+products agree, the rounding does not). Either costs one data pass at the end, never one
+per step.
 """
 
 from __future__ import annotations
@@ -50,16 +78,26 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from flatcli.curvature.linalg import (
+    orthogonalise,
+    orthogonalise_with_coefficients,
+    tridiagonal_eigh,
+)
 from flatcli.curvature.probes import LinearOperatorLike, gaussian, generator
-from flatcli.curvature.results import EigenEstimate, LanczosResult
+from flatcli.curvature.results import Estimate
 from flatcli.errors import UsageError
 
-#: Called after every Lanczos step with (step, wanted Ritz values, their residual bounds).
+#: Called after every Lanczos step with (step, wanted Ritz values, their error bounds).
 Callback = Callable[[int, tuple[float, ...], tuple[float, ...]], None]
+
+#: Which bound a wanted Ritz value reports: the gap (Kato-Temple) or the residual.
+BoundKind = Literal["gap", "residual"]
 
 
 class Which(str, enum.Enum):
@@ -70,6 +108,153 @@ class Which(str, enum.Enum):
     BOTH = "both"
 
 
+@dataclass(frozen=True)
+class LanczosResult:
+    """Ritz values of a Lanczos run and their error bounds.
+
+    Attributes:
+        eigenvalues: the wanted Ritz values theta_i, ascending.
+        residuals: ``||H y_i - theta_i y_i||`` for each Ritz pair (aligned with
+            ``eigenvalues``; below float64 widened by the operator's rounding). For
+            symmetric H some eigenvalue lies within this distance of theta_i:
+            ``min_j |lambda_j - theta_i| <= residual_i`` (Parlett 1998, Thm 4.5.1).
+        bounds: the error bound of each wanted Ritz value: the gap bound r^2 / delta
+            where its assumption could be checked, else the residual (module docstring);
+            never larger than ``residuals``.
+        bound_kinds: ``"gap"`` or ``"residual"`` for each entry of ``bounds``.
+        iterations: Lanczos steps taken (size of the tridiagonal matrix).
+        hvps: Hessian-vector products spent (one per step, plus the float64 re-check).
+        converged: every wanted bound met ``tol`` (relative), or the Krylov space
+            became invariant (then the Ritz values are eigenvalues up to rounding).
+        which: ``"largest"``, ``"smallest"`` or ``"both"``.
+        vectors: Ritz vectors (P, len(eigenvalues)) when asked for, else ``None``.
+    """
+
+    eigenvalues: tuple[float, ...]
+    residuals: tuple[float, ...]
+    bounds: tuple[float, ...]
+    bound_kinds: tuple[BoundKind, ...]
+    iterations: int
+    hvps: int
+    converged: bool
+    which: str
+    vectors: Tensor | None = None
+
+
+class LockstepLanczos:
+    """K Lanczos recurrences advanced together, one ``op.matmat`` per step.
+
+    Sequence p keeps its basis (rows of ``basis[p]``), its tridiagonal matrix (``alphas``,
+    ``betas``: float64 on the CPU) and the couplings dropped at its restarts. A step is
+    :meth:`advance` (the product, full reorthogonalisation, alpha_j and the new beta_j of
+    every running sequence) followed by :meth:`accept`, which stops, restarts or extends
+    each of them.
+    """
+
+    def __init__(self, op: LinearOperatorLike, starts: Tensor, max_steps: int) -> None:
+        """Start K recurrences from the columns of ``starts`` (P, K), for at most
+        ``max_steps`` steps each.
+        """
+        n, k = starts.shape
+        self.op = op
+        self.max_steps = max_steps
+        self.basis = torch.empty(k, max_steps, n, device=op.device, dtype=op.dtype)
+        self.basis[:, 0] = (starts / torch.linalg.vector_norm(starts, dim=0)).T
+        self.alphas = torch.zeros(k, max_steps, dtype=torch.float64)  # small data: CPU
+        #: betas[p, j] couples v_j and v_{j+1} of sequence p (0 after a restart at j)
+        self.betas = torch.zeros(k, max_steps, dtype=torch.float64)
+        #: (step, beta) of each restart of each sequence
+        self.dropped: list[list[tuple[int, float]]] = [[] for _ in range(k)]
+        self.lengths = [0] * k
+        self.active = torch.arange(k)  # sequences still running (CPU indices)
+        self.steps = 0
+        self._w: Tensor | None = None
+        self._beta: Tensor | None = None
+
+    @property
+    def running(self) -> bool:
+        """Whether any sequence is still running."""
+        return self.active.numel() > 0
+
+    def advance(self) -> Tensor:
+        """One step of every running sequence; returns their new beta_j (float64, CPU)."""
+        j = self.steps
+        full = self.active.numel() == self.basis.shape[0]
+        # slices (views) while every sequence runs; index copies only after one stopped
+        previous = (
+            self.basis[:, : j + 1] if full else self.basis[self.active.to(self.op.device), : j + 1]
+        )
+        w = self.op.matmat(previous[:, j].T).T  # ONE data pass for all running sequences
+        w, coeffs = orthogonalise_with_coefficients(w, previous)
+        beta: Tensor = torch.linalg.vector_norm(w, dim=1)
+        self.alphas[self.active, j] = coeffs[:, j].to("cpu", torch.float64)
+        self.steps = j + 1
+        for p in self.active.tolist():
+            self.lengths[p] = j + 1
+        self._w, self._beta = w, beta
+        return beta.to("cpu", torch.float64)
+
+    def invariant(self, beta: Tensor) -> Tensor:
+        """Which running sequences reached an invariant subspace: ``beta <= 64 eps ||T||``,
+        ||T|| taken as the largest entry of the sequence's tridiagonal matrix.
+        """
+        j = self.steps
+        entries = torch.cat([self.alphas[self.active, :j], self.betas[self.active, : j - 1]], 1)
+        scale = entries.abs().amax(dim=1)
+        return beta <= 64 * torch.finfo(self.op.dtype).eps * scale
+
+    def accept(self, stop: Tensor, restart: Tensor, gen: torch.Generator | None = None) -> None:
+        """Stop the running sequences marked ``stop``; restart those marked ``restart``
+        from a random vector orthogonal to their basis (drawn from ``gen``); extend the
+        others by v_{j+1} = w / beta_j. Masks are aligned with the running sequences.
+        """
+        if self._w is None or self._beta is None:
+            raise RuntimeError("accept() needs a step: call advance() first")
+        j = self.steps - 1
+        w, beta = self._w, self._beta
+        beta_cpu = beta.to("cpu", torch.float64)
+        extend = ~stop & ~restart
+        rows = self.active[extend]
+        self.betas[rows, j] = beta_cpu[extend]
+        ext = extend.to(w.device)
+        self.basis[rows.to(w.device), j + 1] = w[ext] / beta[ext].unsqueeze(1)
+        again = restart & ~stop
+        if bool(again.any()):
+            if gen is None:
+                raise ValueError("a restart needs a generator")
+            rows = self.active[again]
+            for p, b in zip(rows.tolist(), beta_cpu[again].tolist(), strict=True):
+                self.dropped[p].append((j, b))
+            rows_dev = rows.to(w.device)
+            fresh = gaussian(self.op, rows.numel(), gen).T
+            fresh = orthogonalise(fresh, self.basis[rows_dev, : j + 1])
+            self.basis[rows_dev, j + 1] = fresh / torch.linalg.vector_norm(fresh, dim=1)[:, None]
+        self.active = self.active[~stop]
+        self._w = self._beta = None
+
+    def tridiagonal(self, p: int) -> tuple[Tensor, Tensor]:
+        """Diagonal (m,) and off-diagonal (m - 1,) of sequence p's T_m, float64, CPU."""
+        m = self.lengths[p]
+        return self.alphas[p, :m], self.betas[p, : m - 1]
+
+    def residuals(self, p: int, s: Tensor, beta: float) -> Tensor:
+        """Residual norms ``||H y_i - theta_i y_i||`` of all Ritz pairs of sequence p.
+
+        ``beta |s_{m,i}|`` (``beta`` the last step's), plus ``beta_r |s_{j_r,i}|`` for each
+        restart r at step j_r (the coupling set to zero there), which keeps the bound
+        rigorous.
+        """
+        res = beta * s[-1, :].abs()
+        for step, b in self.dropped[p]:
+            res = res + b * s[step, :].abs()
+        return res
+
+    def ritz_vectors(self, p: int, s: Tensor) -> Tensor:
+        """``V_m S`` for the columns S of eigenvectors of sequence p's T_m: (P, n)."""
+        m = self.lengths[p]
+        return self.basis[p, :m].T @ s.to(device=self.op.device, dtype=self.op.dtype)
+
+
 def _wanted(m: int, k: int, which: Which) -> list[int]:
     """Indices (into ascending Ritz values of T_m) of the wanted ones, ascending."""
     low = set(range(min(k, m))) if which in (Which.SMALLEST, Which.BOTH) else set()
@@ -77,16 +262,29 @@ def _wanted(m: int, k: int, which: Which) -> list[int]:
     return sorted(low | high)
 
 
-def _orthogonalise(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
-    """Classical Gram-Schmidt against the columns of ``basis``, twice.
-
-    Returns the orthogonalised vector and the total coefficients ``basis^T w``.
+def _end_key(i: int, m: int) -> int:
+    """Ritz value i of m by its place from its end: 0, 1, ... from the largest, -1, -2,
+    ... from the smallest.
     """
-    c1 = basis.T @ w
-    w = w - basis @ c1
-    c2 = basis.T @ w
-    w = w - basis @ c2
-    return w, c1 + c2
+    return m - 1 - i if i >= m / 2 else -1 - i
+
+
+def _gap_bounds(theta: Tensor, residuals: Tensor, wanted: list[int]) -> dict[int, float]:
+    """The Kato-Temple bounds ``r_i^2 / delta_i`` of the wanted Ritz values whose gap
+    premise holds at this step (a neighbour exists, ``delta_i > r_i``), by index.
+    """
+    m = theta.numel()
+    out: dict[int, float] = {}
+    if m < 2:
+        return out
+    for i in wanted:
+        t, r = float(theta[i]), float(residuals[i])
+        below = t - float(theta[i - 1] + residuals[i - 1]) if i > 0 else math.inf
+        above = float(theta[i + 1] - residuals[i + 1]) - t if i < m - 1 else math.inf
+        gap = min(below, above)
+        if gap > r:
+            out[i] = r * r / gap
+    return out
 
 
 def lanczos(
@@ -100,29 +298,33 @@ def lanczos(
     return_vectors: bool = False,
     callback: Callback | None = None,
     recheck: bool = True,
+    gap_rule: bool = False,
 ) -> LanczosResult:
     """The k largest and/or smallest eigenvalues of a symmetric operator.
 
     Args:
-        op: the operator (``matvec``, ``num_params``, ``device``, ``dtype``).
+        op: the operator (``matmat``, ``num_params``, ``device``, ``dtype``).
         k: how many eigenvalues at each wanted end.
-        tol: stop when every wanted Ritz residual is at most ``tol * |theta|`` (for
+        tol: stop when every wanted error bound is at most ``tol * |theta|`` (for
             theta near 0: ``tol * sqrt(eps) * max|theta|``, eps of ``op.dtype``).
         max_iter: most Lanczos steps (and HVPs); capped at P.
         seed: seeds the Gaussian start vector (drawn on the operator's device/dtype).
         which: ``"largest"``, ``"smallest"`` or ``"both"``.
         return_vectors: also return the Ritz vectors (P, n) on the operator's device.
-        callback: called after every step with (step, wanted Ritz values, their
-            residual bounds): the current estimate, e.g. for a progress display.
+        callback: called after every step with (step, wanted Ritz values, their error
+            bounds): the current estimate, e.g. for a progress display.
         recheck: below float64, widen the final bounds by the operator's own rounding
             (the float64 re-check of the module docstring; one more data pass).
+        gap_rule: use the gap (Kato-Temple) bound where its checkable premises hold, and
+            stop on it; False (the default): the residual bound only (module docstring:
+            the gap bound's assumption can fail unseen).
 
     Returns:
-        A :class:`LanczosResult` with the wanted Ritz values (ascending), their
-        residual norms (error bounds; below float64 including the operator's rounding),
-        iterations, HVPs (the re-check's included) and whether it converged.
-        An eigenvalue of multiplicity > 1 is found once (a Krylov space from one start
-        vector holds one copy of each eigenvector it reaches).
+        A :class:`LanczosResult` with the wanted Ritz values (ascending), their residual
+        norms and error bounds (below float64 including the operator's rounding), which
+        bound each is, iterations, HVPs (the re-check's included) and whether it
+        converged. An eigenvalue of multiplicity > 1 is found once (a Krylov space from
+        one start vector holds one copy of each eigenvector it reaches).
 
     Example:
         >>> import torch
@@ -132,7 +334,7 @@ def lanczos(
         >>> x, y = torch.randn(50, 4), torch.randint(0, 3, (50,))
         >>> op = CurvatureOperator(model, x, y, dtype=torch.float64)
         >>> result = lanczos(op, k=1)
-        >>> result.converged, result.residuals[0] <= 1e-6 * result.eigenvalues[0]
+        >>> result.converged, result.bounds[0] <= 1e-6 * result.eigenvalues[0]
         (True, True)
     """
     which_ = _parse_which(which)
@@ -147,36 +349,46 @@ def lanczos(
     gen = generator(op, seed)
     hvps_before = op.hvps
 
-    basis = torch.empty(n, m_max, device=op.device, dtype=op.dtype)
-    v = gaussian(op, 1, gen)[:, 0]
-    basis[:, 0] = v / torch.linalg.vector_norm(v)
-    alphas: list[float] = []
-    betas: list[float] = []  # betas[j] couples v_j and v_{j+1} in T (0 after a restart)
-    dropped: list[tuple[int, float]] = []  # (step, beta) of each restart
+    core = LockstepLanczos(op, gaussian(op, 1, gen), m_max)
+    # place from the end -> interval [theta - bound, theta + bound] the gap bound claimed
+    claimed: dict[int, tuple[float, float]] = {}
     converged = False
+    no = torch.zeros(1, dtype=torch.bool)
 
     while True:
-        j = len(alphas)
-        m = j + 1
-        w, coeffs = _orthogonalise(op.matvec(basis[:, j]), basis[:, :m])
-        alphas.append(float(coeffs[j]))
-        beta = float(torch.linalg.vector_norm(w))
-
-        theta, s = _ritz(alphas, betas)
+        beta_t = core.advance()
+        beta = float(beta_t[0])
+        m = core.steps
+        theta, s = tridiagonal_eigh(*core.tridiagonal(0))
         spectral_scale = float(theta.abs().max())
         wanted = _wanted(m, k, which_)
         # A residual below the operator's rounding level (eps ||H||) is not resolved by
         # products computed in op.dtype: never report less than that.
-        residuals = _residuals(s, beta, dropped).clamp(min=eps * spectral_scale)
-        floor = math.sqrt(eps) * spectral_scale
-        small_enough = all(residuals[i] <= tol * max(abs(float(theta[i])), floor) for i in wanted)
-        invariant = beta <= 64 * eps * max(spectral_scale, abs(alphas[-1]))
-        if callback is not None:
-            callback(
-                m,
-                tuple(float(theta[i]) for i in wanted),
-                tuple(float(residuals[i]) for i in wanted),
+        residuals = core.residuals(0, s, beta).clamp(min=eps * spectral_scale)
+        candidates = _gap_bounds(theta, residuals, wanted) if gap_rule else {}
+        floor_bound = eps * spectral_scale
+        # the gap bound counts only when its premise held at the previous step too and the
+        # Ritz value stayed inside the interval claimed there
+        gaps = {
+            i: b
+            for i, b in candidates.items()
+            if claimed.get(_end_key(i, m), (math.inf, -math.inf))[0]
+            <= float(theta[i])
+            <= claimed.get(_end_key(i, m), (math.inf, -math.inf))[1]
+        }
+        bounds = {i: max(gaps.get(i, float(residuals[i])), floor_bound) for i in wanted}
+        claimed = {
+            _end_key(i, m): (
+                float(theta[i]) - max(b, floor_bound),
+                float(theta[i]) + max(b, floor_bound),
             )
+            for i, b in candidates.items()
+        }
+        floor = math.sqrt(eps) * spectral_scale
+        small_enough = all(bounds[i] <= tol * max(abs(float(theta[i])), floor) for i in wanted)
+        invariant = bool(core.invariant(beta_t)[0])
+        if callback is not None:
+            callback(m, tuple(float(theta[i]) for i in wanted), tuple(bounds[i] for i in wanted))
         if m >= k and (small_enough or invariant):
             converged = True
             break
@@ -185,30 +397,30 @@ def lanczos(
             break
         if m == m_max:
             break
-        if invariant:  # fewer than k Ritz values so far: restart orthogonally
-            dropped.append((j, beta))
-            betas.append(0.0)
-            w, _ = _orthogonalise(gaussian(op, 1, gen)[:, 0], basis[:, :m])
-            basis[:, m] = w / torch.linalg.vector_norm(w)
-        else:
-            betas.append(beta)
-            basis[:, m] = w / beta
+        # fewer than k Ritz values so far on an invariant subspace: restart orthogonally
+        core.accept(no, torch.tensor([invariant]), gen)
 
+    final_residuals = [float(residuals[i]) for i in wanted]
+    final_bounds = [bounds[i] for i in wanted]
+    kinds: tuple[BoundKind, ...] = tuple("gap" if i in gaps else "residual" for i in wanted)
     vectors = None
-    bounds = [float(residuals[i]) for i in wanted]
     extra_hvps = 0
     if return_vectors or (recheck and op.dtype != torch.float64):
-        s_wanted = s[:, wanted].to(device=op.device, dtype=op.dtype)
-        vectors = basis[:, :m] @ s_wanted
+        vectors = core.ritz_vectors(0, s[:, wanted])
         if recheck and op.dtype != torch.float64:
             thetas = theta[wanted].to(device=op.device, dtype=torch.float64)
             rounding, extra_hvps = _operator_rounding(op, vectors, thetas)
-            bounds = [max(b, float(r)) for b, r in zip(bounds, rounding)]
+            final_residuals = [
+                max(b, float(r)) for b, r in zip(final_residuals, rounding, strict=True)
+            ]
+            final_bounds = [max(b, float(r)) for b, r in zip(final_bounds, rounding, strict=True)]
         if not return_vectors:
             vectors = None
     return LanczosResult(
         eigenvalues=tuple(float(theta[i]) for i in wanted),
-        residuals=tuple(bounds),
+        residuals=tuple(final_residuals),
+        bounds=tuple(final_bounds),
+        bound_kinds=kinds,
         iterations=m,
         hvps=op.hvps - hvps_before + extra_hvps,
         converged=converged,
@@ -226,7 +438,7 @@ def _operator_rounding(
     astype = getattr(op, "astype", None)
     scale = float(thetas.abs().max())
     if callable(astype):
-        op64 = astype(torch.float64)
+        op64: LinearOperatorLike = astype(torch.float64)
         y = vectors.to(torch.float64)
         y = y / torch.linalg.vector_norm(y, dim=0)
         r64 = torch.linalg.vector_norm(op64.matmat(y) - y * thetas, dim=0)
@@ -249,25 +461,15 @@ def _parse_which(which: str) -> Which:
         ) from None
 
 
-def _ritz(alphas: list[float], betas: list[float]) -> tuple[Tensor, Tensor]:
-    """Eigen-decomposition of the tridiagonal T_m, in float64 on the CPU (ascending)."""
-    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if betas:
-        off = torch.tensor(betas, dtype=torch.float64)
-        t = t + torch.diag(off, 1) + torch.diag(off, -1)
-    return torch.linalg.eigh(t)
-
-
-def _residuals(s: Tensor, beta: float, dropped: list[tuple[int, float]]) -> Tensor:
-    """Residual norms ``||H y_i - theta_i y_i||`` of all Ritz pairs.
-
-    ``beta |s_{m,i}|``, plus ``beta_r |s_{j_r,i}|`` for each restart r at step j_r
-    (the coupling set to zero there), which keeps the bound rigorous.
-    """
-    res = beta * s[-1, :].abs()
-    for step, b in dropped:
-        res = res + b * s[step, :].abs()
-    return res
+def _estimate(r: LanczosResult, index: int) -> Estimate:
+    """The wanted Ritz value ``index`` of a run as an :class:`Estimate` (kind ``"bound"``)."""
+    return Estimate(
+        value=r.eigenvalues[index],
+        uncertainty=r.bounds[index],
+        kind="bound",
+        hvps=r.hvps,
+        converged=r.converged,
+    )
 
 
 def lambda_max(
@@ -277,10 +479,26 @@ def lambda_max(
     max_iter: int = 100,
     seed: int = 0,
     callback: Callback | None = None,
-) -> EigenEstimate:
-    """The largest eigenvalue (the most positive, not the largest in modulus)."""
-    r = lanczos(op, k=1, tol=tol, max_iter=max_iter, seed=seed, which="largest", callback=callback)
-    return EigenEstimate(r.eigenvalues[-1], r.residuals[-1], r.hvps, r.converged)
+    gap_rule: bool = False,
+) -> Estimate:
+    """The largest eigenvalue (the most positive, not the largest in modulus).
+
+    Returns:
+        An :class:`~flatcli.curvature.results.Estimate` of kind ``"bound"``: its
+        ``uncertainty`` is the error bound of :func:`lanczos` (the residual, or the gap
+        bound with ``gap_rule=True``), ``hvps`` the products of the run.
+    """
+    r = lanczos(
+        op,
+        k=1,
+        tol=tol,
+        max_iter=max_iter,
+        seed=seed,
+        which="largest",
+        callback=callback,
+        gap_rule=gap_rule,
+    )
+    return _estimate(r, -1)
 
 
 def lambda_min(
@@ -290,10 +508,20 @@ def lambda_min(
     max_iter: int = 100,
     seed: int = 0,
     callback: Callback | None = None,
-) -> EigenEstimate:
-    """The smallest (most negative) eigenvalue."""
-    r = lanczos(op, k=1, tol=tol, max_iter=max_iter, seed=seed, which="smallest", callback=callback)
-    return EigenEstimate(r.eigenvalues[0], r.residuals[0], r.hvps, r.converged)
+    gap_rule: bool = False,
+) -> Estimate:
+    """The smallest (most negative) eigenvalue, as for :func:`lambda_max`."""
+    r = lanczos(
+        op,
+        k=1,
+        tol=tol,
+        max_iter=max_iter,
+        seed=seed,
+        which="smallest",
+        callback=callback,
+        gap_rule=gap_rule,
+    )
+    return _estimate(r, 0)
 
 
 def extreme_eigenvalues(
@@ -303,12 +531,20 @@ def extreme_eigenvalues(
     max_iter: int = 100,
     seed: int = 0,
     callback: Callback | None = None,
-) -> tuple[EigenEstimate, EigenEstimate]:
+    gap_rule: bool = False,
+) -> tuple[Estimate, Estimate]:
     """``(lambda_min, lambda_max)`` from ONE Lanczos run (``which="both"``).
 
     Both estimates report the hvps of that shared run; do not add them up.
     """
-    r = lanczos(op, k=1, tol=tol, max_iter=max_iter, seed=seed, which="both", callback=callback)
-    low = EigenEstimate(r.eigenvalues[0], r.residuals[0], r.hvps, r.converged)
-    high = EigenEstimate(r.eigenvalues[-1], r.residuals[-1], r.hvps, r.converged)
-    return low, high
+    r = lanczos(
+        op,
+        k=1,
+        tol=tol,
+        max_iter=max_iter,
+        seed=seed,
+        which="both",
+        callback=callback,
+        gap_rule=gap_rule,
+    )
+    return _estimate(r, 0), _estimate(r, -1)

@@ -9,7 +9,7 @@ and the mean cross-entropy L(w) = (1/N) sum_i -log p_{i, y_i}, the operator appl
 
 plus ``l2 * I`` when asked (the Hessian of the coupled regulariser (l2/2) ||w||^2), to a
 block of K vectors V (P x K) in ONE pass over the data (Granziol 2020, "Flatness is a
-False Friend", measures H of the loss without the regulariser; see docs/paper.md).
+False Friend", measures H of the loss without the regulariser).
 
 Hessian-vector products use torch.func (Pearlmutter 1994, "Fast exact multiplication by
 the Hessian"):
@@ -19,31 +19,13 @@ the Hessian"):
 * forward-over-reverse: ``vmap(v -> jvp(grad(L), (w,), (v,))[1])``;
 * GGN: ``J v`` by jvp of the logits, multiply by ``diag p - p p^T``, then ``J^T`` by vjp.
 
-Measured costs (``python bench/hvp_methods.py --threads 1 --repeats 11``; MLP 784-64-10,
-50,890 parameters, 4,000 random inputs in one batch, float32, torch 2.14.1, CPU with one
-thread on a 2-core machine shared with other jobs; medians, ms):
-
-    =======================================  =======  ==========  ====================
-    quantity                                 time     / gradient  / one HVP, same method
-    =======================================  =======  ==========  ====================
-    gradient                                  19.2      1.00
-    1 HVP, double backward                    25.9      1.35
-    1 HVP, forward-over-reverse               39.4      2.05
-    16 HVPs in one block, double backward    204.5     10.65       7.9
-    16 HVPs in one block, forward-over-rev.  214.0     11.14       5.4
-    =======================================  =======  ==========  ====================
-
-Real MNIST digits (``--data-dir``) gave the same picture (single HVP: double backward
-2.3x a gradient, forward-over-reverse 3.1x; blocks of 16 within 2% of each other).
-Double backward is 1.3-1.5x faster for the single products Lanczos needs and ties on
-blocks, so ``auto`` picks it on the CPU. With 2 threads on the busy machine every
-timing swung by up to 10x (OpenMP spin-waiting), so those runs were not used. No GPU was
-available: on CUDA ``auto`` also picks double backward, unmeasured, because reverse mode
-has the wider operator coverage in torch (forward-mode AD still misses or mis-derives
-some ops, e.g. pytorch/pytorch#196699, nested forward mode through batch_norm) and
-because it builds the gradient graph once per batch and reuses it for every chunk of
-vectors, where forward-over-reverse recomputes it per chunk. Rerun the benchmark with ``--device cuda``
-and update ``AUTO_METHOD`` when a GPU is at hand.
+``method="auto"`` picks double backward on every device (``AUTO_METHOD``): it builds the
+gradient graph once per batch and reuses it for every chunk of vectors, where
+forward-over-reverse recomputes it per chunk; reverse mode has the wider operator
+coverage in torch (forward-mode AD still misses or mis-derives some ops, e.g.
+pytorch/pytorch#196699, nested forward mode through batch_norm); and on the CPU it is
+faster for the single products Lanczos needs and ties on blocks (measured with
+``bench/hvp_methods.py``, results in bench/README.md).
 
 Model state: dropout and every other train/eval switch is in eval mode. BatchNorm uses
 its running statistics (``bn_mode="eval"``, as PyHessian does), the statistics of each
@@ -71,7 +53,7 @@ from __future__ import annotations
 import copy
 import enum
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -111,15 +93,27 @@ class HvpMethod(str, enum.Enum):
     FORWARD_OVER_REVERSE = "forward_over_reverse"
 
 
-# ``method="auto"`` resolves through this table (see the module docstring for the
-# measurements behind it); device types missing from it use the "cpu" entry.
+#: The vjp function of one batch's gradient: v -> (v^T H_b,).
+_VjpFn = Callable[[Tensor], tuple[Tensor, ...]]
+#: One batch's block product, (operator, x, y, V^T) -> (H_b V)^T (rows are vectors).
+_BlockProduct = Callable[["CurvatureOperator", Tensor, Tensor, Tensor], Tensor]
+
+
+# ``method="auto"`` resolves through this table (see the module docstring for the reasons);
+# device types missing from it use the "cpu" entry.
 AUTO_METHOD: dict[str, HvpMethod] = {
     "cpu": HvpMethod.DOUBLE_BACKWARD,
     "cuda": HvpMethod.DOUBLE_BACKWARD,
 }
 
 
-def _parse_enum(enum_cls: type[enum.Enum], value: Any, option: str) -> Any:
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+def parse_enum(enum_cls: type[_E], value: object, option: str) -> _E:
+    """The member of ``enum_cls`` with this value, or an
+    :class:`~flatcli.errors.UnknownNameError` naming ``option`` and the choices.
+    """
     try:
         return enum_cls(value)
     except ValueError:
@@ -177,8 +171,8 @@ def _map_rows(fn: Callable[[Tensor], Tensor], vs: Tensor, chunk_size: int | None
     ``chunk_size=1`` loops over the rows instead (the batch's gradient graph is still
     built once and shared by all of them).
 
-    A single row is passed straight to ``fn``: vmap's batching rules cost 5-40% of a
-    Lanczos step's product (MLP / small CNN of bench/) and gain nothing for one vector.
+    A single row is passed straight to ``fn``: vmap's batching rules cost time (measured
+    in bench/README.md) and gain nothing for one vector.
     """
     if vs.shape[0] == 1:
         return fn(vs[0]).unsqueeze(0)
@@ -187,7 +181,11 @@ def _map_rows(fn: Callable[[Tensor], Tensor], vs: Tensor, chunk_size: int | None
     return vmap(fn, chunk_size=chunk_size)(vs)
 
 
-def activation_bytes_per_sample(model: nn.Module, inputs: Tensor) -> int:
+def _num_samples(inputs: Tensor | DataSource) -> int:
+    return inputs.num_samples if isinstance(inputs, DataSource) else inputs.shape[0]
+
+
+def activation_bytes_per_sample(model: nn.Module, inputs: Tensor | DataSource) -> int:
     """Bytes of all leaf modules' outputs for one input (one forward pass, eval mode)."""
     sizes: list[int] = []
     hooks = [
@@ -218,7 +216,7 @@ def activation_bytes_per_sample(model: nn.Module, inputs: Tensor) -> int:
 
 def suggest_chunk_size(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Tensor | DataSource,
     batch_size: int,
     *,
     budget_bytes: int = 2 * 2**30,
@@ -230,8 +228,8 @@ def suggest_chunk_size(
     A vmapped Hessian-vector product keeps, per vector, about the activations of one
     batch over (forward, backward and their tangents). The activations per sample are
     measured with one forward pass of a single input (the sizes of every leaf module's
-    output); ``overhead`` covers the extra copies (measured: a small CNN on 1024 MNIST
-    images took 1.1x the leaf outputs per vector in peak memory, double backward).
+    output); ``overhead`` covers the extra copies, with room to spare (the peak memory
+    measured in bench/README.md).
     """
     if per_sample is None:
         per_sample = activation_bytes_per_sample(model, inputs)
@@ -250,19 +248,19 @@ CPU_BATCH_BYTES = 8 * 2**20
 MIN_AUTO_BATCH = 32
 
 
-def auto_batch_size(model: nn.Module, inputs: Tensor, per_sample: int | None = None) -> int:
+def auto_batch_size(
+    model: nn.Module, inputs: Tensor | DataSource, per_sample: int | None = None
+) -> int:
     """Samples per forward pass when the user gives none (capped at N).
 
     On the CPU: as many as keep the batch's activations (all leaf modules' outputs)
     within ``CPU_BATCH_BYTES``, between ``MIN_AUTO_BATCH`` and ``DEFAULT_BATCH``.
     Larger tensors come from fresh pages of memory on every allocation (glibc serves
-    blocks over ~32 MB by mmap), and the page faults cost more than the arithmetic:
-    8 HVPs of the demo's MNIST CNN (5,130 parameters, 170 KB of activations per image,
-    4,000 images, one thread) took 4.3-4.6 s in batches of 32-96 and 12.3 s in batches
-    of 1024, of which 6.8 s system time (4.8 million page faults). Elsewhere:
-    ``DEFAULT_BATCH``. ``per_sample``: :func:`activation_bytes_per_sample`, if known.
+    blocks over ~32 MB by mmap), and the page faults then cost more than the arithmetic
+    (measured in bench/README.md). Elsewhere: ``DEFAULT_BATCH``. ``per_sample``:
+    :func:`activation_bytes_per_sample`, if known.
     """
-    n = inputs.shape[0]
+    n = _num_samples(inputs)
     if next(model.parameters()).device.type != "cpu":
         return min(DEFAULT_BATCH, n)
     if per_sample is None:
@@ -273,7 +271,7 @@ def auto_batch_size(model: nn.Module, inputs: Tensor, per_sample: int | None = N
 
 def memory_bounded(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Tensor | DataSource,
     batch_size: int | None = None,
     *,
     budget_bytes: int = 2 * 2**30,
@@ -289,32 +287,20 @@ def memory_bounded(
     ``inputs`` may be a :class:`~flatcli.curvature.batches.DataSource`: a stream (a
     DataLoader) is cut by the loader, so its batch is the loader's (checked against the
     budget like any batch that defines the matrix) and ``batch_size`` comes back None.
-    Otherwise:
-    ``batch_size`` (capped at N; ``None``: :func:`auto_batch_size`), the vmap ``chunk_size`` from
-    :func:`suggest_chunk_size`, and ``cache_graph`` when every batch's gradient graph
-    fits. On the CPU the chunk is 1, a loop over the vectors: vmap does not pay there
-    for double backward (``auto`` on the CPU), which builds each batch's graph once for
-    the whole block. Forward-over-reverse recomputes it per call, so give that method a
-    larger ``chunk_size`` (16 vectors, MLP, 1,000 inputs: loop 143 ms, chunks of 16 58 ms).
-    Measured with one thread, products of 16 or 32 vectors with the graph kept (ms):
-
-        ======================================  =====  =====  =====  =====  =====
-        chunk_size                                  1      2      4      8  16/32
-        ======================================  =====  =====  =====  =====  =====
-        small CNN, 256 images, 16 vectors         332    427    354    653    975
-        MLP 784-64-10, 4,000 images, 32 vectors   325      -    316    311    343
-        ======================================  =====  =====  =====  =====  =====
-
-    (chunk 1 of the CNN is the loop; vmap with chunks of 1 took 539 ms.) The MLP's
-    block costs the same whatever the chunk because its products are matrix products
-    that already run at the CPU's speed: X W for 4,000 x 784 by 784 x 64 took 3.8 ms,
-    and by 784 x 1024 (16 vectors folded into one product) 58 ms, 15.4x.
+    Otherwise: ``batch_size`` (capped at N; ``None``: :func:`auto_batch_size`), the vmap
+    ``chunk_size`` from :func:`suggest_chunk_size`, and ``cache_graph`` when every batch's
+    gradient graph fits. On the CPU the chunk is 1, a loop over the vectors: double
+    backward (``auto`` on the CPU) builds each batch's graph once for the whole block,
+    and vmap's batching brings no speed there, where a model's products already run as
+    matrix products at the CPU's speed (measured in bench/README.md).
+    Forward-over-reverse recomputes the graph per call, so give that method a larger
+    ``chunk_size``.
     """
-    n = inputs.num_samples if isinstance(inputs, DataSource) else inputs.shape[0]
-    mode = _parse_enum(BatchNormMode, bn_mode, "BatchNorm mode")
+    n = _num_samples(inputs)
+    mode = parse_enum(BatchNormMode, bn_mode, "BatchNorm mode")
     per_sample = activation_bytes_per_sample(model, inputs)  # one forward pass of one input
     streamed = isinstance(inputs, StreamedData) and mode is not BatchNormMode.FULL
-    if streamed:  # a DataLoader's batches are its own (the operator takes no batch_size)
+    if isinstance(inputs, StreamedData) and streamed:  # the loader's batches are its own
         batch = inputs.batch_size
     elif mode is BatchNormMode.FULL:
         batch = n if batch_size is None else min(batch_size, n)
@@ -410,7 +396,7 @@ class CurvatureOperator:
     def __init__(
         self,
         model: nn.Module,
-        inputs: Tensor | Iterable | DataSource,
+        inputs: Tensor | Iterable[Any] | DataSource,
         targets: Tensor | None = None,
         *,
         curvature: str = "hessian",
@@ -424,9 +410,9 @@ class CurvatureOperator:
         progress: Callable[[int], None] | None = None,
         cache_graph: bool | None = None,
     ) -> None:
-        self.curvature = _parse_enum(Curvature, curvature, "curvature")
-        self.bn_mode = _parse_enum(BatchNormMode, bn_mode, "BatchNorm mode")
-        requested_method = _parse_enum(HvpMethod, method, "HVP method")
+        self.curvature = parse_enum(Curvature, curvature, "curvature")
+        self.bn_mode = parse_enum(BatchNormMode, bn_mode, "BatchNorm mode")
+        requested_method = parse_enum(HvpMethod, method, "HVP method")
         for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
             if value is not None and value < 1:
                 raise UsageError(f"{name} must be a positive integer, got {value}")
@@ -510,12 +496,16 @@ class CurvatureOperator:
             if requested_method is HvpMethod.AUTO
             else requested_method
         )
-        # the per-batch block product, by (curvature, method)
-        blocks: dict[tuple[Curvature, HvpMethod], Callable[[Tensor, Tensor, Tensor], Tensor]] = {
-            (Curvature.HESSIAN, HvpMethod.DOUBLE_BACKWARD): self._hvp_double_backward,
-            (Curvature.HESSIAN, HvpMethod.FORWARD_OVER_REVERSE): self._hvp_forward_over_reverse,
-            (Curvature.GGN, HvpMethod.DOUBLE_BACKWARD): self._ggn_block,
-            (Curvature.GGN, HvpMethod.FORWARD_OVER_REVERSE): self._ggn_block,
+        # the per-batch block product, by (curvature, method); unbound, so that a copy
+        # (astype) applies it to itself
+        blocks: dict[tuple[Curvature, HvpMethod], _BlockProduct] = {
+            (Curvature.HESSIAN, HvpMethod.DOUBLE_BACKWARD): CurvatureOperator._hvp_double_backward,
+            (
+                Curvature.HESSIAN,
+                HvpMethod.FORWARD_OVER_REVERSE,
+            ): CurvatureOperator._hvp_forward_over_reverse,
+            (Curvature.GGN, HvpMethod.DOUBLE_BACKWARD): CurvatureOperator._ggn_block,
+            (Curvature.GGN, HvpMethod.FORWARD_OVER_REVERSE): CurvatureOperator._ggn_block,
         }
         self._block = blocks[(self.curvature, self.method)]
         # Under torchrun ``inputs`` are this process's shard: the weights n_b / N of a data
@@ -545,7 +535,7 @@ class CurvatureOperator:
             if isinstance(source, StreamedData)
             else self.batch_size >= self.local_samples
         )
-        self._cache: list | None = (
+        self._cache: list[_VjpFn] | None = (
             [] if (single_batch if cache_graph is None else cache_graph) else None
         )
         self._batch_index = 0
@@ -559,6 +549,7 @@ class CurvatureOperator:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """``(P, P)``, as for a matrix."""
         return (self.num_params, self.num_params)
 
     def unflatten(self, v: Tensor) -> dict[str, Tensor]:
@@ -579,12 +570,13 @@ class CurvatureOperator:
 
     def _logits(self, theta: Tensor, x: Tensor) -> Tensor:
         tensors = {**self._fixed, **self.unflatten(theta)}
-        return functional_call(self._model, tensors, (x,))
+        logits: Tensor = functional_call(self._model, tensors, (x,))
+        return logits
 
     def _loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(self._logits(theta, x), y)
 
-    def _cached_vjp(self, make: Callable[[], Callable]) -> Callable:
+    def _cached_vjp(self, make: Callable[[], _VjpFn]) -> _VjpFn:
         """The current batch's vjp function, built once when graphs are cached."""
         index = self._batch_index
         self._batch_index += 1
@@ -626,14 +618,15 @@ class CurvatureOperator:
         def logits(t: Tensor) -> Tensor:
             return self._logits(t, x)
 
-        z, vjp_fn = vjp(logits, theta)
+        z, vjp_fn = vjp(logits, theta)[:2]
         p = torch.softmax(z.detach(), dim=1)
         n_terms = z.numel() // z.shape[1]  # cross-entropy averages over these
 
         def one(v: Tensor) -> Tensor:
             jv = jvp(logits, (theta,), (v,))[1]
             m = p * jv - p * (p * jv).sum(dim=1, keepdim=True)
-            return vjp_fn(m / n_terms)[0]
+            product: Tensor = vjp_fn(m / n_terms)[0]
+            return product
 
         return _map_rows(one, vs, self.chunk_size)
 
@@ -650,7 +643,7 @@ class CurvatureOperator:
         if k == 0:
             return V.clone()
         vs = V.T.contiguous()
-        (hv,) = self._pass(lambda x, y: (self._block(x, y, vs),))
+        (hv,) = self._pass(lambda x, y: (self._block(self, x, y, vs),))
         out = hv.T
         if self.l2:
             out = out + self.l2 * V
@@ -722,7 +715,6 @@ class CurvatureOperator:
         def cast(t: Tensor) -> Tensor:
             return t.to(dtype) if t.is_floating_point() else t
 
-        new._block = self._block.__func__.__get__(new)  # a bound method of the copy, not of self
         new.dtype = dtype
         new.params = torch.cat([cast(self._sources[n]).reshape(-1) for n in self.param_names])
         new._fixed = {n: cast(self._sources[n]) for n in self._fixed}

@@ -26,9 +26,13 @@ class LinearOperatorLike(Protocol):
     dtype: torch.dtype
     hvps: int
 
-    def matmat(self, V: Tensor) -> Tensor: ...
+    def matmat(self, V: Tensor) -> Tensor:
+        """H V for a block V (P, K)."""
+        ...
 
-    def matvec(self, v: Tensor) -> Tensor: ...
+    def matvec(self, v: Tensor) -> Tensor:
+        """H v for a vector v (P,)."""
+        ...
 
 
 def generator(op: LinearOperatorLike, seed: int) -> torch.Generator:

@@ -2,22 +2,31 @@
 
 Every estimator returns one of these: plain numbers (Python floats and tuples) plus the
 number of Hessian-vector products (``hvps``) it spent, so that a renderer can print them
-and a benchmark can compare costs without knowing which algorithm produced them.
+and a benchmark can compare costs without knowing which algorithm produced them. A number
+with its uncertainty is always an :class:`Estimate`, whichever estimator made it.
 Tensors that are returned (spectral densities, Ritz vectors) live on the CPU in float64,
 except Ritz vectors, which stay on the operator's device and dtype.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import Tensor
+
+#: What an uncertainty promises: a rigorous bound, a standard error, or nothing (exact).
+EstimateKind = Literal["bound", "stderr", "exact"]
 
 
 @dataclass(frozen=True)
 class Estimate:
-    """A measured number and its uncertainty: a rigorous bound (eigenvalues) or a
-    standard error (stochastic estimates); 0 for exact values.
+    """A measured number and its uncertainty: the value every estimator and measure returns.
+
+    ``kind`` says what ``uncertainty`` is: a rigorous ``"bound"`` (a Ritz residual:
+    some eigenvalue lies within it of ``value``), a ``"stderr"`` (the standard error of a
+    stochastic estimate), or 0 for an ``"exact"`` value.
 
     ``converged=False`` says the uncertainty is NOT what its kind promises:
 
@@ -32,18 +41,43 @@ class Estimate:
     Such a value is shown as "not converged", never as a bound or a standard error, and
     ``compare`` gives no verdict on it. Measures derived from others (``spectral_norm``,
     ``*_normalised``) inherit the flag.
+
+    Attributes:
+        value: the estimate.
+        uncertainty: the bound or standard error (0 for an exact value).
+        kind: ``"bound"``, ``"stderr"`` or ``"exact"``.
+        hvps: Hessian-vector products spent on it. In a report, work shared by several
+            measures is counted once, on the first of them (see ``shared_with``).
+        converged: whether ``uncertainty`` is what ``kind`` promises (above).
+        shared_with: the other measures of a report that came from the same products
+            (the two ends of one Lanczos run; trace and Frobenius norm from one set of
+            probes; a normalised measure and its base); their cost is in the ``hvps`` of
+            the first of them, the others have ``hvps=0``.
+        samples: independent samples behind a standard error (0 otherwise).
+        squared: for ``||H||_F`` from :func:`flatcli.curvature.trace.trace_and_frobenius`,
+            the unbiased estimate of ``Tr H^2`` whose square root ``value`` is (slightly
+            biased low, by O(stderr^2 / value), Jensen; ``uncertainty`` follows from
+            ``squared.uncertainty`` by the delta method, ``se / (2 value)``).
     """
 
     value: float
     uncertainty: float
-    kind: str  # "bound", "stderr" or "exact"
+    kind: EstimateKind
     hvps: int = 0
     converged: bool = True
-    #: Measures computed by the same run, whose products ``hvps`` already counts (the two
-    #: ends of one Lanczos run; trace and Frobenius norm from one set of probes).
     shared_with: tuple[str, ...] = ()
+    samples: int = 0
+    squared: Estimate | None = None
+
+    @property
+    def relative_uncertainty(self) -> float:
+        """``uncertainty / |value|`` (``inf`` when the value is 0)."""
+        return self.uncertainty / abs(self.value) if self.value != 0 else math.inf
 
     def as_dict(self) -> dict[str, float | bool]:
+        """The JSON form: ``value``, ``bound`` (bounds and exact values) or ``stderr``, and
+        ``converged``.
+        """
         key = "bound" if self.kind in ("bound", "exact") else "stderr"
         return {"value": self.value, key: self.uncertainty, "converged": self.converged}
 
@@ -72,80 +106,6 @@ class LanczosResult:
     converged: bool
     which: str
     vectors: Tensor | None = None
-
-
-@dataclass(frozen=True)
-class EigenEstimate:
-    """One extreme eigenvalue: ``|lambda - value| <= bound`` for some eigenvalue lambda.
-
-    ``hvps`` is the cost of the Lanczos run that produced it (shared when one run gave
-    both extremes, see :func:`flatcli.curvature.lanczos.extreme_eigenvalues`).
-    """
-
-    value: float
-    bound: float
-    hvps: int
-    converged: bool
-
-
-@dataclass(frozen=True)
-class StochasticEstimate:
-    """A randomised estimate with its standard error.
-
-    Attributes:
-        value: the estimate (e.g. of Tr H).
-        stderr: standard error of ``value``: sample standard deviation of the
-            ``samples`` independent Hutchinson terms over ``sqrt(samples)`` (the
-            deterministic low-rank part of Hutch++ adds nothing).
-        hvps: Hessian-vector products spent.
-        probes: random vectors drawn (sketch plus Hutchinson probes).
-        samples: Hutchinson samples behind ``stderr``.
-        estimator: ``"hutchinson"`` or ``"hutch++"``.
-        converged: whether ``stderr`` can be trusted as the uncertainty: it rests on at
-            least ``flatcli.curvature.trace.MIN_SAMPLES`` samples (or there is nothing
-            left to sample: the estimate is exact), and a ``target_rel_stderr`` that was
-            asked for was met. False: ``value`` and ``stderr`` are reported, but the
-            error may be many times ``stderr`` (a standard deviation of 2 or 3 samples is
-            itself a wild guess).
-    """
-
-    value: float
-    stderr: float
-    hvps: int
-    probes: int
-    samples: int
-    estimator: str
-    converged: bool = True
-
-    @property
-    def rel_stderr(self) -> float:
-        """``stderr / |value|`` (``inf`` when the value is 0)."""
-        return self.stderr / abs(self.value) if self.value != 0 else float("inf")
-
-
-@dataclass(frozen=True)
-class FrobeniusEstimate:
-    """An estimate of ``||H||_F = sqrt(Tr H^2)`` and of ``Tr H^2`` itself.
-
-    ``squared`` is unbiased for Tr H^2; ``value = sqrt(squared)`` is slightly biased low
-    (Jensen), by O(stderr^2 / value). ``stderr`` follows from ``squared_stderr`` by the
-    delta method: ``stderr = squared_stderr / (2 value)``. ``converged`` as for
-    :class:`StochasticEstimate`.
-    """
-
-    value: float
-    stderr: float
-    squared: float
-    squared_stderr: float
-    hvps: int
-    probes: int
-    samples: int
-    converged: bool = True
-
-    @property
-    def rel_stderr(self) -> float:
-        """``stderr / value`` (``inf`` when the value is 0)."""
-        return self.stderr / self.value if self.value != 0 else float("inf")
 
 
 @dataclass(frozen=True)

@@ -39,11 +39,8 @@ returns both at the price of one.
 
 With ``target_rel_stderr`` the remainder gets fresh probes (one data pass per top-up, as
 many as the spread so far predicts the target needs, plus 10%) until the relative
-standard error meets the target or ``max_hvps`` is spent.
-Measured on the MLP of bench/sharpness_vs_peers.py (4,000 MNIST images): at 62
-products, b=8 d=4 gave Tr H to 0.97% and ||H||_F to 0.15% (mean relative standard
-error over 8 seeds), where the one-sketch Hutch++ needed 96 products for 0.85% and
-0.19%, and that for each estimate separately.
+standard error meets the target or ``max_hvps`` is spent. The block Krylov subspace
+against the one-sketch Hutch++ at equal cost is measured in bench/README.md.
 """
 
 from __future__ import annotations
@@ -55,29 +52,17 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from flatcli.curvature.linalg import mean_and_stderr, orthogonalise
 from flatcli.curvature.probes import LinearOperatorLike, gaussian, generator, rademacher
-from flatcli.curvature.results import FrobeniusEstimate, StochasticEstimate
+from flatcli.curvature.results import Estimate
 from flatcli.errors import UsageError
 
-
-def _mean_and_stderr(samples: Tensor, exact_part: float = 0.0) -> tuple[float, float]:
-    """Mean and standard error (sample std with n-1, over sqrt(n)) in float64, the latter
-    at least the rounding of the arithmetic: ``eps * (mean |sample| + |exact_part|)``, eps
-    of the samples' dtype (the operator's) and ``exact_part`` the deterministic term the
-    mean is added to. Samples of zero variance (Hutch++ when Q spans the whole space, a
-    trace with no random part) otherwise report a standard error of ~1e-60, far below the
-    error the products' rounding leaves in the value.
-    """
-    x = samples.to(torch.float64)
-    floor = torch.finfo(samples.dtype).eps * (float(x.abs().mean()) + abs(exact_part))
-    return float(x.mean()), max(float(x.std(correction=1) / math.sqrt(x.numel())), floor)
-
-
-#: The fewest independent samples behind a standard error that is reported as converged.
-#: Measured (logistic regression on 300 digits, Hutch++, 60 seeds): with 2 or 3 remainder
-#: samples 17-28% of the errors exceeded 3 reported standard errors (up to 84x), with 5
-#: still 3-12%; from 10 on 2-3%, as with 30 (what Student's t with 9+ dof predicts).
-#: Fewer samples still give a value and a standard error, marked ``converged=False``.
+#: The fewest independent samples behind a standard error that is reported as converged:
+#: with a handful, the sample standard deviation is itself so noisy that errors of many
+#: reported standard errors are common; from 10 on their rate is what Student's t with 9+
+#: degrees of freedom predicts (measured in bench/README.md; checked against the dense
+#: Hessian in tests/test_convergence.py). Fewer samples still give a value and a standard
+#: error, marked ``converged=False``.
 MIN_SAMPLES = 10
 
 
@@ -130,7 +115,7 @@ def hutchinson_trace(
     seed: int = 0,
     target_rel_stderr: float | None = None,
     max_hvps: int | None = None,
-) -> StochasticEstimate:
+) -> Estimate:
     """Tr H by Hutchinson's estimator with Rademacher probes (one data pass per block).
 
     Args:
@@ -140,6 +125,9 @@ def hutchinson_trace(
             spread so far predicts) until ``stderr / |value| <= target_rel_stderr`` or
             ``max_hvps`` is spent.
         max_hvps: the budget for the adaptive mode (default ``10 * probes``).
+
+    Returns:
+        An ``Estimate`` of kind ``"stderr"``, with the number of ``samples`` (= products).
     """
     if probes < 2:
         raise UsageError(f"need at least 2 probes for a standard error, got {probes}")
@@ -153,28 +141,29 @@ def hutchinson_trace(
         return (g * op.matmat(g)).sum(dim=0)
 
     def rel(s: Tensor) -> float:
-        mean, se = _mean_and_stderr(s)
+        mean, se = mean_and_stderr(s)
         return se / abs(mean) if mean != 0 else math.inf
 
     samples = _grow(
         new_samples(probes), new_samples, rel, target_rel_stderr, lambda: budget - (op.hvps - start)
     )
-    value, stderr = _mean_and_stderr(samples)
-    return StochasticEstimate(
+    value, stderr = mean_and_stderr(samples)
+    return Estimate(
         value=value,
-        stderr=stderr,
+        uncertainty=stderr,
+        kind="stderr",
         hvps=op.hvps - start,
-        probes=samples.numel(),
-        samples=samples.numel(),
-        estimator="hutchinson",
         converged=_converged(samples.numel(), rel(samples), target_rel_stderr),
+        samples=samples.numel(),
     )
 
 
 def _deflate(g: Tensor, q: Tensor) -> Tensor:
-    """(I - QQ^T) g, applied twice for orthogonality to working precision."""
-    g = g - q @ (q.T @ g)
-    return g - q @ (q.T @ g)
+    """(I - QQ^T) g for columns g (P, n) and orthonormal columns q (P, k), applied twice
+    for orthogonality to working precision (:func:`flatcli.curvature.linalg.orthogonalise`
+    stores vectors by rows, hence the transposes).
+    """
+    return orthogonalise(g.T, q.T).T
 
 
 def _split_budget(probes: int) -> tuple[int, int, int]:
@@ -187,9 +176,7 @@ def _split_budget(probes: int) -> tuple[int, int, int]:
     # A third of the budget to the remainder, but at least MIN_REMAINDER samples when the
     # budget allows (a subspace of at least 1 vector is kept): with a handful, an
     # outlying eigenvalue left in the remainder makes the sample standard deviation, hence
-    # the reported standard error, run low (bench/sharpness_vs_peers.py, small CNN: with
-    # 8 remainder samples the error was 1.5-4x the reported standard error in rms over
-    # 30-40 seeds).
+    # the reported standard error, run low (measured in bench/README.md).
     n = max(probes // 3, 2, min(MIN_REMAINDER, probes - 3))
     sketch = probes - n
     depth = min(DEPTH, sketch)
@@ -275,7 +262,7 @@ def trace_and_frobenius(
     target_rel_stderr: float | None = None,
     max_hvps: int | None = None,
     targets: tuple[str, ...] = ("trace", "frobenius"),
-) -> tuple[StochasticEstimate, FrobeniusEstimate]:
+) -> tuple[Estimate, Estimate]:
     """Tr H and ||H||_F, each with a standard error, from the same products.
 
     Block Krylov Hutch++: Q spans the Krylov space of ``DEPTH`` block steps from b
@@ -293,9 +280,11 @@ def trace_and_frobenius(
         targets: which estimates the adaptive target applies to.
 
     Returns:
-        Both estimates, each ``converged=False`` when its standard error rests on fewer
-        than :data:`MIN_SAMPLES` remainder samples (a budget under 13 products; the error
-        can then be many standard errors) or misses the target it was given.
+        ``(trace, norm)``, ``Estimate`` s of kind ``"stderr"`` with the number of remainder
+        ``samples``; ``norm.squared`` is the estimate of Tr H^2. Each is
+        ``converged=False`` when its standard error rests on fewer than
+        :data:`MIN_SAMPLES` remainder samples (a budget under 13 products; the error can
+        then be many standard errors) or misses the target it was given.
 
     Example:
         >>> import torch
@@ -305,7 +294,7 @@ def trace_and_frobenius(
         ...                        torch.randint(0, 3, (40,)), dtype=torch.float64)
         >>> tr, fro = trace_and_frobenius(op, probes=30)
         >>> h = op.matmat(torch.eye(18, dtype=torch.float64))
-        >>> abs(tr.value - float(torch.trace(h))) <= 4 * tr.stderr, tr.hvps == fro.hvps == 30
+        >>> abs(tr.value - float(torch.trace(h))) <= 4 * tr.uncertainty, tr.hvps == fro.hvps == 30
         (True, True)
     """
     _check_adaptive(target_rel_stderr, max_hvps)
@@ -314,29 +303,36 @@ def trace_and_frobenius(
     start = op.hvps
     d, more = _deflated_samples(op, probes, gen)
 
-    def estimates(samples: Tensor) -> tuple[StochasticEstimate, FrobeniusEstimate]:
+    def estimates(samples: Tensor) -> tuple[Estimate, Estimate]:
         """From the (n, 2) remainder samples: column 0 for Tr H, column 1 for Tr H^2."""
-        mean, se = _mean_and_stderr(samples[:, 0], d.trace_part)
-        mean2, se2 = _mean_and_stderr(samples[:, 1], d.squared_part)
-        squared = d.squared_part + mean2
-        norm = math.sqrt(max(squared, 0.0))
-        n = samples.shape[0]
-        common = dict(hvps=op.hvps - start, probes=d.subspace + n, samples=n)
-        trace = StochasticEstimate(
-            value=d.trace_part + mean, stderr=se, estimator="hutch++", **common
-        )
-        fro = FrobeniusEstimate(
-            value=norm,
-            stderr=se2 / (2 * norm) if norm > 0 else math.inf,
-            squared=squared,
-            squared_stderr=se2,
-            **common,
-        )
+        mean, se = mean_and_stderr(samples[:, 0], d.trace_part)
+        mean2, se2 = mean_and_stderr(samples[:, 1], d.squared_part)
+        n, hvps = samples.shape[0], op.hvps - start
         # Q spanning the whole space leaves no remainder: the values are exact.
         exact = d.subspace >= op.num_params
+
+        def estimate(value: float, stderr: float, converged: bool) -> Estimate:
+            return Estimate(
+                value=value,
+                uncertainty=stderr,
+                kind="stderr",
+                hvps=hvps,
+                converged=converged,
+                samples=n,
+            )
+
+        def trusted(name: str, value: float, stderr: float) -> bool:
+            rel = stderr / abs(value) if value != 0 else math.inf
+            return _converged(n, rel, goal(name), exact)
+
+        trace = d.trace_part + mean
+        squared = d.squared_part + mean2
+        norm = math.sqrt(max(squared, 0.0))
+        norm_se = se2 / (2 * norm) if norm > 0 else math.inf
+        norm_ok = trusted("frobenius", norm, norm_se)
         return (
-            replace(trace, converged=_converged(n, trace.rel_stderr, goal("trace"), exact)),
-            replace(fro, converged=_converged(n, fro.rel_stderr, goal("frobenius"), exact)),
+            estimate(trace, se, trusted("trace", trace, se)),
+            replace(estimate(norm, norm_se, norm_ok), squared=estimate(squared, se2, norm_ok)),
         )
 
     def goal(name: str) -> float | None:
@@ -344,8 +340,8 @@ def trace_and_frobenius(
 
     def rel(samples: Tensor) -> float:
         return max(
-            e.rel_stderr
-            for e, name in zip(estimates(samples), ("trace", "frobenius"))
+            e.relative_uncertainty
+            for e, name in zip(estimates(samples), ("trace", "frobenius"), strict=True)
             if name in targets
         )
 
@@ -366,7 +362,7 @@ def hutchpp_trace(
     seed: int = 0,
     target_rel_stderr: float | None = None,
     max_hvps: int | None = None,
-) -> StochasticEstimate:
+) -> Estimate:
     """Tr H by block Krylov Hutch++ with a standard error (:func:`trace_and_frobenius`).
 
     Args:
@@ -384,7 +380,7 @@ def hutchpp_trace(
         ...                        torch.randint(0, 3, (40,)), dtype=torch.float64)
         >>> est = hutchpp_trace(op, probes=30)
         >>> exact = float(torch.trace(op.matmat(torch.eye(18, dtype=torch.float64))))
-        >>> abs(est.value - exact) <= 4 * est.stderr
+        >>> abs(est.value - exact) <= 4 * est.uncertainty
         True
     """
     return trace_and_frobenius(
@@ -404,12 +400,12 @@ def frobenius(
     seed: int = 0,
     target_rel_stderr: float | None = None,
     max_hvps: int | None = None,
-) -> FrobeniusEstimate:
+) -> Estimate:
     """||H||_F = sqrt(Tr H^2) with a standard error (:func:`trace_and_frobenius`).
 
     ``Tr H^2 = ||H Q||_F^2 + mean_i ||H (I - QQ^T) g_i||^2``: the first term exact, the
-    second unbiased with a sample standard error. Arguments as for
-    :func:`hutchpp_trace`; the adaptive target applies to ``||H||_F``.
+    second unbiased with a sample standard error (``squared`` of the result). Arguments
+    as for :func:`hutchpp_trace`; the adaptive target applies to ``||H||_F``.
     """
     return trace_and_frobenius(
         op,

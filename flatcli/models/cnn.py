@@ -24,6 +24,8 @@ from flatcli.models.registry import check_input_shape, check_int, register
     "cnn", help="2 conv layers (channels, 2*channels) + ReLU + max-pool, global avg-pool, linear"
 )
 class CNN(nn.Module):
+    """Two convolutions (``channels``, ``2 channels``), each ReLU and max-pool, then a linear head."""
+
     def __init__(
         self,
         input_shape: tuple[int, ...],
@@ -46,4 +48,6 @@ class CNN(nn.Module):
         self.fc = nn.Linear(2 * channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.features(x)).flatten(1))
+        """Logits ``(batch, num_classes)`` of a batch of inputs."""
+        logits: torch.Tensor = self.fc(self.pool(self.features(x)).flatten(1))
+        return logits

@@ -25,12 +25,16 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
 from flatcli.errors import CheckpointError, UsageError, few, first_line
+
+#: A user's model factory: a spec ``"MODULE:FUNCTION"`` / ``"FILE.py:FUNCTION"``, or a callable.
+ModelFactory = str | Callable[..., nn.Module]
 
 
 def import_factory(
@@ -67,7 +71,7 @@ def import_factory(
     return checked_factory(func, factory_args, name=spec)
 
 
-def _import_module(name: str):
+def _import_module(name: str) -> ModuleType:
     """``importlib.import_module``, with the working folder last on ``sys.path`` meanwhile:
     a console script's ``sys.path`` lacks it, and ``mymodels:build`` means ./mymodels.py
     there as it does for ``python -m``; installed modules come first.
@@ -83,7 +87,7 @@ def _import_module(name: str):
             sys.path.remove(cwd)
 
 
-def _import_file(path: Path):
+def _import_file(path: Path) -> ModuleType:
     if not path.is_file():
         raise CheckpointError(f"--model-factory: no file {path}")
     loader_spec = importlib.util.spec_from_file_location(path.stem, path)
@@ -132,7 +136,7 @@ def checked_factory(
 
 
 def resolve_factory(
-    model_factory: Any, factory_args: Mapping[str, Any] | None = None
+    model_factory: ModelFactory | None, factory_args: Mapping[str, Any] | None = None
 ) -> Callable[[], nn.Module] | None:
     """``model_factory`` (a spec string, a callable or None) with its arguments -> a builder or None."""
     if factory_args is not None and not isinstance(factory_args, Mapping):
@@ -184,13 +188,14 @@ def pick_logits(out: Any, output: str | int | None = None) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, Mapping):
-        if isinstance(out.get("logits"), torch.Tensor):
-            return out["logits"]
+        named = out.get("logits")
+        if isinstance(named, torch.Tensor):
+            return named
         tensors = [v for v in out.values() if isinstance(v, torch.Tensor)]
         if len(tensors) == 1:
             return tensors[0]
-    elif isinstance(getattr(out, "logits", None), torch.Tensor):
-        return out.logits
+    elif isinstance(attribute := getattr(out, "logits", None), torch.Tensor):
+        return attribute
     if (
         isinstance(out, (tuple, list))
         and out
@@ -265,6 +270,8 @@ class LogitsOf(nn.Module):
     ``training`` flag too (a forward may read it, e.g. to return auxiliary logits).
     """
 
+    _inner: nn.Module  # set with object.__setattr__: not a registered submodule
+
     def __init__(self, model: nn.Module, output: str | int | None = None) -> None:
         super().__init__()
         object.__setattr__(self, "_inner", model)  # not a submodule: its names would gain a prefix
@@ -280,12 +287,15 @@ class LogitsOf(nn.Module):
         return self._inner
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The logits of ``model(*args, **kwargs)``."""
         return pick_logits(self._inner(*args, **kwargs), self.output)
 
     def train(self, mode: bool = True) -> LogitsOf:
+        """Set the wrapper's and ``model``'s ``training`` flags (and the submodules')."""
         super().train(mode)
         self._inner.training = mode
         return self
 
     def extra_repr(self) -> str:
+        """What is wrapped, and which output is picked."""
         return f"wrapping {type(self._inner).__name__}, output={self.output!r}"

@@ -26,4 +26,6 @@ class LogReg(nn.Module):
         self.fc = nn.Linear(d, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x.flatten(1))
+        """Logits ``(batch, num_classes)`` of a batch of inputs."""
+        logits: torch.Tensor = self.fc(x.flatten(1))
+        return logits

@@ -9,6 +9,7 @@ speed of PyHessian and curvlinops.
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -31,11 +32,13 @@ class MLP(nn.Module):
         check_int("mlp", "depth", depth, 0)
         d = math.prod(check_input_shape(input_shape))
         sizes = [d] + [width] * depth
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(sizes))
         self.head = nn.Linear(sizes[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(batch, num_classes)`` of a batch of inputs."""
         x = x.flatten(1)
         for layer in self.hidden:
             x = torch.relu(layer(x))
-        return self.head(x)
+        logits: torch.Tensor = self.head(x)
+        return logits

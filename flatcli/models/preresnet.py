@@ -41,6 +41,7 @@ def he_init(model: nn.Module) -> None:
 
 
 def conv(c_in: int, c_out: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
+    """A bias-free square convolution with "same" padding (a BatchNorm shift follows it)."""
     return nn.Conv2d(c_in, c_out, kernel_size, stride=stride, padding=kernel_size // 2, bias=False)
 
 
@@ -62,11 +63,13 @@ class PreActBlock(nn.Module):
         self.shortcut = conv(c_in, planes, 1, stride) if stride != 1 or c_in != planes else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` plus the block's residual branch."""
         a = torch.relu(self.bn1(x))
         residual = x if self.shortcut is None else self.shortcut(a)
         out = self.conv1(a)
         out = self.conv2(self.dropout(torch.relu(self.bn2(out))))
-        return residual + out
+        total: torch.Tensor = residual + out
+        return total
 
 
 class PreActBottleneck(nn.Module):
@@ -88,16 +91,19 @@ class PreActBottleneck(nn.Module):
         self.shortcut = conv(c_in, c_out, 1, stride) if stride != 1 or c_in != c_out else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` plus the block's residual branch."""
         a = torch.relu(self.bn1(x))
         residual = x if self.shortcut is None else self.shortcut(a)
         out = self.conv1(a)
         out = self.conv2(torch.relu(self.bn2(out)))
         out = self.conv3(torch.relu(self.bn3(out)))
-        return residual + out
+        total: torch.Tensor = residual + out
+        return total
 
 
-def blocks_per_stage(depth: int) -> tuple[type[nn.Module], int]:
+def blocks_per_stage(depth: int) -> tuple[type[PreActBlock | PreActBottleneck], int]:
     """(block type, blocks per stage) of a CIFAR PreResNet of ``depth`` layers."""
+    block: type[PreActBlock | PreActBottleneck]
     block, layers_per_block = (PreActBottleneck, 9) if depth >= 44 else (PreActBlock, 6)
     if depth < 8 or (depth - 2) % layers_per_block:
         raise UsageError(
@@ -112,6 +118,8 @@ def blocks_per_stage(depth: int) -> tuple[type[nn.Module], int]:
     "preresnet", help="pre-activation ResNet for CIFAR (He et al. 2016); depth 110 uses bottlenecks"
 )
 class PreResNet(nn.Module):
+    """CIFAR PreResNet of ``depth`` layers, ``width`` channels in its first stage (module doc)."""
+
     def __init__(
         self, input_shape: tuple[int, ...], num_classes: int, *, depth: int = 110, width: int = 16
     ) -> None:
@@ -134,6 +142,8 @@ class PreResNet(nn.Module):
         he_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(batch, num_classes)`` of a batch of inputs."""
         x = self.stages(self.conv1(x))
         x = torch.relu(self.bn(x))
-        return self.fc(self.pool(x).flatten(1))
+        logits: torch.Tensor = self.fc(self.pool(x).flatten(1))
+        return logits

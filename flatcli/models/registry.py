@@ -173,6 +173,7 @@ def check_input_shape(input_shape: Any, ndim: int | None = None) -> tuple[int, .
 
 
 def check_int(model: str, key: str, value: int, minimum: int) -> None:
+    """Refuse ``value`` of the keyword ``key`` of ``model`` below ``minimum`` (a UsageError)."""
     if value < minimum:
         raise UsageError(f"model {model!r}: {key} must be >= {minimum}, got {value}")
 

@@ -22,11 +22,13 @@ from flatcli.errors import UsageError
 from flatcli.models.registry import check_input_shape, register
 
 # Output channels of each 3x3 convolution; "M" is a 2x2 max-pool.
-VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+VGG16: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]  # fmt: skip
 
 
 @register("vgg16", help="VGG-16 for CIFAR (13 convs, one linear head); batchnorm, width_factor")
 class VGG16Net(nn.Module):
+    """VGG-16, CIFAR form (module doc)."""
+
     def __init__(
         self,
         input_shape: tuple[int, ...],
@@ -41,7 +43,7 @@ class VGG16Net(nn.Module):
         channels, height, width = check_input_shape(input_shape, ndim=3)
         layers: list[nn.Module] = []
         for v in VGG16:
-            if v == "M":
+            if isinstance(v, str):  # "M"
                 if min(height, width) < 2:  # nothing left to pool: keep the index, skip the op
                     layers.append(nn.Identity())
                 else:
@@ -61,7 +63,10 @@ class VGG16Net(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.pool(self.features(x)).flatten(1))
+        """Logits ``(batch, num_classes)`` of a batch of inputs."""
+        logits: torch.Tensor = self.classifier(self.pool(self.features(x)).flatten(1))
+        return logits

@@ -24,6 +24,8 @@ from flatcli.models.registry import check_input_shape, check_int, register
     help="Wide ResNet WRN-depth-widen (Zagoruyko & Komodakis 2016); default 28-10, no dropout",
 )
 class WideResNet(nn.Module):
+    """Wide ResNet WRN-``depth``-``widen`` (module doc)."""
+
     def __init__(
         self,
         input_shape: tuple[int, ...],
@@ -59,6 +61,8 @@ class WideResNet(nn.Module):
         he_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(batch, num_classes)`` of a batch of inputs."""
         x = self.stages(self.conv1(x))
         x = torch.relu(self.bn(x))
-        return self.fc(self.pool(x).flatten(1))
+        logits: torch.Tensor = self.fc(self.pool(x).flatten(1))
+        return logits

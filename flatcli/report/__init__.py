@@ -1,0 +1,1 @@
+"""Results for people: tables and histograms for the terminal, CSV files and figures."""

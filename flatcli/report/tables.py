@@ -1,17 +1,33 @@
-"""Rendering typed results for people: rich tables and terminal histograms."""
+"""Rendering typed results for people: rich tables and terminal histograms.
+
+Every function takes one of the library's result types and returns what a console
+prints; nothing here measures, reads or writes files.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from rich.console import Console
 from rich.table import Table
 
+from flatcli.analysis.rank import MeasuredRank, RankReport
+from flatcli.analysis.sharpness_report import Density, Measurement, SharpnessReport
+from flatcli.analysis.sweep import SweepRow
+from flatcli.analysis.verdicts import MEASURE_ORDER, Comparison
+from flatcli.curvature.results import Estimate
+from flatcli.report.text import rank_statement
+from flatcli.workflows.demo import DemoResult
 
-def _fmt(value) -> str:
+
+def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
 
 
-def metrics_table(title: str, metrics: dict) -> Table:
+def metrics_table(title: str, metrics: Mapping[str, object]) -> Table:
     """A two-column table of a run's final metrics."""
     table = Table(title=title)
     table.add_column("metric")
@@ -29,29 +45,37 @@ _MEASURE_LABELS = {
     "frobenius": "Frobenius norm",
 }
 
+#: How each kind of uncertainty is written after the value: its sign and its name.
+_UNCERTAINTY_WORDS = {"bound": ("<=", "bound"), "stderr": ("±", "s.e.")}
 
-def _uncertainty(estimate) -> str:
-    if not getattr(estimate, "converged", True):  # the number is no bound and no standard error
+
+def _uncertainty(estimate: Estimate) -> str:
+    if not estimate.converged:  # the number is no bound and no standard error
         what = "residual" if estimate.kind == "bound" else "s.e."
         return f"not converged ({what} {estimate.uncertainty:.2g})"
     if estimate.kind == "exact":
         return "exact"
-    sign = "<=" if estimate.kind == "bound" else "±"
-    return f"{sign} {estimate.uncertainty:.2g}" + (
-        " (bound)" if estimate.kind == "bound" else " (s.e.)"
-    )
+    sign, name = _UNCERTAINTY_WORDS[estimate.kind]
+    return f"{sign} {estimate.uncertainty:.2g} ({name})"
 
 
-# measures computed from the products of another one (their HVPs are counted there)
-_SHARED = {"frobenius": "trace", "lambda_min": "lambda_max"}
+def _hvps(estimate: Estimate, report: SharpnessReport) -> str:
+    """The HVPs column: the products spent, or the measure whose products were shared
+    (the first of ``shared_with``, which carries their cost).
+    """
+    if estimate.hvps:
+        return str(estimate.hvps)
+    partners = [m for m in estimate.shared_with if m in report.measures]
+    return f"(with {partners[0]})" if partners and estimate.kind != "exact" else ""
 
 
-def sharpness_table(report) -> Table:
+def sharpness_table(report: SharpnessReport) -> Table:
     """The measures of a :class:`~flatcli.analysis.measures.SharpnessReport`, one row each."""
+    l2 = f", + l2 I = {report.l2:g}" if report.l2 else ""
     title = (
         f"{report.curvature} of the mean cross-entropy on {report.dataset or 'data'} ({report.split}, "
         f"N={report.num_samples}, P={report.num_params}, BatchNorm {report.bn_mode}, {report.dtype}, "
-        f"{report.device}{', + l2 I = %g' % report.l2 if report.l2 else ''})"
+        f"{report.device}{l2})"
     )
     table = Table(title=title, title_justify="left")
     table.add_column("measure")
@@ -61,53 +85,52 @@ def sharpness_table(report) -> Table:
     table.add_row("loss", f"{report.loss:.4g}", "", "")
     table.add_row("accuracy", f"{report.accuracy:.2%}", "", "")
     table.add_row("||w||", f"{report.weight_norm:.4g}", "", "")
-    for name, est in report.measures.items():
-        if not hasattr(est, "uncertainty"):
-            continue
-        shared = est.kind != "exact" and name in _SHARED and _SHARED[name] in report.measures
+    for name, est in _estimates(report.measures).items():  # the density has its own histogram
         table.add_row(
             _MEASURE_LABELS.get(name, name.replace("_", " ")),
             f"{est.value:.5g}",
             _uncertainty(est),
-            str(est.hvps) if est.hvps else f"(with {_SHARED[name]})" if shared else "",
+            _hvps(est, report),
         )
     table.caption = f"{report.hvps} Hessian-vector products in {report.seconds:.2f} s"
     return table
 
 
-def layers_table(report) -> Table:
-    names = [m for m in report.layers[0].measures] if report.layers else []
+def layers_table(report: SharpnessReport) -> Table:
+    """The per-layer measures (diagonal blocks of the matrix), one row per layer."""
+    names = list(_estimates(report.layers[0].measures)) if report.layers else []
     table = Table(title="per layer (diagonal blocks of the matrix)", title_justify="left")
     table.add_column("layer")
     table.add_column("params", justify="right")
     for m in names:
         table.add_column(_MEASURE_LABELS.get(m, m), justify="right")
     for layer in report.layers:
-        table.add_row(
-            layer.name, str(layer.num_params), *[_value(layer.measures[m]) for m in names]
-        )
+        estimates = _estimates(layer.measures)
+        table.add_row(layer.name, str(layer.num_params), *[_value(estimates[m]) for m in names])
     return table
 
 
-def _value(estimate) -> str:
+def _estimates(measures: Mapping[str, Measurement]) -> dict[str, Estimate]:
+    """The measures that are one number each (all but a spectral density)."""
+    return {name: m for name, m in measures.items() if isinstance(m, Estimate)}
+
+
+def _value(estimate: Estimate) -> str:
     """A value for a table without an uncertainty column, marked when not converged."""
-    return f"{estimate.value:.4g}" + (
-        "" if getattr(estimate, "converged", True) else " (not converged)"
-    )
+    return f"{estimate.value:.4g}" + ("" if estimate.converged else " (not converged)")
 
 
-def density_histogram(grid, values, bins: int = 24, width: int = 40) -> str:
+def density_histogram(density: Density, bins: int = 24, width: int = 40) -> str:
     """A terminal histogram of a spectral density, bar lengths on a log scale.
 
     The density is integrated over ``bins`` equal eigenvalue intervals; each bar's length
     is proportional to log10 of the interval's mass, from 1e-6 (empty) to 1 (full).
     """
-    import numpy as np
-
-    g, v = np.asarray(grid, dtype=float), np.asarray(values, dtype=float)
+    g = np.asarray(density.grid, dtype=float)
+    v = np.asarray(density.values, dtype=float)
     edges = np.linspace(g[0], g[-1], bins + 1)
     lines = ["eigenvalue interval            mass (log scale)"]
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         mask = (g >= lo) & (g <= hi)
         mass = float(np.trapezoid(v[mask], g[mask])) if mask.sum() > 1 else 0.0
         n = 0 if mass <= 1e-6 else int(round(width * (6 + np.log10(min(mass, 1.0))) / 6))
@@ -115,7 +138,7 @@ def density_histogram(grid, values, bins: int = 24, width: int = 40) -> str:
     return "\n".join(lines)
 
 
-def sweep_table(rows, layers: str = "all") -> Table:
+def sweep_table(rows: Sequence[SweepRow], layers: str = "all") -> Table:
     """One row per scale factor of the weight-scaling sweep."""
     table = Table(
         title=f"weights of {'all layers' if layers == 'all' else 'the ' + layers + ' layer'} "
@@ -138,7 +161,7 @@ def sweep_table(rows, layers: str = "all") -> Table:
     return table
 
 
-def rank_table(report) -> list[Table]:
+def rank_table(report: RankReport) -> list[Table]:
     """The layers with their fan-in, then the bounds and the measured ranks."""
     b, m = report.bound, report.measured
     layers = Table(title="layers counted by the bound", title_justify="left")
@@ -162,7 +185,7 @@ def rank_table(report) -> list[Table]:
         ("paper bound (C-1) sum(fan-in+1)", b.paper_bound),
         ("data bound N(C-1)", b.data_bound),
     ]
-    if m.exact:
+    if isinstance(m, MeasuredRank):
         rows += [
             (f"Hessian numerical rank (|lambda| > {m.threshold:.2g} max)", m.numerical_rank),
             ("GGN numerical rank", m.ggn_rank),
@@ -171,11 +194,9 @@ def rank_table(report) -> list[Table]:
             (f"effective rank (|lambda| > {k:g} lambda_max)", v)
             for k, v in m.effective_rank.items()
         ]
-        for label, value in rows:
-            ranks.add_row(label, f"{value:,}", f"{value / p:.2%}")
-    else:
-        for label, value in rows:
-            ranks.add_row(label, f"{value:,}", f"{value / p:.2%}")
+    for label, value in rows:
+        ranks.add_row(label, f"{value:,}", f"{value / p:.2%}")
+    if not isinstance(m, MeasuredRank):
         ranks.add_row(
             f"effective rank, SLQ estimate (|lambda| > {m.fraction:g} lambda_max)",
             f"{m.value:,.0f} ± {m.stderr:,.0f}",
@@ -184,11 +205,19 @@ def rank_table(report) -> list[Table]:
     return [layers, ranks]
 
 
-def comparison_table(comparison) -> Table:
-    """Runs as columns; each cell shows the value, its uncertainty and the ratio to the first run."""
-    from flatcli.workflows.compare import MEASURE_ORDER
+def _compared(measure: Estimate, ratio: float) -> str:
+    """A comparison cell: value, uncertainty (or "not converged") and the ratio to the first run."""
+    unc = f" ± {measure.uncertainty:.2g}" if measure.uncertainty else ""
+    if not measure.converged:
+        unc = " not converged"
+    return f"{measure.value:.4g}{unc} ({ratio:.2f}x)"
 
+
+def comparison_table(comparison: Comparison) -> Table:
+    """Runs as columns; each cell shows the value, its uncertainty and the ratio to the first run."""
     runs, ratios = comparison.runs, comparison.ratios
+    pairs = list(zip(runs, ratios, strict=True))
+    nan = float("nan")
     table = Table(title="runs compared (ratio to the first run in brackets)", title_justify="left")
     table.add_column("")
     for r in runs:
@@ -200,38 +229,33 @@ def comparison_table(comparison) -> Table:
     table.add_row("train loss", *[f"{r.train_loss:.4g}" for r in runs])
     table.add_row(
         "test loss",
-        *[
-            f"{r.test_loss:.4g} ({q.get('test_loss', float('nan')):.2f}x)"
-            for r, q in zip(runs, ratios)
-        ],
+        *[f"{r.test_loss:.4g} ({q.get('test_loss', nan):.2f}x)" for r, q in pairs],
     )
     table.add_row("test accuracy", *[f"{r.test_accuracy:.2%}" for r in runs])
     table.add_row("generalisation gap (points)", *[f"{r.gap:.2f}" for r in runs])
     table.add_row(
         "||w||",
-        *[
-            f"{r.weight_norm:.4g} ({q.get('weight_norm', float('nan')):.2f}x)"
-            for r, q in zip(runs, ratios)
-        ],
+        *[f"{r.weight_norm:.4g} ({q.get('weight_norm', nan):.2f}x)" for r, q in pairs],
     )
     names = [m for m in MEASURE_ORDER if any(m in r.measures for r in runs)]
     names += sorted({m for r in runs for m in r.measures} - set(names))
     for m in names:
-        cells = []
-        for r, q in zip(runs, ratios):
-            if m not in r.measures:
-                cells.append("-")
-                continue
-            est = r.measures[m]
-            unc = f" ± {est.uncertainty:.2g}" if est.uncertainty else ""
-            if not getattr(est, "converged", True):
-                unc = " not converged"
-            cells.append(f"{est.value:.4g}{unc} ({q.get(m, float('nan')):.2f}x)")
+        cells = [
+            _compared(r.measures[m], q.get(m, nan)) if m in r.measures else "-" for r, q in pairs
+        ]
         table.add_row(MEASURE_ORDER.get(m, m), *cells)
     return table
 
 
-def demo_report(console, result) -> None:
+#: How a claim's outcome is shown: held, did not hold, or a tie / inconclusive (None).
+_CLAIM_MARKS = {
+    True: "[green]held[/]",
+    False: "[red]did not hold[/]",
+    None: "[yellow]tie / inconclusive[/]",
+}
+
+
+def demo_report(console: Console, result: DemoResult) -> None:
     """Print the demo: comparisons, rank, sweep, then the claims that held or did not."""
     for (model, title), comparison in result.comparisons.items():
         table = comparison_table(comparison)
@@ -243,18 +267,14 @@ def demo_report(console, result) -> None:
         for table in rank_table(report):
             table.title = f"{model}: {table.title}"
             console.print(table)
-        console.print(report.statement, highlight=False)
+        statement = rank_statement(report.bound, report.measured, report.is_linear)
+        console.print(statement, highlight=False)
     console.print(sweep_table(result.sweep))
     console.print(
         f"\n[bold]The paper's claims on {result.config.dataset}[/] (computed from the numbers above)"
     )
-    mark = {
-        True: "[green]held[/]",
-        False: "[red]did not hold[/]",
-        None: "[yellow]tie / inconclusive[/]",
-    }
     for c in result.claims:
-        console.print(f"- {c.claim} \\[{c.model}]: {mark[c.held]}", highlight=False)
+        console.print(f"- {c.claim} \\[{c.model}]: {_CLAIM_MARKS[c.held]}", highlight=False)
         console.print(f"    {c.evidence}", highlight=False, markup=False)
     console.print(
         f"{len(result.runs)} runs under {result.config.out}; {result.seconds:.0f} s in all."

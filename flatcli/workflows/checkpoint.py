@@ -40,11 +40,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flatcli.errors import CheckpointError, FlatcliError, UsageError, few, first_line
+from flatcli.models import build_model
+from flatcli.models.factory import LogitsOf, ModelFactory, resolve_factory
+
+#: A JSON document as ``json.loads`` gives it: checkpoint metadata, a resume state's skeleton.
+Document = dict[str, Any]
+#: A resumable training state: nested dicts and lists of tensors and JSON values.
+State = dict[str, Any]
 
 FORMAT_VERSION = 1
 METADATA_KEY = "flatcli"
@@ -77,10 +84,10 @@ class CheckpointInfo:
     """The metadata of a loaded checkpoint and where it came from."""
 
     path: Path
-    arch: dict
-    dataset: dict
-    train: dict = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)
+    arch: Document
+    dataset: Document
+    train: Document = field(default_factory=dict)
+    metrics: Document = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -88,7 +95,8 @@ class CheckpointInfo:
         """The run directory, when the checkpoint is a run's ``model.safetensors``."""
         return self.path.parent if self.path.name == MODEL_FILE else None
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> Document:
+        """The metadata document, as the checkpoint stores it."""
         return {
             "format_version": self.format_version,
             "arch": self.arch,
@@ -127,7 +135,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    """Write ``text`` to ``path`` atomically (:func:`atomic_write`)."""
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(text)
+
+    atomic_write(path, write)
 
 
 def _umask() -> int:
@@ -170,7 +183,7 @@ def _tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, metadata: dict) -> Path:
+def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, metadata: Document) -> Path:
     """Write ``model``'s state dict and ``metadata`` atomically to ``path``."""
     doc = {"format_version": FORMAT_VERSION, **metadata}
     tensors = _tensors_of(model)
@@ -181,7 +194,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, metadata: dict) -
     return path
 
 
-def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
+def resolve_checkpoint_path(path: str | os.PathLike[str]) -> Path:
     """A checkpoint file, or a run directory's ``model.safetensors``."""
     p = Path(path)
     if p.is_dir():
@@ -198,13 +211,11 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     return p
 
 
-def read_metadata(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
+def read_metadata(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], Document | None]:
     """The tensors and the flatcli metadata document (None when absent) of a safetensors file."""
     p = Path(path)
     try:
         tensors = load_file(str(p))
-        from safetensors import safe_open
-
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
@@ -221,10 +232,10 @@ def read_metadata(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
 
 
 def load_checkpoint(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
-    model_factory: str | Callable[..., nn.Module] | None = None,
-    factory_args: Mapping[str, Any] | None = None,
+    model_factory: ModelFactory | None = None,
+    factory_args: Mapping[str, object] | None = None,
     output: str | int | None = None,
     map_location: str | torch.device = "cpu",
 ) -> tuple[nn.Module, CheckpointInfo]:
@@ -241,9 +252,6 @@ def load_checkpoint(
     :class:`CheckpointNote` warning; NaN or Inf weights load, with a
     :class:`RuntimeWarning`.
     """
-    from flatcli.models import build_model
-    from flatcli.models.factory import LogitsOf, resolve_factory
-
     factory = resolve_factory(model_factory, factory_args)
     if output is not None and factory is None:
         raise UsageError(
@@ -295,7 +303,7 @@ class CheckpointNote(UserWarning):
     """What loading did to a file from elsewhere: the wrapper key read, the prefix stripped."""
 
 
-def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, list[str]]:
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], Document | None, list[str]]:
     """The tensors, the flatcli metadata (None when absent) and notes on how they were found.
 
     A file named ``*.pt``, ``*.pth``, ``*.bin`` or ``*.ckpt``, or starting as a zip
@@ -578,7 +586,7 @@ def _unflatten(obj: Any, tensors: dict[str, torch.Tensor] | None) -> Any:
     return obj
 
 
-def save_state(path: str | os.PathLike, state: dict) -> None:
+def save_state(path: str | os.PathLike[str], state: State) -> None:
     """Atomically save a nested dict of tensors and JSON values (e.g. optimiser state)."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(state, "s", tensors)
@@ -588,7 +596,7 @@ def save_state(path: str | os.PathLike, state: dict) -> None:
     )
 
 
-def load_state_file(path: str | os.PathLike, tensors: bool = True) -> dict:
+def load_state_file(path: str | os.PathLike[str], tensors: bool = True) -> State:
     """Inverse of :func:`save_state`; with ``tensors=False`` only the JSON part (tensors are None)."""
     if tensors:
         data, skeleton = read_metadata(path)
@@ -606,8 +614,7 @@ def load_state_file(path: str | os.PathLike, tensors: bool = True) -> dict:
 
 
 def _read_skeleton(p: Path) -> Any:
-    from safetensors import safe_open
-
+    """The JSON skeleton of a saved state (None when absent), without reading its tensors."""
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}

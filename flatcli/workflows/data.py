@@ -46,6 +46,10 @@ SPLITS = ("train", "test")
 SUBSET_SEED = 0
 
 
+#: Reads a data set: ``(train, data_dir, download) -> (images (N, C, H, W) in [0, 1], labels)``.
+Reader = Callable[[bool, Path, bool], tuple[np.ndarray, np.ndarray]]
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """What flatcli knows about one data set."""
@@ -57,10 +61,10 @@ class DatasetSpec:
     std: tuple[float, ...]
     normalisation: str
     augment_by_default: bool
-    read: Callable[[bool, Path, bool], tuple[np.ndarray, np.ndarray]] = field(repr=False)
+    read: Reader = field(repr=False)
     layout: str = ""
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, object]:
         """The JSON-able description a checkpoint records."""
         return {
             "name": self.name,
@@ -79,6 +83,7 @@ def default_data_dir() -> Path:
 
 
 def _read_digits(train: bool, data_dir: Path, download: bool) -> tuple[np.ndarray, np.ndarray]:
+    # lazy: scikit-learn takes seconds to import and only the digits data set needs it
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -91,11 +96,9 @@ def _read_digits(train: bool, data_dir: Path, download: bool) -> tuple[np.ndarra
     return x[:, None, :, :], y
 
 
-def _torchvision_reader(
-    cls_name: str,
-) -> Callable[[bool, Path, bool], tuple[np.ndarray, np.ndarray]]:
+def _torchvision_reader(cls_name: str) -> Reader:
     def read(train: bool, data_dir: Path, download: bool) -> tuple[np.ndarray, np.ndarray]:
-        import torchvision
+        import torchvision  # lazy: seconds to import, and only these data sets need it
 
         cls = getattr(torchvision.datasets, cls_name)
         try:
@@ -136,7 +139,16 @@ def _missing(cls_name: str, data_dir: Path, download: bool, exc: Exception) -> D
     )
 
 
-def _spec(name, classes, shape, mean, std, augment, read, layout) -> DatasetSpec:
+def _spec(
+    name: str,
+    classes: int,
+    shape: tuple[int, int, int],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    augment: bool,
+    read: Reader,
+    layout: str,
+) -> DatasetSpec:
     norm = f"(x/255 - mean) / std with mean={list(mean)} std={list(std)}"
     return DatasetSpec(name, classes, shape, mean, std, norm, augment, read, layout)
 
@@ -209,7 +221,7 @@ def get_spec(name: str) -> DatasetSpec:
 def load_dataset(
     name: str = "digits",
     split: str = "train",
-    data_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
     *,
     download: bool = False,
     samples: int | None = None,

@@ -21,30 +21,45 @@ their cached sharpness), a run made with other settings is never overwritten unl
 
 from __future__ import annotations
 
-import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from flatcli.analysis.measures import SharpnessConfig
-from flatcli.analysis.rank import RankReport, rank_report
+from flatcli.analysis.claims import Claim, judge, pair_claim
+from flatcli.analysis.rank import RankReport
 from flatcli.analysis.sweep import SweepRow, scaling_sweep
-from flatcli.config import TrainConfig, make_train_config
+from flatcli.analysis.verdicts import Comparison
+from flatcli.config import SharpnessConfig, TrainConfig, make_train_config
 from flatcli.errors import RunExistsError, UsageError
 from flatcli.models import MODELS, resolve_kwargs
 from flatcli.workflows.checkpoint import MODEL_FILE, read_metadata
-from flatcli.workflows.compare import Comparison, compare_checkpoints
+from flatcli.workflows.compare import compare_checkpoints
 from flatcli.workflows.data import get_spec
+from flatcli.workflows.rank import rank_checkpoint
 from flatcli.workflows.sharpness import load_point
 from flatcli.workflows.training import train
 
+__all__ = [
+    "CONTRASTS",
+    "DEMO_MEASURES",
+    "VARIANTS",
+    "DemoConfig",
+    "DemoResult",
+    "ensure_run",
+    "run_demo",
+    "variant_config",
+]
+
 #: Variants of each model: name -> options of make_train_config (besides model and data).
-VARIANTS: dict[str, dict] = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "sgd": {"optimizer": "sgd", "lr": 0.05},
     "sgd-l2": {"optimizer": "sgd", "lr": 0.05, "l2": 5e-3},
     "gadam": {"recipe": "gadam", "lr": 0.01},
 }
+#: The two contrasts: (variant A, variant B, title); each title names its claim in
+#: :data:`flatcli.analysis.claims.CONTRAST_CLAIMS`.
 CONTRASTS = (("sgd", "sgd-l2", "L2 regularisation"), ("sgd", "gadam", "Gadam vs SGD"))
 DEMO_MEASURES = (
     "lambda_max",
@@ -59,6 +74,13 @@ DEMO_MEASURES = (
 
 @dataclass(frozen=True)
 class DemoConfig:
+    """What the demo trains and measures, and where its runs are kept (``out/MODEL-VARIANT``).
+
+    ``measure_samples`` and ``probes`` set the measurements (sharpness, rank, sweep);
+    ``sweep_scales`` the factors of the weight-scaling sweep of the first model's ``sgd``
+    run; ``overwrite`` allows retraining a run made with other settings.
+    """
+
     dataset: str = "digits"
     data_dir: str | None = None
     models: tuple[str, ...] = ("logreg", "mlp", "cnn")
@@ -73,9 +95,11 @@ class DemoConfig:
     overwrite: bool = False
 
     @classmethod
-    def reduced(cls, **kw) -> DemoConfig:
-        """A small version for tests: a few epochs on a subset, cheap estimators."""
-        base = dict(
+    def reduced(cls, **changes: Any) -> DemoConfig:
+        """A small version for tests: a few epochs on a subset, cheap estimators;
+        ``changes`` are fields set over it.
+        """
+        small = cls(
             models=("logreg", "mlp"),
             epochs=3,
             train_samples=300,
@@ -83,22 +107,17 @@ class DemoConfig:
             probes=12,
             sweep_scales=(1.0, 4.0),
         )
-        base.update(kw)
-        return cls(**base)
-
-
-@dataclass(frozen=True)
-class Claim:
-    """One of the paper's claims, and whether it held here (None: tie or inconclusive)."""
-
-    claim: str
-    model: str
-    held: bool | None
-    evidence: str
+        return replace(small, **changes)
 
 
 @dataclass(frozen=True)
 class DemoResult:
+    """Everything the demo measured, the claims judged on it, and the runs it used.
+
+    ``comparisons`` is keyed by (model, contrast title); ``ranks`` by model; ``sweep`` is
+    of ``sweep_model``'s ``sgd`` run; ``seconds`` the wall-clock time of the whole demo.
+    """
+
     config: DemoConfig
     comparisons: dict[tuple[str, str], Comparison]  # (model, contrast) -> comparison
     ranks: dict[str, RankReport]
@@ -109,7 +128,8 @@ class DemoResult:
     runs: dict[str, Path] = field(default_factory=dict)
 
 
-def _train_config(config: DemoConfig, model: str, variant: str) -> TrainConfig:
+def variant_config(config: DemoConfig, model: str, variant: str) -> TrainConfig:
+    """The training settings of ``model``'s run ``variant`` (see :data:`VARIANTS`)."""
     return make_train_config(
         dataset=config.dataset,
         data_dir=config.data_dir,
@@ -123,9 +143,17 @@ def _train_config(config: DemoConfig, model: str, variant: str) -> TrainConfig:
     )
 
 
-def _ensure_run(tc: TrainConfig, overwrite: bool) -> Path:
-    """Train unless ``tc.out`` already holds the same finished run."""
-    ckpt = tc.out / MODEL_FILE
+def ensure_run(tc: TrainConfig, overwrite: bool) -> Path:
+    """Train unless ``tc.out`` already holds the same finished run; return ``tc.out``.
+
+    A run recorded before an option existed was made at that option's default. A
+    different run there is refused (:class:`~flatcli.errors.RunExistsError`) unless
+    ``overwrite``.
+    """
+    out = tc.out
+    if out is None:
+        raise UsageError("a demo run needs an output folder (out)")
+    ckpt = out / MODEL_FILE
     if ckpt.is_file() and not overwrite:
         _, meta = read_metadata(ckpt)
         recorded = (meta or {}).get("train", {})
@@ -137,18 +165,19 @@ def _ensure_run(tc: TrainConfig, overwrite: bool) -> Path:
             for k, v in wanted.items()
             if k not in ("model_kwargs", "augment")
         ):
-            return tc.out
+            return out
         raise RunExistsError(
-            f"{tc.out} holds a run made with other settings",
+            f"{out} holds a run made with other settings",
             hint="pass --overwrite to retrain it, or --out to use another folder",
         )
-    train(replace(tc, overwrite=True) if tc.out.exists() else tc)
-    return tc.out
+    train(replace(tc, overwrite=True) if out.exists() else tc)
+    return out
 
 
 def run_demo(config: DemoConfig, on_step: Callable[[str], None] | None = None) -> DemoResult:
-    import time
-
+    """Train (or reuse) every run, compare the contrasts, measure the ranks and the sweep,
+    and judge the claims; ``on_step`` hears one line before each stage.
+    """
     step = on_step or (lambda message: None)
     start = time.perf_counter()
     sharp = SharpnessConfig(
@@ -159,7 +188,7 @@ def run_demo(config: DemoConfig, on_step: Callable[[str], None] | None = None) -
     get_spec(config.dataset)
     # Every run's options are checked (names included) before the first one trains.
     planned = {
-        f"{model}-{variant}": _train_config(config, model, variant)
+        f"{model}-{variant}": variant_config(config, model, variant)
         for model in config.models
         for variant in VARIANTS
     }
@@ -168,7 +197,7 @@ def run_demo(config: DemoConfig, on_step: Callable[[str], None] | None = None) -
     runs: dict[str, Path] = {}
     for name, tc in planned.items():
         step(f"training {name}")
-        runs[name] = _ensure_run(tc, config.overwrite)
+        runs[name] = ensure_run(tc, config.overwrite)
     comparisons = {}
     for model in config.models:
         for a, b, title in CONTRASTS:
@@ -182,17 +211,11 @@ def run_demo(config: DemoConfig, on_step: Callable[[str], None] | None = None) -
     ranks = {}
     for model in config.models:
         step(f"rank of {model}")
-        point = load_point(
+        ranks[model] = rank_checkpoint(
             runs[f"{model}-sgd"],
             samples=config.measure_samples,
             data_dir=config.data_dir,
             device=config.device,
-        )
-        ranks[model] = rank_report(
-            point.model,
-            point.inputs,
-            point.targets,
-            int(point.info.dataset["num_classes"]),
             seed=config.seed,
         )
     sweep_model = config.models[
@@ -218,127 +241,12 @@ def run_demo(config: DemoConfig, on_step: Callable[[str], None] | None = None) -
     )
 
 
-# ----------------------------------------------------------------------------------------
-# The verdicts on the paper's claims, computed from the measurements
+#: Transitional: the claim on a pair is :func:`flatcli.analysis.claims.pair_claim`.
+_pair_claim = pair_claim
 
 
-def _pair_claim(model: str, comparison: Comparison, claim: str) -> Claim:
-    """Claim 'B is sharper (lambda_max) than A yet generalises better' on one pair."""
-    v = next(v for v in comparison.verdicts if v.measure == "lambda_max")
-    a, b = comparison.runs
-    sharper = "tie" if v.sharpness_tie else ("B" if v.sharpness_ratio > 1 else "A")
-    better = "tie" if v.accuracy_tie else ("B" if v.accuracy_difference_points > 0 else "A")
-    evidence = (
-        f"lambda_max {a.measures['lambda_max'].value:.4g} -> {b.measures['lambda_max'].value:.4g} "
-        f"({v.sharpness_ratio:.2f}x), ||w|| {a.weight_norm:.3g} -> {b.weight_norm:.3g}, test accuracy "
-        f"{a.test_accuracy:.2%} -> {b.test_accuracy:.2%}"
-    )
-    if not v.converged:  # no bound to call a difference by
-        return Claim(
-            claim, model, None, f"lambda_max did not converge (raise --max-iter); {evidence}"
-        )
-    if sharper == "B" and better == "B":
-        return Claim(
-            claim, model, True, f"held: {b.name} is sharper and generalises better; {evidence}"
-        )
-    if sharper == "B":
-        what = "but its test accuracy ties" if better == "tie" else "but generalises worse"
-        return Claim(
-            claim,
-            model,
-            None if better == "tie" else False,
-            f"{b.name} is sharper, {what}; {evidence}",
-        )
-    what = "ties on lambda_max" if sharper == "tie" else "is flatter"
-    return Claim(claim, model, False, f"did not hold: {b.name} {what}; {evidence}")
+def demo_as_dict(result: DemoResult) -> dict[str, object]:
+    """TRANSITIONAL (remove once the CLI calls it there): :func:`flatcli.report.text.demo_as_dict`."""
+    from flatcli.report import text  # transitional: an upward import
 
-
-def _sweep_claim(model: str, sweep: list[SweepRow]) -> Claim:
-    rows = sorted(sweep, key=lambda r: r.scale)
-    up = [r for r in rows if r.scale >= 1.0]
-    same_acc = max(r.accuracy for r in rows) - min(r.accuracy for r in rows) < 1e-12
-    flatter = all(
-        b.measures["lambda_max"].value < a.measures["lambda_max"].value for a, b in zip(up, up[1:])
-    )
-    lower_loss = all(b.loss < a.loss for a, b in zip(up, up[1:]))
-    desc = "; ".join(
-        f"a={r.scale:g}: loss {r.loss:.3g}, lambda_max {r.measures['lambda_max'].value:.3g}, "
-        f"accuracy {r.accuracy:.2%}"
-        for r in (rows[0], rows[-1])
-    )
-    held = same_acc and flatter and len(up) > 1
-    words = (
-        "held: same predictions, lower lambda_max as the weights grow"
-        + (
-            ""
-            if lower_loss
-            else " (the loss did not fall monotonically: some training points are misclassified)"
-        )
-        if held
-        else "did not hold on this sweep"
-    )
-    return Claim(
-        "Larger weights with the same predictions look flatter (the mechanism)",
-        model,
-        held,
-        f"{words}; {desc}",
-    )
-
-
-def _rank_claim(model: str, report: RankReport) -> Claim:
-    m, b = report.measured, report.bound
-    if m.exact:
-        eff = m.effective_rank.get(1e-2, next(iter(m.effective_rank.values())))
-        held = eff <= b.min_bound
-        evidence = (
-            f"effective rank (>1e-2 lambda_max) {eff:,}, numerical rank {m.numerical_rank:,}, bound "
-            f"{b.min_bound:,} of P={b.num_params:,}"
-        )
-    else:
-        held = (
-            m.value - 2 * m.stderr <= b.min_bound
-            if math.isfinite(m.stderr)
-            else m.value <= b.min_bound
-        )
-        evidence = (
-            f"estimated effective rank {m.value:,.0f} ± {m.stderr:,.0f}, bound {b.min_bound:,} of "
-            f"P={b.num_params:,}"
-        )
-    return Claim(
-        "Hessian rank is bounded by about neurons x classes",
-        model,
-        held,
-        ("held: " if held else "did not hold: ") + evidence,
-    )
-
-
-def judge(comparisons: dict, ranks: dict, sweep_model: str, sweep: list[SweepRow]) -> list[Claim]:
-    claims = []
-    for (model, title), comparison in comparisons.items():
-        text = (
-            "L2-regularised solutions are sharper yet generalise better"
-            if title == "L2 regularisation"
-            else "Gadam (AdamW + averaging) is sharper than SGD yet generalises better"
-        )
-        claims.append(_pair_claim(model, comparison, text))
-    claims.append(_sweep_claim(sweep_model, sweep))
-    claims.extend(_rank_claim(model, report) for model, report in ranks.items())
-    return claims
-
-
-def demo_as_dict(result: DemoResult) -> dict[str, Any]:
-    from flatcli.workflows.compare import comparison_as_dict
-
-    return {
-        "dataset": result.config.dataset,
-        "models": list(result.config.models),
-        "runs": {k: str(v) for k, v in result.runs.items()},
-        "comparisons": [
-            {"model": m, "contrast": t, **comparison_as_dict(c)}
-            for (m, t), c in result.comparisons.items()
-        ],
-        "rank": {m: r.as_dict() for m, r in result.ranks.items()},
-        "sweep": {"model": result.sweep_model, "rows": [r.as_dict() for r in result.sweep]},
-        "claims": [c.__dict__ for c in result.claims],
-        "seconds": result.seconds,
-    }
+    return text.demo_as_dict(result)

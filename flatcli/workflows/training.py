@@ -20,9 +20,9 @@ averaging uses ``torch.optim.swa_utils.AveragedModel`` (arithmetic mean, one sna
 epoch from ``average_from``) and ``update_bn`` to recompute BatchNorm statistics over the
 training set (Izmailov et al. 2018; Granziol et al., Gadam).
 
-A run folder is written by one process at a time (a lock), holds only flatcli's files,
-and is replaced by ``--overwrite`` only once the new run is complete (see
-:func:`_run_folder`); a resumed run is held to the options stored with its state.
+The run folder (its lock, staging for ``--overwrite``, clean-up on failure) is
+:mod:`flatcli.workflows.run_folder`; a resumed run is held to the options stored with its
+state (:func:`_check_resume`).
 
 **Data parallel** (``torchrun --nproc-per-node N``): ``batch_size`` B stays the global
 batch, so N processes train the one-process recipe. Every rank draws the same
@@ -43,53 +43,71 @@ and all-reduces the sums, so the metrics are the one-process ones up to float ro
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import math
-import os
-import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
+from typing import NoReturn, SupportsFloat
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, update_bn
+from torch.utils.data import TensorDataset
 
 from flatcli import __version__, distributed
-from flatcli.config import TrainConfig, contradiction
-from flatcli.distributed import DistributedError, World
-from flatcli.errors import (
-    CheckpointError,
-    FlatcliError,
-    OutputError,
-    RunExistsError,
-    UnknownNameError,
-    UsageError,
-    few,
-    first_line,
+from flatcli.config import Options, TrainConfig, contradiction
+from flatcli.distributed import (
+    DistributedError,
+    World,
+    from_main,
+    main_decides,
+    main_first,
+    resolve_device,
 )
+from flatcli.errors import CheckpointError, UnknownNameError, UsageError, first_line
 from flatcli.models import build_model, resolve_kwargs
 from flatcli.workflows.checkpoint import (
     LAST_FILE,
-    LOCK_FILE,
     METRICS_FILE,
     MODEL_FILE,
-    RUN_FILES,
-    STAGING_DIR,
     STATE_FILE,
-    TRAIN_FILES,
+    State,
     atomic_write_text,
-    is_run_file,
     load_state_file,
-    remove_temporaries,
     save_checkpoint,
     save_state,
 )
-from flatcli.workflows.data import augment_batch, get_spec, load_dataset
+from flatcli.workflows.data import DatasetSpec, augment_batch, get_spec, load_dataset
+from flatcli.workflows.run_folder import (
+    RunFolder,
+    RunMode,
+    default_run_dir,
+    read_run_options,
+    run_folder,
+    write_error,
+)
+
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "EpochRecord",
+    "TrainCallbacks",
+    "TrainResult",
+    "default_run_dir",  # re-exported for the CLI: moved to flatcli.workflows.run_folder
+    "evaluate",
+    "final_metrics",
+    "main_decides",  # re-exported for the CLI: moved to flatcli.distributed
+    "read_run_options",  # re-exported for the CLI: moved to flatcli.workflows.run_folder
+    "regularised_step",
+    "train",
+    "train_one_epoch",
+    "weight_norm",
+]
+
 
 OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], TrainConfig], torch.optim.Optimizer]] = {
     "sgd": lambda params, c: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum),
@@ -129,35 +147,10 @@ SCHEDULES: dict[str, Callable[[TrainConfig], Callable[[int], float]]] = {
 }
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU; any other device must exist here.
-
-    A device is tried by allocating an empty tensor on it, which is what fails later
-    (``mps`` on Linux, ``cuda:3`` on a one-GPU machine) if it is not checked now.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(
-            "--device cuda was asked for but no CUDA device is available", hint="use --device cpu"
-        )
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}", hint="use auto, cpu or cuda") from None
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError, ValueError) as exc:
-        text = first_line(exc)
-        why = f" ({text})" if len(text) <= 80 else ""  # torch's dispatcher message runs to a page
-        raise UsageError(
-            f"--device {name} is not available on this machine{why}", hint="use auto, cpu or cuda"
-        ) from None
-    return device
-
-
 @dataclass(frozen=True)
 class EpochRecord:
+    """One epoch of a run: its learning rate, its running training metrics, its test metrics."""
+
     epoch: int
     lr: float
     train_loss: float
@@ -173,7 +166,7 @@ class TrainResult:
 
     run_dir: Path
     checkpoint: Path
-    metrics: dict
+    metrics: dict[str, float]
     history: list[EpochRecord] = field(default_factory=list)
 
 
@@ -182,7 +175,9 @@ class TrainCallbacks:
     """Hooks the CLI uses for progress; the library itself never prints."""
 
     on_start: Callable[[int, int, int], None] = lambda start_epoch, epochs, batches: None
-    on_batch: Callable[[int, int, float], None] = lambda epoch, batch, loss: None
+    #: ``(epoch, batch, loss)``: the loss a 0-d tensor, read (``float``) only if needed, so
+    #: that a GPU run is not synchronised on every batch.
+    on_batch: Callable[[int, int, SupportsFloat], None] = lambda epoch, batch, loss: None
     on_epoch: Callable[[EpochRecord], None] = lambda record: None
 
 
@@ -236,9 +231,10 @@ def regularised_step(
         optimizer.step()
         return
     with torch.no_grad():
-        with_grad = [p for p in params if p.grad is not None]
+        with_grad: list[torch.Tensor] = [p for p in params if p.grad is not None]
         if l2:
-            torch._foreach_add_([p.grad for p in with_grad], with_grad, alpha=l2)
+            grads = [p.grad for p in params if p.grad is not None]
+            torch._foreach_add_(grads, with_grad, alpha=l2)
         if weight_decay:
             lr = optimizer.param_groups[0]["lr"]
             torch._foreach_mul_(with_grad, 1.0 - lr * weight_decay)
@@ -253,7 +249,7 @@ def train_one_epoch(
     config: TrainConfig,
     generator: torch.Generator,
     augment: bool,
-    on_batch: Callable[[int, float], None] | None = None,
+    on_batch: Callable[[int, SupportsFloat], None] | None = None,
     world: World | None = None,
 ) -> tuple[float, float]:
     """One pass over the data in the order drawn from ``generator``; returns (loss, accuracy).
@@ -287,7 +283,7 @@ def train_one_epoch(
             loss = summed * (world.size / len(idx))
             total_loss += summed.detach()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.autograd.backward(loss)
         regularised_step(optimizer, params, config.l2, config.weight_decay)
         correct += (logits.detach().argmax(1) == y).sum()
         if on_batch is not None:
@@ -297,225 +293,19 @@ def train_one_epoch(
     return float(total_loss) / n, int(correct) / n
 
 
+#: Seeds of epoch ``e`` of a run of seed ``s`` are ``s * EPOCH_SEED_STRIDE + e``: one
+#: stream per (seed, epoch), so that a resumed run draws exactly what it would have drawn.
+EPOCH_SEED_STRIDE = 1_000_003
+#: Rank r's dropout seed adds ``r << RANK_SEED_SHIFT`` (rank 0's is the one-process seed).
+RANK_SEED_SHIFT = 40
+
+
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    # One generator per (seed, epoch): a resumed run draws exactly what it would have drawn.
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    """The generator of the permutation and augmentation draws of ``epoch``."""
+    return torch.Generator().manual_seed(seed * EPOCH_SEED_STRIDE + epoch)
 
 
-def default_run_dir(config: TrainConfig) -> Path:
-    """``runs/DATASET-MODEL-OPTIMIZER-sSEED`` (a ``-2``, ``-3``... suffix for a new run when taken)."""
-    base = (
-        Path("runs")
-        / f"{config.dataset}-{config.model}-{config.recipe or config.optimizer}-s{config.seed}"
-    )
-    out, k = base, 2
-    while out.exists() and not config.resume:
-        out, k = base.with_name(f"{base.name}-{k}"), k + 1
-    return out
-
-
-def _plan(out: Path, config: TrainConfig) -> str:
-    """What training into ``out`` will do: ``fresh``, ``resume`` or ``overwrite``; refuse otherwise.
-
-    A folder holding anything that is not flatcli's own (:func:`is_run_file`) is never
-    written into, so that no ``--out`` (``.`` included) can cost a user's file.
-    """
-    if out.exists() and not out.is_dir():
-        raise RunExistsError(f"--out {out} is a file, not a run directory")
-    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if config.resume:
-        if not (out / STATE_FILE).is_file():
-            why = (
-                "it is already complete"
-                if (out / MODEL_FILE).is_file()
-                else "it holds no resumable state"
-            )
-            raise RunExistsError(f"cannot resume {out}: {why}")
-        return "resume"
-    foreign = [n for n in names if not is_run_file(n)]
-    if foreign:
-        shown = few(foreign)
-        raise RunExistsError(
-            f"{out} holds files that are not a flatcli run's: {shown}",
-            hint="choose another --out; --overwrite replaces only a run's own files",
-        )
-    if any(n in RUN_FILES for n in names):
-        if not config.overwrite:
-            raise RunExistsError(
-                f"{out} already holds a run",
-                hint="pass --overwrite to replace it, --resume to continue it",
-            )
-        return "overwrite"
-    return "fresh"
-
-
-def _make_dirs(out: Path) -> list[Path]:
-    """Create ``out`` and its missing parents; return those created, innermost first."""
-    missing = []
-    for folder in [out, *out.parents]:
-        if folder.exists():
-            break
-        missing.append(folder)
-    for folder in reversed(missing):
-        folder.mkdir(exist_ok=True)
-    return missing
-
-
-class _RunLock:
-    """An exclusive, non-blocking ``flock`` on ``DIR/.flatcli.lock``, removed on release.
-
-    The file is unlinked while still locked; a process that opened it just before then
-    finds that the path no longer names the inode it locked, and tries again, so two
-    processes never both hold the lock of one folder.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.path = folder / LOCK_FILE
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _read_pid(fd)
-                os.close(fd)
-                raise RunExistsError(
-                    f"{folder} is in use: another flatcli train{holder} is writing to it",
-                    hint="wait for it to finish, or choose another --out",
-                ) from None
-            except BaseException:
-                os.close(fd)
-                raise
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        self.fd = fd
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        with contextlib.suppress(OSError):
-            self.path.unlink()
-        os.close(self.fd)
-        self.fd = None
-
-
-def _read_pid(fd: int) -> str:
-    try:
-        pid = os.pread(fd, 32, 0).decode().strip()
-    except (OSError, UnicodeDecodeError):
-        return ""
-    return f" (pid {pid})" if pid.isdigit() else ""
-
-
-@dataclass
-class _RunFolder:
-    out: Path  # the run folder
-    work: (
-        Path | None
-    )  # where this process writes: ``out``, or its staging folder for --overwrite (None: rank > 0)
-    mode: str
-    trained: bool = (
-        False  # past the run's last collective: the other ranks wait for rank 0's last word
-    )
-
-
-@contextlib.contextmanager
-def _run_folder(config: TrainConfig) -> Iterator[_RunFolder]:
-    """Check, create and lock the run folder; on success put the new run in place.
-
-    ``--overwrite`` trains into ``DIR/.flatcli-staging`` and only at the end moves each
-    file over the old one (``os.replace``) and deletes the old run's files the new run
-    lacks, so an error, Ctrl-C or kill during the new run leaves the old run whole. A
-    staging folder that such a kill left behind is discarded by the next train into the
-    folder (``--resume`` included: it continues the old run, if that one was unfinished).
-    A run that fails before its first epoch is saved removes the folders it created;
-    after that its ``resume.safetensors`` stays, for ``--resume``.
-    """
-    out = Path(config.out) if config.out is not None else default_run_dir(config)
-    lock, created, done = None, [], False
-    folder = None
-    try:
-        _plan(out, config)  # refuse before creating or locking anything
-        created = _make_dirs(out)
-        lock = _RunLock(out)
-        mode = _plan(
-            out, config
-        )  # again, under the lock: another process may have finished meanwhile
-        shutil.rmtree(out / STAGING_DIR, ignore_errors=True)
-        remove_temporaries(out)
-        folder = _RunFolder(out, out / STAGING_DIR if mode == "overwrite" else out, mode)
-        if mode == "overwrite":
-            folder.work.mkdir()
-        yield folder
-        if mode == "overwrite":
-            _swap_in(folder.work, out)
-        remove_temporaries(out)
-        done = True
-    except OSError as exc:
-        raise _write_error(exc, out, folder) from None
-    finally:
-        if lock is not None and not done:
-            if folder is not None and folder.mode == "overwrite":
-                shutil.rmtree(folder.work, ignore_errors=True)
-            if folder is not None:
-                with contextlib.suppress(OSError):
-                    remove_temporaries(out)
-            if created and not (out / STATE_FILE).exists():
-                for name in TRAIN_FILES:
-                    with contextlib.suppress(OSError):
-                        (out / name).unlink(missing_ok=True)
-                lock.release()
-                for path in created:  # innermost first; a folder someone else wrote into stays
-                    with contextlib.suppress(OSError):
-                        path.rmdir()
-        if lock is not None:
-            lock.release()
-
-
-def _swap_in(staging: Path, out: Path) -> None:
-    """Move the new run's files over the old ones, ``model.safetensors`` last, then drop the old extras."""
-    remove_temporaries(staging)
-    new = sorted((p.name for p in staging.iterdir()), key=lambda name: name == MODEL_FILE)
-    for name in new:
-        os.replace(staging / name, out / name)
-    for name in RUN_FILES:
-        if name not in new:
-            (out / name).unlink(missing_ok=True)
-    staging.rmdir()
-
-
-def _write_error(exc: OSError, out: Path, folder: _RunFolder | None) -> OutputError:
-    reason = exc.strerror or str(exc) or type(exc).__name__
-    if folder is None:
-        message = f"cannot create or lock the run folder {out}: {reason}"
-    else:
-        message = f"cannot write the run in {out}: {reason}" + (
-            "; the old run is kept" if folder.mode == "overwrite" else ""
-        )
-    if exc.errno == errno.ENOSPC:
-        hint = "free some disk space, or choose another --out"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        hint = "the folder is not writable: choose another --out"
-    else:
-        hint = None
-    return OutputError(message, hint=hint)
-
-
-def read_run_options(out: str | os.PathLike) -> dict | None:
-    """The options an unfinished run in ``out`` was started with (None if its state predates them)."""
-    out = Path(out)
-    _plan(out, TrainConfig(resume=True))
-    options = load_state_file(out / STATE_FILE, tensors=False).get("options")
-    return options if isinstance(options, dict) else None
-
-
-def _check_resume(options: dict, state: dict, config: TrainConfig) -> None:
+def _check_resume(options: Options, state: State, config: TrainConfig, out: Path) -> None:
     """Refuse to continue a run with options other than its own (``epochs`` may change).
 
     ``epochs`` may change when the learning rates of the epochs already run do not
@@ -526,13 +316,13 @@ def _check_resume(options: dict, state: dict, config: TrainConfig) -> None:
     done = state.get("epoch")
     stored = state.get("options")
     if not isinstance(done, int) or not isinstance(state.get("history"), list):
-        raise CheckpointError(f"{config.out / STATE_FILE} is not a flatcli training state")
-    problems = []
+        raise CheckpointError(f"{out / STATE_FILE} is not a flatcli training state")
+    problems: list[str] = []
     if isinstance(stored, dict):
         for key, value in options.items():
             if key in ("epochs", "device") or key not in stored or stored[key] == value:
                 continue
-            if key == "model_kwargs" and isinstance(stored[key], dict):
+            if key == "model_kwargs" and isinstance(stored[key], dict) and isinstance(value, dict):
                 problems += [
                     contradiction(k, v, stored[key].get(k))
                     for k, v in value.items()
@@ -567,7 +357,8 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> Train
     """Train ``config.model`` on ``config.dataset`` and save the run; see the module doc.
 
     Every option is checked, the model built and the data loaded before the run folder
-    is touched; the folder is then locked for the whole run (see :func:`_run_folder`).
+    is touched; the folder is then locked for the whole run
+    (:func:`~flatcli.workflows.run_folder.run_folder`).
     """
     cb = callbacks or TrainCallbacks()
     world = distributed.init(config.device)
@@ -589,7 +380,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> Train
         config.model, input_shape=spec.input_shape, num_classes=spec.num_classes, **kwargs
     )
 
-    def load() -> tuple:
+    def load() -> tuple[TensorDataset, TensorDataset]:
         return (
             load_dataset(
                 config.dataset,
@@ -602,139 +393,90 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> Train
         )
 
     if config.download and world.size > 1:  # rank 0 downloads, then the others read its files
-        train_set, test_set = _main_first(world, load)
+        train_set, test_set = main_first(world, load)
     else:
         train_set, test_set = load()
-    #: What the run is (not where it is written): stored with its resume state, recorded in its checkpoints.
-    options = {**config.recorded(), "model_kwargs": kwargs, "augment": augment}
-    args = (config, options, model, spec, device, augment, train_set, test_set, cb)
+    job = _Job(
+        config=config,
+        # what the run is (not where it is written): stored with its resume state, recorded in its checkpoints
+        options={**config.recorded(), "model_kwargs": kwargs, "augment": augment},
+        model=model,
+        spec=spec,
+        device=device,
+        augment=augment,
+        train_set=train_set,
+        test_set=test_set,
+        callbacks=cb,
+        world=world,
+    )
 
     if not world.is_main:  # rank 0 decides about the folder (and reads any resume state)
-        decision = _from_main(None)
-        run = _RunFolder(decision["out"], None, decision["mode"])
-        result = _train_in(run, *args, state=decision["state"], world=world)
-        _from_main(None)  # rank 0's files are in place, or its error is raised here too
+        decision: _Decision = from_main(None)
+        run = RunFolder(decision.out, None, decision.mode)
+        result = _train_in(run, job, decision.state)
+        from_main(None)  # rank 0's files are in place, or its error is raised here too
         return result
-    run, told = None, False
+    folder: RunFolder | None = None
+    told = False
     try:
-        with _run_folder(config) as run:
+        with run_folder(config) as folder:
             try:
-                state = _resume_state(run, config, options) if run.mode == "resume" else None
-                _from_main({"out": run.out, "mode": run.mode, "state": state})
+                state = _resume_state(folder, job) if folder.mode == "resume" else None
+                from_main(_Decision(folder.out, folder.mode, state))
                 told = True
-                result = _train_in(run, *args, state=state, world=world)
+                result = _train_in(folder, job, state)
             except OSError as exc:
-                raise _write_error(exc, run.out, run) from None
-        _from_main("done")
+                raise write_error(exc, folder.out, folder) from None
+        from_main("done")
         return result
     except BaseException as exc:
         # Tell the other ranks only where they wait for rank 0's word (before and after the
         # training's collectives); during training they learn of its exit from the collective.
-        if world.size > 1 and (not told or (run is not None and run.trained)):
+        if world.size > 1 and (not told or (folder is not None and folder.trained)):
             with contextlib.suppress(DistributedError):
-                _from_main(exc)
+                from_main(exc)
         raise
 
 
-def _from_main(word):
-    """Rank 0's ``word`` on every rank; an exception from rank 0 is raised on every rank.
+@dataclass(frozen=True)
+class _Decision:
+    """Rank 0's word to the other ranks about the run folder: where, how, and any resume state."""
 
-    A :class:`FlatcliError` is re-created with its class, message and hint, so that
-    every rank ends with rank 0's one line and exit code; anything else says that
-    process 0 failed. One process: returns ``word``.
-    """
-    if isinstance(word, BaseException):
-        if isinstance(word, FlatcliError):
-            word = ("error", type(word), word.message, word.hint)
-        else:
-            word = (
-                "error",
-                DistributedError,
-                f"process 0 of this run failed ({first_line(word)})",
-                None,
-            )
-    received = distributed.broadcast_object(word)
-    if isinstance(received, tuple) and received[:1] == ("error",):
-        _, cls, message, hint = received
-        exc = cls.__new__(cls)
-        FlatcliError.__init__(exc, message, hint)
-        raise exc
-    return received
+    out: Path
+    mode: RunMode
+    state: State | None
 
 
-def main_decides(action: Callable):
-    """``action()`` on rank 0 alone; its value, or its error, on every rank (one process: ``action()``).
+@dataclass(frozen=True)
+class _Job:
+    """Everything :func:`train` has checked, built and loaded before the run folder is touched."""
 
-    For what reads the run folder (e.g. a run's stored options for ``--resume``), which
-    only rank 0 may be able to see.
-    """
-    if not distributed.active():
-        return action()
-    if distributed.world().is_main:
-        return _from_main(_on_main(action))
-    return _from_main(None)
-
-
-def _main_first(world: World, action: Callable):
-    """``action()`` on rank 0, then (if it succeeded) on the other ranks: e.g. a download."""
-    if world.is_main:
-        value = _on_main(action)
-        _from_main("done")
-        return value
-    _from_main(None)
-    return action()
+    config: TrainConfig
+    options: Options
+    model: nn.Module
+    spec: DatasetSpec
+    device: torch.device
+    augment: bool
+    train_set: TensorDataset
+    test_set: TensorDataset
+    callbacks: TrainCallbacks
+    world: World
 
 
-def _on_main(action: Callable):
-    """``action()`` on rank 0; an error it raises is first sent to the other ranks, then raised here."""
-    try:
-        return action()
-    except BaseException as exc:
-        with contextlib.suppress(DistributedError):
-            _from_main(exc)
-        raise
-
-
-def _resume_state(run: _RunFolder, config: TrainConfig, options: dict) -> dict:
+def _resume_state(run: RunFolder, job: _Job) -> State:
     """The stored state of the run in ``run``, checked against the options given now."""
+    assert run.work is not None  # rank 0 reads the state
     state = load_state_file(run.work / STATE_FILE)
-    _check_resume(options, state, replace(config, out=run.out))
+    _check_resume(job.options, state, job.config, run.out)
     return state
 
 
-def _train_in(
-    run: _RunFolder,
-    config: TrainConfig,
-    options: dict,
-    model: nn.Module,
-    spec,
-    device: torch.device,
-    augment: bool,
-    train_set,
-    test_set,
-    cb: TrainCallbacks,
-    state: dict | None = None,
-    world: World | None = None,
-) -> TrainResult:
+def _train_in(run: RunFolder, job: _Job, state: State | None) -> TrainResult:
     """Train (from ``state`` when resuming) and, on rank 0, write the run into ``run.work``."""
-    world = world or World()
     try:
-        return _train_loop(
-            run,
-            config,
-            options,
-            model,
-            spec,
-            device,
-            augment,
-            train_set,
-            test_set,
-            cb,
-            state,
-            world,
-        )
+        return _train_loop(run, job, state)
     except RuntimeError as exc:  # a collective of DDP failed: another rank died or timed out
-        if world.size > 1 and _collective_failure(exc):
+        if job.world.size > 1 and _collective_failure(exc):
             raise DistributedError(
                 f"another process of this run failed or timed out ({first_line(exc)[:120]})"
             ) from None
@@ -748,26 +490,15 @@ def _collective_failure(exc: RuntimeError) -> bool:
     )
 
 
-def _train_loop(
-    run: _RunFolder,
-    config: TrainConfig,
-    options: dict,
-    model: nn.Module,
-    spec,
-    device: torch.device,
-    augment: bool,
-    train_set,
-    test_set,
-    cb: TrainCallbacks,
-    state: dict | None,
-    world: World,
-) -> TrainResult:
-    out = run.work
-    x_train, y_train = (t.to(device) for t in train_set.tensors)
-    x_test, y_test = test_set.tensors
-    model = model.to(device)
+def _train_loop(run: RunFolder, job: _Job, state: State | None) -> TrainResult:
+    """The epochs of :func:`train`, then the final (averaged) model; rank 0 writes into ``run.work``."""
+    config, options, world, cb = job.config, job.options, job.world, job.callbacks
+    device, out = job.device, run.work  # out: None on the ranks that write nothing
+    x_train, y_train = (t.to(device) for t in job.train_set.tensors)
+    x_test, y_test = job.test_set.tensors
+    model = job.model.to(device)
     if config.sync_bn and world.size > 1:  # same parameters and buffers, state dict keys unchanged
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
     optimizer = OPTIMIZERS[config.optimizer](list(model.parameters()), config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, SCHEDULES[config.schedule](config))
     averaged = AveragedModel(model) if config.average_from else None
@@ -790,7 +521,7 @@ def _train_loop(
             ) from None
         start_epoch, elapsed = state["epoch"], float(state.get("elapsed", 0.0))
 
-    trainer = model
+    trainer: nn.Module = model
     if world.size > 1:  # broadcasts rank 0's parameters and buffers; averages gradients in backward
         trainer = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
@@ -801,7 +532,7 @@ def _train_loop(
         t0 = time.perf_counter()
         generator = _epoch_generator(config.seed, epoch)
         # dropout, if any: its own stream per rank (rank 0's is the one-process stream)
-        torch.manual_seed(config.seed * 1_000_003 + epoch + (world.rank << 40))
+        torch.manual_seed(config.seed * EPOCH_SEED_STRIDE + epoch + (world.rank << RANK_SEED_SHIFT))
         lr = optimizer.param_groups[0]["lr"]
         loss, acc = train_one_epoch(
             trainer,
@@ -810,20 +541,24 @@ def _train_loop(
             y_train,
             config,
             generator,
-            augment,
-            lambda b, l, e=epoch: cb.on_batch(e, b, l),
+            job.augment,
+            partial(cb.on_batch, epoch),
             world=world,
         )
         scheduler.step()
         if world.size > 1:  # each rank's BatchNorm statistics saw its own part: keep rank 0's
             distributed.broadcast(list(model.buffers()))
-        if averaged is not None and epoch >= config.average_from:
+        if (
+            averaged is not None
+            and config.average_from is not None
+            and epoch >= config.average_from
+        ):
             averaged.update_parameters(model)
         test_loss, test_acc = evaluate(model, x_test, y_test, world=world)
         record = EpochRecord(epoch, lr, loss, acc, test_loss, test_acc, time.perf_counter() - t0)
         history.append(record)
         elapsed += record.seconds
-        if world.is_main:
+        if out is not None:  # rank 0
             save_state(
                 out / STATE_FILE,
                 {
@@ -842,22 +577,22 @@ def _train_loop(
             )
         cb.on_epoch(record)
 
-    final = model
+    final: nn.Module = model
     base_meta = {
         "arch": {"name": config.model, "kwargs": options["model_kwargs"]},
-        "dataset": spec.describe(),
+        "dataset": job.spec.describe(),
         "train": {**options, "torch_version": torch.__version__, "flatcli_version": __version__},
     }
     if averaged is not None:
         last_metrics = final_metrics(model, x_train, y_train, x_test, y_test, world)
-        if world.is_main:
+        if out is not None:
             save_checkpoint(out / LAST_FILE, model, {**base_meta, "metrics": last_metrics})
         _recompute_bn(averaged, x_train, config.batch_size, device, world)
         final = averaged.module
     metrics = final_metrics(final, x_train, y_train, x_test, y_test, world)
     metrics["epochs"] = config.epochs
     run.trained = True
-    if world.is_main:
+    if out is not None:
         save_checkpoint(out / MODEL_FILE, final, {**base_meta, "metrics": metrics})
         (out / STATE_FILE).unlink(missing_ok=True)
     return TrainResult(run.out, run.out / MODEL_FILE, {**metrics, "seconds": elapsed}, history)
@@ -900,8 +635,14 @@ def _recompute_bn(
 
 
 def final_metrics(
-    model: nn.Module, x_train, y_train, x_test, y_test, world: World | None = None
-) -> dict:
+    model: nn.Module,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    world: World | None = None,
+) -> dict[str, float]:
+    """Loss and accuracy on the training and test sets, and the weight norm, of ``model``."""
     train_loss, train_acc = evaluate(model, x_train, y_train, world=world)
     test_loss, test_acc = evaluate(model, x_test, y_test, world=world)
     return {
@@ -913,5 +654,5 @@ def final_metrics(
     }
 
 
-def _unknown(kind: str, name: str, registry: dict):
+def _unknown(kind: str, name: str, registry: Mapping[str, object]) -> NoReturn:
     raise UnknownNameError(f"unknown {kind} {name!r}", hint=f"choose one of: {', '.join(registry)}")

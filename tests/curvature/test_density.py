@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from flatcli.curvature import CurvatureOperator, slq_density
+from flatcli.curvature import CurvatureOperator, exact_density, slq_density
 from flatcli.curvature.probes import generator, rademacher
 from flatcli.errors import UsageError
 
@@ -74,6 +74,25 @@ def test_full_length_run_puts_nodes_on_the_eigenvalues(dense_operator, spectrum_
     for node in d.nodes:
         assert float((spectrum - node).abs().min()) <= 1e-9
     assert d.weights.reshape(2, 6).sum(dim=1).tolist() == pytest.approx([1.0, 1.0], abs=1e-12)
+
+
+def test_exact_and_slq_densities_share_one_broadening_rule(dense_operator, spectrum_matrix) -> None:
+    # a full-length run has the eigenvalues as nodes: the same grid and width as the
+    # exact density, and the same values where each probe weighs every eigenvalue 1/P
+    spectrum = torch.tensor([-0.5, 0.0, 0.25, 1.0, 4.0, 9.0], dtype=F64)
+    d = slq_density(dense_operator(spectrum_matrix(spectrum)), probes=3, iterations=6, seed=1)
+    grid, values = exact_density(spectrum)
+    torch.testing.assert_close(d.grid, grid, rtol=0, atol=1e-9)
+    assert d.sigma == pytest.approx(0.01 * 9.5, rel=1e-9)
+    assert float(torch.trapezoid(values, grid)) == pytest.approx(1.0, abs=1e-6)
+    # the SLQ density is the exact one reweighted: same Gaussians, weights tau_ki / K
+    tau = torch.zeros(6, dtype=F64)
+    for node, weight in zip(d.nodes, d.weights, strict=True):
+        tau[int((spectrum - node).abs().argmin())] += weight / 3
+    kernel = torch.exp(-0.5 * ((grid[:, None] - spectrum[None, :]) / d.sigma) ** 2)
+    kernel = kernel / (d.sigma * math.sqrt(2 * math.pi))
+    torch.testing.assert_close(d.values, kernel @ tau, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(values, kernel @ torch.full((6,), 1 / 6, dtype=F64))
 
 
 def test_probes_that_reach_an_invariant_subspace_stop_early(

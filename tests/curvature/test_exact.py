@@ -5,6 +5,7 @@ Hessian and trace in closed form equal autograd's.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from torch.func import hessian
 from flatcli.curvature import (
     CurvatureOperator,
     dense_hessian,
+    dense_spectrum,
     exact_spectrum,
     hessian_via_torch_func,
     logistic_regression_hessian,
@@ -57,6 +59,17 @@ def test_exact_spectrum_is_ascending_float64_eigvalsh(make_problem, reference_he
     assert (spectrum[1:] >= spectrum[:-1]).all()
     expected = torch.linalg.eigvalsh(reference_hessian(problem))
     assert (spectrum - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_dense_spectrum_is_that_of_the_symmetrised_matrix() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(7, 7, generator=gen, dtype=torch.float32)  # not symmetric, float32
+    eig = dense_spectrum(a)
+    expected = np.linalg.eigvalsh((a.double().numpy() + a.double().numpy().T) / 2)
+    assert eig.dtype == F64 and eig.device.type == "cpu"
+    np.testing.assert_allclose(eig.numpy(), expected, rtol=1e-12, atol=1e-12)
+    # one triangle alone (what eigvalsh of the raw matrix reads) gives another spectrum
+    assert not np.allclose(torch.linalg.eigvalsh(a.double()).numpy(), expected, atol=1e-3)
 
 
 def test_too_large_dense_hessians_are_refused_with_their_size(make_problem) -> None:

@@ -180,8 +180,8 @@ def test_float32_lanczos_bounds_cover_the_float64_truth() -> None:
                 high = lambda_max(op, tol=1e-7, max_iter=80, seed=seed)
             else:
                 low, high = extreme_eigenvalues(op, tol=1e-7, max_iter=80, seed=seed)
-                assert abs(low.value - float(truth[0])) <= low.bound, where
-            assert abs(high.value - float(truth[-1])) <= high.bound, where
+                assert abs(low.value - float(truth[0])) <= low.uncertainty, where
+            assert abs(high.value - float(truth[-1])) <= high.uncertainty, where
             assert high.hvps == op.hvps + ends  # the float64 re-check: one pass of the Ritz vectors
 
 
@@ -283,13 +283,13 @@ def test_standard_errors_do_not_fall_below_rounding() -> None:
             op, probes=60
         )  # the subspace (30 vectors) spans the 12-dim block
         assert (
-            trace.stderr >= 0.99 * eps * abs(trace.value)
-            and fro.stderr >= 0.99 * eps * fro.value / 2
+            trace.uncertainty >= 0.99 * eps * abs(trace.value)
+            and fro.uncertainty >= 0.99 * eps * fro.value / 2
         )
         assert abs(trace.value - exact) <= 1e-4 * abs(exact)
     diagonal = _Diagonal(torch.tensor([3.0, 1.0, 0.5], dtype=F64))  # g^T D g = Tr D for +-1 probes
     est = hutchinson_trace(diagonal, probes=10)
-    assert est.value == 4.5 and est.stderr >= torch.finfo(F64).eps * 4.5
+    assert est.value == 4.5 and est.uncertainty >= torch.finfo(F64).eps * 4.5
 
 
 class _Diagonal:

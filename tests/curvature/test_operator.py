@@ -267,6 +267,21 @@ def test_dtype_float64_on_a_float32_model_and_float32_close_to_it(make_problem) 
     assert problem.model[0].weight.dtype == torch.float32  # the model is not converted
 
 
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("method", METHODS)
+def test_a_float64_copy_applies_the_same_matrix_in_float64(
+    make_problem, curvature: str, method: str
+) -> None:
+    problem = make_problem("mlp_tanh", "digits")
+    op32 = op_for(problem, dtype=None, curvature=curvature, method=method)
+    op64 = op_for(problem, dtype=F64, curvature=curvature, method=method)
+    copy = op32.astype(F64)
+    v = random_block(op64.num_params, 3)
+    torch.testing.assert_close(copy.matmat(v), op64.matmat(v), **TOL)
+    assert copy.hvps == 3 and op32.hvps == 0  # the copy counts its own products
+    assert op32.matmat(v.float()).dtype == torch.float32  # the original is unchanged
+
+
 def test_loss_accuracy_and_gradient_match_direct_computation(make_problem) -> None:
     problem = make_problem("cnn", "digits")
     op = op_for(problem, batch_size=48)

@@ -20,7 +20,8 @@ from flatcli.curvature import (
     hutchpp_trace,
     trace_and_frobenius,
 )
-from flatcli.curvature.trace import DEPTH, _split_budget
+from flatcli.curvature.probes import gaussian, generator, rademacher
+from flatcli.curvature.trace import DEPTH, _split_budget, _top_up
 from flatcli.errors import UsageError
 
 F64 = torch.float64
@@ -45,10 +46,10 @@ def test_hutchpp_within_4_stderr_of_the_exact_trace(
     exact = float(torch.trace(dense))
     for seed in SEEDS:
         est = hutchpp_trace(op, probes=60, seed=seed)
-        assert est.stderr > 0
-        assert abs(est.value - exact) <= 4 * est.stderr, (seed, est, exact)
+        assert est.uncertainty > 0
+        assert abs(est.value - exact) <= 4 * est.uncertainty, (seed, est, exact)
     assert (
-        est.hvps == 60 and est.samples == 30 and est.estimator == "hutch++"
+        est.hvps == 60 and est.samples == 30 and est.kind == "stderr"
     )  # 3 blocks of 10, 30 samples
     assert len(passes) == DEPTH * len(SEEDS)  # one data pass per Krylov step, samples on the last
 
@@ -61,7 +62,7 @@ def test_hutchinson_within_4_stderr_of_the_exact_trace(
     exact = float(torch.trace(dense))
     for seed in SEEDS:
         est = hutchinson_trace(op, probes=20, seed=seed)
-        assert abs(est.value - exact) <= 4 * est.stderr, (seed, est, exact)
+        assert abs(est.value - exact) <= 4 * est.uncertainty, (seed, est, exact)
     assert est.hvps == est.samples == 20 and len(passes) == len(SEEDS)  # one pass each
 
 
@@ -73,10 +74,10 @@ def test_frobenius_within_4_stderr_of_the_exact_norm(
     exact = float(torch.linalg.matrix_norm(dense))
     for seed in SEEDS:
         est = frobenius(op, probes=60, seed=seed)
-        assert abs(est.squared - exact**2) <= 4 * est.squared_stderr, (seed, est, exact)
-        assert abs(est.value - exact) <= 4 * est.stderr, (seed, est, exact)
-        assert est.value == pytest.approx(est.squared**0.5)
-        assert est.stderr == pytest.approx(est.squared_stderr / (2 * est.value))
+        assert abs(est.squared.value - exact**2) <= 4 * est.squared.uncertainty, (seed, est, exact)
+        assert abs(est.value - exact) <= 4 * est.uncertainty, (seed, est, exact)
+        assert est.value == pytest.approx(est.squared.value**0.5)
+        assert est.uncertainty == pytest.approx(est.squared.uncertainty / (2 * est.value))
     assert est.hvps == 60 and len(passes) == DEPTH * len(SEEDS)
 
 
@@ -87,8 +88,8 @@ def test_standard_errors_shrink_as_probes_grow(make_problem, reference_hessian) 
         (hutchpp_trace, 12, 192),
         (frobenius, 12, 192),
     ]:
-        few = [estimator(op, probes=small, seed=s).stderr for s in SEEDS]
-        many = [estimator(op, probes=large, seed=s).stderr for s in SEEDS]
+        few = [estimator(op, probes=small, seed=s).uncertainty for s in SEEDS]
+        many = [estimator(op, probes=large, seed=s).uncertainty for s in SEEDS]
         # 16x the probes: at least 4x smaller for Hutchinson's 1/sqrt(m); more with deflation
         assert sum(many) <= sum(few) / 3, (estimator.__name__, few, many)
 
@@ -111,40 +112,38 @@ def test_hutchpp_is_exact_when_the_sketch_spans_the_range(dense_operator, spectr
     est = hutchpp_trace(
         op, probes=40, seed=0
     )  # Krylov space of 3 blocks of 3 holds the rank-4 range
-    assert est.value == pytest.approx(7.0, abs=1e-12) and est.stderr <= 1e-12
+    assert est.value == pytest.approx(7.0, abs=1e-12) and est.uncertainty <= 1e-12
     fro = frobenius(op, probes=40, seed=0)
-    assert fro.squared == pytest.approx(39.0, abs=1e-11) and fro.squared_stderr <= 1e-11
+    assert fro.squared.value == pytest.approx(39.0, abs=1e-11) and fro.squared.uncertainty <= 1e-11
 
 
 def test_adaptive_mode_adds_blocks_until_the_target(make_problem, reference_hessian) -> None:
     op, dense, passes = setup(make_problem, reference_hessian, "mlp_tanh", "digits")
     exact = float(torch.trace(dense))
     first = hutchpp_trace(op, probes=12, seed=3)
-    assert first.rel_stderr > 0.05
+    assert first.relative_uncertainty > 0.05
     est = hutchpp_trace(op, probes=12, seed=3, target_rel_stderr=0.05, max_hvps=2000)
-    assert est.rel_stderr <= 0.05 and est.hvps > 12 and est.samples > 10
+    assert est.relative_uncertainty <= 0.05 and est.hvps > 12 and est.samples > 10
     assert (
         est.hvps == 3 + est.samples
     )  # 3 Krylov blocks of 1 (the budget goes to samples) + remainder
-    assert abs(est.value - exact) <= 4 * est.stderr
+    assert abs(est.value - exact) <= 4 * est.uncertainty
     capped = hutchinson_trace(op, probes=10, seed=3, target_rel_stderr=1e-9, max_hvps=35)
     assert capped.hvps == 35 and capped.samples == 35  # budget respected exactly
     fro = frobenius(op, probes=12, seed=3, target_rel_stderr=0.01, max_hvps=2000)
-    assert fro.rel_stderr <= 0.01 and fro.hvps > 12
+    assert fro.relative_uncertainty <= 0.01 and fro.hvps > 12
 
 
 def test_adaptive_top_ups_take_the_count_the_spread_predicts(
     make_problem, reference_hessian
 ) -> None:
-    from flatcli.curvature.trace import _top_up
-
     assert (
         _top_up(30, 0.02, 0.01) == 99
     )  # 4x the samples for half the error, +10%: 30 * 3 * 1.1 more
     assert _top_up(30, 0.0100001, 0.01) == 2  # never fewer than 2
     op, _, passes = setup(make_problem, reference_hessian, "mlp_tanh", "digits")
     est = hutchpp_trace(op, probes=12, seed=3, target_rel_stderr=0.05, max_hvps=2000)
-    assert est.rel_stderr <= 0.05
+    assert est.relative_uncertainty <= 0.05
     assert (
         len(passes) <= DEPTH + 2
     )  # the Krylov passes, then one or two top-ups, not a block at a time
@@ -155,7 +154,7 @@ def test_probes_follow_the_operator_dtype(make_problem, reference_hessian) -> No
     op32 = CurvatureOperator(problem.model, problem.inputs, problem.targets)  # float32
     exact = float(torch.trace(reference_hessian(problem)))
     est = hutchpp_trace(op32, probes=60, seed=0)
-    assert abs(est.value - exact) <= 4 * est.stderr + 1e-4 * abs(exact)
+    assert abs(est.value - exact) <= 4 * est.uncertainty + 1e-4 * abs(exact)
 
 
 @pytest.mark.parametrize(
@@ -188,11 +187,14 @@ def test_trace_and_frobenius_share_their_products(
     op, dense, passes = setup(make_problem, reference_hessian, kind, dataset)
     tr, fro = trace_and_frobenius(op, probes=60, seed=4)
     assert tr.hvps == fro.hvps == 60 and len(passes) == DEPTH  # both for the price of one
-    assert abs(tr.value - float(torch.trace(dense))) <= 4 * tr.stderr
-    assert abs(fro.squared - float(dense.pow(2).sum())) <= 4 * fro.squared_stderr
+    assert abs(tr.value - float(torch.trace(dense))) <= 4 * tr.uncertainty
+    assert abs(fro.squared.value - float(dense.pow(2).sum())) <= 4 * fro.squared.uncertainty
     alone_tr, alone_fro = hutchpp_trace(op, probes=60, seed=4), frobenius(op, probes=60, seed=4)
-    assert (alone_tr.value, alone_tr.stderr) == (tr.value, tr.stderr)  # same seed, same draws
-    assert (alone_fro.value, alone_fro.stderr) == (fro.value, fro.stderr)
+    assert (alone_tr.value, alone_tr.uncertainty) == (
+        tr.value,
+        tr.uncertainty,
+    )  # same seed, same draws
+    assert (alone_fro.value, alone_fro.uncertainty) == (fro.value, fro.uncertainty)
 
 
 def test_the_krylov_subspace_beats_a_one_pass_sketch_at_equal_cost(
@@ -204,7 +206,6 @@ def test_the_krylov_subspace_beats_a_one_pass_sketch_at_equal_cost(
     space removes more of them, so the remainders' standard errors are smaller.
     """
     op, _, _ = setup(make_problem, reference_hessian, "logreg", "digits")
-    from flatcli.curvature.probes import gaussian, generator, rademacher
 
     def one_pass_hutchpp(seed: int) -> tuple[float, float]:
         gen = generator(op, seed)
@@ -217,8 +218,8 @@ def test_the_krylov_subspace_beats_a_one_pass_sketch_at_equal_cost(
 
     one_pass = [one_pass_hutchpp(s) for s in SEEDS]
     krylov = [trace_and_frobenius(op, probes=60, seed=s) for s in SEEDS]
-    assert sum(t.stderr for t, _ in krylov) < 0.9 * sum(se for se, _ in one_pass)
-    assert sum(f.squared_stderr for _, f in krylov) < 0.5 * sum(se for _, se in one_pass)
+    assert sum(t.uncertainty for t, _ in krylov) < 0.9 * sum(se for se, _ in one_pass)
+    assert sum(f.squared.uncertainty for _, f in krylov) < 0.5 * sum(se for _, se in one_pass)
 
 
 def test_a_subspace_that_fills_the_space_gives_the_exact_values(
@@ -229,5 +230,5 @@ def test_a_subspace_that_fills_the_space_gives_the_exact_values(
     tr, fro = trace_and_frobenius(
         op, probes=60, seed=0
     )  # blocks of 10 > P = 12: Q = I after 2 steps
-    assert tr.value == pytest.approx(float(spectrum.sum()), abs=1e-12) and tr.stderr <= 1e-12
-    assert fro.squared == pytest.approx(float(spectrum.pow(2).sum()), abs=1e-11)
+    assert tr.value == pytest.approx(float(spectrum.sum()), abs=1e-12) and tr.uncertainty <= 1e-12
+    assert fro.squared.value == pytest.approx(float(spectrum.pow(2).sum()), abs=1e-11)

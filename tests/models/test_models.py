@@ -306,11 +306,11 @@ def test_wrn_has_no_dropout_by_default_and_dropout_when_asked():
 def test_same_seed_gives_identical_weights_and_another_seed_does_not(name):
     a, b = build(name, seed=0, **SMALL[name]), build(name, seed=0, **SMALL[name])
     c = build(name, seed=1, **SMALL[name])
-    for (k, pa), pb, pc in zip(
-        a.state_dict().items(), b.state_dict().values(), c.state_dict().values()
-    ):
+    for (k, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), k
-    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+    assert any(
+        not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters(), strict=True)
+    )
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,0 +1,200 @@
+"""What ``flatcli sharpness`` measured at one point in weight space, and its JSON.
+
+A :class:`SharpnessReport` holds the point (data, settings, loss, accuracy, ||w||), one
+result per measure (an :class:`~flatcli.curvature.results.Estimate`, or a
+:class:`Density` for the spectral density), optionally the same per layer
+(:class:`LayerReport`), and the Hessian-vector products spent. :meth:`SharpnessReport.as_dict`
+is the JSON document of ``flatcli sharpness --json`` and of the ``sharpness.json`` cache;
+:meth:`SharpnessReport.from_dict` reads it back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from flatcli.config import MEASURE_NAMES
+from flatcli.curvature.results import Estimate
+
+
+@dataclass(frozen=True)
+class Density:
+    """A spectral density sampled on a grid (its values integrate to 1 over it).
+
+    Attributes:
+        grid: evaluation points, ascending.
+        values: the density at ``grid``.
+        hvps: Hessian-vector products spent on it (0 when read from the JSON).
+    """
+
+    grid: list[float]
+    values: list[float]
+    hvps: int = 0
+
+    def as_dict(self) -> dict[str, list[float]]:
+        """The JSON form: ``grid`` and ``values``."""
+        return {"grid": self.grid, "values": self.values}
+
+
+#: One measure's result: a number with its uncertainty, or a spectral density.
+Measurement = Estimate | Density
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """The measures of one layer's diagonal block of the matrix.
+
+    Attributes:
+        name: the module owning the parameters (``parameter_groups``).
+        params: the parameter names of the block.
+        num_params: the block's size.
+        measures: measure name -> result.
+    """
+
+    name: str
+    params: tuple[str, ...]
+    num_params: int
+    measures: dict[str, Measurement]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form: name, params, num_params, then one entry per measure."""
+        return {
+            "name": self.name,
+            "params": list(self.params),
+            "num_params": self.num_params,
+            **{k: v.as_dict() for k, v in self.measures.items()},
+        }
+
+
+@dataclass(frozen=True)
+class SharpnessReport:
+    """Everything ``flatcli sharpness`` measured at one point."""
+
+    checkpoint: str | None
+    dataset: str | None
+    split: str
+    num_samples: int
+    num_params: int
+    curvature: str
+    bn_mode: str
+    dtype: str
+    device: str
+    seed: int
+    loss: float
+    accuracy: float
+    weight_norm: float
+    l2: float
+    measures: dict[str, Measurement]
+    hvps: int
+    seconds: float
+    exact: bool = False
+    layers: list[LayerReport] = field(default_factory=list)
+    #: The measures served from ``sharpness.json`` (not computed by this call); see
+    #: ``flatcli.workflows.sharpness``.
+    cached: tuple[str, ...] = ()
+    #: The batch whose statistics define the matrix (SharpnessConfig.bn_batch_size; with
+    #: bn_mode "full" all num_samples); None with running statistics (bn_mode "eval").
+    bn_batch_size: int | None = None
+
+    @property
+    def fully_cached(self) -> bool:
+        """Every measure came from the cache (this call did no Hessian-vector product)."""
+        return bool(self.cached) and set(self.measures) <= set(self.cached)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as the JSON document of ``flatcli sharpness --json`` (key order included)."""
+        return self.as_dict()
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON document: the point, one entry per measure, then layers and costs."""
+        head = {
+            k: getattr(self, k)
+            for k in (
+                "checkpoint",
+                "dataset",
+                "split",
+                "num_samples",
+                "num_params",
+                "curvature",
+                "bn_mode",
+                "dtype",
+                "device",
+                "seed",
+                "loss",
+                "accuracy",
+                "weight_norm",
+            )
+        }
+        head["include_l2"] = self.l2
+        head["exact"] = self.exact
+        head["bn_batch_size"] = self.bn_batch_size
+        body = {k: v.as_dict() for k, v in self.measures.items()}
+        tail: dict[str, Any] = {
+            "hvps": self.hvps,
+            "seconds": self.seconds,
+            "cached": self.fully_cached,
+        }
+        if self.cached and not self.fully_cached:  # some from the cache, the rest computed now
+            tail["cached_measures"] = list(self.cached)
+        if self.layers:
+            tail = {"layers": [layer.as_dict() for layer in self.layers], **tail}
+        return {**head, **body, **tail}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SharpnessReport:
+        """Rebuild a report from :meth:`as_dict` (used by the ``sharpness.json`` cache)."""
+        measures = {
+            name: measurement_from_dict(value)
+            for name, value in d.items()  # in the document's order (the order asked for)
+            if name in MEASURE_NAMES or name == "spectral_norm"
+        }
+        layers = [
+            LayerReport(
+                x["name"],
+                tuple(x["params"]),
+                x["num_params"],
+                {k: measurement_from_dict(v) for k, v in x.items() if isinstance(v, dict)},
+            )
+            for x in d.get("layers", [])
+        ]
+        return cls(
+            d["checkpoint"],
+            d["dataset"],
+            d["split"],
+            d["num_samples"],
+            d["num_params"],
+            d["curvature"],
+            d["bn_mode"],
+            d["dtype"],
+            d["device"],
+            d["seed"],
+            d["loss"],
+            d["accuracy"],
+            d["weight_norm"],
+            d.get("include_l2", 0.0),
+            measures,
+            d["hvps"],
+            d["seconds"],
+            d.get("exact", False),
+            layers,
+            tuple(measures) if d.get("cached") is True else tuple(d.get("cached_measures", ())),
+            bn_batch_size=d.get("bn_batch_size"),
+        )
+
+
+def measurement_from_dict(d: dict[str, Any]) -> Measurement:
+    """One measure's result from its JSON form (``as_dict`` of an Estimate or Density)."""
+    if "grid" in d:
+        return Density(d["grid"], d["values"])
+    # An entry written before the flag existed cannot say: only an exact value is trusted.
+    converged = d.get("converged", "bound" in d and d["bound"] == 0) is True
+    if "stderr" in d:
+        return Estimate(
+            value=d["value"], uncertainty=d["stderr"], kind="stderr", converged=converged
+        )
+    return Estimate(
+        value=d["value"],
+        uncertainty=d["bound"],
+        kind="bound" if d["bound"] else "exact",
+        converged=converged,
+    )

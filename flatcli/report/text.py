@@ -1,0 +1,149 @@
+"""Statements in plain words about measured numbers, and the JSON documents that carry them.
+
+:func:`rank_statement` says what a measured Hessian rank means for the rank bound of
+Granziol (2020, "Flatness is a False Friend", arXiv 2006.09091, claim 4): exact for
+linear models (so a rank above it is reported loudly), an approximation for nonlinear
+ones. The statement is part of ``flatcli rank-bound --json`` and of ``flatcli demo
+--json``, so those two documents are put together here (:func:`rank_as_dict`,
+:func:`demo_as_dict`): the layers below the report compute numbers, not sentences.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from flatcli.analysis.rank import MeasuredRank, RankBound, RankEstimate, RankReport
+from flatcli.workflows.compare import comparison_as_dict
+from flatcli.workflows.demo import DemoResult
+
+__all__ = ["demo_as_dict", "rank_as_dict", "rank_statement"]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _effective_words(ranks: Mapping[float, int], bound: int) -> str:
+    parts = []
+    for f, r in ranks.items():
+        rel = "within" if r <= bound else "above"
+        parts.append(f"{r} above {f:g} lambda_max ({rel} the bound)")
+    return "; ".join(parts)
+
+
+def rank_statement(bound: RankBound, measured: MeasuredRank | RankEstimate, is_linear: bool) -> str:
+    """What the measured rank says about the bound, in plain words and with the numbers.
+
+    Linear models: the bound is exact for the Gauss-Newton matrix (and for the Hessian
+    of a one-layer model, where the two coincide), so a measured GGN rank above it is a
+    contradiction and is reported loudly. For a multi-layer linear model the Hessian also
+    has the bilinear residual term, which may raise its rank above the bound away from a
+    stationary point; that is said, not hidden. Nonlinear models: the bound holds for the
+    effective rank under the Kronecker-factored approximation; the exact rank may exceed it.
+    """
+    p, b = bound.num_params, bound.paper_bound
+    head = (
+        f"Rank bound (C-1) * sum(fan_in+1) = {bound.num_classes - 1} x "
+        f"{sum(i.fan_in + 1 for i in bound.layers)} = {b:,} ({_pct(bound.paper_fraction)} of "
+        f"P = {p:,}); data bound N(C-1) = {bound.data_bound:,}; smallest bound {bound.min_bound:,} "
+        f"({_pct(bound.bound_fraction)} of P)."
+    )
+    one_layer = len(bound.layers) == 1
+    lines = [head]
+    if isinstance(measured, RankEstimate):
+        low, high = measured.value - 2 * measured.stderr, measured.value + 2 * measured.stderr
+        err = (
+            f"+- {measured.stderr:,.1f}"
+            if math.isfinite(measured.stderr)
+            else "(no error bar: one probe)"
+        )
+        lines.append(
+            f"Estimated effective rank (SLQ, {measured.probes} probes, |lambda| > {measured.fraction:g} "
+            f"lambda_max): {measured.value:,.1f} {err}; an estimate, not an exact rank."
+        )
+        over = math.isfinite(low) and low > bound.min_bound
+        if is_linear and over:
+            lines.append(
+                f"WARNING: for a linear model the estimate exceeds the bound {bound.min_bound:,} by more "
+                f"than 2 standard errors ({low:,.1f} .. {high:,.1f}): either the quadrature is too "
+                "coarse (raise --iterations) or something is wrong."
+            )
+        elif is_linear:
+            lines.append("Linear model: the bound is exact; the estimate is consistent with it.")
+        else:
+            where = (
+                "above" if over else ("within" if high <= bound.min_bound else "consistent with")
+            )
+            lines.append(
+                f"Nonlinear model: the bound holds for the effective rank only under the "
+                f"Kronecker-factored approximation; the estimate is {where} it."
+            )
+        return " ".join(lines)
+
+    m = measured
+    found = (
+        f"Exact (dense float64, |lambda| > {m.threshold:.2g} max|lambda|): Hessian rank "
+        f"{m.numerical_rank:,} ({_pct(m.numerical_rank / p)} of P), GGN rank {m.ggn_rank:,}; "
+        f"effective Hessian rank: {_effective_words(m.effective_rank, b)}."
+    )
+    lines.append(found)
+    if is_linear:
+        if m.ggn_rank > bound.min_bound:
+            lines.append(
+                f"WARNING: this is a linear model, for which the bound is exact, yet the GGN rank "
+                f"{m.ggn_rank:,} EXCEEDS the bound {bound.min_bound:,}. That contradicts the theory: "
+                "check the threshold or report a bug."
+            )
+        elif m.numerical_rank > bound.min_bound and one_layer:
+            lines.append(
+                f"WARNING: for this one-layer linear model the Hessian equals the GGN, yet its rank "
+                f"{m.numerical_rank:,} EXCEEDS the bound {bound.min_bound:,}: numerical noise above "
+                "the threshold, or a bug."
+            )
+        elif m.numerical_rank > bound.min_bound:
+            lines.append(
+                f"Linear model: the GGN rank {m.ggn_rank:,} obeys the exact bound, but the Hessian rank "
+                f"{m.numerical_rank:,} exceeds it by {m.numerical_rank - bound.min_bound:,}: the residual "
+                "term sum_c (p_c - y_c) d2z_c/dw2 couples the layers and only vanishes at a stationary "
+                "point, so the paper's bound does not hold for this Hessian here."
+            )
+        else:
+            lines.append(
+                f"Linear model: the bound is exact and the measured ranks obey it "
+                f"({m.numerical_rank:,} <= {bound.min_bound:,})."
+            )
+    else:
+        verdict = (
+            f"exceeds it by {m.numerical_rank - b:,}" if m.numerical_rank > b else "is within it"
+        )
+        lines.append(
+            f"Nonlinear model: the bound holds for the effective rank under the Kronecker-factored "
+            f"approximation, not for the exact rank; the exact Hessian rank {verdict}."
+        )
+    return " ".join(lines)
+
+
+def rank_as_dict(report: RankReport) -> dict[str, object]:
+    """The JSON document of ``flatcli rank-bound --json``: the numbers, then the statement."""
+    return {
+        **report.as_dict(),
+        "statement": rank_statement(report.bound, report.measured, report.is_linear),
+    }
+
+
+def demo_as_dict(result: DemoResult) -> dict[str, object]:
+    """The JSON document of ``flatcli demo --json``: runs, comparisons, ranks, sweep, claims."""
+    return {
+        "dataset": result.config.dataset,
+        "models": list(result.config.models),
+        "runs": {k: str(v) for k, v in result.runs.items()},
+        "comparisons": [
+            {"model": m, "contrast": t, **comparison_as_dict(c)}
+            for (m, t), c in result.comparisons.items()
+        ],
+        "rank": {m: rank_as_dict(r) for m, r in result.ranks.items()},
+        "sweep": {"model": result.sweep_model, "rows": [r.as_dict() for r in result.sweep]},
+        "claims": [c.__dict__ for c in result.claims],
+        "seconds": result.seconds,
+    }

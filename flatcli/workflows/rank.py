@@ -1,0 +1,68 @@
+"""``flatcli rank-bound`` from a checkpoint: load it with its data, then bound and measure.
+
+The bound and the ranks are pure functions of the model and the data
+(:func:`flatcli.analysis.rank.rank_report`); this module only loads them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from flatcli.analysis.rank import RankReport, check_rank_options, rank_report
+from flatcli.models.factory import ModelFactory
+from flatcli.workflows.data import get_spec
+from flatcli.workflows.sharpness import load_point
+
+__all__ = ["rank_checkpoint"]
+
+
+def rank_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    samples: int | None = None,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    device: str = "auto",
+    model_factory: ModelFactory | None = None,
+    factory_args: Mapping[str, object] | None = None,
+    output: str | int | None = None,
+    exact: bool | None = None,
+    threshold: float | None = None,
+    fraction: float = 1e-2,
+    seed: int = 0,
+) -> RankReport:
+    """The rank report of a checkpoint on (the first ``samples`` of) its training data.
+
+    The options are checked (:func:`~flatcli.analysis.rank.check_rank_options`) before
+    the checkpoint is loaded; the checkpoint and its data as by
+    :func:`~flatcli.workflows.sharpness.load_point` (``dataset`` measures it on another
+    data set of the same shape). The number of classes is the checkpoint's, or the data
+    set's when the checkpoint does not record it. ``exact``, ``threshold``, ``fraction``
+    and ``seed`` as in :func:`~flatcli.analysis.rank.rank_report`.
+    """
+    check_rank_options(threshold=threshold, fraction=fraction)
+    point = load_point(
+        path,
+        samples=samples,
+        dataset=dataset,
+        data_dir=data_dir,
+        device=device,
+        model_factory=model_factory,
+        factory_args=factory_args,
+        output=output,
+    )
+    recorded = (
+        point.info.dataset.get("num_classes") if isinstance(point.info.dataset, dict) else None
+    )
+    num_classes = int(recorded or get_spec(point.dataset).num_classes)
+    return rank_report(
+        point.model,
+        point.inputs,
+        point.targets,
+        num_classes,
+        exact=exact,
+        threshold=threshold,
+        fraction=fraction,
+        seed=seed,
+    )

@@ -1,0 +1,135 @@
+"""``flatcli demo``: the DemoConfig handed to the demo workflow, what is printed, and the
+refusal to run under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flatcli.report.tables import demo_report
+from flatcli.report.text import demo_as_dict
+from flatcli.workflows.demo import DemoConfig
+
+from .fakes import DEMO
+from .helpers import invoke, one_line_error, wide_console
+
+DEMO_REPORT = (
+    "logreg: L2 regularisation                                            \n"
+    "┏━━━━━━━━━━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━━━━━━━━━┓\n"
+    "┃                             ┃              sgd ┃           sgd-l2 ┃\n"
+    "┡━━━━━━━━━━━━━━━━━━━━━━━━━━━━━╇━━━━━━━━━━━━━━━━━━╇━━━━━━━━━━━━━━━━━━┩\n"
+    "│ optimiser                   │              sgd │              sgd │\n"
+    "│ l2 (coupled)                │                0 │           0.0005 │\n"
+    "│ weight decay (decoupled)    │                0 │                0 │\n"
+    "│ averaging from epoch        │                - │                - │\n"
+    "│ train loss                  │              0.1 │              0.1 │\n"
+    "│ test loss                   │      0.3 (1.00x) │      0.2 (0.67x) │\n"
+    "│ test accuracy               │           80.00% │           90.00% │\n"
+    "│ generalisation gap (points) │            20.00 │            10.00 │\n"
+    "│ ||w||                       │        4 (1.00x) │        2 (0.50x) │\n"
+    "│ lambda_max                  │ 2 ± 0.01 (1.00x) │ 4 ± 0.01 (2.00x) │\n"
+    "└─────────────────────────────┴──────────────────┴──────────────────┘\n"
+    "  - sgd-l2 is 2x sharper than sgd by lambda_max (4 vs 2); sgd-l2 generalises 10.00 points better \n"
+    "(test accuracy 80.00% vs 90.00%): flatness disagrees with generalisation here.\n"
+    "logreg: layers counted by the bound                    \n"
+    "┏━━━━━━━┳━━━━━━━━┳━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━━━━━━━━━┓\n"
+    "┃ layer ┃ kind   ┃ fan-in ┃ neurons ┃ (C-1)(fan-in+1) ┃\n"
+    "┡━━━━━━━╇━━━━━━━━╇━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━━━━━━━━┩\n"
+    "│ fc    │ linear │      4 │       3 │              10 │\n"
+    "└───────┴────────┴────────┴─────────┴─────────────────┘\n"
+    "logreg: rank                                                             \n"
+    "┏━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━┳━━━━━━━┳━━━━━━━━━━━━━━━┓\n"
+    "┃ quantity                                      ┃ value ┃ fraction of P ┃\n"
+    "┡━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━╇━━━━━━━╇━━━━━━━━━━━━━━━┩\n"
+    "│ parameters P                                  │    15 │       100.00% │\n"
+    "│ paper bound (C-1) sum(fan-in+1)               │    10 │        66.67% │\n"
+    "│ data bound N(C-1)                             │    20 │       133.33% │\n"
+    "│ Hessian numerical rank (|lambda| > 1e-12 max) │     8 │        53.33% │\n"
+    "│ GGN numerical rank                            │     8 │        53.33% │\n"
+    "│ effective rank (|lambda| > 0.01 lambda_max)   │     6 │        40.00% │\n"
+    "└───────────────────────────────────────────────┴───────┴───────────────┘\n"
+    "Rank bound (C-1) * sum(fan_in+1) = 2 x 5 = 10 (66.7% of P = 15); data bound N(C-1) = 20; smallest \n"
+    "bound 10 (66.7% of P). Exact (dense float64, |lambda| > 1e-12 max|lambda|): Hessian rank 8 (53.3% of\n"
+    "P), GGN rank 8; effective Hessian rank: 6 above 0.01 lambda_max (within the bound). Linear model: \n"
+    "the bound is exact and the measured ranks obey it (8 <= 10).\n"
+    "weights of all layers multiplied by a       \n"
+    "┏━━━┳━━━━━━━┳━━━━━━┳━━━━━━━━━━┳━━━━━━━━━━━━┓\n"
+    "┃ a ┃ ||w|| ┃ loss ┃ accuracy ┃ lambda_max ┃\n"
+    "┡━━━╇━━━━━━━╇━━━━━━╇━━━━━━━━━━╇━━━━━━━━━━━━┩\n"
+    "│ 1 │     2 │  0.5 │   90.00% │          1 │\n"
+    "│ 2 │     4 │ 0.25 │   90.00% │        0.5 │\n"
+    "└───┴───────┴──────┴──────────┴────────────┘\n"
+    "\n"
+    "The paper's claims on digits (computed from the numbers above)\n"
+    "- L2 makes the model sharper [logreg]: held\n"
+    "    4 vs 2\n"
+    "- a tie [logreg]: tie / inconclusive\n"
+    "    [within] the noise\n"
+    "1 runs under runs/demo/digits; 12 s in all.\n"
+)
+
+
+@pytest.fixture
+def demo(spy):
+    return spy("flatcli.workflows.demo", "run_demo", DEMO)
+
+
+def test_no_options_run_the_default_demo_in_a_folder_per_data_set(demo):
+    result = invoke("demo")
+    assert result.exit_code == 0, result.stderr
+    (config,), kwargs = demo.one
+    assert config == DemoConfig(out=Path("runs/demo/digits"))
+    assert callable(kwargs.pop("on_step")) and kwargs == {}
+
+
+def test_every_option_reaches_the_config(demo):
+    args = ("-d", "mnist", "--data-dir", "d", "--models", "mlp, cnn", "--epochs", 5)
+    more = ("--train-samples", 100, "--samples", 50, "--out", "o", "--overwrite", "--seed", 2)
+    result = invoke("demo", *args, *more, "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    (config,), _ = demo.one
+    assert config == DemoConfig(
+        dataset="mnist",
+        data_dir="d",
+        models=("mlp", "cnn"),
+        epochs=5,
+        train_samples=100,
+        measure_samples=50,
+        out=Path("o"),
+        seed=2,
+        device="cpu",
+        overwrite=True,
+    )
+
+
+def test_runs_demo_gets_a_folder_per_data_set_whether_given_or_not(demo):
+    assert invoke("demo", "-d", "mnist").exit_code == 0
+    assert invoke("demo", "-d", "mnist", "--out", "runs/demo").exit_code == 0
+    assert [call[0][0].out for call in demo.calls] == [Path("runs/demo/mnist")] * 2
+
+
+def test_json_is_the_demo_document(demo):
+    result = invoke("demo", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout) == json.loads(json.dumps(demo_as_dict(DEMO)))
+
+
+def test_the_report_is_printed(demo, screen):
+    console = screen("flatcli.cli.demo")
+    assert invoke("demo").exit_code == 0
+    assert console.export_text() == DEMO_REPORT
+
+
+def test_the_demo_report_at_100_columns():
+    console = wide_console()
+    demo_report(console, DEMO)
+    assert console.export_text() == DEMO_REPORT
+
+
+def test_under_torchrun_the_demo_is_refused(demo, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    one_line_error(invoke("demo"), 2, "flatcli demo runs in one process, not under torchrun")
+    assert demo.calls == []
