@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +234,10 @@ BN_BATCH = 1024
 
 
 #: The SLQ density draws its probes from ``seed + DENSITY_SEED_OFFSET``: a stream of its
-#: own, apart from the start vectors and probes the other estimators draw from ``seed``.
+#: own. Lanczos and Hutch++ draw their first vectors from a generator seeded with ``seed``
+#: itself; stochastic Lanczos quadrature seeded the same would start from the same draws,
+#: so the density's errors would not be independent of lambda_max's and the trace's.
+#: (2, so that densities reproduce the reports made before the offset had a name.)
 DENSITY_SEED_OFFSET = 2
 
 
@@ -350,3 +353,78 @@ class SharpnessConfig:
     def key(self) -> str:
         """Every setting (the derived ones included) as canonical JSON."""
         return json.dumps(asdict(self), sort_keys=True)
+
+
+# --- comparing runs ------------------------------------------------------------------
+
+#: Measures ``flatcli compare`` reports by default: the paper's and the scale-aware ones.
+DEFAULT_COMPARE_MEASURES: tuple[str, ...] = (
+    "lambda_max",
+    "trace",
+    "frobenius",
+    "lambda_max_normalised",
+    "trace_normalised",
+    "adaptive_sharpness",
+    "relative_flatness",
+)
+#: Sharpness differences within this many combined uncertainties are ties
+#: (:func:`flatcli.analysis.verdicts.verdict`).
+TIE_SIGMAS = 2.0
+
+
+# --- the rank bound ------------------------------------------------------------------
+
+#: Fractions of lambda_max above which the exact effective rank counts eigenvalues.
+RANK_FRACTIONS: tuple[float, ...] = (1e-2, 1e-3)
+#: The SLQ estimate of the effective rank counts |lambda| above this fraction of
+#: max |lambda|, from ``RANK_PROBES`` probes of ``RANK_ITERATIONS`` Lanczos steps drawn
+#: from ``RANK_SEED``.
+RANK_FRACTION = 1e-2
+RANK_PROBES = 8
+RANK_ITERATIONS = 80
+RANK_SEED = 0
+#: Largest P for which the ranks are exact (dense Hessian and GGN matrices: two P x P
+#: float64 matrices plus an eigensolver copy, 3 * 8 * 4096^2 B = 384 MiB); above it an
+#: SLQ estimate, unless exact ranks are asked for (then up to twice this).
+RANK_MAX_PARAMS = 4096
+
+
+# --- the demo ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What the demo trains and measures, and where its runs are kept (``out/MODEL-VARIANT``).
+
+    ``measure_samples`` and ``probes`` set the measurements (sharpness, rank, sweep);
+    ``sweep_scales`` the factors of the weight-scaling sweep of the first model's ``sgd``
+    run; ``overwrite`` allows retraining a run made with other settings.
+    """
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    models: tuple[str, ...] = ("logreg", "mlp", "cnn")
+    epochs: int = 60
+    train_samples: int | None = None
+    measure_samples: int | None = None
+    probes: int = 99
+    sweep_scales: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
+    out: Path = Path("runs/demo")
+    seed: int = 0
+    device: str = "auto"
+    overwrite: bool = False
+
+    @classmethod
+    def reduced(cls, **changes: Any) -> DemoConfig:
+        """A small version for tests: a few epochs on a subset, cheap estimators;
+        ``changes`` are fields set over it.
+        """
+        small = cls(
+            models=("logreg", "mlp"),
+            epochs=3,
+            train_samples=300,
+            measure_samples=300,
+            probes=12,
+            sweep_scales=(1.0, 4.0),
+        )
+        return replace(small, **changes)

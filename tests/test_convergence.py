@@ -29,29 +29,30 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from flatcli.analysis.measures import Estimate, SharpnessConfig, SharpnessReport, measure
+from flatcli.analysis.claims import pair_claim
+from flatcli.analysis.measures import measure
 from flatcli.analysis.rank import rank_report
+from flatcli.analysis.sharpness_report import SharpnessReport
+from flatcli.analysis.verdicts import RunSummary, check_measure, compare, verdict
 from flatcli.cli import app
+from flatcli.config import SharpnessConfig
 from flatcli.curvature import (
     CurvatureOperator,
     dense_hessian,
     hutchinson_trace,
     trace_and_frobenius,
 )
+from flatcli.curvature.results import Estimate
 from flatcli.curvature.trace import MIN_SAMPLES
 from flatcli.errors import CheckpointError, DataError, UsageError
 from flatcli.models import build_model
 from flatcli.report.tables import comparison_table, sharpness_table
 from flatcli.workflows.checkpoint import load_checkpoint, save_checkpoint
 from flatcli.workflows.compare import (
-    Measure,
-    RunSummary,
     check_runs,
-    compare,
     compare_checkpoints,
     comparison_as_dict,
     summarise,
-    verdict,
 )
 from flatcli.workflows.data import load_dataset
 
@@ -267,7 +268,11 @@ def run(name, accuracy, value, uncertainty=0.01, converged=True):
         test_accuracy=accuracy,
         train_accuracy=1.0,
         weight_norm=1.0,
-        measures={"lambda_max": Measure(value, uncertainty, converged)},
+        measures={
+            "lambda_max": Estimate(
+                value=value, uncertainty=uncertainty, kind="bound", converged=converged
+            )
+        },
         test_size=10_000,
     )
 
@@ -291,21 +296,18 @@ def test_a_measure_that_did_not_converge_gets_no_verdict(values):
 
 
 def test_the_demo_claims_nothing_from_a_measure_that_did_not_converge():
-    from flatcli.workflows.demo import _pair_claim
-
     comparison = compare([run("a", 0.70, 1.0), run("b", 0.90, 10.0, converged=False)])
-    claim = _pair_claim("logreg", comparison, "B is sharper yet generalises better")
+    claim = pair_claim("logreg", comparison, "B is sharper yet generalises better")
     assert claim.held is None and "did not converge" in claim.evidence
     assert (
-        _pair_claim("logreg", compare([run("a", 0.70, 1.0), run("b", 0.90, 10.0)]), "x").held
-        is True
+        pair_claim("logreg", compare([run("a", 0.70, 1.0), run("b", 0.90, 10.0)]), "x").held is True
     )
 
 
 def test_unconverged_measures_may_have_an_infinite_uncertainty_converged_ones_not():
-    Measure(1.0, math.inf, converged=False)
+    check_measure(Estimate(value=1.0, uncertainty=math.inf, kind="bound", converged=False))
     with pytest.raises(UsageError):
-        Measure(1.0, math.inf)
+        check_measure(Estimate(value=1.0, uncertainty=math.inf, kind="bound"))
 
 
 def test_summaries_carry_the_flag_and_a_nan_stderr_is_not_converged(point):

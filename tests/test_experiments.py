@@ -9,11 +9,12 @@ from typer.testing import CliRunner
 
 from flatcli import load_checkpoint, load_dataset
 from flatcli.cli import app
+from flatcli.config import DemoConfig
 from flatcli.curvature import logistic_regression_hessian
 from flatcli.errors import RunExistsError
 from flatcli.report.text import demo_as_dict
 from flatcli.workflows.checkpoint import read_metadata, save_checkpoint
-from flatcli.workflows.demo import DemoConfig, ensure_run, run_demo, variant_config
+from flatcli.workflows.demo import ensure_run, run_demo, variant_config
 
 runner = CliRunner()
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_checkpoints"

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, hessian
 
-from flatcli.analysis.measures import SharpnessConfig, measure
+from flatcli.analysis.measures import measure
 from flatcli.analysis.scale import (
     adaptive_sharpness,
     eval_mode,
@@ -35,6 +35,7 @@ from flatcli.analysis.scale import (
     relative_flatness,
     scale_weights,
 )
+from flatcli.config import SharpnessConfig
 from flatcli.curvature.trace import MIN_SAMPLES
 from flatcli.errors import UsageError
 from flatcli.models import build_model

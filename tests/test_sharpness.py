@@ -8,8 +8,9 @@ import torch
 from typer.testing import CliRunner
 
 from flatcli import load_dataset, train
-from flatcli.analysis.measures import SharpnessConfig, measure
+from flatcli.analysis.measures import measure
 from flatcli.cli import app
+from flatcli.config import SharpnessConfig
 from flatcli.curvature import hessian_via_torch_func
 from flatcli.curvature.linalg import exact_density
 

@@ -63,7 +63,7 @@ from flatcli.analysis.sharpness_report import (
     Measurement,
     SharpnessReport,
 )
-from flatcli.config import SharpnessConfig
+from flatcli.config import DENSITY_SEED_OFFSET, SharpnessConfig
 from flatcli.curvature.batches import DataSource, StreamedData, TensorData, as_source
 from flatcli.curvature.density import slq_density
 from flatcli.curvature.exact import (
@@ -79,17 +79,11 @@ from flatcli.curvature.trace import MIN_SAMPLES, trace_and_frobenius
 from flatcli.distributed import my_shard
 from flatcli.errors import NonFiniteError, UsageError
 
-__all__ = [  # SharpnessConfig and the report types are re-exported from their modules
-    "DENSITY_SEED_OFFSET",
+__all__ = [
     "DTYPES",
     "MEASURES",
     "PER_LAYER",
-    "Density",
-    "Estimate",
-    "LayerReport",
     "MeasureContext",
-    "SharpnessConfig",
-    "SharpnessReport",
     "measure",
     "non_finite_tensors",
     "parameter_groups",
@@ -98,13 +92,6 @@ __all__ = [  # SharpnessConfig and the report types are re-exported from their m
 
 #: ``SharpnessConfig.dtype`` -> the precision of the products.
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-#: ``config.seed`` plus this seeds the density's probes. Lanczos and Hutch++ draw their
-#: first vectors from a generator seeded with ``config.seed`` itself; stochastic Lanczos
-#: quadrature seeded the same would start from the same draws, so the density's errors
-#: would not be independent of lambda_max's and the trace's. (2, so that densities
-#: reproduce the reports made before the offset had a name.)
-DENSITY_SEED_OFFSET = 2
 
 #: What shared work returns: one estimate, both ends of a spectrum or trace and norm, or
 #: a density; each carries the products it spent.

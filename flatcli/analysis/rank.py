@@ -52,6 +52,14 @@ import numpy.typing as npt
 import torch
 from torch import Tensor, nn
 
+from flatcli.config import (
+    RANK_FRACTION,
+    RANK_FRACTIONS,
+    RANK_ITERATIONS,
+    RANK_MAX_PARAMS,
+    RANK_PROBES,
+    RANK_SEED,
+)
 from flatcli.curvature.density import slq_density
 from flatcli.curvature.exact import exact_spectrum, is_flatcli_logreg, unhooked
 from flatcli.curvature.linalg import mean_and_stderr
@@ -64,8 +72,6 @@ from flatcli.models.linear import LogReg
 from flatcli.models.mlp import MLP
 
 __all__ = [
-    "DEFAULT_FRACTIONS",
-    "DEFAULT_MAX_PARAMS",
     "LINEAR_MODULES",
     "MeasuredRank",
     "RankBound",
@@ -84,13 +90,6 @@ __all__ = [
 
 #: Eigenvalues as a 1-d tensor, array or sequence of numbers.
 Eigenvalues = Tensor | npt.ArrayLike
-
-#: Default fractions of lambda_max for the effective rank.
-DEFAULT_FRACTIONS: tuple[float, ...] = (1e-2, 1e-3)
-
-#: Largest P for which :func:`measured_rank` builds dense Hessian and GGN matrices
-#: (two P x P float64 matrices plus an eigensolver copy: 3 * 8 * 4096^2 B = 384 MiB).
-DEFAULT_MAX_PARAMS = 4096
 
 # ----------------------------------------------------------------------------------------
 # The bound
@@ -210,7 +209,7 @@ def numerical_rank(eigenvalues: Eigenvalues, rel_threshold: float | None = None)
 
 
 def effective_rank(
-    eigenvalues: Eigenvalues, fractions: Sequence[float] = DEFAULT_FRACTIONS
+    eigenvalues: Eigenvalues, fractions: Sequence[float] = RANK_FRACTIONS
 ) -> dict[float, int]:
     """For each fraction f, the number of eigenvalues with ``|lambda| > f * max |lambda|``.
 
@@ -269,8 +268,8 @@ def measured_rank(
     targets: Tensor,
     *,
     threshold: float | None = None,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
-    max_params: int = DEFAULT_MAX_PARAMS,
+    fractions: Sequence[float] = RANK_FRACTIONS,
+    max_params: int = RANK_MAX_PARAMS,
 ) -> MeasuredRank:
     """Exact Hessian and GGN ranks of the mean cross-entropy on ``(inputs, targets)``.
 
@@ -394,7 +393,9 @@ class Quadrature(Protocol):
     def probes(self) -> int: ...
 
 
-def estimated_rank(density: Quadrature, num_params: int, fraction: float = 1e-2) -> RankEstimate:
+def estimated_rank(
+    density: Quadrature, num_params: int, fraction: float = RANK_FRACTION
+) -> RankEstimate:
     """Effective-rank estimate from stochastic Lanczos quadrature.
 
     For a unit probe v, Gauss quadrature gives ``v^T f(H) v ~ sum_i w_i f(theta_i)``; with
@@ -535,13 +536,6 @@ class RankReport:
     measured: MeasuredRank | RankEstimate
     is_linear: bool
 
-    @property
-    def statement(self) -> str:
-        """TRANSITIONAL (remove once the CLI calls :mod:`flatcli.report.text`): the statement."""
-        from flatcli.report.text import rank_statement  # transitional: an upward import
-
-        return rank_statement(self.bound, self.measured, self.is_linear)
-
     def as_dict(self) -> dict[str, object]:
         """The numbers as JSON (:func:`flatcli.report.text.rank_as_dict` adds the statement)."""
         b, m = self.bound, self.measured
@@ -579,12 +573,15 @@ class RankReport:
                     "effective_rank": {f"{m.fraction:g}": {"value": m.value, "stderr": m.stderr}},
                 }
             )
-        doc["statement"] = self.statement  # TRANSITIONAL: goes with the property above
         return doc
 
 
 def check_rank_options(
-    *, threshold: float | None = None, fraction: float = 1e-2, probes: int = 8, iterations: int = 80
+    *,
+    threshold: float | None = None,
+    fraction: float = RANK_FRACTION,
+    probes: int = RANK_PROBES,
+    iterations: int = RANK_ITERATIONS,
 ) -> None:
     """Refuse (:class:`UsageError`) options that cannot be right, before any computation.
 
@@ -610,16 +607,16 @@ def rank_report(
     *,
     exact: bool | None = None,
     threshold: float | None = None,
-    fraction: float = 1e-2,
-    probes: int = 8,
-    iterations: int = 80,
-    seed: int = 0,
-    max_params: int = DEFAULT_MAX_PARAMS,
+    fraction: float = RANK_FRACTION,
+    probes: int = RANK_PROBES,
+    iterations: int = RANK_ITERATIONS,
+    seed: int = RANK_SEED,
+    max_params: int = RANK_MAX_PARAMS,
 ) -> RankReport:
     """Bound and rank of ``model``'s Hessian on the data.
 
     Exact (:func:`measured_rank`) when P <= ``max_params`` or when ``exact`` is True
-    (then up to twice :data:`DEFAULT_MAX_PARAMS`), else an SLQ estimate of the effective
+    (then up to twice :data:`~flatcli.config.RANK_MAX_PARAMS`), else an SLQ estimate of the effective
     rank (:func:`estimated_rank`). Every option is checked (:func:`check_rank_options`)
     before anything is computed.
     """
@@ -627,7 +624,7 @@ def rank_report(
     bound = rank_bound(model, num_classes, len(targets))
     use_exact = bound.num_params <= max_params if exact is None else exact
     if exact:  # asked for explicitly: allow twice the default size before refusing
-        max_params = max(max_params, 2 * DEFAULT_MAX_PARAMS)
+        max_params = max(max_params, 2 * RANK_MAX_PARAMS)
     if use_exact:
         measured: MeasuredRank | RankEstimate = measured_rank(
             model, inputs, targets, threshold=threshold, max_params=max_params

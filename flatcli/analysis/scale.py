@@ -429,6 +429,3 @@ __all__ = [
     "relative_flatness",
     "scale_weights",
 ]
-
-#: Transitional: the old private name of :func:`eval_mode`.
-_eval_mode = eval_mode

@@ -17,8 +17,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from flatcli.analysis.measures import DTYPES, SharpnessConfig, measure, non_finite_tensors
+from flatcli.analysis.measures import DTYPES, measure, non_finite_tensors
 from flatcli.analysis.scale import scale_weights
+from flatcli.config import SharpnessConfig
 from flatcli.curvature.results import Estimate
 from flatcli.errors import NonFiniteError, UsageError
 

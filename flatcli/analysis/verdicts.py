@@ -31,10 +31,12 @@ in percentage points (1 point = 0.01).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from flatcli.config import TIE_SIGMAS
 from flatcli.curvature.results import Estimate
 from flatcli.errors import UsageError
 
@@ -203,7 +205,12 @@ def _fmt(x: float) -> str:
 
 
 def verdict(
-    a: RunSummary, b: RunSummary, measure: str, *, tie_sigmas: float = 2.0, accuracy_points: float
+    a: RunSummary,
+    b: RunSummary,
+    measure: str,
+    *,
+    tie_sigmas: float = TIE_SIGMAS,
+    accuracy_points: float,
 ) -> Verdict:
     """The verdict of ``a`` against ``b`` on ``measure`` (both must have it), given the
     accuracy tie threshold ``accuracy_points``.
@@ -216,17 +223,20 @@ def verdict(
     acc_tie = abs(diff_points) <= accuracy_points
     values = f"{_fmt(ma.value)} vs {_fmt(mb.value)}"
     accs = f"test accuracy {100 * a.test_accuracy:.2f}% vs {100 * b.test_accuracy:.2f}%"
+    judged = functools.partial(
+        Verdict,
+        a=a.name,
+        b=b.name,
+        measure=measure,
+        sharpness_ratio=_ratio(mb.value, ma.value),
+        accuracy_difference_points=diff_points,
+        accuracy_tie=acc_tie,
+    )
 
     if not (ma.converged and mb.converged):  # no uncertainty to judge a tie or a difference by
         which = " and ".join(r.name for r, m in ((a, ma), (b, mb)) if not m.converged)
-        return Verdict(
-            a=a.name,
-            b=b.name,
-            measure=measure,
-            sharpness_ratio=_ratio(mb.value, ma.value),
-            accuracy_difference_points=diff_points,
+        return judged(
             sharpness_tie=False,
-            accuracy_tie=acc_tie,
             agrees=None,
             text=f"{label} of {which} did not converge ({values}): not converged, no verdict on flatness.",
             converged=False,
@@ -264,22 +274,14 @@ def verdict(
             if agrees
             else "flatness disagrees with generalisation here"
         )
-    return Verdict(
-        a=a.name,
-        b=b.name,
-        measure=measure,
-        sharpness_ratio=_ratio(mb.value, ma.value),
-        accuracy_difference_points=diff_points,
-        sharpness_tie=sharp_tie,
-        accuracy_tie=acc_tie,
-        agrees=agrees,
-        text=f"{sharp_words}; {acc_words}: {tail}.",
+    return judged(
+        sharpness_tie=sharp_tie, agrees=agrees, text=f"{sharp_words}; {acc_words}: {tail}."
     )
 
 
 def compare(
     runs: Sequence[RunSummary],
-    tie_sigmas: float = 2.0,
+    tie_sigmas: float = TIE_SIGMAS,
     tie_accuracy: float | None = None,
     *,
     accuracy_sigmas: float = 1.0,

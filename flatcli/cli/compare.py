@@ -13,11 +13,12 @@ import typer
 
 from flatcli.cli import options as opt
 from flatcli.cli._common import handle_errors, join_world, out, print_json, spinner
-from flatcli.config import SharpnessConfig
+from flatcli.config import DEFAULT_COMPARE_MEASURES, TIE_SIGMAS, SharpnessConfig
 from flatcli.errors import UsageError
 
 
 @handle_errors
+@opt.measurement_options(without=("target_stderr",))
 def compare_command(
     ctx: typer.Context,
     runs: Annotated[
@@ -25,31 +26,18 @@ def compare_command(
         typer.Argument(help="Two or more run directories or checkpoints; ratios are to the first."),
     ],
     measures: Annotated[
-        str | None,
+        str,
         typer.Option(
-            help="Comma-separated measures (see flatcli sharpness --help; default: lambda_max, "
-            "trace, frobenius and the scale-aware measures)."
+            help="Comma-separated measures (see flatcli sharpness --help; by default the "
+            "paper's and the scale-aware ones)."
         ),
-    ] = None,
-    split: opt.Split = SharpnessConfig.split,
-    samples: opt.Samples = SharpnessConfig.samples,
-    batch_size: opt.BatchSize = SharpnessConfig.batch_size,
-    memory_gb: opt.MemoryGb = SharpnessConfig.memory_gb,
-    curvature: opt.Curvature = SharpnessConfig.curvature,
-    bn_mode: opt.BnMode = SharpnessConfig.bn_mode,
-    include_l2: opt.IncludeL2 = SharpnessConfig.include_l2,
-    exact: opt.Exact = SharpnessConfig.exact,
-    tol: opt.Tol = SharpnessConfig.tol,
-    max_iter: opt.MaxIter = SharpnessConfig.max_iter,
-    probes: opt.Probes = SharpnessConfig.probes,
-    rho: opt.Rho = SharpnessConfig.rho,
-    logit_normalise: opt.LogitNormalise = SharpnessConfig.logit_normalise,
+    ] = ",".join(DEFAULT_COMPARE_MEASURES),
     tie_sigmas: Annotated[
         float,
         typer.Option(
             help="Sharpness differences within this many combined uncertainties are ties."
         ),
-    ] = 2.0,
+    ] = TIE_SIGMAS,
     seed: opt.Seed = SharpnessConfig.seed,
     dtype: opt.Dtype = SharpnessConfig.dtype,
     device: opt.Device = opt.DEFAULT_DEVICE,
@@ -78,15 +66,10 @@ def compare_command(
     if len(runs) < 2:
         raise UsageError("compare needs at least two runs")
     from flatcli.report.tables import comparison_table  # torch, as the workflow
-    from flatcli.workflows.compare import (
-        DEFAULT_COMPARE_MEASURES,
-        compare_checkpoints,
-        comparison_as_dict,
-    )
+    from flatcli.workflows.compare import compare_checkpoints, comparison_as_dict
 
-    measured = DEFAULT_COMPARE_MEASURES if measures is None else opt.names(measures)
     # the options named as fields of SharpnessConfig (--split ... --dtype) set them
-    config = opt.sharpness_config(ctx, measured)
+    config = opt.sharpness_config(ctx, opt.names(measures))
     device = join_world(device)  # under torchrun: this rank's device, after joining the group
     with spinner() as bar:
         task = bar.add_task("measuring", total=None)

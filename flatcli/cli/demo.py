@@ -10,33 +10,34 @@ import typer
 
 from flatcli.cli import options as opt
 from flatcli.cli._common import err, handle_errors, out, print_json
+from flatcli.config import DemoConfig
 from flatcli.errors import UsageError
 
 
 @handle_errors
 def demo_command(
-    dataset: opt.Dataset = "digits",
+    dataset: opt.Dataset = DemoConfig.dataset,
     data_dir: opt.DataDir = None,
     models: Annotated[
         str, typer.Option(help="Comma-separated models (logreg, mlp, cnn, ...).")
-    ] = "logreg,mlp,cnn",
-    epochs: Annotated[int, typer.Option(help="Epochs per run.")] = 60,
+    ] = ",".join(DemoConfig.models),
+    epochs: Annotated[int, typer.Option(help="Epochs per run.")] = DemoConfig.epochs,
     train_samples: Annotated[
         int | None, typer.Option(help="Train on a deterministic subset.")
-    ] = None,
+    ] = DemoConfig.train_samples,
     samples: Annotated[
         int | None, typer.Option(help="Measure curvature on a deterministic subset.")
-    ] = None,
+    ] = DemoConfig.measure_samples,
     out_dir: Annotated[
         Path,
         typer.Option(
             "--out", "-o", help="Folder for the demo's runs (reused when the settings match)."
         ),
-    ] = Path("runs/demo"),
+    ] = DemoConfig.out,
     overwrite: Annotated[
         bool, typer.Option(help="Retrain runs that exist with other settings.")
-    ] = False,
-    seed: opt.Seed = 0,
+    ] = DemoConfig.overwrite,
+    seed: opt.Seed = DemoConfig.seed,
     device: opt.Device = opt.DEFAULT_DEVICE,
     json_: opt.Json = False,
 ) -> None:
@@ -50,7 +51,7 @@ def demo_command(
         )
     from flatcli.report.tables import demo_report  # torch
     from flatcli.report.text import demo_as_dict
-    from flatcli.workflows.demo import DemoConfig, run_demo
+    from flatcli.workflows.demo import run_demo
 
     config = DemoConfig(
         dataset=dataset,
@@ -59,7 +60,7 @@ def demo_command(
         epochs=epochs,
         train_samples=train_samples,
         measure_samples=samples,
-        out=out_dir / dataset if out_dir == Path("runs/demo") else out_dir,
+        out=out_dir / dataset if out_dir == DemoConfig.out else out_dir,
         seed=seed,
         device=device,
         overwrite=overwrite,

@@ -9,14 +9,20 @@ This module imports no torch: ``flatcli --help`` must stay fast.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypedDict
+from typing import Annotated, ParamSpec, TypedDict, TypeVar
 
 import typer
 
 from flatcli.config import MEASURE_NAMES, SharpnessConfig, TrainConfig
 from flatcli.errors import UsageError
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 #: The device of every command unless ``--device`` says otherwise.
 DEFAULT_DEVICE = TrainConfig.device
@@ -147,6 +153,66 @@ LogitNormalise = Annotated[
 NoCache = Annotated[
     bool, typer.Option("--no-cache", help="Recompute even if sharpness.json has the result.")
 ]
+
+
+#: The options that set how a measurement is made, each a field of :class:`SharpnessConfig`
+#: (its default is the field's), in the order ``--help`` lists them: declared on a command
+#: by :func:`measurement_options`.
+MEASUREMENT_OPTIONS: dict[str, object] = {
+    "split": Split,
+    "samples": Samples,
+    "batch_size": BatchSize,
+    "memory_gb": MemoryGb,
+    "curvature": Curvature,
+    "bn_mode": BnMode,
+    "include_l2": IncludeL2,
+    "exact": Exact,
+    "tol": Tol,
+    "max_iter": MaxIter,
+    "probes": Probes,
+    "target_stderr": TargetStderr,
+    "rho": Rho,
+    "logit_normalise": LogitNormalise,
+}
+
+
+def measurement_options(
+    *, without: tuple[str, ...] = ()
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Declare the :data:`MEASUREMENT_OPTIONS` (but those ``without``) on a command, right
+    after its ``measures`` parameter, so that each is written once for every command.
+
+    Typer reads a command's options from its signature: the decorated command shows them
+    in its signature, and Typer puts their values in ``ctx.params``, where
+    :func:`sharpness_config` reads them; the command's own function never receives them.
+    """
+    unknown = set(without) - set(MEASUREMENT_OPTIONS)
+    if unknown:
+        raise ValueError(f"no measurement options {sorted(unknown)}")
+    added = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            annotation=alias,
+            default=getattr(SharpnessConfig, name),
+        )
+        for name, alias in MEASUREMENT_OPTIONS.items()
+        if name not in without
+    ]
+
+    def declare(command: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(command)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            for parameter in added:
+                kwargs.pop(parameter.name, None)
+            return command(*args, **kwargs)
+
+        own = list(inspect.signature(command, eval_str=True).parameters.values())
+        at = [p.name for p in own].index("measures") + 1
+        run.__signature__ = inspect.Signature(own[:at] + added + own[at:])  # type: ignore[attr-defined]
+        return run
+
+    return declare
 
 
 def sharpness_config(ctx: typer.Context, measures: tuple[str, ...]) -> SharpnessConfig:

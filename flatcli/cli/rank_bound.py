@@ -8,6 +8,7 @@ import typer
 
 from flatcli.cli import options as opt
 from flatcli.cli._common import handle_errors, join_world, out, print_json
+from flatcli.config import RANK_FRACTION, RANK_MAX_PARAMS, RANK_SEED
 from flatcli.errors import UsageError
 
 
@@ -24,7 +25,8 @@ def rank_bound_command(
         bool | None,
         typer.Option(
             "--exact/--estimate",
-            help="Dense float64 ranks, or an SLQ estimate of the effective rank (default: exact when P <= 4096).",
+            help="Dense float64 ranks, or an SLQ estimate of the effective rank (default: exact "
+            f"when P <= {RANK_MAX_PARAMS}).",
         ),
     ] = None,
     fraction: Annotated[
@@ -32,9 +34,9 @@ def rank_bound_command(
         typer.Option(
             help="Estimate: effective rank counts |lambda| above this fraction of lambda_max."
         ),
-    ] = 1e-2,
+    ] = RANK_FRACTION,
     samples: opt.Samples = None,
-    seed: opt.Seed = 0,
+    seed: opt.Seed = RANK_SEED,
     device: opt.Device = opt.DEFAULT_DEVICE,
     data_dir: opt.DataDir = None,
     dataset: opt.DatasetOverride = None,

@@ -23,24 +23,11 @@ if TYPE_CHECKING:
 
 
 @handle_errors
+@opt.measurement_options()
 def sharpness_command(
     ctx: typer.Context,
     checkpoint: opt.Checkpoint,
     measures: opt.Measures = opt.DEFAULT_MEASURES,
-    split: opt.Split = SharpnessConfig.split,
-    samples: opt.Samples = SharpnessConfig.samples,
-    batch_size: opt.BatchSize = SharpnessConfig.batch_size,
-    memory_gb: opt.MemoryGb = SharpnessConfig.memory_gb,
-    curvature: opt.Curvature = SharpnessConfig.curvature,
-    bn_mode: opt.BnMode = SharpnessConfig.bn_mode,
-    include_l2: opt.IncludeL2 = SharpnessConfig.include_l2,
-    exact: opt.Exact = SharpnessConfig.exact,
-    tol: opt.Tol = SharpnessConfig.tol,
-    max_iter: opt.MaxIter = SharpnessConfig.max_iter,
-    probes: opt.Probes = SharpnessConfig.probes,
-    target_stderr: opt.TargetStderr = SharpnessConfig.target_stderr,
-    rho: opt.Rho = SharpnessConfig.rho,
-    logit_normalise: opt.LogitNormalise = SharpnessConfig.logit_normalise,
     seed: opt.Seed = SharpnessConfig.seed,
     dtype: opt.Dtype = SharpnessConfig.dtype,
     device: opt.Device = opt.DEFAULT_DEVICE,

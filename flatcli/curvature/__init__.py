@@ -26,7 +26,6 @@ from flatcli.curvature.exact import (
     logistic_regression_trace,
 )
 from flatcli.curvature.lanczos import (
-    LanczosResult,
     LockstepLanczos,
     extreme_eigenvalues,
     lambda_max,
@@ -46,7 +45,7 @@ from flatcli.curvature.operator import (
     memory_bounded,
     suggest_chunk_size,
 )
-from flatcli.curvature.results import Estimate, SpectralDensity
+from flatcli.curvature.results import Estimate, LanczosResult, SpectralDensity
 from flatcli.curvature.trace import frobenius, hutchinson_trace, hutchpp_trace, trace_and_frobenius
 
 __all__ = [

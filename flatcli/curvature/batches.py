@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
 from flatcli.errors import DataError, UsageError
 
@@ -140,8 +141,6 @@ def tensor_digest(*tensors: Tensor) -> str:
 
 def _random_sampler(loader: Any) -> str | None:
     """The name of a DataLoader's shuffling sampler, if it has one."""
-    from torch.utils.data import RandomSampler, SubsetRandomSampler, WeightedRandomSampler
-
     batch_sampler = getattr(loader, "batch_sampler", None)
     for sampler in (
         getattr(loader, "sampler", None),
@@ -178,8 +177,6 @@ class StreamedData(DataSource):
                 "the loss on differently cut batches, and its curvature must be of one fixed function",
                 "build the loader with shuffle=False and no random sampler",
             )
-        from torch.utils.data import Dataset
-
         if isinstance(data, Dataset) and not isinstance(data, Iterable):
             raise DataError(
                 f"a {type(data).__name__} gives single samples, not batches",

@@ -63,7 +63,6 @@ def slq_density(
     Example:
         >>> import torch
         >>> from flatcli.curvature import CurvatureOperator, slq_density
-        >>> torch.manual_seed(0) and None
         >>> op = CurvatureOperator(torch.nn.Linear(5, 3), torch.randn(40, 5),
         ...                        torch.randint(0, 3, (40,)), dtype=torch.float64)
         >>> d = slq_density(op, probes=2, iterations=10)

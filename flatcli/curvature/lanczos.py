@@ -49,7 +49,9 @@ previous step, and theta_1 stayed inside the interval that the previous step's g
 claimed (Ritz values move monotonically towards the extreme eigenvalues, so a Ritz
 value beyond that interval proves the assumption false). Everywhere else, and by
 default, the bound is the rigorous residual. :attr:`LanczosResult.bound_kinds` says which
-was used. With a clear gap the gap rule stops several products earlier.
+was used, after the float64 re-check below: where that re-check's residual exceeds the
+gap bound it is what is reported, labelled ``"residual"``. With a clear gap the gap rule
+stops several products earlier.
 
 Rounding of the operator. In float32 the products are those of H + E, E the rounding of
 the operator itself (sums over samples and parameters), and the Ritz residual bounds the
@@ -78,11 +80,11 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from typing import TypedDict
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from flatcli.curvature.linalg import (
     orthogonalise,
@@ -90,14 +92,11 @@ from flatcli.curvature.linalg import (
     tridiagonal_eigh,
 )
 from flatcli.curvature.probes import LinearOperatorLike, gaussian, generator
-from flatcli.curvature.results import Estimate
+from flatcli.curvature.results import BoundKind, Estimate, LanczosResult
 from flatcli.errors import UsageError
 
 #: Called after every Lanczos step with (step, wanted Ritz values, their error bounds).
 Callback = Callable[[int, tuple[float, ...], tuple[float, ...]], None]
-
-#: Which bound a wanted Ritz value reports: the gap (Kato-Temple) or the residual.
-BoundKind = Literal["gap", "residual"]
 
 
 class Which(str, enum.Enum):
@@ -106,39 +105,6 @@ class Which(str, enum.Enum):
     LARGEST = "largest"
     SMALLEST = "smallest"
     BOTH = "both"
-
-
-@dataclass(frozen=True)
-class LanczosResult:
-    """Ritz values of a Lanczos run and their error bounds.
-
-    Attributes:
-        eigenvalues: the wanted Ritz values theta_i, ascending.
-        residuals: ``||H y_i - theta_i y_i||`` for each Ritz pair (aligned with
-            ``eigenvalues``; below float64 widened by the operator's rounding). For
-            symmetric H some eigenvalue lies within this distance of theta_i:
-            ``min_j |lambda_j - theta_i| <= residual_i`` (Parlett 1998, Thm 4.5.1).
-        bounds: the error bound of each wanted Ritz value: the gap bound r^2 / delta
-            where its assumption could be checked, else the residual (module docstring);
-            never larger than ``residuals``.
-        bound_kinds: ``"gap"`` or ``"residual"`` for each entry of ``bounds``.
-        iterations: Lanczos steps taken (size of the tridiagonal matrix).
-        hvps: Hessian-vector products spent (one per step, plus the float64 re-check).
-        converged: every wanted bound met ``tol`` (relative), or the Krylov space
-            became invariant (then the Ritz values are eigenvalues up to rounding).
-        which: ``"largest"``, ``"smallest"`` or ``"both"``.
-        vectors: Ritz vectors (P, len(eigenvalues)) when asked for, else ``None``.
-    """
-
-    eigenvalues: tuple[float, ...]
-    residuals: tuple[float, ...]
-    bounds: tuple[float, ...]
-    bound_kinds: tuple[BoundKind, ...]
-    iterations: int
-    hvps: int
-    converged: bool
-    which: str
-    vectors: Tensor | None = None
 
 
 class LockstepLanczos:
@@ -413,6 +379,11 @@ def lanczos(
             final_residuals = [
                 max(b, float(r)) for b, r in zip(final_residuals, rounding, strict=True)
             ]
+            # a re-check residual above the Lanczos bound replaces it: label it so
+            kinds = tuple(
+                kind if b >= float(r) else "residual"
+                for kind, b, r in zip(kinds, final_bounds, rounding, strict=True)
+            )
             final_bounds = [max(b, float(r)) for b, r in zip(final_bounds, rounding, strict=True)]
         if not return_vectors:
             vectors = None
@@ -472,79 +443,46 @@ def _estimate(r: LanczosResult, index: int) -> Estimate:
     )
 
 
-def lambda_max(
-    op: LinearOperatorLike,
-    *,
-    tol: float = 1e-6,
-    max_iter: int = 100,
-    seed: int = 0,
-    callback: Callback | None = None,
-    gap_rule: bool = False,
-) -> Estimate:
+class ExtremeOptions(TypedDict, total=False):
+    """The settings :func:`lambda_max`, :func:`lambda_min` and :func:`extreme_eigenvalues`
+    pass on to :func:`lanczos` (its defaults apply to those left out).
+    """
+
+    tol: float
+    max_iter: int
+    seed: int
+    callback: Callback | None
+    gap_rule: bool
+
+
+def lambda_max(op: LinearOperatorLike, **options: Unpack[ExtremeOptions]) -> Estimate:
     """The largest eigenvalue (the most positive, not the largest in modulus).
+
+    Args:
+        op: the operator.
+        **options: ``tol``, ``max_iter``, ``seed``, ``callback``, ``gap_rule`` of
+            :func:`lanczos`.
 
     Returns:
         An :class:`~flatcli.curvature.results.Estimate` of kind ``"bound"``: its
         ``uncertainty`` is the error bound of :func:`lanczos` (the residual, or the gap
         bound with ``gap_rule=True``), ``hvps`` the products of the run.
     """
-    r = lanczos(
-        op,
-        k=1,
-        tol=tol,
-        max_iter=max_iter,
-        seed=seed,
-        which="largest",
-        callback=callback,
-        gap_rule=gap_rule,
-    )
-    return _estimate(r, -1)
+    return _estimate(lanczos(op, k=1, which="largest", **options), -1)
 
 
-def lambda_min(
-    op: LinearOperatorLike,
-    *,
-    tol: float = 1e-6,
-    max_iter: int = 100,
-    seed: int = 0,
-    callback: Callback | None = None,
-    gap_rule: bool = False,
-) -> Estimate:
+def lambda_min(op: LinearOperatorLike, **options: Unpack[ExtremeOptions]) -> Estimate:
     """The smallest (most negative) eigenvalue, as for :func:`lambda_max`."""
-    r = lanczos(
-        op,
-        k=1,
-        tol=tol,
-        max_iter=max_iter,
-        seed=seed,
-        which="smallest",
-        callback=callback,
-        gap_rule=gap_rule,
-    )
-    return _estimate(r, 0)
+    return _estimate(lanczos(op, k=1, which="smallest", **options), 0)
 
 
 def extreme_eigenvalues(
-    op: LinearOperatorLike,
-    *,
-    tol: float = 1e-6,
-    max_iter: int = 100,
-    seed: int = 0,
-    callback: Callback | None = None,
-    gap_rule: bool = False,
+    op: LinearOperatorLike, **options: Unpack[ExtremeOptions]
 ) -> tuple[Estimate, Estimate]:
-    """``(lambda_min, lambda_max)`` from ONE Lanczos run (``which="both"``).
+    """``(lambda_min, lambda_max)`` from ONE Lanczos run (``which="both"``), with the
+    options of :func:`lambda_max`.
 
     Both estimates report the hvps of that shared run; do not add them up.
     """
-    r = lanczos(
-        op,
-        k=1,
-        tol=tol,
-        max_iter=max_iter,
-        seed=seed,
-        which="both",
-        callback=callback,
-        gap_rule=gap_rule,
-    )
+    r = lanczos(op, k=1, which="both", **options)
     return _estimate(r, 0), _estimate(r, -1)

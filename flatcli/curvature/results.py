@@ -19,6 +19,9 @@ from torch import Tensor
 #: What an uncertainty promises: a rigorous bound, a standard error, or nothing (exact).
 EstimateKind = Literal["bound", "stderr", "exact"]
 
+#: Which bound a wanted Ritz value reports: the gap (Kato-Temple) or the residual.
+BoundKind = Literal["gap", "residual"]
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -84,16 +87,23 @@ class Estimate:
 
 @dataclass(frozen=True)
 class LanczosResult:
-    """Ritz values of a Lanczos run and their residual bounds.
+    """Ritz values of a Lanczos run and their error bounds.
 
     Attributes:
         eigenvalues: the wanted Ritz values theta_i, ascending.
         residuals: ``||H y_i - theta_i y_i||`` for each Ritz pair (aligned with
-            ``eigenvalues``). For symmetric H some eigenvalue lies within this distance
-            of theta_i: ``min_j |lambda_j - theta_i| <= residual_i`` (Parlett 1998, Thm 4.5.1).
+            ``eigenvalues``; below float64 widened by the operator's rounding). For
+            symmetric H some eigenvalue lies within this distance of theta_i:
+            ``min_j |lambda_j - theta_i| <= residual_i`` (Parlett 1998, Thm 4.5.1).
+        bounds: the error bound of each wanted Ritz value: the gap bound r^2 / delta
+            where its assumption could be checked, else the residual (module docstring of
+            :mod:`flatcli.curvature.lanczos`); never larger than ``residuals``.
+        bound_kinds: what each entry of ``bounds`` finally is: ``"gap"``, or
+            ``"residual"`` (the Ritz residual, or below float64 the re-check's residual
+            where that replaced a smaller gap bound).
         iterations: Lanczos steps taken (size of the tridiagonal matrix).
-        hvps: Hessian-vector products spent (one per step).
-        converged: every wanted residual met ``tol`` (relative), or the Krylov space
+        hvps: Hessian-vector products spent (one per step, plus the float64 re-check).
+        converged: every wanted bound met ``tol`` (relative), or the Krylov space
             became invariant (then the Ritz values are eigenvalues up to rounding).
         which: ``"largest"``, ``"smallest"`` or ``"both"``.
         vectors: Ritz vectors (P, len(eigenvalues)) when asked for, else ``None``.
@@ -101,6 +111,8 @@ class LanczosResult:
 
     eigenvalues: tuple[float, ...]
     residuals: tuple[float, ...]
+    bounds: tuple[float, ...]
+    bound_kinds: tuple[BoundKind, ...]
     iterations: int
     hvps: int
     converged: bool

@@ -48,9 +48,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TypedDict
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from flatcli.curvature.linalg import mean_and_stderr, orthogonalise
 from flatcli.curvature.probes import LinearOperatorLike, gaussian, generator, rademacher
@@ -66,18 +68,49 @@ from flatcli.errors import UsageError
 MIN_SAMPLES = 10
 
 
-def _converged(samples: int, rel_stderr: float, target: float | None, exact: bool = False) -> bool:
-    """Whether a standard error is trustworthy: enough samples (or none needed, ``exact``)
-    and the relative ``target`` met when one was asked for.
+def _sampled(
+    value: float, stderr: float, samples: int, hvps: int, target: float | None, exact: bool
+) -> Estimate:
+    """An estimate of kind ``"stderr"`` from ``samples`` samples, ``converged`` when the
+    standard error is trustworthy: enough samples (or none needed, ``exact``) and the
+    relative ``target`` met when one was asked for.
     """
-    return (exact or samples >= MIN_SAMPLES) and (target is None or rel_stderr <= target)
+    estimate = Estimate(value=value, uncertainty=stderr, kind="stderr", hvps=hvps, samples=samples)
+    trusted = (exact or samples >= MIN_SAMPLES) and (
+        target is None or estimate.relative_uncertainty <= target
+    )
+    return replace(estimate, converged=trusted)
 
 
-def _check_adaptive(target_rel_stderr: float | None, max_hvps: int | None) -> None:
-    if target_rel_stderr is not None and not target_rel_stderr > 0:
-        raise UsageError(f"target_rel_stderr must be positive, got {target_rel_stderr}")
-    if max_hvps is not None and max_hvps < 1:
-        raise UsageError(f"max_hvps must be positive, got {max_hvps}")
+@dataclass(frozen=True)
+class _Budget:
+    """The products an estimator may spend (``max_hvps``, default ``10 * probes``),
+    counted on the operator from the estimator's start.
+    """
+
+    op: LinearOperatorLike
+    start: int
+    total: int
+
+    @classmethod
+    def of(
+        cls, op: LinearOperatorLike, probes: int, target: float | None, max_hvps: int | None
+    ) -> _Budget:
+        """Check the adaptive settings and start counting."""
+        if target is not None and not target > 0:
+            raise UsageError(f"target_rel_stderr must be positive, got {target}")
+        if max_hvps is not None and max_hvps < 1:
+            raise UsageError(f"max_hvps must be positive, got {max_hvps}")
+        return cls(op, op.hvps, max_hvps if max_hvps is not None else 10 * probes)
+
+    @property
+    def spent(self) -> int:
+        """Products spent since the start."""
+        return self.op.hvps - self.start
+
+    def left(self) -> int:
+        """Products still allowed."""
+        return self.total - self.spent
 
 
 def _top_up(samples: int, rel_stderr: float, target: float) -> int:
@@ -119,6 +152,7 @@ def hutchinson_trace(
     """Tr H by Hutchinson's estimator with Rademacher probes (one data pass per block).
 
     Args:
+        op: the operator.
         probes: probes in the first block (at least 2, for a standard error).
         seed: seeds the probes (drawn on the operator's device and dtype).
         target_rel_stderr: if set, add probes (one data pass per top-up, as many as the
@@ -131,31 +165,25 @@ def hutchinson_trace(
     """
     if probes < 2:
         raise UsageError(f"need at least 2 probes for a standard error, got {probes}")
-    _check_adaptive(target_rel_stderr, max_hvps)
+    budget = _Budget.of(op, probes, target_rel_stderr, max_hvps)
     gen = generator(op, seed)
-    budget = max_hvps if max_hvps is not None else 10 * probes
-    start = op.hvps
 
     def new_samples(n: int) -> Tensor:
         g = rademacher(op, n, gen)
         return (g * op.matmat(g)).sum(dim=0)
 
-    def rel(s: Tensor) -> float:
-        mean, se = mean_and_stderr(s)
-        return se / abs(mean) if mean != 0 else math.inf
+    def estimate(samples: Tensor) -> Estimate:
+        value, stderr = mean_and_stderr(samples)
+        return _sampled(value, stderr, samples.numel(), budget.spent, target_rel_stderr, False)
 
     samples = _grow(
-        new_samples(probes), new_samples, rel, target_rel_stderr, lambda: budget - (op.hvps - start)
+        new_samples(probes),
+        new_samples,
+        lambda s: estimate(s).relative_uncertainty,
+        target_rel_stderr,
+        budget.left,
     )
-    value, stderr = mean_and_stderr(samples)
-    return Estimate(
-        value=value,
-        uncertainty=stderr,
-        kind="stderr",
-        hvps=op.hvps - start,
-        converged=_converged(samples.numel(), rel(samples), target_rel_stderr),
-        samples=samples.numel(),
-    )
+    return estimate(samples)
 
 
 def _deflate(g: Tensor, q: Tensor) -> Tensor:
@@ -297,46 +325,27 @@ def trace_and_frobenius(
         >>> abs(tr.value - float(torch.trace(h))) <= 4 * tr.uncertainty, tr.hvps == fro.hvps == 30
         (True, True)
     """
-    _check_adaptive(target_rel_stderr, max_hvps)
+    budget = _Budget.of(op, probes, target_rel_stderr, max_hvps)
     gen = generator(op, seed)
-    budget = max_hvps if max_hvps is not None else 10 * probes
-    start = op.hvps
     d, more = _deflated_samples(op, probes, gen)
+    # Q spanning the whole space leaves no remainder: the values are exact.
+    exact = d.subspace >= op.num_params
+
+    def goal(name: str) -> float | None:
+        return target_rel_stderr if name in targets else None
 
     def estimates(samples: Tensor) -> tuple[Estimate, Estimate]:
         """From the (n, 2) remainder samples: column 0 for Tr H, column 1 for Tr H^2."""
         mean, se = mean_and_stderr(samples[:, 0], d.trace_part)
         mean2, se2 = mean_and_stderr(samples[:, 1], d.squared_part)
-        n, hvps = samples.shape[0], op.hvps - start
-        # Q spanning the whole space leaves no remainder: the values are exact.
-        exact = d.subspace >= op.num_params
-
-        def estimate(value: float, stderr: float, converged: bool) -> Estimate:
-            return Estimate(
-                value=value,
-                uncertainty=stderr,
-                kind="stderr",
-                hvps=hvps,
-                converged=converged,
-                samples=n,
-            )
-
-        def trusted(name: str, value: float, stderr: float) -> bool:
-            rel = stderr / abs(value) if value != 0 else math.inf
-            return _converged(n, rel, goal(name), exact)
-
-        trace = d.trace_part + mean
+        n, hvps = samples.shape[0], budget.spent
+        trace = _sampled(d.trace_part + mean, se, n, hvps, goal("trace"), exact)
         squared = d.squared_part + mean2
-        norm = math.sqrt(max(squared, 0.0))
-        norm_se = se2 / (2 * norm) if norm > 0 else math.inf
-        norm_ok = trusted("frobenius", norm, norm_se)
-        return (
-            estimate(trace, se, trusted("trace", trace, se)),
-            replace(estimate(norm, norm_se, norm_ok), squared=estimate(squared, se2, norm_ok)),
-        )
-
-    def goal(name: str) -> float | None:
-        return target_rel_stderr if name in targets else None
+        norm_value = math.sqrt(max(squared, 0.0))
+        norm_se = se2 / (2 * norm_value) if norm_value > 0 else math.inf
+        norm = _sampled(norm_value, norm_se, n, hvps, goal("frobenius"), exact)
+        # Tr H^2 is trusted exactly when ||H||_F is
+        return trace, replace(norm, squared=replace(norm, value=squared, uncertainty=se2))
 
     def rel(samples: Tensor) -> float:
         return max(
@@ -350,68 +359,41 @@ def trace_and_frobenius(
         lambda k: torch.stack(more(k), dim=1),
         rel,
         target_rel_stderr,
-        lambda: budget - (op.hvps - start),
+        budget.left,
     )
     return estimates(samples)
 
 
-def hutchpp_trace(
-    op: LinearOperatorLike,
-    *,
-    probes: int = 99,
-    seed: int = 0,
-    target_rel_stderr: float | None = None,
-    max_hvps: int | None = None,
-) -> Estimate:
-    """Tr H by block Krylov Hutch++ with a standard error (:func:`trace_and_frobenius`).
+class TraceOptions(TypedDict, total=False):
+    """The settings :func:`hutchpp_trace` and :func:`frobenius` pass on to
+    :func:`trace_and_frobenius` (its defaults apply to those left out).
+    """
+
+    probes: int
+    seed: int
+    target_rel_stderr: float | None
+    max_hvps: int | None
+
+
+def hutchpp_trace(op: LinearOperatorLike, **options: Unpack[TraceOptions]) -> Estimate:
+    """Tr H by block Krylov Hutch++ with a standard error: the first estimate of
+    :func:`trace_and_frobenius` (the same draws; see its example).
 
     Args:
-        probes: the budget of Hessian-vector products, m >= 4 (``_split_budget``).
-        seed: seeds all random vectors (drawn on the operator's device and dtype).
-        target_rel_stderr: if set, add remainder probes until
-            ``stderr / |value| <= target_rel_stderr`` or ``max_hvps`` is spent.
-        max_hvps: the budget for the adaptive mode (default ``10 * probes``).
-
-    Example:
-        >>> import torch
-        >>> from flatcli.curvature import CurvatureOperator, hutchpp_trace
-        >>> torch.manual_seed(0) and None
-        >>> op = CurvatureOperator(torch.nn.Linear(5, 3), torch.randn(40, 5),
-        ...                        torch.randint(0, 3, (40,)), dtype=torch.float64)
-        >>> est = hutchpp_trace(op, probes=30)
-        >>> exact = float(torch.trace(op.matmat(torch.eye(18, dtype=torch.float64))))
-        >>> abs(est.value - exact) <= 4 * est.uncertainty
-        True
+        op: the operator.
+        **options: ``probes`` (the budget of products, at least 4), ``seed``,
+            ``target_rel_stderr`` (if set, add remainder probes until
+            ``stderr / |value| <= target_rel_stderr`` or ``max_hvps`` is spent) and
+            ``max_hvps``, as for :func:`trace_and_frobenius`.
     """
-    return trace_and_frobenius(
-        op,
-        probes=probes,
-        seed=seed,
-        target_rel_stderr=target_rel_stderr,
-        max_hvps=max_hvps,
-        targets=("trace",),
-    )[0]
+    return trace_and_frobenius(op, targets=("trace",), **options)[0]
 
 
-def frobenius(
-    op: LinearOperatorLike,
-    *,
-    probes: int = 99,
-    seed: int = 0,
-    target_rel_stderr: float | None = None,
-    max_hvps: int | None = None,
-) -> Estimate:
+def frobenius(op: LinearOperatorLike, **options: Unpack[TraceOptions]) -> Estimate:
     """||H||_F = sqrt(Tr H^2) with a standard error (:func:`trace_and_frobenius`).
 
     ``Tr H^2 = ||H Q||_F^2 + mean_i ||H (I - QQ^T) g_i||^2``: the first term exact, the
-    second unbiased with a sample standard error (``squared`` of the result). Arguments
+    second unbiased with a sample standard error (``squared`` of the result). Options
     as for :func:`hutchpp_trace`; the adaptive target applies to ``||H||_F``.
     """
-    return trace_and_frobenius(
-        op,
-        probes=probes,
-        seed=seed,
-        target_rel_stderr=target_rel_stderr,
-        max_hvps=max_hvps,
-        targets=("frobenius",),
-    )[1]
+    return trace_and_frobenius(op, targets=("frobenius",), **options)[1]

@@ -70,7 +70,7 @@ def _hvps(estimate: Estimate, report: SharpnessReport) -> str:
 
 
 def sharpness_table(report: SharpnessReport) -> Table:
-    """The measures of a :class:`~flatcli.analysis.measures.SharpnessReport`, one row each."""
+    """The measures of a :class:`~flatcli.analysis.sharpness_report.SharpnessReport`, one row each."""
     l2 = f", + l2 I = {report.l2:g}" if report.l2 else ""
     title = (
         f"{report.curvature} of the mean cross-entropy on {report.dataset or 'data'} ({report.split}, "

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from flatcli import __version__
-from flatcli.analysis.measures import PER_LAYER, LayerReport, SharpnessReport
+from flatcli.analysis.measures import PER_LAYER
+from flatcli.analysis.sharpness_report import LayerReport, SharpnessReport
 from flatcli.config import SharpnessConfig
 from flatcli.curvature.batches import tensor_digest
 from flatcli.distributed import broadcast_object, is_main

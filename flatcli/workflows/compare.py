@@ -15,16 +15,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from flatcli.analysis.measures import SharpnessReport
-from flatcli.analysis.verdicts import (
-    MEASURE_ORDER,
-    Comparison,
-    RunSummary,
-    check_measure,
-    compare,
-    verdict,
-)
-from flatcli.config import SharpnessConfig
+from flatcli.analysis.sharpness_report import SharpnessReport
+from flatcli.analysis.verdicts import Comparison, RunSummary, compare
+from flatcli.config import TIE_SIGMAS, SharpnessConfig
 from flatcli.curvature.results import Estimate
 from flatcli.errors import CheckpointError, DataError, UsageError
 from flatcli.models.factory import ModelFactory, resolve_factory
@@ -40,30 +33,12 @@ from flatcli.workflows.sharpness import load_point, sharpness
 from flatcli.workflows.training import evaluate
 
 __all__ = [
-    "DEFAULT_COMPARE_MEASURES",
-    "MEASURE_ORDER",
     "CheckedRun",
     "check_runs",
     "compare_checkpoints",
     "comparison_as_dict",
     "summarise",
-    # transitional: defined in flatcli.analysis.verdicts, re-exported for old imports
-    "Measure",
-    "RunSummary",
-    "compare",
-    "verdict",
 ]
-
-#: Measures ``flatcli compare`` reports by default: the paper's and the scale-aware ones.
-DEFAULT_COMPARE_MEASURES = (
-    "lambda_max",
-    "trace",
-    "frobenius",
-    "lambda_max_normalised",
-    "trace_normalised",
-    "adaptive_sharpness",
-    "relative_flatness",
-)
 
 
 def _judgeable(estimate: Estimate) -> Estimate:
@@ -212,7 +187,7 @@ def compare_checkpoints(
     device: str = "auto",
     use_cache: bool = True,
     progress: Callable[[int], None] | None = None,
-    tie_sigmas: float = 2.0,
+    tie_sigmas: float = TIE_SIGMAS,
     dataset: str | None = None,
     model_factory: ModelFactory | None = None,
     factory_args: Mapping[str, object] | None = None,
@@ -317,17 +292,3 @@ def comparison_as_dict(comparison: Comparison) -> dict[str, object]:
         ],
         "verdicts": [asdict(v) for v in comparison.verdicts],
     }
-
-
-def Measure(value: float, uncertainty: float = 0.0, converged: bool = True) -> Estimate:  # noqa: N802
-    """Transitional: the :class:`~flatcli.curvature.results.Estimate` a verdict reads,
-    checked by :func:`~flatcli.analysis.verdicts.check_measure`. Build the Estimate directly.
-    """
-    estimate = Estimate(
-        value=value,
-        uncertainty=uncertainty,
-        kind="bound" if uncertainty else "exact",
-        converged=converged,
-    )
-    check_measure(estimate)
-    return estimate

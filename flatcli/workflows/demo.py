@@ -27,11 +27,17 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from flatcli.analysis.claims import Claim, judge, pair_claim
+from flatcli.analysis.claims import Claim, judge
 from flatcli.analysis.rank import RankReport
 from flatcli.analysis.sweep import SweepRow, scaling_sweep
 from flatcli.analysis.verdicts import Comparison
-from flatcli.config import SharpnessConfig, TrainConfig, make_train_config
+from flatcli.config import (
+    DEFAULT_COMPARE_MEASURES,
+    DemoConfig,
+    SharpnessConfig,
+    TrainConfig,
+    make_train_config,
+)
 from flatcli.errors import RunExistsError, UsageError
 from flatcli.models import MODELS, resolve_kwargs
 from flatcli.workflows.checkpoint import MODEL_FILE, read_metadata
@@ -43,9 +49,7 @@ from flatcli.workflows.training import train
 
 __all__ = [
     "CONTRASTS",
-    "DEMO_MEASURES",
     "VARIANTS",
-    "DemoConfig",
     "DemoResult",
     "ensure_run",
     "run_demo",
@@ -61,53 +65,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
 #: The two contrasts: (variant A, variant B, title); each title names its claim in
 #: :data:`flatcli.analysis.claims.CONTRAST_CLAIMS`.
 CONTRASTS = (("sgd", "sgd-l2", "L2 regularisation"), ("sgd", "gadam", "Gadam vs SGD"))
-DEMO_MEASURES = (
-    "lambda_max",
-    "trace",
-    "frobenius",
-    "lambda_max_normalised",
-    "trace_normalised",
-    "adaptive_sharpness",
-    "relative_flatness",
-)
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """What the demo trains and measures, and where its runs are kept (``out/MODEL-VARIANT``).
-
-    ``measure_samples`` and ``probes`` set the measurements (sharpness, rank, sweep);
-    ``sweep_scales`` the factors of the weight-scaling sweep of the first model's ``sgd``
-    run; ``overwrite`` allows retraining a run made with other settings.
-    """
-
-    dataset: str = "digits"
-    data_dir: str | None = None
-    models: tuple[str, ...] = ("logreg", "mlp", "cnn")
-    epochs: int = 60
-    train_samples: int | None = None
-    measure_samples: int | None = None
-    probes: int = 99
-    sweep_scales: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
-    out: Path = Path("runs/demo")
-    seed: int = 0
-    device: str = "auto"
-    overwrite: bool = False
-
-    @classmethod
-    def reduced(cls, **changes: Any) -> DemoConfig:
-        """A small version for tests: a few epochs on a subset, cheap estimators;
-        ``changes`` are fields set over it.
-        """
-        small = cls(
-            models=("logreg", "mlp"),
-            epochs=3,
-            train_samples=300,
-            measure_samples=300,
-            probes=12,
-            sweep_scales=(1.0, 4.0),
-        )
-        return replace(small, **changes)
 
 
 @dataclass(frozen=True)
@@ -181,7 +138,7 @@ def run_demo(config: DemoConfig, on_step: Callable[[str], None] | None = None) -
     step = on_step or (lambda message: None)
     start = time.perf_counter()
     sharp = SharpnessConfig(
-        measures=DEMO_MEASURES, samples=config.measure_samples, probes=config.probes
+        measures=DEFAULT_COMPARE_MEASURES, samples=config.measure_samples, probes=config.probes
     )
     if not config.models:
         raise UsageError("--models names no model", hint=f"choose from: {', '.join(MODELS)}")
@@ -239,14 +196,3 @@ def run_demo(config: DemoConfig, on_step: Callable[[str], None] | None = None) -
     return DemoResult(
         config, comparisons, ranks, sweep_model, sweep, claims, time.perf_counter() - start, runs
     )
-
-
-#: Transitional: the claim on a pair is :func:`flatcli.analysis.claims.pair_claim`.
-_pair_claim = pair_claim
-
-
-def demo_as_dict(result: DemoResult) -> dict[str, object]:
-    """TRANSITIONAL (remove once the CLI calls it there): :func:`flatcli.report.text.demo_as_dict`."""
-    from flatcli.report import text  # transitional: an upward import
-
-    return text.demo_as_dict(result)

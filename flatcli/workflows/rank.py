@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 
 from flatcli.analysis.rank import RankReport, check_rank_options, rank_report
+from flatcli.config import RANK_FRACTION, RANK_SEED
 from flatcli.models.factory import ModelFactory
 from flatcli.workflows.data import get_spec
 from flatcli.workflows.sharpness import load_point
@@ -29,8 +30,8 @@ def rank_checkpoint(
     output: str | int | None = None,
     exact: bool | None = None,
     threshold: float | None = None,
-    fraction: float = 1e-2,
-    seed: int = 0,
+    fraction: float = RANK_FRACTION,
+    seed: int = RANK_SEED,
 ) -> RankReport:
     """The rank report of a checkpoint on (the first ``samples`` of) its training data.
 

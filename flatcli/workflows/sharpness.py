@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from flatcli.analysis.measures import SharpnessReport, measure, non_finite_tensors
+from flatcli.analysis.measures import measure, non_finite_tensors
 from flatcli.analysis.scale import eval_mode
+from flatcli.analysis.sharpness_report import SharpnessReport
 from flatcli.config import SharpnessConfig
 from flatcli.curvature.batches import DataSource, StreamedData, TensorData, as_source
 from flatcli.distributed import resolve_device

@@ -64,7 +64,6 @@ from flatcli.distributed import (
     DistributedError,
     World,
     from_main,
-    main_decides,
     main_first,
     resolve_device,
 )
@@ -85,8 +84,6 @@ from flatcli.workflows.data import DatasetSpec, augment_batch, get_spec, load_da
 from flatcli.workflows.run_folder import (
     RunFolder,
     RunMode,
-    default_run_dir,
-    read_run_options,
     run_folder,
     write_error,
 )
@@ -97,11 +94,8 @@ __all__ = [
     "EpochRecord",
     "TrainCallbacks",
     "TrainResult",
-    "default_run_dir",  # re-exported for the CLI: moved to flatcli.workflows.run_folder
     "evaluate",
     "final_metrics",
-    "main_decides",  # re-exported for the CLI: moved to flatcli.distributed
-    "read_run_options",  # re-exported for the CLI: moved to flatcli.workflows.run_folder
     "regularised_step",
     "train",
     "train_one_epoch",

@@ -10,9 +10,10 @@ from flatcli.analysis.claims import Claim
 from flatcli.analysis.rank import MeasuredRank, RankBound, RankEstimate, RankReport
 from flatcli.analysis.sweep import SweepRow
 from flatcli.analysis.verdicts import Comparison, RunSummary, compare
+from flatcli.config import DemoConfig
 from flatcli.curvature.results import Estimate
 from flatcli.models.registry import LayerInfo
-from flatcli.workflows.demo import DemoConfig, DemoResult
+from flatcli.workflows.demo import DemoResult
 
 BOUND = RankBound(
     layers=(LayerInfo("fc", "linear", fan_in=4, neurons=3, has_bias=True, params=15),),

@@ -7,6 +7,8 @@ import typer.main
 
 import flatcli
 from flatcli.cli import app
+from flatcli.cli.options import MEASUREMENT_OPTIONS
+from flatcli.config import SharpnessConfig
 
 from .fakes import DEMO
 from .helpers import invoke, one_line_error
@@ -22,6 +24,18 @@ def test_each_command_is_a_distinctly_named_function():
         "compare": "compare_command",
         "demo": "demo_command",
     }
+
+
+@pytest.mark.parametrize("command, without", [("sharpness", ()), ("compare", ("target_stderr",))])
+def test_the_measurement_options_follow_measures_with_the_config_defaults(command, without):
+    params = typer.main.get_command(app).commands[command].params
+    names = [p.name for p in params]
+    declared = [name for name in MEASUREMENT_OPTIONS if name not in without]
+    start = names.index("measures") + 1
+    assert names[start : start + len(declared)] == declared
+    assert not set(without) & set(names)
+    defaults = {p.name: p.default for p in params}
+    assert {n: defaults[n] for n in declared} == {n: getattr(SharpnessConfig, n) for n in declared}
 
 
 @pytest.mark.parametrize("command", ["train", "sharpness", "rank-bound", "compare", "demo"])

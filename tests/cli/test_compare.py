@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from flatcli.config import SharpnessConfig
+from flatcli.config import DEFAULT_COMPARE_MEASURES, SharpnessConfig
 from flatcli.report.tables import comparison_table
-from flatcli.workflows.compare import DEFAULT_COMPARE_MEASURES, comparison_as_dict
+from flatcli.workflows.compare import comparison_as_dict
 
 from .fakes import COMPARISON
 from .helpers import invoke, one_line_error, rendered

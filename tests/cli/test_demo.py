@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from flatcli.config import DemoConfig
 from flatcli.report.tables import demo_report
 from flatcli.report.text import demo_as_dict
-from flatcli.workflows.demo import DemoConfig
 
 from .fakes import DEMO
 from .helpers import invoke, one_line_error, wide_console

@@ -250,16 +250,30 @@ def test_an_unresolved_top_pair_defeats_the_gap_rule_so_it_is_off_by_default(
     assert max(ratios) > 10
 
 
-def test_float64_recheck_still_covers_a_float32_gap_bound(make_problem, reference_hessian) -> None:
+def test_float64_recheck_still_covers_a_float32_gap_bound_and_is_labelled_residual(
+    make_problem, reference_hessian
+) -> None:
     problem = make_problem("mlp_tanh", "digits")
     op = CurvatureOperator(problem.model, problem.inputs, problem.targets)  # float32
     exact = float(torch.linalg.eigvalsh(reference_hessian(problem))[-1])
-    result = lanczos(op, tol=1e-7, max_iter=100, gap_rule=True)
-    assert result.bound_kinds == ("gap",)
+    result = lanczos(op, tol=1e-7, max_iter=100, gap_rule=True, return_vectors=True)
+    assert result.hvps == op.hvps + 1  # the re-check: one float64 product
     assert abs(result.eigenvalues[0] - exact) <= result.bounds[0]
     # the bound is no tighter than the float64 residual of the float32 Ritz vector
     assert result.bounds[0] >= torch.finfo(torch.float64).eps * abs(exact)
-    assert result.hvps == op.hvps + 1  # the re-check: one float64 product
+    # without the re-check the same run reports the gap bound ...
+    unchecked = lanczos(op, tol=1e-7, max_iter=100, gap_rule=True, recheck=False)
+    assert unchecked.eigenvalues == result.eigenvalues and unchecked.bound_kinds == ("gap",)
+    # ... which the float64 residual, computed here from its definition, exceeds: the
+    # reported bound is that residual, and is labelled so
+    assert result.vectors is not None
+    y = result.vectors.to(F64) / torch.linalg.vector_norm(result.vectors.to(F64))
+    theta = result.eigenvalues[0]
+    r64 = float(torch.linalg.vector_norm(op.astype(F64).matmat(y) - theta * y))
+    r64 += torch.finfo(F64).eps * abs(theta)
+    assert r64 > unchecked.bounds[0]
+    assert result.bounds[0] == pytest.approx(r64, rel=1e-9)
+    assert result.bound_kinds == ("residual",)
 
 
 def test_lambda_max_is_an_estimate_with_a_bound(dense_operator, spectrum_matrix) -> None:

@@ -21,7 +21,7 @@ from flatcli.curvature import (
     trace_and_frobenius,
 )
 from flatcli.curvature.probes import gaussian, generator, rademacher
-from flatcli.curvature.trace import DEPTH, _split_budget, _top_up
+from flatcli.curvature.trace import DEPTH
 from flatcli.errors import UsageError
 
 F64 = torch.float64
@@ -134,13 +134,30 @@ def test_adaptive_mode_adds_blocks_until_the_target(make_problem, reference_hess
     assert fro.relative_uncertainty <= 0.01 and fro.hvps > 12
 
 
+@pytest.mark.parametrize(
+    "shrink, first_top_up",
+    [
+        (2.0, 99),  # 4x the samples for half the error, +10%: 30 * 3 * 1.1 more
+        (1.0000001, 2),  # never fewer than 2
+    ],
+)
 def test_adaptive_top_ups_take_the_count_the_spread_predicts(
+    make_problem, reference_hessian, shrink: float, first_top_up: int
+) -> None:
+    op, _, passes = setup(make_problem, reference_hessian, "mlp_tanh", "digits")
+    first = hutchinson_trace(op, probes=30, seed=3)
+    target = first.relative_uncertainty / shrink
+    passes.clear()
+    start = op.hvps
+    est = hutchinson_trace(op, probes=30, seed=3, target_rel_stderr=target, max_hvps=10_000)
+    sizes = [b - a for a, b in zip([start, *passes[:-1]], passes, strict=True)]
+    assert sizes[:2] == [30, first_top_up]  # the same first block, then the predicted count
+    assert est.relative_uncertainty <= target and est.samples == est.hvps == sum(sizes)
+
+
+def test_hutchpp_top_ups_take_a_pass_or_two_not_a_block_at_a_time(
     make_problem, reference_hessian
 ) -> None:
-    assert (
-        _top_up(30, 0.02, 0.01) == 99
-    )  # 4x the samples for half the error, +10%: 30 * 3 * 1.1 more
-    assert _top_up(30, 0.0100001, 0.01) == 2  # never fewer than 2
     op, _, passes = setup(make_problem, reference_hessian, "mlp_tanh", "digits")
     est = hutchpp_trace(op, probes=12, seed=3, target_rel_stderr=0.05, max_hvps=2000)
     assert est.relative_uncertainty <= 0.05
@@ -172,12 +189,24 @@ def test_bad_arguments_raise_usage_errors(dense_operator, call) -> None:
         call(dense_operator(torch.eye(4, dtype=F64)))
 
 
-def test_budget_split_keeps_a_third_and_at_least_30_remainder_samples_when_it_can() -> None:
-    assert _split_budget(99) == (22, 3, 33)  # (block, depth, remainder): 22 * 3 + 33 = 99
-    assert _split_budget(60) == (10, 3, 30)
-    assert _split_budget(40) == (3, 3, 31)  # the rounding remainder goes to the samples
-    assert _split_budget(24) == (1, 3, 21)  # too small a budget: blocks of 1, the rest to samples
-    assert _split_budget(4) == (1, 2, 2)
+@pytest.mark.parametrize(
+    "probes, block, depth, samples",
+    [
+        (99, 22, 3, 33),  # 22 * 3 + 33 = 99
+        (60, 10, 3, 30),
+        (40, 3, 3, 31),  # the rounding remainder goes to the samples
+        (24, 1, 3, 21),  # too small a budget: blocks of 1, the rest to samples
+        (4, 1, 2, 2),
+    ],
+)
+def test_budget_split_keeps_a_third_and_at_least_30_remainder_samples_when_it_can(
+    make_problem, reference_hessian, probes: int, block: int, depth: int, samples: int
+) -> None:
+    op, _, passes = setup(make_problem, reference_hessian, "logreg", "digits")  # P = 650
+    tr, fro = trace_and_frobenius(op, probes=probes, seed=0)
+    assert tr.samples == fro.samples == samples and tr.hvps == fro.hvps == probes
+    # `depth` Krylov passes of `block` products each, the remainder riding on the last
+    assert passes == [block * (j + 1) for j in range(depth - 1)] + [block * depth + samples]
 
 
 @pytest.mark.parametrize("kind, dataset", PROBLEMS)
