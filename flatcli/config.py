@@ -228,6 +228,8 @@ MEASURE_NAMES: tuple[str, ...] = (
 DTYPE_NAMES = ("float32", "float64")
 #: BatchNorm statistics: running ("eval"), per batch of ``bn_batch_size`` ("batch"), whole set ("full").
 BN_MODES = ("eval", "batch", "full")
+#: ``flatcli.curvature.operator.Curvature``'s names, torch-free (a test keeps them equal)
+CURVATURE_NAMES = ("hessian", "ggn")
 #: The batch that defines the matrix with ``bn_mode="batch"`` unless given
 #: (``flatcli.curvature.operator.DEFAULT_BATCH``; a test holds the two equal).
 BN_BATCH = 1024
@@ -340,6 +342,10 @@ class SharpnessConfig:
             raise UsageError(f"target-stderr must be positive, got {self.target_stderr}")
         if self.batch_size is not None and self.batch_size < 1:
             raise UsageError("batch size must be positive")
+        if self.curvature not in CURVATURE_NAMES:
+            raise UnknownNameError(
+                f"unknown curvature {self.curvature!r}", hint=f"use {', '.join(CURVATURE_NAMES)}"
+            )
         if self.bn_mode not in BN_MODES:
             raise UnknownNameError(
                 f"unknown BatchNorm mode {self.bn_mode!r}", hint=f"use {', '.join(BN_MODES)}"

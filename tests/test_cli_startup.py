@@ -98,12 +98,13 @@ def test_every_public_name_is_the_object_of_its_canonical_module():
 
 def test_torch_free_name_lists_match_the_registries():
     from flatcli.analysis.measures import DTYPES, MEASURES
-    from flatcli.config import BN_BATCH, BN_MODES, DTYPE_NAMES, MEASURE_NAMES
-    from flatcli.curvature.operator import DEFAULT_BATCH, BatchNormMode
+    from flatcli.config import BN_BATCH, BN_MODES, CURVATURE_NAMES, DTYPE_NAMES, MEASURE_NAMES
+    from flatcli.curvature.operator import DEFAULT_BATCH, BatchNormMode, Curvature
 
     assert MEASURE_NAMES == tuple(MEASURES)
     assert DTYPE_NAMES == tuple(DTYPES)
     assert BN_MODES == tuple(m.value for m in BatchNormMode)
+    assert CURVATURE_NAMES == tuple(c.value for c in Curvature)
     assert BN_BATCH == DEFAULT_BATCH
 
 

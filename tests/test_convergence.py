@@ -44,7 +44,7 @@ from flatcli.curvature import (
 )
 from flatcli.curvature.results import Estimate
 from flatcli.curvature.trace import MIN_SAMPLES
-from flatcli.errors import CheckpointError, DataError, UsageError
+from flatcli.errors import CheckpointError, DataError, UnknownNameError, UsageError
 from flatcli.models import build_model
 from flatcli.report.tables import comparison_table, sharpness_table
 from flatcli.workflows.checkpoint import load_checkpoint, save_checkpoint
@@ -55,6 +55,7 @@ from flatcli.workflows.compare import (
     summarise,
 )
 from flatcli.workflows.data import load_dataset
+from flatcli.workflows.source import CheckpointSource
 
 runner = CliRunner()
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_checkpoints"
@@ -169,6 +170,16 @@ def test_converged_survives_the_cache_round_trip(point):
 def test_meaningless_tolerances_and_budgets_are_refused(options):
     with pytest.raises(UsageError):
         SharpnessConfig(**options)
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [(dict(curvature="hesian"), "hessian, ggn"), (dict(bn_mode="train"), "eval, batch, full")],
+)
+def test_unknown_curvature_and_batchnorm_names_are_refused_by_the_config(options, named):
+    with pytest.raises(UnknownNameError) as raised:
+        SharpnessConfig(**options)
+    assert raised.value.exit_code == 2 and named in str(raised.value.hint)
 
 
 @pytest.mark.parametrize(
@@ -349,9 +360,16 @@ def no_measuring(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("measured before every run was checked")
 
-    monkeypatch.setattr(module("flatcli.workflows.sharpness"), "sharpness", boom)
-    monkeypatch.setattr(module("flatcli.workflows.sharpness"), "load_point", boom)
-    monkeypatch.setattr(module("flatcli.workflows.data"), "load_dataset", boom)
+    for where, name in [
+        ("flatcli.workflows.sharpness", "sharpness"),
+        ("flatcli.workflows.sharpness", "checkpoint_sharpness"),
+        ("flatcli.workflows.sharpness", "load_point"),
+        ("flatcli.workflows.data", "load_dataset"),
+        ("flatcli.workflows.compare", "checkpoint_sharpness"),
+        ("flatcli.workflows.compare", "load_point"),
+        ("flatcli.workflows.compare", "load_dataset"),
+    ]:
+        monkeypatch.setattr(module(where), name, boom)
 
 
 def test_runs_trained_on_different_data_sets_are_refused_before_measuring(tmp_path, no_measuring):
@@ -374,16 +392,16 @@ def test_cli_refuses_digits_against_mnist_in_one_line(tmp_path, no_measuring):
 def test_measuring_on_another_data_set_of_the_same_shape_warns(tmp_path, no_measuring):
     a, b = fake_run(tmp_path, "a", "mnist"), fake_run(tmp_path, "b", "mnist")
     with pytest.warns(UserWarning, match="trained on mnist but is measured on fashion-mnist"):
-        runs = check_runs([a, b], dataset="fashion-mnist")
+        runs = check_runs([a, b], CheckpointSource(dataset="fashion-mnist"))
     assert [r.measured_on for r in runs] == ["fashion-mnist"] * 2
     with pytest.raises(DataError, match="cannot be measured on digits"):  # another input shape
-        check_runs([a, b], dataset="digits")
+        check_runs([a, b], CheckpointSource(dataset="digits"))
     c10, c100 = (
         fake_run(tmp_path, "c", "cifar10", (3, 32, 32)),
         fake_run(tmp_path, "d", "cifar10", (3, 32, 32)),
     )
     with pytest.raises(DataError, match="100 classes"):  # same shape, other classes
-        check_runs([c10, c100], dataset="cifar100")
+        check_runs([c10, c100], CheckpointSource(dataset="cifar100"))
 
 
 # -- 4. everything checked first ----------------------------------------------------------------
@@ -428,7 +446,7 @@ def test_rank_bound_threshold_is_checked_before_anything_is_computed(value, monk
     def boom(*args, **kwargs):
         raise AssertionError("loaded before the options were checked")
 
-    monkeypatch.setattr(module("flatcli.workflows.sharpness"), "load_point", boom)
+    monkeypatch.setattr(module("flatcli.workflows.rank"), "load_point", boom)
     result = runner.invoke(app, ["rank-bound", str(LOGREG), "--threshold", value])
     assert result.exit_code == 2, result.output
     assert "threshold" in result.stderr
@@ -459,6 +477,6 @@ def test_rank_bound_fraction_is_checked_first(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("loaded before the options were checked")
 
-    monkeypatch.setattr(module("flatcli.workflows.sharpness"), "load_point", boom)
+    monkeypatch.setattr(module("flatcli.workflows.rank"), "load_point", boom)
     result = runner.invoke(app, ["rank-bound", str(LOGREG), "--estimate", "--fraction", "1.5"])
     assert result.exit_code == 2 and "fraction" in result.stderr

@@ -26,6 +26,7 @@ from flatcli.config import SharpnessConfig
 from flatcli.errors import CheckpointError, DataError, NonFiniteError, UsageError
 from flatcli.workflows.cache import CACHE_FILE, ResultCache, cache_file
 from flatcli.workflows.sharpness import load_point, sharpness
+from flatcli.workflows.source import CheckpointSource
 
 runner = CliRunner()
 sharpness_module = importlib.import_module(
@@ -421,7 +422,7 @@ def test_a_data_set_of_another_input_shape_is_refused_before_loading(run, monkey
     with pytest.raises(
         DataError, match="mnist has inputs of shape 1x28x28, but the checkpoint takes 1x8x8"
     ):
-        load_point(run, dataset="mnist")
+        load_point(run, CheckpointSource(dataset="mnist"))
     for command in (
         ["sharpness", str(run), "--dataset", "mnist"],
         ["rank-bound", str(run), "-d", "mnist"],
@@ -464,7 +465,7 @@ def test_another_data_set_of_the_same_shape_is_measured_with_a_warning(run, monk
     with pytest.warns(
         UserWarning, match="measuring on digits2, but the checkpoint was trained on digits"
     ):
-        point = load_point(run, dataset="digits2", samples=50)
+        point = load_point(run, CheckpointSource(dataset="digits2"), samples=50)
     assert point.dataset == "digits2" and len(point.targets) == 50
 
 

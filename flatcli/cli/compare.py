@@ -71,17 +71,15 @@ def compare_command(
     # the options named as fields of SharpnessConfig (--split ... --dtype) set them
     config = opt.sharpness_config(ctx, opt.names(measures))
     device = join_world(device)  # under torchrun: this rank's device, after joining the group
+    source = opt.checkpoint_source(dataset, data_dir, device, model_factory, factory_arg, output)
     with spinner() as bar:
         task = bar.add_task("measuring", total=None)
         comparison = compare_checkpoints(
             runs,
             config,
-            data_dir=str(data_dir) if data_dir else None,
-            device=device,
+            source,
             use_cache=not no_cache,
             tie_sigmas=tie_sigmas,
-            dataset=dataset,
-            **opt.loading(model_factory, factory_arg, output),
             progress=lambda n: bar.update(task, description=f"measuring: {n} HVPs"),
         )
     if json_:

@@ -14,12 +14,13 @@ import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, ParamSpec, TypedDict, TypeVar
+from typing import Annotated, ParamSpec, TypeVar
 
 import typer
 
 from flatcli.config import MEASURE_NAMES, SharpnessConfig, TrainConfig
 from flatcli.errors import UsageError
+from flatcli.workflows.source import CheckpointSource
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -259,18 +260,22 @@ def factory_args(items: list[str] | None) -> dict[str, object]:
     return key_values(items, "--factory-arg", "num_classes=10")
 
 
-class Loading(TypedDict):
-    """How a checkpoint's model is built: the keyword arguments of ``load_point`` and ``sharpness``."""
-
-    model_factory: str | None
-    factory_args: dict[str, object]
-    output: str | None
-
-
-def loading(
-    model_factory: str | None, factory_arg: list[str] | None, output: str | None
-) -> Loading:
-    """The :class:`Loading` of ``--model-factory``, ``--factory-arg`` and ``--output``."""
-    return Loading(
-        model_factory=model_factory, factory_args=factory_args(factory_arg), output=output
+def checkpoint_source(
+    dataset: str | None,
+    data_dir: Path | None,
+    device: str,
+    model_factory: str | None,
+    factory_arg: list[str] | None,
+    output: str | None,
+) -> CheckpointSource:
+    """The :class:`~flatcli.workflows.source.CheckpointSource` of ``--dataset``,
+    ``--data-dir``, ``--device``, ``--model-factory``, ``--factory-arg`` and ``--output``.
+    """
+    return CheckpointSource(
+        dataset=dataset,
+        data_dir=str(data_dir) if data_dir else None,
+        device=device,
+        model_factory=model_factory,
+        factory_args=factory_args(factory_arg),
+        output=output,
     )

@@ -57,13 +57,11 @@ def rank_bound_command(
     if samples is not None and samples < 1:
         raise UsageError(f"samples must be positive, got {samples}")
     device = join_world(device)  # under torchrun: this rank's device, after joining the group
+    source = opt.checkpoint_source(dataset, data_dir, device, model_factory, factory_arg, output)
     report = rank_checkpoint(
         checkpoint,
+        source,
         samples=samples,
-        dataset=dataset,
-        data_dir=str(data_dir) if data_dir else None,
-        device=device,
-        **opt.loading(model_factory, factory_arg, output),
         exact=exact,
         threshold=threshold,
         fraction=fraction,

@@ -1,13 +1,15 @@
 """``flatcli sharpness``: curvature of a checkpoint's training loss, with error bars.
 
 The command builds a :class:`~flatcli.config.SharpnessConfig` from its options and hands
-it to :func:`flatcli.workflows.sharpness.sharpness` (or, with ``--scale``, to the
+it, with the :class:`~flatcli.workflows.source.CheckpointSource` of its loading options,
+to :func:`flatcli.workflows.sharpness.checkpoint_sharpness` (or, with ``--scale``, to the
 weight-scaling sweep :func:`flatcli.analysis.sweep.scaling_sweep`); the tables, the CSV
 file and the figure come from :mod:`flatcli.report`.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -17,6 +19,7 @@ from flatcli.cli import options as opt
 from flatcli.cli._common import err, handle_errors, is_main, join_world, out, print_json, spinner
 from flatcli.config import SharpnessConfig
 from flatcli.errors import FlatcliError, UsageError
+from flatcli.workflows.source import CheckpointSource
 
 if TYPE_CHECKING:
     from flatcli.analysis.sharpness_report import Density, SharpnessReport
@@ -66,12 +69,11 @@ def sharpness_command(
     """
     # the options named as fields of SharpnessConfig (--split ... --dtype) set them
     config = opt.sharpness_config(ctx, opt.names(measures))
-    loading = opt.loading(model_factory, factory_arg, output)
-    where = str(data_dir) if data_dir else None
+    source = opt.checkpoint_source(dataset, data_dir, device, model_factory, factory_arg, output)
     if scale is not None:
         if plot is not None or density_out is not None:
             raise UsageError("--plot and --density-out do not apply to a --scale sweep")
-        scale_sweep(checkpoint, config, scale, scale_layer, dataset, where, device, loading, json_)
+        scale_sweep(checkpoint, config, scale, scale_layer, source, json_)
         return
     if (plot or density_out) and "density" not in config.measures:
         raise UsageError("--plot and --density-out need 'density' in --measures")
@@ -80,11 +82,12 @@ def sharpness_command(
             check_output_path(path, option)
     from flatcli.analysis.sharpness_report import Density  # torch: once the options are checked
     from flatcli.report import plots
-    from flatcli.workflows.sharpness import sharpness
+    from flatcli.workflows.sharpness import checkpoint_sharpness
 
     if plot is not None:
         plots.check_plot_path(plot)
-    device = join_world(device)  # under torchrun: this rank's device, after joining the group
+    # under torchrun: this rank's device, after joining the group
+    source = replace(source, device=join_world(device))
     with spinner() as bar:
         task = bar.add_task("measuring", total=None)
         state = {"hvps": "0", "estimate": ""}
@@ -93,13 +96,10 @@ def sharpness_command(
             state.update(change)
             bar.update(task, description=f"measuring: {state['hvps']} HVPs  {state['estimate']}")
 
-        report = sharpness(
+        report = checkpoint_sharpness(
             checkpoint,
             config,
-            dataset=dataset,
-            data_dir=where,
-            device=device,
-            **loading,
+            source,
             use_cache=not no_cache,
             progress=lambda n: show(hvps=str(n)),
             status=lambda text: show(estimate=text),
@@ -192,10 +192,7 @@ def scale_sweep(
     config: SharpnessConfig,
     scales: str,
     layers: str,
-    dataset: str | None,
-    data_dir: str | None,
-    device: str,
-    loading: opt.Loading,
+    source: CheckpointSource,
     json_: bool,
 ) -> None:
     """``--scale``: the measures of ``config`` with the weights (of ``layers``) times each factor."""
@@ -204,16 +201,8 @@ def scale_sweep(
     from flatcli.workflows.sharpness import load_point
 
     factors = parse_scales(scales)
-    device = join_world(device)
-    point = load_point(
-        checkpoint,
-        split=config.split,
-        samples=config.samples,
-        dataset=dataset,
-        data_dir=data_dir,
-        device=device,
-        **loading,
-    )
+    source = replace(source, device=join_world(source.device))
+    point = load_point(checkpoint, source, split=config.split, samples=config.samples)
     rows = scaling_sweep(point.model, point.inputs, point.targets, factors, config, layers=layers)
     if json_:
         print_json([row.as_dict() for row in rows])

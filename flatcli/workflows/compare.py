@@ -20,7 +20,7 @@ from flatcli.analysis.verdicts import Comparison, RunSummary, compare
 from flatcli.config import TIE_SIGMAS, SharpnessConfig
 from flatcli.curvature.results import Estimate
 from flatcli.errors import CheckpointError, DataError, UsageError
-from flatcli.models.factory import ModelFactory, resolve_factory
+from flatcli.models.factory import resolve_factory
 from flatcli.workflows.checkpoint import (
     MODEL_FILE,
     CheckpointInfo,
@@ -29,7 +29,8 @@ from flatcli.workflows.checkpoint import (
     resolve_checkpoint_path,
 )
 from flatcli.workflows.data import get_spec, load_dataset
-from flatcli.workflows.sharpness import load_point, sharpness
+from flatcli.workflows.sharpness import checkpoint_sharpness, load_point
+from flatcli.workflows.source import DEFAULT_SOURCE, CheckpointSource
 from flatcli.workflows.training import evaluate
 
 __all__ = [
@@ -91,31 +92,28 @@ class CheckedRun:
 
 
 def check_runs(
-    paths: Sequence[str | os.PathLike[str]],
-    *,
-    dataset: str | None = None,
-    model_factory: ModelFactory | None = None,
-    factory_args: Mapping[str, object] | None = None,
-    output: str | int | None = None,
+    paths: Sequence[str | os.PathLike[str]], source: CheckpointSource = DEFAULT_SOURCE
 ) -> list[CheckedRun]:
     """Check every run before anything is measured: each checkpoint exists and loads, all
     were trained on ONE data set (else their accuracies say nothing about each other), and
-    the data set measured on (``dataset``, default the training set) fits each model.
-    ``model_factory`` (with ``factory_args`` and ``output``, see
-    :func:`~flatcli.workflows.checkpoint.load_checkpoint`) builds every run's model; a checkpoint
-    without flatcli metadata names no data set, and is taken as trained on ``dataset``.
+    the data set measured on (``source.dataset``, default the training set) fits each model.
+    ``source.model_factory`` (with its ``factory_args`` and ``output``, see
+    :func:`~flatcli.workflows.checkpoint.load_checkpoint`) builds every run's model; a
+    checkpoint without flatcli metadata names no data set, and is taken as trained on
+    ``source.dataset``.
 
     Raises :class:`~flatcli.errors.CheckpointError` or :class:`~flatcli.errors.DataError`
     (one line naming the run and both data sets); warns when a run is measured on another
     data set (of the same input shape and classes) than it was trained on.
     """
-    factory = resolve_factory(model_factory, factory_args)  # imported once for every run
+    dataset, model_factory = source.dataset, source.model_factory
+    factory = resolve_factory(model_factory, source.factory_args)  # imported once for every run
     checked: list[CheckedRun] = []
     for path in paths:
         ckpt = resolve_checkpoint_path(path)
         with warnings.catch_warnings():  # said again when the run is measured
             warnings.simplefilter("ignore")
-            _, info = load_checkpoint(ckpt, model_factory=factory, output=output)
+            _, info = load_checkpoint(ckpt, model_factory=factory, output=source.output)
         trained = info.dataset.get("name") if isinstance(info.dataset, dict) else None
         if (
             (not trained or not isinstance(trained, str))
@@ -182,34 +180,25 @@ def _shape(shape: Sequence[int]) -> str:
 def compare_checkpoints(
     paths: Sequence[str | os.PathLike[str]],
     config: SharpnessConfig,
+    source: CheckpointSource = DEFAULT_SOURCE,
     *,
-    data_dir: str | None = None,
-    device: str = "auto",
     use_cache: bool = True,
     progress: Callable[[int], None] | None = None,
     tie_sigmas: float = TIE_SIGMAS,
-    dataset: str | None = None,
-    model_factory: ModelFactory | None = None,
-    factory_args: Mapping[str, object] | None = None,
-    output: str | int | None = None,
 ) -> Comparison:
     """Measure (or reuse cached) sharpness of each checkpoint and compare them.
 
-    Everything is checked before anything is measured: the options, every checkpoint and
-    the data sets (:func:`check_runs`; ``dataset`` measures all runs on another data set
-    than they were trained on), and that the data load.
+    Every run is loaded as ``source`` says. Everything is checked before anything is
+    measured: the options, every checkpoint and the data sets (:func:`check_runs`;
+    ``source.dataset`` measures all runs on another data set than they were trained on),
+    and that the data load.
     """
     if len(paths) < 2:
         raise UsageError(f"a comparison needs at least two runs, got {len(paths)}")
     if not (tie_sigmas >= 0 and math.isfinite(tie_sigmas)):
         raise UsageError(f"tie-sigmas must be a finite number >= 0, got {tie_sigmas}")
-    runs = check_runs(
-        paths,
-        dataset=dataset,
-        model_factory=model_factory,
-        factory_args=factory_args,
-        output=output,
-    )
+    runs = check_runs(paths, source)
+    data_dir = source.data_dir
     # the data every run needs, loaded once now so that a missing file stops us before measuring
     load_dataset(runs[0].measured_on, config.split, data_dir, samples=config.samples)
     load_dataset(runs[0].trained_on, "test", data_dir)
@@ -218,29 +207,17 @@ def compare_checkpoints(
     for run in runs:
         with warnings.catch_warnings():  # check_runs said it once already
             warnings.filterwarnings("ignore", message="measuring on ")
-            report = sharpness(
+            report = checkpoint_sharpness(
                 run.checkpoint,
-                config=config,
-                dataset=run.measured_on,
-                data_dir=data_dir,
-                device=device,
+                config,
+                replace(source, dataset=run.measured_on),
                 use_cache=use_cache,
                 progress=progress,
-                model_factory=model_factory,
-                factory_args=factory_args,
-                output=output,
             )
         with warnings.catch_warnings():  # notes on loading were said when it was measured
             warnings.simplefilter("ignore", CheckpointNote)
             point = load_point(
-                run.checkpoint,
-                split="test",
-                dataset=run.trained_on,
-                data_dir=data_dir,
-                device=device,
-                model_factory=model_factory,
-                factory_args=factory_args,
-                output=output,
+                run.checkpoint, replace(source, dataset=run.trained_on), split="test"
             )
         info = point.info
         if "test_accuracy" not in (info.metrics or {}):

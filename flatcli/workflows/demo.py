@@ -45,6 +45,7 @@ from flatcli.workflows.compare import compare_checkpoints
 from flatcli.workflows.data import get_spec
 from flatcli.workflows.rank import rank_checkpoint
 from flatcli.workflows.sharpness import load_point
+from flatcli.workflows.source import CheckpointSource
 from flatcli.workflows.training import train
 
 __all__ = [
@@ -155,36 +156,25 @@ def run_demo(config: DemoConfig, on_step: Callable[[str], None] | None = None) -
     for name, tc in planned.items():
         step(f"training {name}")
         runs[name] = ensure_run(tc, config.overwrite)
+    source = CheckpointSource(data_dir=config.data_dir, device=config.device)
     comparisons = {}
     for model in config.models:
         for a, b, title in CONTRASTS:
             step(f"measuring {model}: {title}")
             comparisons[(model, title)] = compare_checkpoints(
-                [runs[f"{model}-{a}"], runs[f"{model}-{b}"]],
-                sharp,
-                data_dir=config.data_dir,
-                device=config.device,
+                [runs[f"{model}-{a}"], runs[f"{model}-{b}"]], sharp, source
             )
     ranks = {}
     for model in config.models:
         step(f"rank of {model}")
         ranks[model] = rank_checkpoint(
-            runs[f"{model}-sgd"],
-            samples=config.measure_samples,
-            data_dir=config.data_dir,
-            device=config.device,
-            seed=config.seed,
+            runs[f"{model}-sgd"], source, samples=config.measure_samples, seed=config.seed
         )
     sweep_model = config.models[
         0
     ]  # logistic regression by default: scaling it is exactly function-preserving
     step(f"scaling sweep of {sweep_model}-sgd")
-    point = load_point(
-        runs[f"{sweep_model}-sgd"],
-        samples=config.measure_samples,
-        data_dir=config.data_dir,
-        device=config.device,
-    )
+    point = load_point(runs[f"{sweep_model}-sgd"], source, samples=config.measure_samples)
     sweep = scaling_sweep(
         point.model,
         point.inputs,

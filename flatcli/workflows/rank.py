@@ -7,27 +7,21 @@ The bound and the ranks are pure functions of the model and the data
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 
 from flatcli.analysis.rank import RankReport, check_rank_options, rank_report
 from flatcli.config import RANK_FRACTION, RANK_SEED
-from flatcli.models.factory import ModelFactory
 from flatcli.workflows.data import get_spec
 from flatcli.workflows.sharpness import load_point
+from flatcli.workflows.source import DEFAULT_SOURCE, CheckpointSource
 
 __all__ = ["rank_checkpoint"]
 
 
 def rank_checkpoint(
     path: str | os.PathLike[str],
+    source: CheckpointSource = DEFAULT_SOURCE,
     *,
     samples: int | None = None,
-    dataset: str | None = None,
-    data_dir: str | None = None,
-    device: str = "auto",
-    model_factory: ModelFactory | None = None,
-    factory_args: Mapping[str, object] | None = None,
-    output: str | int | None = None,
     exact: bool | None = None,
     threshold: float | None = None,
     fraction: float = RANK_FRACTION,
@@ -36,23 +30,14 @@ def rank_checkpoint(
     """The rank report of a checkpoint on (the first ``samples`` of) its training data.
 
     The options are checked (:func:`~flatcli.analysis.rank.check_rank_options`) before
-    the checkpoint is loaded; the checkpoint and its data as by
-    :func:`~flatcli.workflows.sharpness.load_point` (``dataset`` measures it on another
-    data set of the same shape). The number of classes is the checkpoint's, or the data
+    the checkpoint is loaded; the checkpoint and its data as ``source`` says, by
+    :func:`~flatcli.workflows.sharpness.load_point` (``source.dataset`` measures it on
+    another data set of the same shape). The number of classes is the checkpoint's, or the data
     set's when the checkpoint does not record it. ``exact``, ``threshold``, ``fraction``
     and ``seed`` as in :func:`~flatcli.analysis.rank.rank_report`.
     """
     check_rank_options(threshold=threshold, fraction=fraction)
-    point = load_point(
-        path,
-        samples=samples,
-        dataset=dataset,
-        data_dir=data_dir,
-        device=device,
-        model_factory=model_factory,
-        factory_args=factory_args,
-        output=output,
-    )
+    point = load_point(path, source, samples=samples)
     recorded = (
         point.info.dataset.get("num_classes") if isinstance(point.info.dataset, dict) else None
     )

@@ -1,6 +1,7 @@
 """Sharpness of a saved model: load a checkpoint and its data, check them, measure.
 
-:func:`sharpness` is what ``flatcli sharpness`` and ``flatcli compare`` call;
+:func:`sharpness` measures a module or a checkpoint; :func:`checkpoint_sharpness`, its
+checkpoint branch, is what ``flatcli sharpness`` and ``flatcli compare`` call;
 :func:`load_point` loads a checkpoint with the data it is measured on, refusing (before
 any measurement) weights that are not finite and data the model cannot take. A run
 directory's results are cached in its ``sharpness.json``
@@ -31,8 +32,9 @@ from flatcli.workflows import data as _data
 from flatcli.workflows.cache import ResultCache, cache_file, cache_key, measure_cached
 from flatcli.workflows.checkpoint import CheckpointInfo, load_checkpoint, resolve_checkpoint_path
 from flatcli.workflows.data import DATASETS
+from flatcli.workflows.source import DEFAULT_SOURCE, CheckpointSource
 
-__all__ = ["MeasuredPoint", "cache_file", "load_point", "sharpness"]
+__all__ = ["MeasuredPoint", "cache_file", "checkpoint_sharpness", "load_point", "sharpness"]
 
 
 @dataclass(frozen=True)
@@ -48,18 +50,15 @@ class MeasuredPoint:
 
 def load_point(
     path: str | os.PathLike[str],
+    source: CheckpointSource = DEFAULT_SOURCE,
     *,
     split: str = "train",
     samples: int | None = None,
-    dataset: str | None = None,
-    data_dir: str | None = None,
-    device: str = "auto",
-    model_factory: ModelFactory | None = None,
-    factory_args: Mapping[str, object] | None = None,
-    output: str | int | None = None,
     download: bool = False,
 ) -> MeasuredPoint:
-    """Load a checkpoint and the (unaugmented) data it is to be measured on.
+    """Load a checkpoint and the (unaugmented) data it is to be measured on: the model as
+    ``source`` builds it, on its device, and the ``split`` (the first ``samples``) of its
+    data set.
 
     Refused here, before any measurement, with one clear error: NaN or Inf weights
     (:class:`~flatcli.errors.NonFiniteError`), and a data set whose inputs do not have the
@@ -70,7 +69,10 @@ def load_point(
     with warnings.catch_warnings(record=True) as caught:  # its NaN warning becomes the error below
         warnings.simplefilter("always")
         model, info = load_checkpoint(
-            path, model_factory=model_factory, factory_args=factory_args, output=output
+            path,
+            model_factory=source.model_factory,
+            factory_args=source.factory_args,
+            output=source.output,
         )
     bad = non_finite_tensors(model)
     if bad:
@@ -83,6 +85,7 @@ def load_point(
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     meta = info.dataset if isinstance(info.dataset, dict) else {}
     trained_on = meta.get("name") if isinstance(meta.get("name"), str) else None
+    dataset = source.dataset
     name = dataset or trained_on
     if not name:
         raise DataError(
@@ -98,14 +101,16 @@ def load_point(
         expected is not None and name in DATASETS and DATASETS[name].input_shape != expected
     ):  # before loading it
         raise _shape_error(name, DATASETS[name].input_shape, expected, trained_on)
-    x, y = _data.load_dataset(name, split, data_dir, download=download, samples=samples).tensors
+    x, y = _data.load_dataset(
+        name, split, source.data_dir, download=download, samples=samples
+    ).tensors
     if expected is not None and tuple(x.shape[1:]) != expected:
         raise _shape_error(name, tuple(x.shape[1:]), expected, trained_on)
     if trained_on and name != trained_on:
         warnings.warn(
             f"measuring on {name}, but the checkpoint was trained on {trained_on}", stacklevel=2
         )
-    model = model.to(resolve_device(device))
+    model = model.to(resolve_device(source.device))
     if len(x) == 0:
         raise DataError(f"{name} has no samples")
     _check_takes(model, as_source(x, y), None, name)
@@ -175,27 +180,10 @@ def sharpness(
     recomputes every one. The cache never costs the result: one that cannot be read or
     written is a warning.
     """
-    start = time.perf_counter()
     if isinstance(data, SharpnessConfig):  # sharpness(path, config): the signature before data
         config, data = data, None
     config = _settings(config, measures, settings)
-    if isinstance(model_or_path, nn.Module) or data is not None:
-        return _measure_given(
-            model_or_path,
-            data,
-            config,
-            device=device,
-            model_factory=model_factory,
-            factory_args=factory_args,
-            output=output,
-            progress=progress,
-            status=status,
-        )
-    ckpt = resolve_checkpoint_path(model_or_path)
-    point = load_point(
-        ckpt,
-        split=config.split,
-        samples=config.samples,
+    source = CheckpointSource(
         dataset=dataset,
         data_dir=data_dir,
         device=device,
@@ -203,6 +191,29 @@ def sharpness(
         factory_args=factory_args,
         output=output,
     )
+    if isinstance(model_or_path, nn.Module) or data is not None:
+        return _measure_given(model_or_path, data, config, source, progress=progress, status=status)
+    return checkpoint_sharpness(
+        model_or_path, config, source, use_cache=use_cache, progress=progress, status=status
+    )
+
+
+def checkpoint_sharpness(
+    path: str | os.PathLike[str],
+    config: SharpnessConfig,
+    source: CheckpointSource = DEFAULT_SOURCE,
+    *,
+    use_cache: bool = True,
+    progress: Callable[[int], None] | None = None,
+    status: Callable[[str], None] | None = None,
+) -> SharpnessReport:
+    """:func:`sharpness` of a checkpoint (file or run directory), loaded as ``source``
+    says, on the ``config.split`` (the first ``config.samples``) of its data set, with the
+    run directory's cache; what ``flatcli sharpness`` and ``flatcli compare`` call.
+    """
+    start = time.perf_counter()
+    ckpt = resolve_checkpoint_path(path)
+    point = load_point(ckpt, source, split=config.split, samples=config.samples)
     where = cache_file(ckpt)
     l2 = (
         float(point.info.train.get("l2", 0.0) or 0.0) if isinstance(point.info.train, dict) else 0.0
@@ -273,11 +284,8 @@ def _measure_given(
     model_or_path: nn.Module | str | os.PathLike[str],
     data: object,
     config: SharpnessConfig,
+    source: CheckpointSource,
     *,
-    device: str,
-    model_factory: ModelFactory | None,
-    factory_args: Mapping[str, object] | None,
-    output: str | int | None,
     progress: Callable[[int], None] | None,
     status: Callable[[str], None] | None,
 ) -> SharpnessReport:
@@ -294,7 +302,8 @@ def _measure_given(
             "samples chooses a subset of a checkpoint's own data set, not of data given",
             hint="pass the subset as data",
         )
-    source = as_source(data)  # a stream is read twice here and refused if it changes
+    given = as_source(data)  # a stream is read twice here and refused if it changes
+    device, output = source.device, source.output
     l2, checkpoint = 0.0, None
     if isinstance(model_or_path, nn.Module):
         model = model_or_path
@@ -309,16 +318,19 @@ def _measure_given(
     else:
         ckpt = resolve_checkpoint_path(model_or_path)
         model, info = load_checkpoint(
-            ckpt, model_factory=model_factory, factory_args=factory_args, output=output
+            ckpt,
+            model_factory=source.model_factory,
+            factory_args=source.factory_args,
+            output=output,
         )
         model = model.to(resolve_device(device))
         l2 = float(info.train.get("l2", 0.0) or 0.0) if isinstance(info.train, dict) else 0.0
         checkpoint, output = str(ckpt), None  # load_checkpoint applied output
     flag = model.training  # LogitsOf's train/eval also set the wrapped model's own flag
     try:
-        model = _check_takes(model, source, output)
+        model = _check_takes(model, given, output)
         return measure(
-            model, source, config, l2=l2, progress=progress, status=status, checkpoint=checkpoint
+            model, given, config, l2=l2, progress=progress, status=status, checkpoint=checkpoint
         )
     finally:
         (model.wrapped if isinstance(model, LogitsOf) else model).training = flag

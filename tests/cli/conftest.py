@@ -15,7 +15,7 @@ from .helpers import Calls, wide_console
 
 @pytest.fixture
 def spy(monkeypatch) -> Callable[[str, str, object], Calls]:
-    """``spy("flatcli.workflows.sharpness", "sharpness", returns)``: replace a module's
+    """``spy("flatcli.workflows.sharpness", "checkpoint_sharpness", returns)``: replace a module's
     function (which a command looks up when it runs) by a recorder returning ``returns``.
     """
 

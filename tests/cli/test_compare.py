@@ -12,6 +12,7 @@ import pytest
 from flatcli.config import DEFAULT_COMPARE_MEASURES, SharpnessConfig
 from flatcli.report.tables import comparison_table
 from flatcli.workflows.compare import comparison_as_dict
+from flatcli.workflows.source import CheckpointSource
 
 from .fakes import COMPARISON
 from .helpers import invoke, one_line_error, rendered
@@ -44,18 +45,13 @@ def test_no_options_compare_the_runs_on_the_default_measures(compared):
     result = invoke("compare", "a", "b")
     assert result.exit_code == 0, result.stderr
     args, kwargs = compared.one
-    assert args == ([Path("a"), Path("b")], SharpnessConfig(measures=DEFAULT_COMPARE_MEASURES))
+    assert args == (
+        [Path("a"), Path("b")],
+        SharpnessConfig(measures=DEFAULT_COMPARE_MEASURES),
+        CheckpointSource(factory_args={}),
+    )
     assert callable(kwargs.pop("progress"))
-    assert kwargs == {
-        "data_dir": None,
-        "device": "auto",
-        "use_cache": True,
-        "tie_sigmas": 2.0,
-        "dataset": None,
-        "model_factory": None,
-        "factory_args": {},
-        "output": None,
-    }
+    assert kwargs == {"use_cache": True, "tie_sigmas": 2.0}
 
 
 def test_every_option_reaches_the_workflow(compared):
@@ -91,18 +87,17 @@ def test_every_option_reaches_the_workflow(compared):
             seed=4,
             dtype="float64",
         ),
+        CheckpointSource(
+            dataset="mnist",
+            data_dir="d",
+            device="cpu",
+            model_factory="m:f",
+            factory_args={"k": [1, 2]},
+            output="out",
+        ),
     )
     kwargs.pop("progress")
-    assert kwargs == {
-        "data_dir": "d",
-        "device": "cpu",
-        "use_cache": False,
-        "tie_sigmas": 3.0,
-        "dataset": "mnist",
-        "model_factory": "m:f",
-        "factory_args": {"k": [1, 2]},
-        "output": "out",
-    }
+    assert kwargs == {"use_cache": False, "tie_sigmas": 3.0}
 
 
 def test_json_is_the_comparison_document(compared):

@@ -11,6 +11,7 @@ import pytest
 
 from flatcli.report.tables import rank_table
 from flatcli.report.text import rank_as_dict, rank_statement
+from flatcli.workflows.source import CheckpointSource
 
 from .fakes import ESTIMATED_RANK, EXACT_RANK
 from .helpers import invoke, one_line_error, rendered
@@ -57,15 +58,9 @@ def test_no_options_rank_the_checkpoint_with_the_defaults(ranked):
     result = invoke("rank-bound", "run")
     assert result.exit_code == 0, result.stderr
     assert ranked.one == (
-        (Path("run"),),
+        (Path("run"), CheckpointSource(factory_args={})),
         {
             "samples": None,
-            "dataset": None,
-            "data_dir": None,
-            "device": "auto",
-            "model_factory": None,
-            "factory_args": {},
-            "output": None,
             "exact": None,
             "threshold": None,
             "fraction": 0.01,
@@ -84,15 +79,19 @@ def test_every_option_reaches_the_workflow(ranked):
     )
     assert result.exit_code == 0, result.stderr
     assert ranked.one == (
-        (Path("run"),),
+        (
+            Path("run"),
+            CheckpointSource(
+                dataset="mnist",
+                data_dir="d",
+                device="cpu",
+                model_factory="m:f",
+                factory_args={"num_classes": 3},
+                output="0",
+            ),
+        ),
         {
             "samples": 50,
-            "dataset": "mnist",
-            "data_dir": "d",
-            "device": "cpu",
-            "model_factory": "m:f",
-            "factory_args": {"num_classes": 3},
-            "output": "0",
             "exact": False,
             "threshold": 1e-6,
             "fraction": 0.1,

@@ -16,6 +16,7 @@ from flatcli.config import SharpnessConfig
 from flatcli.curvature.results import Estimate
 from flatcli.report.csv import density_csv
 from flatcli.report.tables import density_histogram, layers_table, sharpness_table, sweep_table
+from flatcli.workflows.source import CheckpointSource
 
 from .helpers import invoke, one_line_error, rendered
 
@@ -64,25 +65,17 @@ def report(**changes: object) -> SharpnessReport:
 
 @pytest.fixture
 def measured(spy):
-    return spy("flatcli.workflows.sharpness", "sharpness", report())
+    return spy("flatcli.workflows.sharpness", "checkpoint_sharpness", report())
 
 
 def test_no_options_measure_the_default_config_of_the_checkpoint(measured):
     result = invoke("sharpness", "run")
     assert result.exit_code == 0, result.stderr
     args, kwargs = measured.one
-    assert args == (Path("run"), SharpnessConfig())
+    assert args == (Path("run"), SharpnessConfig(), CheckpointSource(factory_args={}))
     progress, status = kwargs.pop("progress"), kwargs.pop("status")
     assert callable(progress) and callable(status)
-    assert kwargs == {
-        "dataset": None,
-        "data_dir": None,
-        "device": "auto",
-        "model_factory": None,
-        "factory_args": {},
-        "output": None,
-        "use_cache": True,
-    }
+    assert kwargs == {"use_cache": True}
 
 
 def test_every_option_reaches_the_config_and_the_loader(measured):
@@ -121,14 +114,16 @@ def test_every_option_reaches_the_config_and_the_loader(measured):
             dtype="float64",
             per_layer=True,
         ),
+        CheckpointSource(
+            dataset="mnist",
+            data_dir="d",
+            device="cpu",
+            model_factory="m.py:make",
+            factory_args={"num_classes": 3, "name": "x"},
+            output="logits",
+        ),
     )
     assert {k: v for k, v in kwargs.items() if k not in ("progress", "status")} == {
-        "dataset": "mnist",
-        "data_dir": "d",
-        "device": "cpu",
-        "model_factory": "m.py:make",
-        "factory_args": {"num_classes": 3, "name": "x"},
-        "output": "logits",
         "use_cache": False,
     }
 
@@ -191,7 +186,7 @@ def test_per_layer_table_and_histogram_at_100_columns():
 
 
 def test_a_missed_target_stderr_is_a_note_on_stderr(spy):
-    spy("flatcli.workflows.sharpness", "sharpness", report())
+    spy("flatcli.workflows.sharpness", "checkpoint_sharpness", report())
     result = invoke("sharpness", "run", "--target-stderr", 0.001, "--probes", 20, "--json")
     assert result.exit_code == 0
     assert result.stderr.splitlines() == [
@@ -238,17 +233,8 @@ def test_scale_runs_the_sweep_on_the_loaded_point(spy, screen):
     )
     assert result.exit_code == 0, result.stderr
     assert load.one == (
-        (Path("run"),),
-        {
-            "split": "train",
-            "samples": 10,
-            "dataset": "mnist",
-            "data_dir": None,
-            "device": "auto",
-            "model_factory": None,
-            "factory_args": {},
-            "output": None,
-        },
+        (Path("run"), CheckpointSource(dataset="mnist", factory_args={})),
+        {"split": "train", "samples": 10},
     )
     assert sweep.one == (
         ("model", "x", "y", (0.5, 2.0), SharpnessConfig(samples=10)),
@@ -279,7 +265,7 @@ def test_scale_runs_the_sweep_on_the_loaded_point(spy, screen):
     ],
 )
 def test_bad_options_are_one_line_and_measure_nothing(spy, args, message):
-    measured = spy("flatcli.workflows.sharpness", "sharpness", report())
+    measured = spy("flatcli.workflows.sharpness", "checkpoint_sharpness", report())
     loaded = spy("flatcli.workflows.sharpness", "load_point")
     one_line_error(invoke("sharpness", "run", *args), 2, message)
     assert measured.calls == [] and loaded.calls == []
