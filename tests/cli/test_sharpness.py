@@ -5,6 +5,7 @@ printed and written, and bad options refused before anything is measured.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -207,6 +208,14 @@ def test_the_density_is_written_as_csv_and_drawn(measured, tmp_path):
         == ("eigenvalue,density\n-1.0,0.0\n0.0,0.5\n1.0,0.5\n2.0,0.0\n")
     )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_without_matplotlib_plot_is_one_line_with_the_install_hint(measured, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    result = invoke("sharpness", "run", "--measures", "density", "--plot", tmp_path / "d.png")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("error: --plot needs matplotlib (pip install 'flatcli[plot]')")
+    assert not (tmp_path / "d.png").exists()
 
 
 def test_scale_runs_the_sweep_on_the_loaded_point(spy, screen):
