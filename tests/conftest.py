@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from flatcli.config import make_train_config
+from flatcli.workflows import training
 
 # The suite's problems are small: one thread is as fast, and immune to the 10-100x
 # slow-downs of OpenMP spin-waits when another process holds the machine's other core.
@@ -28,3 +29,12 @@ def make_config():
         return make_train_config(**base)
 
     return make
+
+
+@pytest.fixture
+def fixed_provenance(monkeypatch):
+    """The provenance record (time, command line) is the one part of a checkpoint that differs
+    between two identical runs: fixed here, so that everything else is compared byte for byte."""
+    record = training.provenance("cpu")
+    monkeypatch.setattr(training, "provenance", lambda device: record)
+    return record

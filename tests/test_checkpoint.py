@@ -121,3 +121,27 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
         save_checkpoint(target, build_model("logreg", input_shape=(1, 8, 8), num_classes=10), meta)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary left behind
+
+
+def test_a_checkpoint_without_a_provenance_record_still_loads(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("logreg", input_shape=(1, 8, 8), num_classes=10)
+    meta = {
+        "arch": {"name": "logreg", "kwargs": {}},
+        "dataset": {"name": "digits", "num_classes": 10, "input_shape": [1, 8, 8]},
+        "train": {"l2": 0.0},
+    }
+    path = save_checkpoint(tmp_path / "old.safetensors", model, meta)
+    _, doc = read_metadata(path)
+    assert doc is not None and "provenance" not in doc
+    _, info = load_checkpoint(path)
+    assert info.provenance is None and "provenance" not in info.as_dict()
+    save_checkpoint(tmp_path / "bad.safetensors", model, {**meta, "provenance": "yesterday"})
+    with pytest.raises(CheckpointError, match="provenance is a JSON string"):
+        load_checkpoint(tmp_path / "bad.safetensors")
+
+
+def test_a_trained_checkpoint_carries_its_provenance(run):
+    _, info = load_checkpoint("run")
+    assert info.provenance is not None and info.provenance["device"] == "cpu"
+    assert info.as_dict()["provenance"] == info.provenance

@@ -29,6 +29,8 @@ def test_importing_the_package_does_not_import_torch_until_a_name_is_used():
         ["--help"],
         ["--version"],
         ["sharpness", "--help"],
+        ["train", "-h"],
+        ["sharpness", "run", "--curvature", "x"],
         ["train", "--epochs", "x"],
         ["sharpness", "run", "--bogus"],
         ["no-such-command"],

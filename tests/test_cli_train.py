@@ -1,18 +1,32 @@
 """``flatcli train`` through the CLI: exit codes, JSON on stdout, one-line errors on stderr."""
 
+import io
 import json
+import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from typer.testing import CliRunner
 
-from flatcli.cli import app
+from flatcli.cli import app, main
 
 runner = CliRunner()
 
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
+
+
+def invoke_main(*args):
+    """``flatcli ARGS`` as the console script runs it: (exit code, stdout, stderr)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv = ["flatcli", *(str(a) for a in args)]
+    with mock.patch.object(sys, "argv", argv), redirect_stdout(stdout), redirect_stderr(stderr):
+        with pytest.raises(SystemExit) as exit_:
+            main()
+    return exit_.value.code, stdout.getvalue(), stderr.getvalue()
 
 
 def test_train_json_prints_one_document_with_final_metrics():
@@ -40,8 +54,8 @@ def test_train_human_output_is_a_table():
 @pytest.mark.parametrize(
     "args, code, message",
     [
-        (["--model", "nope"], 2, "unknown model"),
-        (["--dataset", "nope"], 2, "unknown data set"),
+        (["--model", "nope"], 2, "'nope' is not one of 'logreg', 'mlp', 'cnn'"),
+        (["--dataset", "nope"], 2, "'nope' is not one of 'digits', 'mnist'"),
         (["--dataset", "mnist", "--data-dir", "missing"], 1, "mnist not found"),
         (["--epochs", "0"], 2, "epochs must be positive"),
         (["--lr", "0"], 2, "lr must be positive"),
@@ -49,15 +63,15 @@ def test_train_human_output_is_a_table():
         (["--l2", "-1"], 2, "l2 must be >= 0"),
         (["--weight-decay", "-1"], 2, "weight decay must be >= 0"),
         (["--epochs", "2", "--average-from", "3"], 2, "--average-from 3"),
-        (["--optimizer", "lbfgs"], 2, "unknown optimizer"),
+        (["--optimizer", "lbfgs"], 2, "'lbfgs' is not one of 'sgd', 'adam', 'adamw'"),
     ],
 )
 def test_bad_input_is_one_line_on_stderr_and_a_nonzero_exit(args, code, message):
-    result = invoke("train", "--out", "run", *args)
-    assert result.exit_code == code
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+    exit_code, stdout, stderr = invoke_main("train", "--out", "run", *args)
+    assert exit_code == code
+    assert stdout == ""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in stderr
     assert not Path("run/model.safetensors").exists()
 
 

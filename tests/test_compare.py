@@ -234,6 +234,8 @@ def test_the_comparison_document_is_exact():
         "b", 0.75, {"lambda_max": (8.0, 0.0, False)}, weight_norm=2.0, test_loss=1.0, test_size=None
     )
     doc = comparison_as_dict(compare([a, b], tie_accuracy=1.0))
+    assert list(doc)[-1] == "provenance"  # how it was made: tests/test_provenance.py
+    del doc["provenance"]
     common = dict(
         optimizer="sgd",
         l2=0.0,

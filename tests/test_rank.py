@@ -294,7 +294,7 @@ def test_rank_report_of_logreg_is_exact_and_its_document_carries_the_statement(r
     assert doc["exact"] is True and doc["linear_model"] is True
     assert doc["effective_rank"] == {f"{k:g}": v for k, v in report.measured.effective_rank.items()}
     assert doc["statement"] == rank_statement(report.bound, report.measured, True)
-    assert list(doc)[-1] == "statement"
+    assert list(doc)[-2:] == ["statement", "provenance"]
 
 
 def test_rank_report_estimates_above_max_params(random_data):

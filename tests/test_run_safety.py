@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli.helpers import invoke_main  # tests/cli/helpers.py
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -92,7 +93,8 @@ def test_overwrite_with_a_bad_option_keeps_the_old_run(old_run, make_config, bad
     ],
 )
 def test_overwrite_with_a_typo_through_the_cli_is_one_line_and_keeps_the_run(old_run, args, code):
-    one_line(invoke("train", "--out", "run", "--overwrite", "--epochs", 1, *args), code)
+    # through the console script's main(): the parser's own errors are one line there
+    one_line(invoke_main("train", "--out", "run", "--overwrite", "--epochs", 1, *args), code)
     assert snapshot("run") == old_run
 
 
@@ -125,7 +127,11 @@ def test_overwrite_replaces_exactly_the_old_runs_files(make_config):
     old = Path("run/model.safetensors").read_bytes()
     result = train(make_config(out=Path("run"), epochs=1, seed=5, overwrite=True))
     assert result.checkpoint == Path("run/model.safetensors")
-    assert sorted(p.name for p in Path("run").iterdir()) == ["metrics.jsonl", "model.safetensors"]
+    assert sorted(p.name for p in Path("run").iterdir()) == [
+        "metrics.csv",
+        "metrics.jsonl",
+        "model.safetensors",
+    ]
     assert Path("run/model.safetensors").read_bytes() != old
     assert load_checkpoint("run")[1].train["seed"] == 5
 
@@ -164,7 +170,11 @@ def test_a_partial_old_run_is_resumed_after_a_killed_overwrite(make_config):
     (Path("part") / STAGING_DIR).mkdir()
     (Path("part") / STAGING_DIR / "metrics.jsonl").write_text("stale")
     train(make_config(out=Path("part"), epochs=2, resume=True))
-    assert sorted(p.name for p in Path("part").iterdir()) == ["metrics.jsonl", "model.safetensors"]
+    assert sorted(p.name for p in Path("part").iterdir()) == [
+        "metrics.csv",
+        "metrics.jsonl",
+        "model.safetensors",
+    ]
 
 
 # --- 2. one process per run folder -------------------------------------------------------
@@ -238,7 +248,7 @@ def part(make_config):
     return Path("part")
 
 
-def test_resume_alone_continues_with_the_runs_options(part, make_config):
+def test_resume_alone_continues_with_the_runs_options(fixed_provenance, part, make_config):
     train(make_config(out=Path("full"), **RUN))
     result = invoke("train", "--out", "part", "--resume", "--json")
     assert result.exit_code == 0, result.stderr
@@ -317,7 +327,11 @@ def test_orphaned_temporaries_are_removed_when_a_run_resumes_or_ends(part, make_
         Path("fresh/.metrics.jsonl.abc.tmp").write_text("half")
 
     train(make_config(out=Path("fresh"), epochs=1), TrainCallbacks(on_epoch=leave_orphan))
-    assert sorted(p.name for p in Path("fresh").iterdir()) == ["metrics.jsonl", "model.safetensors"]
+    assert sorted(p.name for p in Path("fresh").iterdir()) == [
+        "metrics.csv",
+        "metrics.jsonl",
+        "model.safetensors",
+    ]
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])

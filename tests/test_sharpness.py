@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from cli.helpers import invoke_main  # tests/cli/helpers.py
 from typer.testing import CliRunner
 
 from flatcli import load_dataset, train
@@ -91,6 +92,7 @@ def test_iterative_measures_agree_with_the_dense_float64_hessian(runs, name):
         "hvps",
         "seconds",
         "cached",
+        "provenance",
     ]
     assert list(doc["lambda_max"]) == ["value", "bound", "converged"]
     assert list(doc["trace"]) == ["value", "stderr", "converged"]
@@ -363,12 +365,12 @@ def test_plain_state_dict_with_a_model_factory(tmp_path):
     [
         (["--measures", "sharpest"], 2, "unknown measure"),
         (["--samples", "100000"], 1, "only"),
-        (["--split", "validation"], 2, "unknown split"),
-        (["--curvature", "fisher"], 2, "unknown curvature"),
+        (["--split", "validation"], 2, "'validation' is not one of 'train', 'test'"),
+        (["--curvature", "fisher"], 2, "'fisher' is not one of 'hessian', 'ggn'"),
     ],
 )
 def test_bad_input_is_one_clear_line(runs, args, code, message):
-    result = runner.invoke(app, ["sharpness", str(runs / "mlp"), *args])
+    result = invoke_main("sharpness", runs / "mlp", *args)  # as the console script runs it
     assert result.exit_code == code and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0]

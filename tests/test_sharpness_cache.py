@@ -9,6 +9,7 @@ import importlib
 import json
 import multiprocessing
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -68,7 +69,9 @@ def numbers(report):
     """What a report prints about its measures (JSON), without the cost and the cached flag."""
     doc = report.as_dict()
     return {
-        k: v for k, v in doc.items() if k not in ("hvps", "seconds", "cached", "cached_measures")
+        k: v
+        for k, v in doc.items()
+        if k not in ("hvps", "seconds", "cached", "cached_measures", "provenance")
     }
 
 
@@ -130,6 +133,22 @@ def test_a_subset_or_another_order_of_cached_measures_costs_nothing_and_equals_a
     assert numbers(hit) == numbers(fresh)
     assert list(hit.as_dict()) == list(fresh.as_dict())  # same order of keys as a fresh report
     assert fresh.as_dict()["cached"] is False
+
+
+def test_the_report_ends_with_this_calls_provenance_which_never_enters_the_cache(run, monkeypatch):
+    first = sharpness(run, cfg("lambda_max"))
+    doc = first.as_dict()
+    assert list(doc)[-1] == "provenance"
+    assert doc["provenance"]["device"] == "cpu" and doc["provenance"]["torch"] == torch.__version__
+    stored = (run / CACHE_FILE).read_text()
+    assert "provenance" not in stored and "git_commit" not in stored
+    monkeypatch.setattr(sys, "argv", ["flatcli", "sharpness", "again"])
+    with monkeypatch.context() as m:
+        forbid_measuring(m)
+        hit = sharpness(run, cfg("lambda_max"))
+    assert hit.fully_cached  # a different command line is still a cache hit
+    assert list(hit.as_dict()) == list(doc)
+    assert hit.as_dict()["provenance"]["command"] == ["flatcli", "sharpness", "again"]
 
 
 def test_measures_sharing_work_are_cached_with_their_partners(run, monkeypatch):

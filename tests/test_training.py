@@ -1,5 +1,6 @@
 """Training: it learns, the regularisers do what they promise, averaging, resume, determinism."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import flatcli.workflows.training as training
 from flatcli import load_checkpoint, load_dataset, train
 from flatcli.config import make_train_config
 from flatcli.errors import RunExistsError, UnknownNameError, UsageError
+from flatcli.workflows.checkpoint import read_metadata
 from flatcli.workflows.training import (
     OPTIMIZERS,
     SCHEDULES,
@@ -126,7 +128,7 @@ def _tensors(path):
     return load_file(str(path))
 
 
-def test_same_seed_gives_bit_identical_checkpoints(make_config):
+def test_same_seed_gives_bit_identical_checkpoints(make_config, fixed_provenance):
     train(make_config(out=Path("a"), model="mlp", model_kwargs={"width": 16}))
     train(make_config(out=Path("b"), model="mlp", model_kwargs={"width": 16}))
     assert Path("a/model.safetensors").read_bytes() == Path("b/model.safetensors").read_bytes()
@@ -134,7 +136,7 @@ def test_same_seed_gives_bit_identical_checkpoints(make_config):
     assert Path("a/model.safetensors").read_bytes() != Path("c/model.safetensors").read_bytes()
 
 
-def test_resume_reaches_the_same_result_as_an_uninterrupted_run(make_config):
+def test_resume_reaches_the_same_result_as_an_uninterrupted_run(make_config, fixed_provenance):
     kw = dict(
         model="mlp",
         model_kwargs={"width": 16},
@@ -163,6 +165,43 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(make_config):
     )
     assert Path("full/last.safetensors").read_bytes() == Path("part/last.safetensors").read_bytes()
     assert len(Path("part/metrics.jsonl").read_text().splitlines()) == 4
+    timeless = [{k: v for k, v in r.items() if k != "seconds"} for r in _csv_rows("part")]
+    assert timeless == [{k: v for k, v in r.items() if k != "seconds"} for r in _csv_rows("full")]
+    assert _csv_rows("part") == _jsonl_rows("part")  # 4 rows, none repeated by the resume
+
+
+def _jsonl_rows(run):
+    return [json.loads(line) for line in Path(run, "metrics.jsonl").read_text().splitlines()]
+
+
+def _csv_rows(run):
+    with Path(run, "metrics.csv").open(newline="") as f:
+        return [
+            {k: int(v) if k == "epoch" else float(v) for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
+
+
+def test_metrics_csv_has_the_rows_of_metrics_jsonl(make_config):
+    result = train(make_config(out=Path("run"), epochs=3))
+    text = Path("run/metrics.csv").read_text()
+    assert (
+        text.splitlines()[0] == "epoch,lr,train_loss,train_accuracy,test_loss,test_accuracy,seconds"
+    )
+    assert text.count("epoch") == 1  # the header once
+    rows = _csv_rows("run")
+    assert rows == _jsonl_rows("run") and [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows == [r.__dict__ for r in result.history]
+
+
+def test_a_checkpoint_records_its_provenance(make_config):
+    train(make_config(out=Path("run"), epochs=1))
+    _, info = load_checkpoint("run")
+    record = info.provenance
+    assert record is not None and record["device"] == "cpu"
+    assert record["torch"] == torch.__version__ and "time" in record and "command" in record
+    _, meta = read_metadata("run/model.safetensors")
+    assert meta is not None and meta["provenance"] == record
 
 
 def test_existing_runs_and_files_are_never_overwritten_unless_asked(make_config):

@@ -10,6 +10,7 @@ is the JSON document of ``flatcli sharpness --json`` and of the ``sharpness.json
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +96,11 @@ class SharpnessReport:
     #: The batch whose statistics define the matrix (SharpnessConfig.bn_batch_size; with
     #: bn_mode "full" all num_samples); None with running statistics (bn_mode "eval").
     bn_batch_size: int | None = None
+    #: What the result was computed with (``flatcli.workflows.provenance``): the device,
+    #: versions, command line, time and git commit of the call that returned the report;
+    #: the last key of the JSON. Never cached: a report from ``sharpness.json`` carries
+    #: the provenance of the call that asked for it. None when not recorded.
+    provenance: Mapping[str, object] | None = None
 
     @property
     def fully_cached(self) -> bool:
@@ -138,6 +144,8 @@ class SharpnessReport:
             tail["cached_measures"] = list(self.cached)
         if self.layers:
             tail = {"layers": [layer.as_dict() for layer in self.layers], **tail}
+        if self.provenance is not None:
+            tail["provenance"] = dict(self.provenance)
         return {**head, **body, **tail}
 
     @classmethod

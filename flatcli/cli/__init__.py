@@ -15,9 +15,11 @@ import typer
 from rich.markup import escape
 
 from flatcli import __version__
+from flatcli.cli import compare, demo, rank_bound, sharpness, train
 from flatcli.cli._common import err, fail
 from flatcli.cli.compare import compare_command
 from flatcli.cli.demo import demo_command
+from flatcli.cli.options import CONTEXT
 from flatcli.cli.rank_bound import rank_bound_command
 from flatcli.cli.sharpness import sharpness_command
 from flatcli.cli.train import train_command
@@ -27,7 +29,8 @@ app = typer.Typer(
     help="Train classifiers and measure the curvature of their loss (Granziol 2020, 'Flatness is a False Friend').",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
+    context_settings=CONTEXT,
 )
 
 
@@ -65,11 +68,12 @@ def _root(
         torch.set_num_threads(threads)
 
 
-app.command("train")(train_command)
-app.command("sharpness")(sharpness_command)
-app.command("rank-bound")(rank_bound_command)
-app.command("compare")(compare_command)
-app.command("demo")(demo_command)
+# Each command takes -h as well as --help, and ends its help with an example.
+app.command("train", context_settings=CONTEXT, epilog=train.EXAMPLE)(train_command)
+app.command("sharpness", context_settings=CONTEXT, epilog=sharpness.EXAMPLE)(sharpness_command)
+app.command("rank-bound", context_settings=CONTEXT, epilog=rank_bound.EXAMPLE)(rank_bound_command)
+app.command("compare", context_settings=CONTEXT, epilog=compare.EXAMPLE)(compare_command)
+app.command("demo", context_settings=CONTEXT, epilog=demo.EXAMPLE)(demo_command)
 
 
 def main() -> None:
@@ -88,6 +92,11 @@ def main() -> None:
     sys.exit(code)
 
 
+#: What Typer's validator puts before the message of a rejected choice
+#: ("Invalid value for '--curvature': Value error, 'x' is not one of 'hessian', 'ggn'.").
+_VALIDATOR_NOISE = "Value error, "
+
+
 def _run() -> int:
     """Run the app; the exit code."""
     try:
@@ -97,10 +106,8 @@ def _run() -> int:
     except typer.TyperException as exc:  # the parser's own errors: a bad option, a missing argument
         if not exc.format_message():  # bare `flatcli`: the help was the message
             return exc.exit_code
-        err.print(
-            f"[bold red]error:[/] {escape(exc.format_message())} (see flatcli --help)",
-            highlight=False,
-        )
+        message = exc.format_message().replace(_VALIDATOR_NOISE, "")
+        err.print(f"[bold red]error:[/] {escape(message)} (see flatcli --help)", highlight=False)
         return exc.exit_code
     except typer.Abort:  # Ctrl-C at a prompt
         return 130

@@ -13,8 +13,12 @@ import typer
 
 from flatcli.cli import options as opt
 from flatcli.cli._common import handle_errors, join_world, out, print_json, spinner
-from flatcli.config import DEFAULT_COMPARE_MEASURES, TIE_SIGMAS, SharpnessConfig
+from flatcli.cli.choices import DatasetName
+from flatcli.config import DEFAULT_COMPARE_MEASURES, MEASURE_NAMES, TIE_SIGMAS, SharpnessConfig
 from flatcli.errors import UsageError
+
+#: The example in ``flatcli compare --help``.
+EXAMPLE = "Example: flatcli compare runs/sgd runs/sgd-l2 runs/gadam --measures lambda_max,trace"
 
 
 @handle_errors
@@ -25,35 +29,39 @@ def compare_command(
         list[Path],
         typer.Argument(help="Two or more run directories or checkpoints; ratios are to the first."),
     ],
+    dataset: Annotated[
+        DatasetName | None,
+        typer.Option(
+            "--dataset",
+            "-d",
+            help="Measure every run on this data set (default: the one they were trained on; all runs must share it).",
+            rich_help_panel=opt.DATA,
+        ),
+    ] = None,
+    data_dir: opt.DataDir = None,
+    model_factory: opt.ModelFactory = None,
+    factory_arg: opt.FactoryArg = None,
+    output: opt.Output = None,
     measures: Annotated[
         str,
         typer.Option(
             help="Comma-separated measures (see flatcli sharpness --help; by default the "
             "paper's and the scale-aware ones)."
+            f" Any of: {', '.join(MEASURE_NAMES)}.",
+            rich_help_panel=opt.ESTIMATOR,
         ),
     ] = ",".join(DEFAULT_COMPARE_MEASURES),
+    dtype: opt.Dtype = SharpnessConfig.dtype,
+    seed: opt.Seed = SharpnessConfig.seed,
+    device: opt.Device = opt.DEFAULT_DEVICE,
+    no_cache: opt.NoCache = False,
     tie_sigmas: Annotated[
         float,
         typer.Option(
-            help="Sharpness differences within this many combined uncertainties are ties."
+            help="Sharpness differences within this many combined uncertainties are ties.",
+            rich_help_panel=opt.OUTPUT,
         ),
     ] = TIE_SIGMAS,
-    seed: opt.Seed = SharpnessConfig.seed,
-    dtype: opt.Dtype = SharpnessConfig.dtype,
-    device: opt.Device = opt.DEFAULT_DEVICE,
-    data_dir: opt.DataDir = None,
-    dataset: Annotated[
-        str | None,
-        typer.Option(
-            "--dataset",
-            "-d",
-            help="Measure every run on this data set (default: the one they were trained on; all runs must share it).",
-        ),
-    ] = None,
-    model_factory: opt.ModelFactory = None,
-    factory_arg: opt.FactoryArg = None,
-    output: opt.Output = None,
-    no_cache: opt.NoCache = False,
     json_: opt.Json = False,
 ) -> None:
     """Compare runs: optimiser, regularisation, losses, accuracy, ||w||, sharpness (raw and scale-aware),
@@ -67,6 +75,7 @@ def compare_command(
         raise UsageError("compare needs at least two runs")
     from flatcli.report.tables import comparison_table  # torch, as the workflow
     from flatcli.workflows.compare import compare_checkpoints, comparison_as_dict
+    from flatcli.workflows.provenance import provenance
 
     # the options named as fields of SharpnessConfig (--split ... --dtype) set them
     config = opt.sharpness_config(ctx, opt.names(measures))
@@ -83,7 +92,7 @@ def compare_command(
             progress=lambda n: bar.update(task, description=f"measuring: {n} HVPs"),
         )
     if json_:
-        print_json(comparison_as_dict(comparison))
+        print_json(comparison_as_dict(comparison, provenance(device)))
         return
     out.print(comparison_table(comparison))
     for verdict in comparison.verdicts:

@@ -10,35 +10,52 @@ import typer
 
 from flatcli.cli import options as opt
 from flatcli.cli._common import err, handle_errors, out, print_json
+from flatcli.cli.choices import MODEL_NAMES
 from flatcli.config import DemoConfig
 from flatcli.errors import UsageError
+
+#: The example in ``flatcli demo --help``.
+EXAMPLE = "Example: flatcli demo --models logreg,mlp --epochs 10 --out demo"
 
 
 @handle_errors
 def demo_command(
     dataset: opt.Dataset = DemoConfig.dataset,
     data_dir: opt.DataDir = None,
-    models: Annotated[
-        str, typer.Option(help="Comma-separated models (logreg, mlp, cnn, ...).")
-    ] = ",".join(DemoConfig.models),
-    epochs: Annotated[int, typer.Option(help="Epochs per run.")] = DemoConfig.epochs,
     train_samples: Annotated[
-        int | None, typer.Option(help="Train on a deterministic subset.")
+        int | None,
+        typer.Option(help="Train on a deterministic subset.", rich_help_panel=opt.DATA),
     ] = DemoConfig.train_samples,
     samples: Annotated[
-        int | None, typer.Option(help="Measure curvature on a deterministic subset.")
+        int | None,
+        typer.Option(help="Measure curvature on a deterministic subset.", rich_help_panel=opt.DATA),
     ] = DemoConfig.measure_samples,
+    models: Annotated[
+        str,
+        typer.Option(
+            help=f"Comma-separated, any of: {', '.join(MODEL_NAMES)}.", rich_help_panel=opt.MODEL
+        ),
+    ] = ",".join(DemoConfig.models),
+    epochs: Annotated[
+        int, typer.Option(help="Epochs per run.", rich_help_panel=opt.OPTIMISER)
+    ] = DemoConfig.epochs,
+    seed: opt.Seed = DemoConfig.seed,
+    device: opt.Device = opt.DEFAULT_DEVICE,
     out_dir: Annotated[
         Path,
         typer.Option(
-            "--out", "-o", help="Folder for the demo's runs (reused when the settings match)."
+            "--out",
+            "-o",
+            help="Folder for the demo's runs (reused when the settings match).",
+            rich_help_panel=opt.OUTPUT,
         ),
     ] = DemoConfig.out,
     overwrite: Annotated[
-        bool, typer.Option(help="Retrain runs that exist with other settings.")
+        bool,
+        typer.Option(
+            help="Retrain runs that exist with other settings.", rich_help_panel=opt.OUTPUT
+        ),
     ] = DemoConfig.overwrite,
-    seed: opt.Seed = DemoConfig.seed,
-    device: opt.Device = opt.DEFAULT_DEVICE,
     json_: opt.Json = False,
 ) -> None:
     """Train the paper's contrasts (with/without L2; SGD vs Gadam) for each model, compare their sharpness

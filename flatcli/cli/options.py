@@ -18,6 +18,7 @@ from typing import Annotated, ParamSpec, TypeVar
 
 import typer
 
+from flatcli.cli.choices import BnModeName, CurvatureName, DatasetName, DtypeName, SplitName
 from flatcli.config import MEASURE_NAMES, SharpnessConfig, TrainConfig
 from flatcli.errors import UsageError
 from flatcli.workflows.source import CheckpointSource
@@ -30,33 +31,64 @@ DEFAULT_DEVICE = TrainConfig.device
 #: ``--measures`` of ``flatcli sharpness`` unless given.
 DEFAULT_MEASURES = ",".join(SharpnessConfig.measures)
 
+# --- the panels of --help, the same on every command --------------------------------------
+
+#: What is measured or trained on.
+DATA = "Data"
+#: The model: architecture, or how a foreign checkpoint's model is built.
+MODEL = "Model"
+#: How a model is trained.
+OPTIMISER = "Optimiser"
+#: How curvature is estimated.
+ESTIMATOR = "Estimator"
+#: What is printed or written, and where.
+OUTPUT = "Output"
+#: Device, seed and caching.
+PROCESSES = "Processes"
+
+#: Every command's context: ``-h`` as well as ``--help``.
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
 # --- data, device and output ------------------------------------------------------------
 
 Dataset = Annotated[
-    str,
-    typer.Option(
-        "--dataset",
-        "-d",
-        help="Data set: digits (embedded), mnist, fashion-mnist, cifar10, cifar100.",
-    ),
+    DatasetName,
+    typer.Option("--dataset", "-d", help="Data set (digits is embedded).", rich_help_panel=DATA),
 ]
 DatasetOverride = Annotated[
-    str | None, typer.Option("--dataset", "-d", help="Data set (default: the checkpoint's).")
+    DatasetName | None,
+    typer.Option(
+        "--dataset", "-d", help="Data set (default: the checkpoint's).", rich_help_panel=DATA
+    ),
 ]
 DataDir = Annotated[
     Path | None,
     typer.Option(
         "--data-dir",
         help="Folder with the torchvision data sets (default $FLATCLI_DATA or ~/.cache/flatcli/data).",
+        rich_help_panel=DATA,
     ),
 ]
 Download = Annotated[
-    bool, typer.Option("--download", help="Download a torchvision data set that is missing.")
+    bool,
+    typer.Option(
+        "--download", help="Download a torchvision data set that is missing.", rich_help_panel=DATA
+    ),
 ]
-Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
-Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
+Device = Annotated[
+    str,
+    typer.Option(
+        "--device", help="auto (CUDA when available), cpu or cuda.", rich_help_panel=PROCESSES
+    ),
+]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed.", rich_help_panel=PROCESSES)]
 Json = Annotated[
-    bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")
+    bool,
+    typer.Option(
+        "--json",
+        help="Print one JSON document on stdout instead of tables.",
+        rich_help_panel=OUTPUT,
+    ),
 ]
 
 # --- a checkpoint, possibly a model from elsewhere (see flatcli.models.factory) ---------
@@ -72,13 +104,16 @@ ModelFactory = Annotated[
     typer.Option(
         "--model-factory",
         help="Builds the model of a checkpoint without flatcli metadata (safetensors, .pt/.pth/.bin state dict, Lightning .ckpt): package.module:function (e.g. torchvision.models:resnet18) or file.py:function.",
+        rich_help_panel=MODEL,
     ),
 ]
 FactoryArg = Annotated[
     list[str] | None,
     typer.Option(
         "--factory-arg",
+        metavar="KEY=VALUE",
         help="KEY=VALUE keyword argument of the model factory (repeatable; VALUE parsed as JSON when it can be, else a string), e.g. num_classes=10.",
+        rich_help_panel=MODEL,
     ),
 ]
 Output = Annotated[
@@ -86,73 +121,114 @@ Output = Annotated[
     typer.Option(
         "--output",
         help="Which part of the factory model's output is the logits: a dict key, attribute name or tuple index. Default: a tensor as is; else a 'logits' key or attribute; else a dict's only tensor; else a tuple's first element when it is a 2-D tensor.",
+        rich_help_panel=MODEL,
     ),
 ]
 
 # --- what to measure and how: the fields of SharpnessConfig ------------------------------
 
 Measures = Annotated[
-    str, typer.Option("--measures", help=f"Comma-separated, any of: {', '.join(MEASURE_NAMES)}.")
+    str,
+    typer.Option(
+        "--measures",
+        help=f"Comma-separated, any of: {', '.join(MEASURE_NAMES)}.",
+        rich_help_panel=ESTIMATOR,
+    ),
 ]
-Split = Annotated[str, typer.Option(help="train or test.")]
-Samples = Annotated[int | None, typer.Option(help="Measure on a deterministic subset of N images.")]
+Split = Annotated[
+    SplitName, typer.Option(rich_help_panel=DATA, help="The data the loss is measured on.")
+]
+Samples = Annotated[
+    int | None,
+    typer.Option(rich_help_panel=DATA, help="Measure on a deterministic subset of N images."),
+]
 BatchSize = Annotated[
     int | None,
     typer.Option(
-        help="Images per forward pass (memory; with --bn-mode batch also the statistics). Default: on the CPU as many as keep a batch's activations within 8 MiB (32 to 1024), else 1024; with --bn-mode batch always 1024."
+        rich_help_panel=ESTIMATOR,
+        help="Images per forward pass (memory; with --bn-mode batch also the statistics). Default: on the CPU as many as keep a batch's activations within 8 MiB (32 to 1024), else 1024; with --bn-mode batch always 1024.",
     ),
 ]
 MemoryGb = Annotated[
     float,
     typer.Option(
-        help="Memory budget for a block of Hessian-vector products (vmap chunk size, keeping gradient graphs)."
+        rich_help_panel=ESTIMATOR,
+        help="Memory budget for a block of Hessian-vector products (vmap chunk size, keeping gradient graphs).",
     ),
 ]
-Curvature = Annotated[str, typer.Option(help="hessian or ggn (generalised Gauss-Newton).")]
-BnMode = Annotated[
-    str,
+Curvature = Annotated[
+    CurvatureName,
     typer.Option(
-        help="BatchNorm: eval (running statistics), batch (statistics of each batch of --batch-size, default 1024 whatever the machine or memory: the batch size defines the matrix and is recorded as bn_batch_size; as the paper's authors) or full (statistics of the whole measured set, one batch of all samples)."
+        rich_help_panel=ESTIMATOR, help="The Hessian or the generalised Gauss-Newton matrix (ggn)."
+    ),
+]
+BnMode = Annotated[
+    BnModeName,
+    typer.Option(
+        rich_help_panel=ESTIMATOR,
+        help="BatchNorm: eval (running statistics), batch (statistics of each batch of --batch-size, default 1024 whatever the machine or memory: the batch size defines the matrix and is recorded as bn_batch_size; as the paper's authors) or full (statistics of the whole measured set, one batch of all samples).",
     ),
 ]
 IncludeL2 = Annotated[
-    bool, typer.Option(help="Add the checkpoint's coupled L2 coefficient times the identity.")
+    bool,
+    typer.Option(
+        rich_help_panel=ESTIMATOR,
+        help="Add the checkpoint's coupled L2 coefficient times the identity.",
+    ),
 ]
-Exact = Annotated[bool, typer.Option(help="Dense matrix and its eigenvalues (small models only).")]
+Exact = Annotated[
+    bool,
+    typer.Option(
+        rich_help_panel=ESTIMATOR, help="Dense matrix and its eigenvalues (small models only)."
+    ),
+]
 Tol = Annotated[
     float,
     typer.Option(
-        help="Lanczos: stop when the Ritz residual is below tol * |lambda| (0 < tol < 1). A run stopped by --max-iter first is reported as not converged."
+        rich_help_panel=ESTIMATOR,
+        help="Lanczos: stop when the Ritz residual is below tol * |lambda| (0 < tol < 1). A run stopped by --max-iter first is reported as not converged.",
     ),
 ]
-MaxIter = Annotated[int, typer.Option(help="Lanczos: most iterations.")]
+MaxIter = Annotated[int, typer.Option(rich_help_panel=ESTIMATOR, help="Lanczos: most iterations.")]
 Probes = Annotated[
     int,
     typer.Option(
-        help="Trace/Frobenius: Hessian-vector products (block Krylov Hutch++; both share them). At least 4; under 13 the standard error rests on fewer than 10 samples and is reported as not converged."
+        rich_help_panel=ESTIMATOR,
+        help="Trace/Frobenius: Hessian-vector products (block Krylov Hutch++; both share them). At least 4; under 13 the standard error rests on fewer than 10 samples and is reported as not converged.",
     ),
 ]
 TargetStderr = Annotated[
     float | None,
     typer.Option(
-        help="Trace/Frobenius: add probes until the relative standard error is at most this (e.g. 0.01; at most 10x --probes in all)."
+        rich_help_panel=ESTIMATOR,
+        help="Trace/Frobenius: add probes until the relative standard error is at most this (e.g. 0.01; at most 10x --probes in all).",
     ),
 ]
-Dtype = Annotated[str, typer.Option(help="float32 or float64.")]
+Dtype = Annotated[
+    DtypeName,
+    typer.Option(rich_help_panel=ESTIMATOR, help="Floating-point precision of the products."),
+]
 Rho = Annotated[
     float,
     typer.Option(
-        help="adaptive_sharpness: relative noise scale rho (perturbation |w| * N(0, rho^2))."
+        rich_help_panel=ESTIMATOR,
+        help="adaptive_sharpness: relative noise scale rho (perturbation |w| * N(0, rho^2)).",
     ),
 ]
 LogitNormalise = Annotated[
     bool,
     typer.Option(
-        help="adaptive_sharpness: normalise the logits (scale-invariant for linear models)."
+        rich_help_panel=ESTIMATOR,
+        help="adaptive_sharpness: normalise the logits (scale-invariant for linear models).",
     ),
 ]
 NoCache = Annotated[
-    bool, typer.Option("--no-cache", help="Recompute even if sharpness.json has the result.")
+    bool,
+    typer.Option(
+        "--no-cache",
+        rich_help_panel=PROCESSES,
+        help="Recompute even if sharpness.json has the result.",
+    ),
 ]
 
 

@@ -11,14 +11,24 @@ from flatcli.cli._common import handle_errors, join_world, out, print_json
 from flatcli.config import RANK_FRACTION, RANK_MAX_PARAMS, RANK_SEED
 from flatcli.errors import UsageError
 
+#: The example in ``flatcli rank-bound --help``.
+EXAMPLE = "Example: flatcli rank-bound runs/digits-logreg-sgd-s0 --samples 500"
+
 
 @handle_errors
 def rank_bound_command(
     checkpoint: opt.Checkpoint,
+    samples: opt.Samples = None,
+    dataset: opt.DatasetOverride = None,
+    data_dir: opt.DataDir = None,
+    model_factory: opt.ModelFactory = None,
+    factory_arg: opt.FactoryArg = None,
+    output: opt.Output = None,
     threshold: Annotated[
         float | None,
         typer.Option(
-            help="Numerical rank: eigenvalues above this fraction of max|lambda| (default P * eps, as numpy.linalg.matrix_rank)."
+            help="Numerical rank: eigenvalues above this fraction of max|lambda| (default P * eps, as numpy.linalg.matrix_rank).",
+            rich_help_panel=opt.ESTIMATOR,
         ),
     ] = None,
     exact: Annotated[
@@ -27,22 +37,18 @@ def rank_bound_command(
             "--exact/--estimate",
             help="Dense float64 ranks, or an SLQ estimate of the effective rank (default: exact "
             f"when P <= {RANK_MAX_PARAMS}).",
+            rich_help_panel=opt.ESTIMATOR,
         ),
     ] = None,
     fraction: Annotated[
         float,
         typer.Option(
-            help="Estimate: effective rank counts |lambda| above this fraction of lambda_max."
+            help="Estimate: effective rank counts |lambda| above this fraction of lambda_max.",
+            rich_help_panel=opt.ESTIMATOR,
         ),
     ] = RANK_FRACTION,
-    samples: opt.Samples = None,
     seed: opt.Seed = RANK_SEED,
     device: opt.Device = opt.DEFAULT_DEVICE,
-    data_dir: opt.DataDir = None,
-    dataset: opt.DatasetOverride = None,
-    model_factory: opt.ModelFactory = None,
-    factory_arg: opt.FactoryArg = None,
-    output: opt.Output = None,
     json_: opt.Json = False,
 ) -> None:
     """Hessian rank bound (C-1) * sum over layers of (fan_in + 1), the data bound N(C-1), and the measured rank.
@@ -52,6 +58,7 @@ def rank_bound_command(
     """
     from flatcli.report.tables import rank_table  # torch, as the workflow
     from flatcli.report.text import rank_as_dict, rank_statement
+    from flatcli.workflows.provenance import provenance
     from flatcli.workflows.rank import rank_checkpoint
 
     if samples is not None and samples < 1:
@@ -68,7 +75,7 @@ def rank_bound_command(
         seed=seed,
     )
     if json_:
-        print_json(rank_as_dict(report))
+        print_json(rank_as_dict(report, provenance(device)))
         return
     for table in rank_table(report):
         out.print(table)

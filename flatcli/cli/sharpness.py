@@ -17,6 +17,7 @@ import typer
 
 from flatcli.cli import options as opt
 from flatcli.cli._common import err, handle_errors, is_main, join_world, out, print_json, spinner
+from flatcli.cli.choices import ScaleLayer
 from flatcli.config import SharpnessConfig
 from flatcli.errors import FlatcliError, UsageError
 from flatcli.workflows.source import CheckpointSource
@@ -25,37 +26,56 @@ if TYPE_CHECKING:
     from flatcli.analysis.sharpness_report import Density, SharpnessReport
 
 
+#: The example in ``flatcli sharpness --help``.
+EXAMPLE = (
+    "Example: flatcli sharpness runs/digits-mlp-sgd-s0 --measures lambda_max,trace --curvature ggn"
+)
+
+
 @handle_errors
 @opt.measurement_options()
 def sharpness_command(
     ctx: typer.Context,
     checkpoint: opt.Checkpoint,
-    measures: opt.Measures = opt.DEFAULT_MEASURES,
-    seed: opt.Seed = SharpnessConfig.seed,
-    dtype: opt.Dtype = SharpnessConfig.dtype,
-    device: opt.Device = opt.DEFAULT_DEVICE,
-    per_layer: Annotated[
-        bool, typer.Option(help="Also measure each layer's diagonal block.")
-    ] = SharpnessConfig.per_layer,
-    scale: Annotated[
-        str | None,
-        typer.Option(help="Weight-scaling sweep: comma-separated factors, e.g. 0.5,1,2,4,8."),
-    ] = None,
-    scale_layer: Annotated[
-        str, typer.Option(help="Sweep: scale all layers or only the last.")
-    ] = "all",
-    data_dir: opt.DataDir = None,
     dataset: opt.DatasetOverride = None,
+    data_dir: opt.DataDir = None,
     model_factory: opt.ModelFactory = None,
     factory_arg: opt.FactoryArg = None,
     output: opt.Output = None,
+    measures: opt.Measures = opt.DEFAULT_MEASURES,
+    dtype: opt.Dtype = SharpnessConfig.dtype,
+    per_layer: Annotated[
+        bool,
+        typer.Option(
+            help="Also measure each layer's diagonal block.", rich_help_panel=opt.ESTIMATOR
+        ),
+    ] = SharpnessConfig.per_layer,
+    scale: Annotated[
+        str | None,
+        typer.Option(
+            help="Weight-scaling sweep: comma-separated factors, e.g. 0.5,1,2,4,8.",
+            rich_help_panel=opt.ESTIMATOR,
+        ),
+    ] = None,
+    scale_layer: Annotated[
+        ScaleLayer,
+        typer.Option(
+            help="Sweep: scale all layers or only the last.", rich_help_panel=opt.ESTIMATOR
+        ),
+    ] = "all",
+    seed: opt.Seed = SharpnessConfig.seed,
+    device: opt.Device = opt.DEFAULT_DEVICE,
+    no_cache: opt.NoCache = False,
     plot: Annotated[
-        Path | None, typer.Option(help="Draw the density to this PNG (needs matplotlib).")
+        Path | None,
+        typer.Option(
+            help="Draw the density to this PNG (needs matplotlib).", rich_help_panel=opt.OUTPUT
+        ),
     ] = None,
     density_out: Annotated[
-        Path | None, typer.Option(help="Write the density points to this CSV.")
+        Path | None,
+        typer.Option(help="Write the density points to this CSV.", rich_help_panel=opt.OUTPUT),
     ] = None,
-    no_cache: opt.NoCache = False,
     json_: opt.Json = False,
 ) -> None:
     """Measure the curvature of the training loss: Hessian eigenvalues, trace, Frobenius norm, spectrum,

@@ -9,127 +9,192 @@ import typer
 
 from flatcli.cli import options as opt
 from flatcli.cli._common import err, handle_errors, join_world, out, print_json
-from flatcli.config import DEFAULT_LR, RECIPES, TrainConfig, make_train_config, resume_config
+from flatcli.cli.choices import DatasetName, ModelName, OptimizerName, RecipeName, ScheduleName
+from flatcli.config import DEFAULT_LR, TrainConfig, make_train_config, resume_config
 
 #: The field defaults shown in the help: options left out are None (not given), so that
 #: ``--resume`` can tell them from the run's own values.
 _DEFAULT = TrainConfig()
 
 
+#: The example in ``flatcli train --help``.
+EXAMPLE = (
+    "Example: flatcli train --model mlp --width 64 --optimizer adamw --epochs 20 --out runs/mlp"
+)
+
+
 @handle_errors
 def train_command(
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            "-m",
-            help=f"Model: logreg, mlp, cnn, vgg16, preresnet, wrn (default {_DEFAULT.model}).",
-        ),
-    ] = None,
     dataset: Annotated[
-        str | None,
+        DatasetName | None,
         typer.Option(
             "--dataset",
             "-d",
-            help=f"Data set: digits (embedded), mnist, fashion-mnist, cifar10, cifar100 (default {_DEFAULT.dataset}).",
-        ),
-    ] = None,
-    width: Annotated[int | None, typer.Option(help="mlp: hidden units per layer.")] = None,
-    depth: Annotated[
-        int | None, typer.Option(help="mlp: hidden layers; preresnet/wrn: depth.")
-    ] = None,
-    widen: Annotated[int | None, typer.Option(help="wrn: widening factor.")] = None,
-    batchnorm: Annotated[
-        bool | None,
-        typer.Option("--batchnorm/--no-batchnorm", help="vgg16/cnn: BatchNorm layers."),
-    ] = None,
-    model_arg: Annotated[
-        list[str] | None,
-        typer.Option("--model-arg", help="Other model keyword, KEY=VALUE (repeatable)."),
-    ] = None,
-    optimizer: Annotated[
-        str | None,
-        typer.Option(help=f"{', '.join(DEFAULT_LR)} (default {_DEFAULT.optimizer})."),
-    ] = None,
-    lr: Annotated[
-        float | None,
-        typer.Option(
-            help="Learning rate (default: "
-            + ", ".join(f"{lr:g} for {name}" for name, lr in DEFAULT_LR.items())
-            + ")."
-        ),
-    ] = None,
-    momentum: Annotated[
-        float | None, typer.Option(help=f"SGD momentum (default {_DEFAULT.momentum:g}).")
-    ] = None,
-    epochs: Annotated[int | None, typer.Option(help=f"Epochs (default {_DEFAULT.epochs}).")] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            help=f"Mini-batch size (default {_DEFAULT.batch_size}); under torchrun the global batch, split over the processes."
-        ),
-    ] = None,
-    l2: Annotated[float | None, typer.Option(help="Coupled L2: adds X*w to the gradient.")] = None,
-    weight_decay: Annotated[
-        float | None, typer.Option(help="Decoupled weight decay: w <- w(1 - lr X) (as AdamW).")
-    ] = None,
-    schedule: Annotated[
-        str | None,
-        typer.Option(
-            help="constant, cosine or paper (hold to 50%, linear decay to --lr-final at 90%)."
-        ),
-    ] = None,
-    lr_final: Annotated[
-        float | None, typer.Option(help="Final learning rate of cosine/paper (default lr/100).")
-    ] = None,
-    average_from: Annotated[
-        int | None,
-        typer.Option(help="Average iterates from this epoch on (one snapshot per epoch)."),
-    ] = None,
-    recipe: Annotated[
-        str | None,
-        typer.Option(
-            help=f"{' or '.join(RECIPES)}: gadam is AdamW + decoupled wd + averaging, swa SGD + averaging."
+            rich_help_panel=opt.DATA,
+            help=f"Data set; digits is embedded (default {_DEFAULT.dataset}).",
         ),
     ] = None,
     augment: Annotated[
         bool | None,
         typer.Option(
-            "--augment/--no-augment", help="Random crop + flip (default on for CIFAR only)."
+            "--augment/--no-augment",
+            rich_help_panel=opt.DATA,
+            help="Random crop + flip (default on for CIFAR only).",
+        ),
+    ] = None,
+    train_samples: Annotated[
+        int | None,
+        typer.Option(rich_help_panel=opt.DATA, help="Train on a deterministic subset of N images."),
+    ] = None,
+    data_dir: opt.DataDir = None,
+    download: opt.Download = False,
+    model: Annotated[
+        ModelName | None,
+        typer.Option(
+            "--model",
+            "-m",
+            rich_help_panel=opt.MODEL,
+            help=f"Model architecture (default {_DEFAULT.model}).",
+        ),
+    ] = None,
+    width: Annotated[
+        int | None, typer.Option(rich_help_panel=opt.MODEL, help="mlp: hidden units per layer.")
+    ] = None,
+    depth: Annotated[
+        int | None,
+        typer.Option(rich_help_panel=opt.MODEL, help="mlp: hidden layers; preresnet/wrn: depth."),
+    ] = None,
+    widen: Annotated[
+        int | None, typer.Option(rich_help_panel=opt.MODEL, help="wrn: widening factor.")
+    ] = None,
+    batchnorm: Annotated[
+        bool | None,
+        typer.Option(
+            "--batchnorm/--no-batchnorm",
+            rich_help_panel=opt.MODEL,
+            help="vgg16/cnn: BatchNorm layers.",
+        ),
+    ] = None,
+    model_arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model-arg",
+            metavar="KEY=VALUE",
+            rich_help_panel=opt.MODEL,
+            help="Other model keyword, KEY=VALUE (repeatable).",
+        ),
+    ] = None,
+    optimizer: Annotated[
+        OptimizerName | None,
+        typer.Option(
+            rich_help_panel=opt.OPTIMISER,
+            help=f"Optimiser (default {_DEFAULT.optimizer}).",
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            rich_help_panel=opt.OPTIMISER,
+            help="Learning rate (default: "
+            + ", ".join(f"{lr:g} for {name}" for name, lr in DEFAULT_LR.items())
+            + ").",
+        ),
+    ] = None,
+    momentum: Annotated[
+        float | None,
+        typer.Option(
+            rich_help_panel=opt.OPTIMISER, help=f"SGD momentum (default {_DEFAULT.momentum:g})."
+        ),
+    ] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(rich_help_panel=opt.OPTIMISER, help=f"Epochs (default {_DEFAULT.epochs})."),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            rich_help_panel=opt.OPTIMISER,
+            help=f"Mini-batch size (default {_DEFAULT.batch_size}); under torchrun the global batch, split over the processes.",
+        ),
+    ] = None,
+    l2: Annotated[
+        float | None,
+        typer.Option(rich_help_panel=opt.OPTIMISER, help="Coupled L2: adds X*w to the gradient."),
+    ] = None,
+    weight_decay: Annotated[
+        float | None,
+        typer.Option(
+            rich_help_panel=opt.OPTIMISER,
+            help="Decoupled weight decay: w <- w(1 - lr X) (as AdamW).",
+        ),
+    ] = None,
+    schedule: Annotated[
+        ScheduleName | None,
+        typer.Option(
+            rich_help_panel=opt.OPTIMISER,
+            help="Learning-rate schedule; paper holds to 50%, then decays linearly to --lr-final at 90%.",
+        ),
+    ] = None,
+    lr_final: Annotated[
+        float | None,
+        typer.Option(
+            rich_help_panel=opt.OPTIMISER,
+            help="Final learning rate of cosine/paper (default lr/100).",
+        ),
+    ] = None,
+    average_from: Annotated[
+        int | None,
+        typer.Option(
+            rich_help_panel=opt.OPTIMISER,
+            help="Average iterates from this epoch on (one snapshot per epoch).",
+        ),
+    ] = None,
+    recipe: Annotated[
+        RecipeName | None,
+        typer.Option(
+            rich_help_panel=opt.OPTIMISER,
+            help="The paper's recipes: gadam is AdamW + decoupled wd + averaging, swa SGD + averaging.",
         ),
     ] = None,
     sync_bn: Annotated[
         bool | None,
         typer.Option(
             "--sync-bn/--no-sync-bn",
+            rich_help_panel=opt.PROCESSES,
             help="Under torchrun on GPUs: BatchNorm over the global batch (SyncBatchNorm) instead of each process's part.",
         ),
     ] = None,
-    train_samples: Annotated[
-        int | None, typer.Option(help="Train on a deterministic subset of N images.")
-    ] = None,
     seed: Annotated[
-        int | None, typer.Option("--seed", help=f"Random seed (default {_DEFAULT.seed}).")
+        int | None,
+        typer.Option(
+            "--seed", rich_help_panel=opt.PROCESSES, help=f"Random seed (default {_DEFAULT.seed})."
+        ),
     ] = None,
-    data_dir: opt.DataDir = None,
-    download: opt.Download = False,
     device: Annotated[
         str | None,
         typer.Option(
-            "--device", help=f"{_DEFAULT.device} (default: CUDA when available), cpu or cuda."
+            "--device",
+            rich_help_panel=opt.PROCESSES,
+            help=f"{_DEFAULT.device} (default: CUDA when available), cpu or cuda.",
         ),
     ] = None,
     out_dir: Annotated[
         Path | None,
         typer.Option(
-            "--out", "-o", help="Run directory (default runs/DATASET-MODEL-OPTIMIZER-sSEED)."
+            "--out",
+            "-o",
+            rich_help_panel=opt.OUTPUT,
+            help="Run directory (default runs/DATASET-MODEL-OPTIMIZER-sSEED).",
         ),
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(rich_help_panel=opt.OUTPUT, help="Replace an existing run in --out.")
+    ] = False,
     resume: Annotated[
         bool,
         typer.Option(
-            help="Continue an interrupted run in --out with its own options (--epochs may change)."
+            rich_help_panel=opt.OUTPUT,
+            help="Continue an interrupted run in --out with its own options (--epochs may change).",
         ),
     ] = False,
     json_: opt.Json = False,

@@ -14,10 +14,11 @@ import math
 from collections.abc import Mapping
 
 from flatcli.analysis.rank import MeasuredRank, RankBound, RankEstimate, RankReport
-from flatcli.workflows.compare import comparison_as_dict
+from flatcli.workflows.compare import comparison_fields
 from flatcli.workflows.demo import DemoResult
+from flatcli.workflows.provenance import Provenance, provenance
 
-__all__ = ["demo_as_dict", "rank_as_dict", "rank_statement"]
+__all__ = ["demo_as_dict", "rank_as_dict", "rank_fields", "rank_statement"]
 
 
 def _pct(x: float) -> str:
@@ -124,8 +125,18 @@ def rank_statement(bound: RankBound, measured: MeasuredRank | RankEstimate, is_l
     return " ".join(lines)
 
 
-def rank_as_dict(report: RankReport) -> dict[str, object]:
-    """The JSON document of ``flatcli rank-bound --json``: the numbers, then the statement."""
+def rank_as_dict(report: RankReport, record: Provenance | None = None) -> dict[str, object]:
+    """The JSON document of ``flatcli rank-bound --json``: the numbers, the statement, provenance.
+
+    ``record`` is the provenance of the call that measured the ranks
+    (:func:`~flatcli.workflows.provenance.provenance`); by default this process's, with the
+    device ``auto`` resolves to.
+    """
+    return {**rank_fields(report), "provenance": record or provenance()}
+
+
+def rank_fields(report: RankReport) -> dict[str, object]:
+    """The numbers of ``report`` and their statement as JSON (a part of the demo's document)."""
     return {
         **report.as_dict(),
         "statement": rank_statement(report.bound, report.measured, report.is_linear),
@@ -139,11 +150,12 @@ def demo_as_dict(result: DemoResult) -> dict[str, object]:
         "models": list(result.config.models),
         "runs": {k: str(v) for k, v in result.runs.items()},
         "comparisons": [
-            {"model": m, "contrast": t, **comparison_as_dict(c)}
+            {"model": m, "contrast": t, **comparison_fields(c)}
             for (m, t), c in result.comparisons.items()
         ],
-        "rank": {m: rank_as_dict(r) for m, r in result.ranks.items()},
+        "rank": {m: rank_fields(r) for m, r in result.ranks.items()},
         "sweep": {"model": result.sweep_model, "rows": [r.as_dict() for r in result.sweep]},
         "claims": [c.__dict__ for c in result.claims],
         "seconds": result.seconds,
+        "provenance": result.provenance or provenance(),
     }

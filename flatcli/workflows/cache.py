@@ -67,7 +67,7 @@ _WORK_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 #: Keys of a report's JSON that are not part of the cached head (they describe one request).
-_NOT_HEAD = ("layers", "hvps", "seconds", "cached", "cached_measures")
+_NOT_HEAD = ("layers", "hvps", "seconds", "cached", "cached_measures", "provenance")
 
 
 def cache_file(path: str | os.PathLike[str]) -> Path | None:

@@ -8,7 +8,11 @@ document::
      "arch": {"name": "mlp", "kwargs": {...}},
      "dataset": {"name", "num_classes", "input_shape", "normalisation"},
      "train": {every option, seed, torch and flatcli versions},
+     "provenance": {device, versions, command, time, git commit},
      "metrics": {final metrics}}
+
+``provenance`` (:mod:`flatcli.workflows.provenance`) is absent from checkpoints written
+before it was recorded; they load all the same.
 
 No pickles: the file can be read by any safetensors reader.
 
@@ -59,6 +63,8 @@ MODEL_FILE = "model.safetensors"
 LAST_FILE = "last.safetensors"
 STATE_FILE = "resume.safetensors"
 METRICS_FILE = "metrics.jsonl"
+#: The same per-epoch rows as :data:`METRICS_FILE`, as CSV with one header line.
+METRICS_CSV_FILE = "metrics.csv"
 CACHE_FILE = "sharpness.json"
 #: Held (``fcntl.flock``) by the process that trains into a run folder.
 LOCK_FILE = ".flatcli.lock"
@@ -74,9 +80,9 @@ KEY_PREFIXES = ("module.", "model.", "_orig_mod.")
 #: Where ``train --overwrite`` writes the new run until it replaces the old one.
 STAGING_DIR = ".flatcli-staging"
 #: The files a run folder may hold; ``--overwrite`` replaces these and nothing else.
-RUN_FILES = (MODEL_FILE, LAST_FILE, METRICS_FILE, STATE_FILE, CACHE_FILE)
+RUN_FILES = (MODEL_FILE, LAST_FILE, METRICS_FILE, METRICS_CSV_FILE, STATE_FILE, CACHE_FILE)
 #: The files training writes (and only the process holding the run's lock writes).
-TRAIN_FILES = (MODEL_FILE, LAST_FILE, METRICS_FILE, STATE_FILE)
+TRAIN_FILES = (MODEL_FILE, LAST_FILE, METRICS_FILE, METRICS_CSV_FILE, STATE_FILE)
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,9 @@ class CheckpointInfo:
     train: Document = field(default_factory=dict)
     metrics: Document = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    #: What the checkpoint was made with (:mod:`flatcli.workflows.provenance`); None in
+    #: checkpoints written before it was recorded.
+    provenance: Document | None = None
 
     @property
     def run_dir(self) -> Path | None:
@@ -97,13 +106,16 @@ class CheckpointInfo:
 
     def as_dict(self) -> Document:
         """The metadata document, as the checkpoint stores it."""
-        return {
+        doc: Document = {
             "format_version": self.format_version,
             "arch": self.arch,
             "dataset": self.dataset,
             "train": self.train,
             "metrics": self.metrics,
         }
+        if self.provenance is not None:
+            doc["provenance"] = self.provenance
+        return doc
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -442,7 +454,7 @@ def checkpoint_info(p: Path, doc: Any, need_arch: bool = True) -> CheckpointInfo
             f"reads up to {FORMAT_VERSION})",
             hint="upgrade flatcli: pip install -U flatcli",
         )
-    for key in ("arch", "dataset", "train", "metrics"):
+    for key in ("arch", "dataset", "train", "metrics", "provenance"):
         if key in doc and not isinstance(doc[key], dict):
             raise bad(f"{key} is a JSON {_json_type(doc[key])}, not an object")
     if need_arch:
@@ -474,7 +486,9 @@ def checkpoint_info(p: Path, doc: Any, need_arch: bool = True) -> CheckpointInfo
     for key, value in doc.get("metrics", {}).items():
         if value is not None and not _is_number(value):
             raise bad(f"metrics.{key} is {value!r}, not a number")
-    return CheckpointInfo(p, arch, dataset, train, doc.get("metrics", {}), version)
+    return CheckpointInfo(
+        p, arch, dataset, train, doc.get("metrics", {}), version, doc.get("provenance")
+    )
 
 
 def _is_int(value: Any) -> bool:

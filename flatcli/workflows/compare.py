@@ -29,6 +29,7 @@ from flatcli.workflows.checkpoint import (
     resolve_checkpoint_path,
 )
 from flatcli.workflows.data import get_spec, load_dataset
+from flatcli.workflows.provenance import Provenance, provenance
 from flatcli.workflows.sharpness import checkpoint_sharpness, load_point
 from flatcli.workflows.source import DEFAULT_SOURCE, CheckpointSource
 from flatcli.workflows.training import evaluate
@@ -38,6 +39,7 @@ __all__ = [
     "check_runs",
     "compare_checkpoints",
     "comparison_as_dict",
+    "comparison_fields",
     "summarise",
 ]
 
@@ -237,8 +239,20 @@ def compare_checkpoints(
     return compare(summaries, tie_sigmas=tie_sigmas)
 
 
-def comparison_as_dict(comparison: Comparison) -> dict[str, object]:
-    """The JSON document of ``flatcli compare --json``: runs, ratios, verdicts."""
+def comparison_as_dict(
+    comparison: Comparison, record: Provenance | None = None
+) -> dict[str, object]:
+    """The JSON document of ``flatcli compare --json``: runs, ratios, verdicts, provenance.
+
+    ``record`` is the provenance of the call that measured the runs
+    (:func:`~flatcli.workflows.provenance.provenance`); by default this process's, with the
+    device ``auto`` resolves to.
+    """
+    return {**comparison_fields(comparison), "provenance": record or provenance()}
+
+
+def comparison_fields(comparison: Comparison) -> dict[str, object]:
+    """The runs, ratios and verdicts of ``comparison`` as JSON (a part of the demo's document)."""
     runs = []
     for r in comparison.runs:
         runs.append(

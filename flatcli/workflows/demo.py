@@ -43,6 +43,7 @@ from flatcli.models import MODELS, resolve_kwargs
 from flatcli.workflows.checkpoint import MODEL_FILE, read_metadata
 from flatcli.workflows.compare import compare_checkpoints
 from flatcli.workflows.data import get_spec
+from flatcli.workflows.provenance import Provenance, provenance
 from flatcli.workflows.rank import rank_checkpoint
 from flatcli.workflows.sharpness import load_point
 from flatcli.workflows.source import CheckpointSource
@@ -84,6 +85,8 @@ class DemoResult:
     claims: list[Claim]
     seconds: float = 0.0
     runs: dict[str, Path] = field(default_factory=dict)
+    #: What the demo measured with (:func:`~flatcli.workflows.provenance.provenance`).
+    provenance: Provenance | None = None
 
 
 def variant_config(config: DemoConfig, model: str, variant: str) -> TrainConfig:
@@ -184,5 +187,13 @@ def run_demo(config: DemoConfig, on_step: Callable[[str], None] | None = None) -
     )
     claims = judge(comparisons, ranks, sweep_model, sweep)
     return DemoResult(
-        config, comparisons, ranks, sweep_model, sweep, claims, time.perf_counter() - start, runs
+        config,
+        comparisons,
+        ranks,
+        sweep_model,
+        sweep,
+        claims,
+        time.perf_counter() - start,
+        runs,
+        provenance(next(point.model.parameters()).device),
     )

@@ -32,6 +32,7 @@ from flatcli.workflows import data as _data
 from flatcli.workflows.cache import ResultCache, cache_file, cache_key, measure_cached
 from flatcli.workflows.checkpoint import CheckpointInfo, load_checkpoint, resolve_checkpoint_path
 from flatcli.workflows.data import DATASETS
+from flatcli.workflows.provenance import provenance
 from flatcli.workflows.source import DEFAULT_SOURCE, CheckpointSource
 
 __all__ = ["MeasuredPoint", "cache_file", "checkpoint_sharpness", "load_point", "sharpness"]
@@ -192,7 +193,9 @@ def sharpness(
         output=output,
     )
     if isinstance(model_or_path, nn.Module) or data is not None:
-        return _measure_given(model_or_path, data, config, source, progress=progress, status=status)
+        return _with_provenance(
+            _measure_given(model_or_path, data, config, source, progress=progress, status=status)
+        )
     return checkpoint_sharpness(
         model_or_path, config, source, use_cache=use_cache, progress=progress, status=status
     )
@@ -233,7 +236,7 @@ def checkpoint_sharpness(
         )
 
     if where is None:
-        return run(config)
+        return _with_provenance(run(config))
     key = cache_key(
         config,
         model=point.model,
@@ -242,7 +245,7 @@ def checkpoint_sharpness(
         inputs=point.inputs,
         targets=point.targets,
     )
-    return measure_cached(
+    report = measure_cached(
         ResultCache(where),
         key,
         config,
@@ -252,6 +255,12 @@ def checkpoint_sharpness(
         use_cache=use_cache,
         start=start,
     )
+    return _with_provenance(report)
+
+
+def _with_provenance(report: SharpnessReport) -> SharpnessReport:
+    """``report`` with the provenance of this call (also when its measures came from the cache)."""
+    return replace(report, provenance=provenance(torch.device(report.device)))
 
 
 def _settings(

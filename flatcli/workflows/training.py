@@ -43,11 +43,13 @@ and all-reduces the sums, so the metrics are the one-process ones up to float ro
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import astuple, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import NoReturn, SupportsFloat
@@ -71,6 +73,7 @@ from flatcli.errors import CheckpointError, UnknownNameError, UsageError, first_
 from flatcli.models import build_model, resolve_kwargs
 from flatcli.workflows.checkpoint import (
     LAST_FILE,
+    METRICS_CSV_FILE,
     METRICS_FILE,
     MODEL_FILE,
     STATE_FILE,
@@ -81,6 +84,7 @@ from flatcli.workflows.checkpoint import (
     save_state,
 )
 from flatcli.workflows.data import DatasetSpec, augment_batch, get_spec, load_dataset
+from flatcli.workflows.provenance import provenance
 from flatcli.workflows.run_folder import (
     RunFolder,
     RunMode,
@@ -96,6 +100,7 @@ __all__ = [
     "TrainResult",
     "evaluate",
     "final_metrics",
+    "metrics_csv",
     "regularised_step",
     "train",
     "train_one_epoch",
@@ -152,6 +157,19 @@ class EpochRecord:
     test_loss: float
     test_accuracy: float
     seconds: float
+
+
+def metrics_csv(history: Sequence[EpochRecord]) -> str:
+    """The rows of ``metrics.jsonl`` as CSV: a header of the :class:`EpochRecord` fields, one row per epoch.
+
+    Written whole from the run's history after each epoch, like ``metrics.jsonl``, so a
+    resumed run (whose history comes from its resume state) never repeats a row.
+    """
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(f.name for f in fields(EpochRecord))
+    writer.writerows(astuple(r) for r in history)
+    return buffer.getvalue()
 
 
 @dataclass(frozen=True)
@@ -569,6 +587,7 @@ def _train_loop(run: RunFolder, job: _Job, state: State | None) -> TrainResult:
             atomic_write_text(
                 out / METRICS_FILE, "".join(json.dumps(r.__dict__) + "\n" for r in history)
             )
+            atomic_write_text(out / METRICS_CSV_FILE, metrics_csv(history))
         cb.on_epoch(record)
 
     final: nn.Module = model
@@ -576,6 +595,7 @@ def _train_loop(run: RunFolder, job: _Job, state: State | None) -> TrainResult:
         "arch": {"name": config.model, "kwargs": options["model_kwargs"]},
         "dataset": job.spec.describe(),
         "train": {**options, "torch_version": torch.__version__, "flatcli_version": __version__},
+        "provenance": provenance(device),
     }
     if averaged is not None:
         last_metrics = final_metrics(model, x_train, y_train, x_test, y_test, world)

@@ -5,19 +5,48 @@ function a command calls, a 100-column console, and the one-line error check.
 from __future__ import annotations
 
 import io
+import sys
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
+from unittest import mock
 
 from rich.console import Console
 from typer.testing import CliRunner
 
-from flatcli.cli import app
+from flatcli.cli import app, main
 
 runner = CliRunner()
+
+#: The width help is rendered at in the tests (Rich reads COLUMNS).
+HELP_COLUMNS = 100
 
 
 def invoke(*args: object):
     """Run ``flatcli ARGS`` in-process (stdout and stderr apart)."""
-    return runner.invoke(app, [str(a) for a in args])
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": str(HELP_COLUMNS)})
+
+
+@dataclass
+class Outcome:
+    """What the console script did: its exit code and its two streams."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def invoke_main(*args: object) -> Outcome:
+    """Run ``flatcli ARGS`` as the console script does (:func:`flatcli.cli.main`): the
+    parser's own errors (a bad option, a value not among the choices) are one line there.
+    """
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv = ["flatcli", *(str(a) for a in args)]
+    with mock.patch.object(sys, "argv", argv), redirect_stdout(stdout), redirect_stderr(stderr):
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return Outcome(code, stdout.getvalue(), stderr.getvalue())
 
 
 def wide_console() -> Console:

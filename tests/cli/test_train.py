@@ -11,7 +11,7 @@ from flatcli.config import TrainConfig, make_train_config
 from flatcli.report.tables import metrics_table
 from flatcli.workflows.training import TrainCallbacks, TrainResult
 
-from .helpers import invoke, one_line_error, rendered
+from .helpers import invoke, invoke_main, one_line_error, rendered
 
 RESULT = TrainResult(
     run_dir=Path("runs/r"),
@@ -147,9 +147,9 @@ def test_the_metrics_table_at_100_columns():
         (["--model-arg", "width"], 2, "--model-arg 'width' is not KEY=VALUE"),
         (["--overwrite", "--resume"], 2, "--overwrite and --resume contradict each other"),
         (["--epochs", "0"], 2, "epochs must be positive"),
-        (["--recipe", "adam"], 2, "unknown recipe 'adam'"),
+        (["--recipe", "adam"], 2, "'adam' is not one of 'gadam', 'swa'"),
     ],
 )
 def test_bad_options_are_one_line_and_train_nothing(train, args, code, message):
-    one_line_error(invoke("train", *args), code, message)
+    one_line_error(invoke_main("train", *args), code, message)
     assert train.calls == []
