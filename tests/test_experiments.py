@@ -1,6 +1,7 @@
 """The paper's experiments through the CLI: rank-bound, compare, the scaling sweep and the demo."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -226,7 +227,11 @@ def test_demo_cli_prints_the_claims_table(tmp_path):
         ],
     )
     assert result.exit_code == 0, result.stderr
-    assert "The paper's claims on digits" in result.stdout and "[logreg]" in result.stdout
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("The paper's claims on digits")  # the claims first
+    claims = [re.match(r"(held|did not hold|inconclusive) +logreg ", line) for line in lines]
+    assert sum(m is not None for m in claims) == 4  # L2, Gadam, the sweep, the rank
+    assert lines[-1].startswith("Details (") and "--verbose" in lines[-1]
 
 
 def test_the_demo_reuses_a_run_recorded_before_an_option_existed(tmp_path):

@@ -1,4 +1,4 @@
-"""``flatcli compare``: runs side by side, ratios to the first, and computed verdicts.
+"""``flatcli compare``: runs side by side, ratios to the first, and a matrix of computed verdicts.
 
 The command builds a :class:`~flatcli.config.SharpnessConfig` from its options and hands
 it, with the runs, to :func:`flatcli.workflows.compare.compare_checkpoints`.
@@ -62,10 +62,19 @@ def compare_command(
             rich_help_panel=opt.OUTPUT,
         ),
     ] = TIE_SIGMAS,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain",
+            help="After the verdict matrix, the full sentence behind each cell, with the numbers.",
+            rich_help_panel=opt.OUTPUT,
+        ),
+    ] = False,
     json_: opt.Json = False,
 ) -> None:
     """Compare runs: optimiser, regularisation, losses, accuracy, ||w||, sharpness (raw and scale-aware),
-    ratios to the first run, and for each pair a verdict on whether flatness agrees with generalisation.
+    ratios to the first run, and a matrix of verdicts (a row per pair, a column per measure) on whether
+    flatness agrees with generalisation; --explain adds the sentence behind each verdict.
 
     Sharpness comes from each run's cached sharpness.json when the settings match, else it is measured.
     Every run and option is checked before anything is measured; runs trained on different data sets are
@@ -73,7 +82,11 @@ def compare_command(
     """
     if len(runs) < 2:
         raise UsageError("compare needs at least two runs")
-    from flatcli.report.tables import comparison_table  # torch, as the workflow
+    from flatcli.report.tables import (  # torch, as the workflow
+        VERDICT_LEGEND,
+        comparison_table,
+        verdict_matrix,
+    )
     from flatcli.workflows.compare import compare_checkpoints, comparison_as_dict
     from flatcli.workflows.provenance import provenance
 
@@ -95,5 +108,8 @@ def compare_command(
         print_json(comparison_as_dict(comparison, provenance(device)))
         return
     out.print(comparison_table(comparison))
-    for verdict in comparison.verdicts:
-        out.print(f"- {verdict.text}", highlight=False)
+    out.print(verdict_matrix(comparison))
+    out.print(VERDICT_LEGEND, highlight=False)
+    if explain:
+        for verdict in comparison.verdicts:
+            out.print(f"- {verdict.text}", highlight=False)

@@ -56,10 +56,19 @@ def demo_command(
             help="Retrain runs that exist with other settings.", rich_help_panel=opt.OUTPUT
         ),
     ] = DemoConfig.overwrite,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            help="After the claims, the details: runs compared, verdict matrices, rank tables, sweep.",
+            rich_help_panel=opt.OUTPUT,
+        ),
+    ] = False,
     json_: opt.Json = False,
 ) -> None:
     """Train the paper's contrasts (with/without L2; SGD vs Gadam) for each model, compare their sharpness
-    and generalisation, check the rank bound, sweep the weight scale, and say which claims held.
+    and generalisation, check the rank bound, sweep the weight scale, and say which claims held (first;
+    the numbers behind them with --verbose or --json).
     """
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # N copies would train into one folder
         raise UsageError(
@@ -88,4 +97,4 @@ def demo_command(
     if json_:
         print_json(demo_as_dict(result))
         return
-    demo_report(out, result)
+    demo_report(out, result, verbose=verbose)

@@ -9,13 +9,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
+from flatcli.analysis.claims import Claim
 from flatcli.analysis.rank import MeasuredRank, RankReport
 from flatcli.analysis.sharpness_report import Density, Measurement, SharpnessReport
 from flatcli.analysis.sweep import SweepRow
-from flatcli.analysis.verdicts import MEASURE_ORDER, Comparison
+from flatcli.analysis.verdicts import MEASURE_ORDER, Comparison, Verdict
 from flatcli.curvature.results import Estimate
 from flatcli.report.text import rank_statement
 from flatcli.workflows.demo import DemoResult
@@ -219,9 +223,9 @@ def comparison_table(comparison: Comparison) -> Table:
     pairs = list(zip(runs, ratios, strict=True))
     nan = float("nan")
     table = Table(title="runs compared (ratio to the first run in brackets)", title_justify="left")
-    table.add_column("")
+    table.add_column("", overflow="fold")  # fold, never cut, a word too long for its column
     for r in runs:
-        table.add_column(r.name, justify="right")
+        table.add_column(r.name, justify="right", overflow="fold")
     table.add_row("optimiser", *[r.optimizer for r in runs])
     table.add_row("l2 (coupled)", *[f"{r.l2:g}" for r in runs])
     table.add_row("weight decay (decoupled)", *[f"{r.weight_decay:g}" for r in runs])
@@ -247,22 +251,131 @@ def comparison_table(comparison: Comparison) -> Table:
     return table
 
 
+#: What a verdict's mark says about the flatness hypothesis (``Verdict.agrees``); None is
+#: a tie of the test accuracies (a sharpness tie or no convergence has a cell of its own).
+_AGREEMENT_MARKS = {True: "✓", False: "✗", None: "~"}
+
+#: The legend printed under a verdict matrix.
+VERDICT_LEGEND = (
+    "b vs a: b is Nx sharper or flatter than a; Δ acc. = b's test accuracy - a's. ✓ flatness "
+    "agrees (the sharper run generalises worse), ✗ disagrees, ~ accuracies tie; n.c. not converged."
+)
+
+
+def _times(ratio: float) -> str:
+    """A ratio >= 1 to 3 significant digits, or as many more (up to 6) as keep it off "1"."""
+    for digits in range(3, 7):
+        text = f"{ratio:.{digits}g}"
+        if text != "1":
+            break
+    return text
+
+
+def _verdict_cell(verdict: Verdict, comparison: Comparison) -> str:
+    """A short matrix cell on two lines: "2.4x ✓" over "sharper", "tie" or "n.c."."""
+    if not verdict.converged:
+        return "n.c."
+    if verdict.sharpness_tie:
+        return "tie"
+    runs = {r.name: r for r in comparison.runs}
+    va = runs[verdict.a].measures[verdict.measure].value
+    vb = runs[verdict.b].measures[verdict.measure].value
+    hi, lo = max(va, vb), min(va, vb)
+    times = f"{_times(hi / lo)}x " if lo > 0 else ""
+    return f"{times}{_AGREEMENT_MARKS[verdict.agrees]}\n{'sharper' if vb > va else 'flatter'}"
+
+
+def verdict_matrix(comparison: Comparison) -> Table:
+    """The verdicts as one matrix: a row per pair ("b vs a"), a column per measure judged.
+
+    Each cell says how much sharper or flatter ``b`` is than ``a`` and whether that agrees
+    with the flatness hypothesis (the sharper run generalises worse; Granziol 2020, "Flatness
+    is a False Friend", arXiv 2006.09091, argues it need not), or "tie" / "n.c."
+    (not converged); :data:`VERDICT_LEGEND` explains the marks. The full sentences are
+    ``Verdict.text``. Labels and cells are broken into short lines beforehand, so that all
+    seven measures fit 100 columns without a word folded.
+    """
+    judged = {v.measure for v in comparison.verdicts}
+    names = [m for m in MEASURE_ORDER if m in judged] + sorted(judged - set(MEASURE_ORDER))
+    table = Table(
+        title="verdicts",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+        leading=1,
+    )
+    table.add_column("pair", overflow="fold")
+    table.add_column("Δ acc.\n(points)", justify="right", overflow="fold")
+    for m in names:
+        label = MEASURE_ORDER.get(m, m).replace(" ", "\n")
+        table.add_column(label, justify="right", overflow="fold")
+    pairs: dict[tuple[str, str], dict[str, Verdict]] = {}
+    for v in comparison.verdicts:
+        pairs.setdefault((v.a, v.b), {})[v.measure] = v
+    for (a, b), verdicts in pairs.items():
+        first = next(iter(verdicts.values()))
+        diff = f"{first.accuracy_difference_points:+.2f}" + ("\ntie" if first.accuracy_tie else "")
+        cells = [_verdict_cell(verdicts[m], comparison) if m in verdicts else "-" for m in names]
+        table.add_row(Text(f"{b} vs\n{a}"), diff, *cells)
+    return table
+
+
 #: How a claim's outcome is shown: held, did not hold, or a tie / inconclusive (None).
 _CLAIM_MARKS = {
     True: "[green]held[/]",
     False: "[red]did not hold[/]",
-    None: "[yellow]tie / inconclusive[/]",
+    None: "[yellow]inconclusive[/]",
 }
 
 
-def demo_report(console: Console, result: DemoResult) -> None:
-    """Print the demo: comparisons, rank, sweep, then the claims that held or did not."""
+def _evidence(claim: Claim) -> str:
+    """The claim's evidence without the "held: " or "did not hold: " the outcome column shows."""
+    for prefix in ("held: ", "did not hold: "):
+        if claim.evidence.startswith(prefix):
+            return claim.evidence[len(prefix) :]
+    return claim.evidence
+
+
+def claims_table(claims: Sequence[Claim]) -> Table:
+    """The paper's claims, one row each: outcome, model, claim and the evidence."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table.add_column("outcome", overflow="fold")
+    table.add_column("model", overflow="fold")
+    table.add_column("claim", overflow="fold")
+    table.add_column("evidence", overflow="fold", ratio=1)
+    for c in claims:
+        table.add_row(_CLAIM_MARKS[c.held], Text(c.model), Text(c.claim), Text(_evidence(c)))
+    return table
+
+
+def demo_report(console: Console, result: DemoResult, *, verbose: bool = False) -> None:
+    """Print the demo: the claims that held or did not first, then (``verbose``) the details.
+
+    The details are each contrast's runs table and verdict matrix, the rank tables and
+    statements, and the weight-scaling sweep; without ``verbose`` one line says where they are.
+    """
+    console.print(
+        f"[bold]The paper's claims on {result.config.dataset}[/] "
+        f"({len(result.runs)} runs under {escape(str(result.config.out))}; "
+        f"{result.seconds:.0f} s in all)",
+        highlight=False,
+    )
+    console.print(claims_table(result.claims))
+    if not verbose:
+        console.print(
+            "Details (runs, verdict matrices, rank tables, sweep): add --verbose, or --json for all.",
+            highlight=False,
+        )
+        return
     for (model, title), comparison in result.comparisons.items():
         table = comparison_table(comparison)
         table.title = f"{model}: {title}"
         console.print(table)
-        for v in comparison.verdicts:
-            console.print(f"  - {v.text}", highlight=False)
+        console.print(verdict_matrix(comparison))
+    if result.comparisons:
+        console.print(VERDICT_LEGEND, highlight=False)
     for model, report in result.ranks.items():
         for table in rank_table(report):
             table.title = f"{model}: {table.title}"
@@ -270,12 +383,3 @@ def demo_report(console: Console, result: DemoResult) -> None:
         statement = rank_statement(report.bound, report.measured, report.is_linear)
         console.print(statement, highlight=False)
     console.print(sweep_table(result.sweep))
-    console.print(
-        f"\n[bold]The paper's claims on {result.config.dataset}[/] (computed from the numbers above)"
-    )
-    for c in result.claims:
-        console.print(f"- {c.claim} \\[{c.model}]: {_CLAIM_MARKS[c.held]}", highlight=False)
-        console.print(f"    {c.evidence}", highlight=False, markup=False)
-    console.print(
-        f"{len(result.runs)} runs under {result.config.out}; {result.seconds:.0f} s in all."
-    )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flatcli.analysis.claims import Claim
+from flatcli.analysis.claims import CONTRAST_CLAIMS, Claim, judge
 from flatcli.analysis.rank import MeasuredRank, RankBound, RankEstimate, RankReport
 from flatcli.analysis.sweep import SweepRow
 from flatcli.analysis.verdicts import Comparison, RunSummary, compare
@@ -96,4 +96,50 @@ DEMO = DemoResult(
     ],
     seconds=12.0,
     runs={"logreg-sgd": Path("runs/demo/digits/logreg-sgd")},
+)
+
+#: The measures ``flatcli compare`` judges by default, in their order.
+SEVEN = (
+    "lambda_max",
+    "trace",
+    "frobenius",
+    "lambda_max_normalised",
+    "trace_normalised",
+    "adaptive_sharpness",
+    "relative_flatness",
+)
+
+
+def seven(name: str, accuracy: float, values: tuple[float, ...], converged: bool = True):
+    """A run with the seven default measures (uncertainty 0.01 each)."""
+    measures = {
+        m: Estimate(value=v, uncertainty=0.01, kind="bound", converged=converged)
+        for m, v in zip(SEVEN, values, strict=True)
+    }
+    return run(name, accuracy, 1.0, measures=measures)
+
+
+#: Four runs on seven measures: every kind of verdict cell (sharper, flatter, agrees,
+#: disagrees, accuracy tie, sharpness tie, not converged) and a long run name.
+WIDE_COMPARISON: Comparison = compare(
+    [
+        seven("sgd", 0.9, (1, 2, 3, 4, 5, 6, 7)),
+        seven("sgd-l2", 0.93, (2.4, 2, 1, 8, 5.5, 3, 70)),
+        seven("gadam-averaged", 0.902, (1.2, 4, 3.01, 4, 5, 6, 7)),
+        seven("x", 0.8, (1, 2, 3, 4, 5, 6, 7), converged=False),
+    ]
+)
+
+#: The default demo's shape: three models, two contrasts each, their claims as judged.
+_FULL_COMPARISONS = {(m, t): COMPARISON for m in ("logreg", "mlp", "cnn") for t in CONTRAST_CLAIMS}
+_FULL_RANKS = {m: EXACT_RANK for m in ("logreg", "mlp", "cnn")}
+FULL_DEMO = DemoResult(
+    config=DemoConfig(out=Path("runs/demo/digits")),
+    comparisons=_FULL_COMPARISONS,
+    ranks=_FULL_RANKS,
+    sweep_model="mlp",
+    sweep=SWEEP,
+    claims=judge(_FULL_COMPARISONS, _FULL_RANKS, "mlp", SWEEP),
+    seconds=95.0,
+    runs={f"{m}-{o}": Path(f"runs/demo/digits/{m}-{o}") for m in _FULL_RANKS for o in "abc"},
 )

@@ -5,16 +5,19 @@ what is printed, and bad options refused before anything is measured.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
+from flatcli.analysis.verdicts import compare
 from flatcli.config import DEFAULT_COMPARE_MEASURES, SharpnessConfig
-from flatcli.report.tables import comparison_table
+from flatcli.curvature.results import Estimate
+from flatcli.report.tables import VERDICT_LEGEND, comparison_table, verdict_matrix
 from flatcli.workflows.compare import comparison_as_dict
 from flatcli.workflows.source import CheckpointSource
 
-from .fakes import COMPARISON
+from .fakes import COMPARISON, WIDE_COMPARISON, run
 from .helpers import invoke, one_line_error, rendered
 
 COMPARISON_TABLE = (
@@ -33,6 +36,41 @@ COMPARISON_TABLE = (
     "│ ||w||                       │        4 (1.00x) │        2 (0.50x) │\n"
     "│ lambda_max                  │ 2 ± 0.01 (1.00x) │ 4 ± 0.01 (2.00x) │\n"
     "└─────────────────────────────┴──────────────────┴──────────────────┘\n"
+)
+
+VERDICT_MATRIX = (
+    "verdicts                       \n"
+    "             Δ acc.            \n"
+    "pair       (points)  lambda_max\n"
+    "───────────────────────────────\n"
+    "sgd-l2 vs    +10.00        2x ✗\n"
+    "sgd                     sharper\n"
+)
+
+# every kind of cell: sharper and flatter, ✓ agrees, ✗ disagrees, ~ accuracy tie, a sharpness
+# tie, n.c.; seven measures and a long run name in 100 columns, no word folded
+WIDE_MATRIX = (
+    "verdicts                                                                                           \n"
+    "                     Δ acc.                                lambda_max    Tr(H)   adaptive  relative\n"
+    "pair               (points)  lambda_max    Tr(H)  ||H||_F     ||w||^2  ||w||^2  sharpness  flatness\n"
+    "───────────────────────────────────────────────────────────────────────────────────────────────────\n"
+    "sgd-l2 vs             +3.00      2.4x ✗      tie     3x ✓        2x ✗   1.1x ✗       2x ✓     10x ✗\n"
+    "sgd                             sharper           flatter     sharper  sharper    flatter   sharper\n"
+    "                                                                                                   \n"
+    "gadam-averaged vs     +0.20      1.2x ~     2x ~      tie         tie      tie        tie       tie\n"
+    "sgd                     tie     sharper  sharper                                                   \n"
+    "                                                                                                   \n"
+    "x vs                 -10.00        n.c.     n.c.     n.c.        n.c.     n.c.       n.c.      n.c.\n"
+    "sgd                                                                                                \n"
+    "                                                                                                   \n"
+    "gadam-averaged vs     -2.80        2x ✗     2x ✓  3.01x ✓        2x ✗   1.1x ✗       2x ✓     10x ✗\n"
+    "sgd-l2                          flatter  sharper  sharper     flatter  flatter    sharper   flatter\n"
+    "                                                                                                   \n"
+    "x vs                 -13.00        n.c.     n.c.     n.c.        n.c.     n.c.       n.c.      n.c.\n"
+    "sgd-l2                                                                                             \n"
+    "                                                                                                   \n"
+    "x vs                 -10.20        n.c.     n.c.     n.c.        n.c.     n.c.       n.c.      n.c.\n"
+    "gadam-averaged                                                                                     \n"
 )
 
 
@@ -112,15 +150,55 @@ def test_json_is_the_comparison_document(compared):
     assert doc == expected
 
 
-def test_the_table_then_one_line_per_verdict(compared, screen):
+def test_the_table_then_the_verdict_matrix_and_its_legend(compared, screen):
     console = screen("flatcli.cli.compare")
     assert invoke("compare", "a", "b").exit_code == 0
+    assert console.export_text() == COMPARISON_TABLE + VERDICT_MATRIX + rendered(VERDICT_LEGEND)
+
+
+def test_explain_adds_the_sentence_behind_each_verdict(compared, screen):
+    console = screen("flatcli.cli.compare")
+    assert invoke("compare", "a", "b", "--explain").exit_code == 0
     (verdict,) = COMPARISON.verdicts
-    assert console.export_text() == COMPARISON_TABLE + rendered(f"- {verdict.text}")
+    text = console.export_text()
+    assert text == (
+        COMPARISON_TABLE + VERDICT_MATRIX + rendered(VERDICT_LEGEND, f"- {verdict.text}")
+    )
+    assert "- sgd-l2 is 2x sharper than sgd by lambda_max" in text
 
 
 def test_the_comparison_table_at_100_columns():
     assert rendered(comparison_table(COMPARISON)) == COMPARISON_TABLE
+
+
+def test_the_verdict_matrix_at_100_columns():
+    assert rendered(verdict_matrix(COMPARISON)) == VERDICT_MATRIX
+    assert rendered(verdict_matrix(WIDE_COMPARISON)) == WIDE_MATRIX
+
+
+@pytest.mark.parametrize(
+    "value, cell", [(1.0006, "1.001x ✗"), (1.00004, "1.00004x ✗"), (3, "3x ✗")]
+)
+def test_a_difference_beyond_the_tie_never_reads_1x(value, cell):
+    def exact(value: float) -> dict[str, Estimate]:
+        return {"lambda_max": Estimate(value=value, uncertainty=0.0, kind="exact")}
+
+    runs = [run("a", 0.8, 1, measures=exact(1.0)), run("b", 0.9, 1, measures=exact(value))]
+    assert f" {cell}\n" in rendered(verdict_matrix(compare(runs)))
+
+
+def test_seven_measures_and_four_runs_fit_100_columns_uncut():
+    text = rendered(comparison_table(WIDE_COMPARISON), verdict_matrix(WIDE_COMPARISON))
+    text += rendered(VERDICT_LEGEND)
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "…" not in text
+    words = text.split()
+    for label in ("lambda_max", "||H||_F", "||w||^2", "sharpness", "flatness", "gadam-averaged"):
+        assert label in words, label
+    # one row per pair (i < j), each a "b vs" over "a"
+    matrix = rendered(verdict_matrix(WIDE_COMPARISON))
+    assert len(re.findall(r"^[\w-]+ vs ", matrix, re.MULTILINE)) == 6
+    assert len(WIDE_COMPARISON.verdicts) == 6 * 7
 
 
 @pytest.mark.parametrize(

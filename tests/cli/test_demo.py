@@ -13,10 +13,22 @@ from flatcli.config import DemoConfig
 from flatcli.report.tables import demo_report
 from flatcli.report.text import demo_as_dict
 
-from .fakes import DEMO
+from .fakes import DEMO, FULL_DEMO
 from .helpers import invoke, one_line_error, wide_console
 
-DEMO_REPORT = (
+CLAIMS = (
+    "The paper's claims on digits (1 runs under runs/demo/digits; 12 s in all)\n"
+    "outcome        model    claim                        evidence          \n"
+    "───────────────────────────────────────────────────────────────────────\n"
+    "held           logreg   L2 makes the model sharper   4 vs 2            \n"
+    "inconclusive   logreg   a tie                        [within] the noise\n"
+)
+WHERE_THE_DETAILS_ARE = (
+    "Details (runs, verdict matrices, rank tables, sweep): add --verbose, or --json for all.\n"
+)
+
+
+DETAILS = (
     "logreg: L2 regularisation                                            \n"
     "┏━━━━━━━━━━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━━━━━━━━━┓\n"
     "┃                             ┃              sgd ┃           sgd-l2 ┃\n"
@@ -32,8 +44,14 @@ DEMO_REPORT = (
     "│ ||w||                       │        4 (1.00x) │        2 (0.50x) │\n"
     "│ lambda_max                  │ 2 ± 0.01 (1.00x) │ 4 ± 0.01 (2.00x) │\n"
     "└─────────────────────────────┴──────────────────┴──────────────────┘\n"
-    "  - sgd-l2 is 2x sharper than sgd by lambda_max (4 vs 2); sgd-l2 generalises 10.00 points better \n"
-    "(test accuracy 80.00% vs 90.00%): flatness disagrees with generalisation here.\n"
+    "verdicts                       \n"
+    "             Δ acc.            \n"
+    "pair       (points)  lambda_max\n"
+    "───────────────────────────────\n"
+    "sgd-l2 vs    +10.00        2x ✗\n"
+    "sgd                     sharper\n"
+    "b vs a: b is Nx sharper or flatter than a; Δ acc. = b's test accuracy - a's. ✓ flatness agrees (the \n"
+    "sharper run generalises worse), ✗ disagrees, ~ accuracies tie; n.c. not converged.\n"
     "logreg: layers counted by the bound                    \n"
     "┏━━━━━━━┳━━━━━━━━┳━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━━━━━━━━━┓\n"
     "┃ layer ┃ kind   ┃ fan-in ┃ neurons ┃ (C-1)(fan-in+1) ┃\n"
@@ -62,14 +80,11 @@ DEMO_REPORT = (
     "│ 1 │     2 │  0.5 │   90.00% │          1 │\n"
     "│ 2 │     4 │ 0.25 │   90.00% │        0.5 │\n"
     "└───┴───────┴──────┴──────────┴────────────┘\n"
-    "\n"
-    "The paper's claims on digits (computed from the numbers above)\n"
-    "- L2 makes the model sharper [logreg]: held\n"
-    "    4 vs 2\n"
-    "- a tie [logreg]: tie / inconclusive\n"
-    "    [within] the noise\n"
-    "1 runs under runs/demo/digits; 12 s in all.\n"
 )
+
+
+DEMO_REPORT = CLAIMS + WHERE_THE_DETAILS_ARE
+VERBOSE_REPORT = CLAIMS + DETAILS
 
 
 @pytest.fixture
@@ -120,16 +135,44 @@ def test_json_is_the_demo_document(demo):
     assert doc == expected
 
 
-def test_the_report_is_printed(demo, screen):
+def test_the_claims_then_where_the_details_are(demo, screen):
     console = screen("flatcli.cli.demo")
     assert invoke("demo").exit_code == 0
     assert console.export_text() == DEMO_REPORT
+
+
+def test_verbose_prints_the_claims_then_the_details(demo, screen):
+    console = screen("flatcli.cli.demo")
+    assert invoke("demo", "--verbose").exit_code == 0
+    assert console.export_text() == VERBOSE_REPORT
 
 
 def test_the_demo_report_at_100_columns():
     console = wide_console()
     demo_report(console, DEMO)
     assert console.export_text() == DEMO_REPORT
+    demo_report(console, DEMO, verbose=True)
+    assert console.export_text() == VERBOSE_REPORT
+
+
+def test_a_full_demo_shows_its_claims_first_in_under_60_lines():
+    console = wide_console()
+    demo_report(console, FULL_DEMO)
+    lines = console.export_text().splitlines()
+    assert lines[0].startswith("The paper's claims on digits (9 runs under runs/demo/digits")
+    assert lines[-1] == WHERE_THE_DETAILS_ARE.strip()
+    assert len(lines) <= 60
+    assert max(len(line) for line in lines) <= 100 and "…" not in "".join(lines)
+    outcomes = [line.split()[0] for line in lines[3:-1] if line[:1].strip()]
+    assert outcomes == ["held"] * len(FULL_DEMO.claims) == ["held"] * 10  # a row per claim
+    evidence = " ".join(line[58:].strip() for line in lines[3:-1])  # the evidence column
+    assert evidence.startswith("sgd-l2 is sharper and generalises better; lambda_max 2 -> 4")
+    assert "held:" not in evidence  # the outcome column says it once
+    demo_report(console, FULL_DEMO, verbose=True)
+    verbose = console.export_text().splitlines()
+    assert verbose[: len(lines) - 1] == lines[:-1]  # the same claims first, then the details
+    assert len(verbose) > 3 * len(lines)
+    assert sum(line.startswith("verdicts") for line in verbose) == len(FULL_DEMO.comparisons)
 
 
 def test_under_torchrun_the_demo_is_refused(demo, monkeypatch):
