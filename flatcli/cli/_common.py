@@ -41,7 +41,10 @@ RANK = _env_rank()
 #: Tables and results for people go to stdout; progress, warnings and errors to stderr,
 #: so that with ``--json`` stdout holds exactly one JSON document. Under ``torchrun`` only
 #: rank 0 speaks: the other ranks' consoles are quiet (their own failures excepted, see :func:`fail`).
-out = Console(soft_wrap=True, quiet=RANK != 0)
+#: Piped to a file or a pager, tables are laid out for 100 columns (rich's default there
+#: is 80, which folds their labels); a terminal, or COLUMNS, says its own width.
+_PIPED_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 100
+out = Console(soft_wrap=True, quiet=RANK != 0, width=_PIPED_WIDTH)
 err = Console(stderr=True, soft_wrap=True, quiet=RANK != 0)
 
 
