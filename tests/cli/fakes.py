@@ -143,3 +143,22 @@ FULL_DEMO = DemoResult(
     seconds=95.0,
     runs={f"{m}-{o}": Path(f"runs/demo/digits/{m}-{o}") for m in _FULL_RANKS for o in "abc"},
 )
+
+
+#: The runs table of COMPARISON at 100 columns, below its title (compare and demo print it).
+RUNS_TABLE_ROWS = (
+    "┏━━━━━━━━━━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━━━━━━━━━┓\n"
+    "┃                             ┃              sgd ┃           sgd-l2 ┃\n"
+    "┡━━━━━━━━━━━━━━━━━━━━━━━━━━━━━╇━━━━━━━━━━━━━━━━━━╇━━━━━━━━━━━━━━━━━━┩\n"
+    "│ optimiser                   │              sgd │              sgd │\n"
+    "│ l2 (coupled)                │                0 │           0.0005 │\n"
+    "│ weight decay (decoupled)    │                0 │                0 │\n"
+    "│ averaging from epoch        │                - │                - │\n"
+    "│ train loss                  │              0.1 │              0.1 │\n"
+    "│ test loss                   │      0.3 (1.00x) │      0.2 (0.67x) │\n"
+    "│ test accuracy               │           80.00% │           90.00% │\n"
+    "│ generalisation gap (points) │            20.00 │            10.00 │\n"
+    "│ ||w||                       │        4 (1.00x) │        2 (0.50x) │\n"
+    "│ lambda_max                  │ 2 ± 0.01 (1.00x) │ 4 ± 0.01 (2.00x) │\n"
+    "└─────────────────────────────┴──────────────────┴──────────────────┘\n"
+)

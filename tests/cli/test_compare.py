@@ -17,25 +17,11 @@ from flatcli.report.tables import VERDICT_LEGEND, comparison_table, verdict_matr
 from flatcli.workflows.compare import comparison_as_dict
 from flatcli.workflows.source import CheckpointSource
 
-from .fakes import COMPARISON, WIDE_COMPARISON, run
+from .fakes import COMPARISON, RUNS_TABLE_ROWS, WIDE_COMPARISON, run
 from .helpers import invoke, one_line_error, rendered
 
 COMPARISON_TABLE = (
-    "runs compared (ratio to the first run in brackets)                   \n"
-    "┏━━━━━━━━━━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━━━━━━━━━┓\n"
-    "┃                             ┃              sgd ┃           sgd-l2 ┃\n"
-    "┡━━━━━━━━━━━━━━━━━━━━━━━━━━━━━╇━━━━━━━━━━━━━━━━━━╇━━━━━━━━━━━━━━━━━━┩\n"
-    "│ optimiser                   │              sgd │              sgd │\n"
-    "│ l2 (coupled)                │                0 │           0.0005 │\n"
-    "│ weight decay (decoupled)    │                0 │                0 │\n"
-    "│ averaging from epoch        │                - │                - │\n"
-    "│ train loss                  │              0.1 │              0.1 │\n"
-    "│ test loss                   │      0.3 (1.00x) │      0.2 (0.67x) │\n"
-    "│ test accuracy               │           80.00% │           90.00% │\n"
-    "│ generalisation gap (points) │            20.00 │            10.00 │\n"
-    "│ ||w||                       │        4 (1.00x) │        2 (0.50x) │\n"
-    "│ lambda_max                  │ 2 ± 0.01 (1.00x) │ 4 ± 0.01 (2.00x) │\n"
-    "└─────────────────────────────┴──────────────────┴──────────────────┘\n"
+    "runs compared (ratio to the first run in brackets)                   \n" + RUNS_TABLE_ROWS
 )
 
 VERDICT_MATRIX = (

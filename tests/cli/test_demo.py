@@ -13,7 +13,7 @@ from flatcli.config import DemoConfig
 from flatcli.report.tables import demo_report
 from flatcli.report.text import demo_as_dict
 
-from .fakes import DEMO, FULL_DEMO
+from .fakes import DEMO, FULL_DEMO, RUNS_TABLE_ROWS
 from .helpers import invoke, one_line_error, wide_console
 
 CLAIMS = (
@@ -30,21 +30,8 @@ WHERE_THE_DETAILS_ARE = (
 
 DETAILS = (
     "logreg: L2 regularisation                                            \n"
-    "┏━━━━━━━━━━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━━━━━━━━━┓\n"
-    "┃                             ┃              sgd ┃           sgd-l2 ┃\n"
-    "┡━━━━━━━━━━━━━━━━━━━━━━━━━━━━━╇━━━━━━━━━━━━━━━━━━╇━━━━━━━━━━━━━━━━━━┩\n"
-    "│ optimiser                   │              sgd │              sgd │\n"
-    "│ l2 (coupled)                │                0 │           0.0005 │\n"
-    "│ weight decay (decoupled)    │                0 │                0 │\n"
-    "│ averaging from epoch        │                - │                - │\n"
-    "│ train loss                  │              0.1 │              0.1 │\n"
-    "│ test loss                   │      0.3 (1.00x) │      0.2 (0.67x) │\n"
-    "│ test accuracy               │           80.00% │           90.00% │\n"
-    "│ generalisation gap (points) │            20.00 │            10.00 │\n"
-    "│ ||w||                       │        4 (1.00x) │        2 (0.50x) │\n"
-    "│ lambda_max                  │ 2 ± 0.01 (1.00x) │ 4 ± 0.01 (2.00x) │\n"
-    "└─────────────────────────────┴──────────────────┴──────────────────┘\n"
-    "verdicts                       \n"
+    + RUNS_TABLE_ROWS
+    + "verdicts                       \n"
     "             Δ acc.            \n"
     "pair       (points)  lambda_max\n"
     "───────────────────────────────\n"
