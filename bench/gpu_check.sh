@@ -50,3 +50,8 @@ print("API DataLoader vs tensors on", device, a.measures["lambda_max"].value, b.
       f"{time.perf_counter() - t0:.1f} s")
 PY
 rm -rf "$tmp"
+# The paper's scale (issue 12): VGG-16 and PreResNet-110 (random weights) on 50,000 random
+# CIFAR-shaped inputs: seconds per training epoch, per HVP, lambda_max (20 Lanczos steps),
+# peak GPU memory, against PyHessian on the same model and data (bench/paper_scale.py).
+# About 5-10 min on a recent GPU; --n shrinks it.
+python bench/paper_scale.py --device "$device" --n "${PAPER_SCALE_N:-50000}"

@@ -22,8 +22,30 @@ Options = dict[str, Any]
 DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}
 
 #: The paper's recipes (Granziol 2020, sec. "Gadam"; Izmailov et al. 2018 for SWA).
-#: ``average_from`` is a fraction of the epochs: the authors average from epoch 161 of 300.
-#: ``lr_final`` is a fraction of ``lr``: the averaging learning rate is half the initial one.
+#: ``average_from`` is a fraction of the epochs: averaging starts after that fraction of
+#: them (epoch ``int(average_from * epochs) + 1``). ``lr_final`` is a fraction of ``lr``.
+#: Any other key is a :class:`TrainConfig` field (``epochs``, ``momentum``, ...).
+#:
+#: ``gadam`` and ``swa`` are short forms for any data set (the averaging learning rate is
+#: half the initial one; 0.53 of 300 epochs starts averaging at epoch 160).
+#:
+#: The ``paper-*`` recipes are the protocol of ``docs/paper.md`` ("The author's setup"):
+#: batch 128, 300 epochs, the ``paper`` schedule (``lr`` held for half the budget, linear
+#: decay to ``lr_final`` by 90%, then held; budget = the averaging start, else all
+#: epochs), ``lr_final`` 0.01 lr, or the averaging learning rate for averaged runs,
+#: averaging from epoch 161 of 300 (a fraction 160/300), learning rates and weight
+#: decays of VGG16-BN on CIFAR-100. ``flatcli.workflows.protocol`` holds the per-model
+#: values paper.md gives for other models and the source of every value (the README's
+#: table "Reproducing the paper" lists them; a test holds the two equal).
+PAPER_AVERAGE_FROM = 160 / 300
+_PAPER_COMMON: dict[str, str | float] = {"epochs": 300, "batch_size": 128, "schedule": "paper"}
+_PAPER_SGD: dict[str, str | float] = {
+    **_PAPER_COMMON,
+    "optimizer": "sgd",
+    "momentum": 0.9,
+    "lr": 0.1,
+}
+_PAPER_ADAM: dict[str, str | float] = {**_PAPER_COMMON, "lr": 5e-4}
 RECIPES: dict[str, dict[str, str | float]] = {
     "gadam": {
         "optimizer": "adamw",
@@ -40,6 +62,18 @@ RECIPES: dict[str, dict[str, str | float]] = {
         "l2": 5e-4,
         "schedule": "paper",
         "average_from": 0.53,
+        "lr_final": 0.5,
+    },
+    "paper-sgd": {**_PAPER_SGD, "lr_final": 0.01},
+    "paper-sgd-l2": {**_PAPER_SGD, "l2": 5e-4, "lr_final": 0.01},
+    "paper-swa": {**_PAPER_SGD, "l2": 5e-4, "average_from": PAPER_AVERAGE_FROM, "lr_final": 0.5},
+    "paper-adam": {**_PAPER_ADAM, "optimizer": "adam", "lr_final": 0.01},
+    "paper-adamw": {**_PAPER_ADAM, "optimizer": "adamw", "weight_decay": 0.25, "lr_final": 0.01},
+    "paper-gadam": {
+        **_PAPER_ADAM,
+        "optimizer": "adamw",
+        "weight_decay": 0.25,
+        "average_from": PAPER_AVERAGE_FROM,
         "lr_final": 0.5,
     },
 }
@@ -130,8 +164,10 @@ def make_train_config(recipe: str | None = None, **given: object) -> TrainConfig
                 f"unknown recipe {recipe!r}", hint=f"choose one of: {', '.join(RECIPES)}"
             )
         values.update(RECIPES[recipe])
-        epochs = chosen.get("epochs", TrainConfig.epochs)
-        values["average_from"] = max(1, min(epochs, int(values["average_from"] * epochs) + 1))
+        epochs = chosen.get("epochs", values.get("epochs", TrainConfig.epochs))
+        if "average_from" in values:  # a fraction of the epochs (1e-9: 160/300 * 300 is 160)
+            start = int(values["average_from"] * epochs + 1e-9) + 1
+            values["average_from"] = max(1, min(epochs, start))
         lr = chosen.get("lr", values["lr"])
         values["lr_final"] = values["lr_final"] * lr
         values["recipe"] = recipe
@@ -376,6 +412,14 @@ DEFAULT_COMPARE_MEASURES: tuple[str, ...] = (
 #: Sharpness differences within this many combined uncertainties are ties
 #: (:func:`flatcli.analysis.verdicts.verdict`).
 TIE_SIGMAS = 2.0
+#: A run's test accuracy, as the verdicts judge it, is the mean over its last
+#: ``ACCURACY_EPOCHS`` epochs, and the standard deviation of those epochs its noise
+#: (:func:`flatcli.analysis.seeds.run_accuracy`): a final epoch is one draw of a number
+#: that still swings at a constant learning rate.
+ACCURACY_EPOCHS = 5
+#: Test accuracy differences within this many noise standard deviations are ties
+#: (:func:`flatcli.analysis.verdicts.accuracy_tie`).
+ACCURACY_SIGMAS = 1.0
 
 
 # --- the rank bound ------------------------------------------------------------------
@@ -400,7 +444,8 @@ RANK_MAX_PARAMS = 4096
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """What the demo trains and measures, and where its runs are kept (``out/MODEL-VARIANT``).
+    """What the demo trains and measures, and where its runs are kept (``out/MODEL-VARIANT``;
+    with ``seeds`` > 1 the further seeds' runs are ``out/MODEL-VARIANT-sSEED``).
 
     ``measure_samples`` and ``probes`` set the measurements (sharpness, rank, sweep);
     ``sweep_scales`` the factors of the weight-scaling sweep of the first model's ``sgd``
@@ -417,8 +462,15 @@ class DemoConfig:
     sweep_scales: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
     out: Path = Path("runs/demo")
     seed: int = 0
+    #: Runs per variant, seeds ``seed .. seed + seeds - 1``; contrasts are judged arm
+    #: against arm (the mean over the seeds and its standard error).
+    seeds: int = 1
     device: str = "auto"
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seeds, bool) or self.seeds < 1:
+            raise UsageError(f"--seeds must be a positive integer, got {self.seeds}")
 
     @classmethod
     def reduced(cls, **changes: Any) -> DemoConfig:

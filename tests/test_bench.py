@@ -139,3 +139,38 @@ def test_print_table_aligns_columns(capsys: pytest.CaptureFixture[str]) -> None:
         "  long  x             12",
         "  ----  -------  -------",
     ]
+
+
+# --- bench/paper_scale.py ------------------------------------------------------------------
+
+
+def _load_paper_scale() -> types.ModuleType:
+    path = BENCH.with_name("paper_scale.py")
+    spec = importlib.util.spec_from_file_location("paper_scale", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paper_scale_prints_every_figure_for_a_tiny_model(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paper_scale = _load_paper_scale()
+    monkeypatch.setitem(paper_scale.MODELS, "vgg16", ("vgg16", {"width_factor": 0.0625}))
+    paper_scale.main(
+        ["--models", "vgg16", "--n", "8", "--batch", "4", "--hvp-batch", "4", "--steps", "2"]
+        + ["--device", "cpu"]
+    )
+    out = capsys.readouterr().out.splitlines()
+    lines = out[next(i for i, line in enumerate(out) if "paper scale on cpu" in line) :]
+    assert "n = 8 inputs 3x32x32, 100 classes" in lines[0]
+    header, row = lines[1].split(), lines[2].split()
+    assert header[:2] == ["model", "params"] and row[0] == "vgg16"
+    epoch_s, hvp_batch_s, hvp_eval_s, lambda_max_s, hvps = row[2:7]
+    assert min(float(epoch_s), float(hvp_batch_s), float(hvp_eval_s), float(lambda_max_s)) > 0
+    assert int(hvps) == 3  # the fixed Lanczos steps, and the float64 re-check of the bound
+    with_pyhessian = importlib.util.find_spec("pyhessian") is not None
+    assert (row[-2] != "—") == with_pyhessian  # lambda_max seconds, flatcli / PyHessian
+    assert row[-1] == "—"  # no CUDA: no peak memory

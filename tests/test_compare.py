@@ -7,15 +7,24 @@ Specification:
 - a sharpness difference within tie_sigmas combined uncertainties, or an accuracy
   difference within the binomial standard error of the test accuracies (or a given
   threshold in points), is a tie: agrees=None and the text says "tie";
-- n runs give a verdict for each of the n(n-1)/2 pairs and each shared measure.
+- n runs give a verdict for each of the n(n-1)/2 pairs and each shared measure;
+- compare_checkpoints takes arms (a run, or the runs of several seeds of one setting),
+  judges each run's mean test accuracy over its last epochs (an averaged run: its final
+  accuracy) and refuses an arm whose runs differ in more than their seed
+  (tests/test_seeds.py has the arithmetic of arms and noise).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import statistics
+from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from flatcli import train
 from flatcli.analysis.verdicts import (
     MEASURE_ORDER,
     RunSummary,
@@ -24,9 +33,13 @@ from flatcli.analysis.verdicts import (
     compare,
     verdict,
 )
+from flatcli.cli import app
+from flatcli.config import SharpnessConfig
 from flatcli.curvature.results import Estimate
 from flatcli.errors import UsageError
-from flatcli.workflows.compare import comparison_as_dict
+from flatcli.workflows.compare import compare_checkpoints, comparison_as_dict
+
+LAMBDA_MAX = SharpnessConfig(measures=("lambda_max",), samples=100)
 
 
 def estimate(value, uncertainty=0.0, converged=True):
@@ -228,6 +241,11 @@ def test_measures_are_judged_in_the_documented_order():
     assert "frobenius_normalised" not in MEASURE_ORDER  # no measure of that name exists
 
 
+def one_run(name):
+    """The arm fields of a single run known by its final accuracy alone."""
+    return {"n": 1, "runs": [name], "judged_accuracy": None, "spread": {}}
+
+
 def test_the_comparison_document_is_exact():
     a = run("a", 0.70, {"lambda_max": (2.0, 0.5)}, weight_norm=4.0, test_loss=0.5, test_size=None)
     b = run(
@@ -254,7 +272,13 @@ def test_the_comparison_document_is_exact():
                 "generalisation_gap": pytest.approx(30.0),
                 "weight_norm": 4.0,
                 "test_size": None,
-                "lambda_max": {"value": 2.0, "uncertainty": 0.5, "converged": True},
+                **one_run("a"),
+                "lambda_max": {
+                    "value": 2.0,
+                    "uncertainty": 0.5,
+                    "kind": "bound",
+                    "converged": True,
+                },
             },
             {
                 "name": "b",
@@ -264,7 +288,13 @@ def test_the_comparison_document_is_exact():
                 "generalisation_gap": pytest.approx(25.0),
                 "weight_norm": 2.0,
                 "test_size": None,
-                "lambda_max": {"value": 8.0, "uncertainty": 0.0, "converged": False},
+                **one_run("b"),
+                "lambda_max": {
+                    "value": 8.0,
+                    "uncertainty": 0.0,
+                    "kind": "bound",
+                    "converged": False,
+                },
             },
         ],
         "ratios": [
@@ -283,6 +313,9 @@ def test_the_comparison_document_is_exact():
                 "agrees": None,
                 "text": "lambda_max of b did not converge (2 vs 8): not converged, no verdict on flatness.",
                 "converged": False,
+                "accuracy_threshold_points": 1.0,
+                "accuracy_noise": "threshold",
+                "accuracy_noise_counts": (),
             }
         ],
     }
@@ -299,5 +332,72 @@ def test_the_comparison_document_is_exact():
         "generalisation_gap",
         "weight_norm",
         "test_size",
+        "n",
+        "runs",
+        "judged_accuracy",
+        "spread",
         "lambda_max",
     ]
+
+
+@pytest.fixture
+def trained(make_config):
+    """``trained("sgd-s0", seed=0, l2=...)``: a tiny logistic regression run in ./NAME."""
+
+    def make(name, **options):
+        options = {"epochs": 4, "train_samples": 200, **options}
+        return train(make_config(out=Path(name), **options)).run_dir
+
+    return make
+
+
+def _epochs(run_dir, last=5):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["test_accuracy"] for r in rows][-last:]
+
+
+def test_arms_of_seeds_are_judged_on_their_mean_over_the_last_epochs(trained):
+    sgd = [trained(f"sgd-s{seed}", seed=seed) for seed in (0, 1)]
+    l2 = [trained(f"l2-s{seed}", seed=seed, l2=0.05) for seed in (0, 1)]
+    result = compare_checkpoints([sgd, l2], LAMBDA_MAX, last_epochs=3)
+    a, b = result.runs
+    assert (a.name, a.runs, b.name, b.runs) == (
+        "sgd",
+        ("sgd-s0", "sgd-s1"),
+        "l2",
+        ("l2-s0", "l2-s1"),
+    )
+    # each run: the mean of its last 3 epochs; the arm: the mean over its seeds
+    means = [statistics.fmean(_epochs(run, last=3)) for run in sgd]
+    assert a.accuracy is not None and a.accuracy.value == pytest.approx(statistics.fmean(means))
+    assert a.spread["judged_accuracy"].sd == pytest.approx(statistics.stdev(means))
+    assert a.accuracy.source == "seeds" and a.seeds == 2
+    (v,) = result.verdicts
+    assert v.accuracy_noise in ("seeds", "binomial", "seeds+binomial", "binomial+seeds")
+    assert v.accuracy_difference_points == pytest.approx(
+        100 * (b.judged_accuracy - a.judged_accuracy)
+    )
+
+
+def test_one_run_is_judged_on_its_last_epochs_and_an_averaged_run_on_its_final_model(trained):
+    plain = trained("sgd")
+    averaged = trained("avg", average_from=2)
+    a, b = compare_checkpoints([plain, averaged], LAMBDA_MAX).runs
+    assert a.accuracy is not None and (a.accuracy.source, a.accuracy.count) == ("epochs", 4)
+    assert a.accuracy.value == pytest.approx(statistics.fmean(_epochs(plain)))
+    assert a.accuracy.noise == pytest.approx(statistics.stdev(_epochs(plain)))
+    # the history is of the live iterate, never of the averaged model that was saved
+    assert b.accuracy is not None and b.accuracy.source == "binomial"
+    assert b.accuracy.value == b.test_accuracy and b.accuracy.count == b.test_size
+
+
+def test_runs_of_one_arm_must_differ_in_their_seed_alone(trained):
+    sgd, l2 = trained("sgd-s0"), trained("l2-s1", seed=1, l2=0.05)
+    with pytest.raises(UsageError, match="sgd-s0 has l2 0.0, l2-s1 has l2 0.05"):
+        compare_checkpoints([[sgd, l2], sgd], LAMBDA_MAX)
+    with pytest.raises(UsageError, match="the same training"):
+        compare_checkpoints([[sgd, sgd], l2], LAMBDA_MAX)
+    result = CliRunner().invoke(app, ["compare", f"{sgd},{l2}", str(sgd)])
+    assert result.exit_code == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: runs of one arm must differ only in their seed: sgd-s0 has l2")

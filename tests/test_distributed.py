@@ -163,7 +163,8 @@ def test_two_processes_measure_what_one_measures_and_rank_0_alone_writes(run_dir
     assert json.loads((run_dir / "sharpness.json").read_text())["entries"].keys() == entries.keys()
     for name in ("lambda_max", "trace"):
         assert close(two[name]["value"], one[name]["value"]), name
-    assert close(two["loss"], one["loss"], 1e-10) and two["accuracy"] == one["accuracy"]
+    assert close(two["split_loss"], one["split_loss"], 1e-10)
+    assert two["split_accuracy"] == one["split_accuracy"]
     peak = max(one["density"]["values"])
     assert all(
         abs(a - b) <= 1e-6 * peak

@@ -15,6 +15,7 @@ from flatcli.analysis.verdicts import RunSummary, compare
 from flatcli.config import DemoConfig
 from flatcli.curvature.results import Estimate
 from flatcli.errors import UsageError
+from flatcli.report.schema import ENVELOPE_KEYS
 from flatcli.report.text import demo_as_dict, rank_as_dict, rank_fields
 from flatcli.workflows.compare import comparison_as_dict, comparison_fields
 from flatcli.workflows.demo import DemoResult
@@ -128,7 +129,7 @@ def test_the_compare_and_rank_documents_end_with_the_record():
     x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
     report = rank_report(model, x, y, 3)
     rank_doc = rank_as_dict(report, record)
-    assert list(rank_doc) == [*rank_fields(report), "provenance"]
+    assert list(rank_doc) == [*ENVELOPE_KEYS, *rank_fields(report), "provenance"]
     assert list(rank_doc)[-2:] == ["statement", "provenance"] and rank_doc["provenance"] == record
 
     demo = DemoResult(

@@ -292,7 +292,10 @@ def test_rank_report_of_logreg_is_exact_and_its_document_carries_the_statement(r
     doc = rank_as_dict(report)
     assert (doc["paper_bound"], doc["numerical_rank"], doc["ggn_rank"]) == (585, 585, 585)
     assert doc["exact"] is True and doc["linear_model"] is True
-    assert doc["effective_rank"] == {f"{k:g}": v for k, v in report.measured.effective_rank.items()}
+    assert doc["effective_rank"] == [
+        {"fraction": k, "value": v, "uncertainty": 0.0, "kind": "exact", "converged": True}
+        for k, v in report.measured.effective_rank.items()
+    ]
     assert doc["statement"] == rank_statement(report.bound, report.measured, True)
     assert list(doc)[-2:] == ["statement", "provenance"]
 
@@ -305,9 +308,15 @@ def test_rank_report_estimates_above_max_params(random_data):
     assert report.measured.num_params == sum(p.numel() for p in model.parameters())
     doc = rank_as_dict(report)
     assert doc["exact"] is False and doc["numerical_rank"] is None and doc["ggn_rank"] is None
-    assert doc["effective_rank"] == {
-        "0.01": {"value": report.measured.value, "stderr": report.measured.stderr}
-    }
+    assert doc["effective_rank"] == [
+        {
+            "fraction": 0.01,
+            "value": report.measured.value,
+            "uncertainty": report.measured.stderr,
+            "kind": "stderr",
+            "converged": False,  # a standard error of RANK_PROBES = 8 < MIN_SAMPLES probes
+        }
+    ]
 
 
 def _measured(rank, ggn):

@@ -63,11 +63,14 @@ def test_iterative_measures_agree_with_the_dense_float64_hessian(runs, name):
     doc = json.loads(result.stdout)
     assert doc["lambda_max"]["value"] == pytest.approx(float(eigs[-1]), rel=1e-6)
     assert abs(doc["lambda_min"]["value"] - float(eigs[0])) <= 1e-6 * float(eigs.abs().max())
-    assert abs(doc["trace"]["value"] - float(eigs.sum())) <= 4 * doc["trace"]["stderr"]
+    assert abs(doc["trace"]["value"] - float(eigs.sum())) <= 4 * doc["trace"]["uncertainty"]
     fro = float(eigs.pow(2).sum().sqrt())
-    assert abs(doc["frobenius"]["value"] - fro) <= 4 * doc["frobenius"]["stderr"] + 1e-9 * fro
+    assert abs(doc["frobenius"]["value"] - fro) <= 4 * doc["frobenius"]["uncertainty"] + 1e-9 * fro
     assert doc["spectral_norm"]["value"] == pytest.approx(float(eigs.abs().max()), rel=1e-6)
     assert list(doc) == [  # the document's layout, in order
+        "schema_version",
+        "flatcli_version",
+        "command",
         "checkpoint",
         "dataset",
         "split",
@@ -78,8 +81,8 @@ def test_iterative_measures_agree_with_the_dense_float64_hessian(runs, name):
         "dtype",
         "device",
         "seed",
-        "loss",
-        "accuracy",
+        "split_loss",
+        "split_accuracy",
         "weight_norm",
         "include_l2",
         "exact",
@@ -94,8 +97,8 @@ def test_iterative_measures_agree_with_the_dense_float64_hessian(runs, name):
         "cached",
         "provenance",
     ]
-    assert list(doc["lambda_max"]) == ["value", "bound", "converged"]
-    assert list(doc["trace"]) == ["value", "stderr", "converged"]
+    assert list(doc["lambda_max"]) == ["value", "uncertainty", "kind", "converged"]
+    assert (doc["lambda_max"]["kind"], doc["trace"]["kind"]) == ("bound", "stderr")
     assert (doc["dataset"], doc["split"], doc["curvature"], doc["bn_mode"]) == (
         "digits",
         "train",
@@ -127,14 +130,14 @@ def test_target_stderr_adds_probes_until_both_estimates_meet_it(runs):
     result = runner.invoke(app, base + ["--target-stderr", "0.05"])
     doc = json.loads(result.stdout)
     assert (
-        plain["trace"]["stderr"] > 0.05 * plain["trace"]["value"]
+        plain["trace"]["uncertainty"] > 0.05 * plain["trace"]["value"]
     )  # 30 products are not enough ...
-    assert doc["trace"]["stderr"] <= 0.05 * doc["trace"]["value"]  # ... so more were added
+    assert doc["trace"]["uncertainty"] <= 0.05 * doc["trace"]["value"]  # ... so more were added
     assert (
-        doc["frobenius"]["stderr"] <= 0.05 * doc["frobenius"]["value"]
+        doc["frobenius"]["uncertainty"] <= 0.05 * doc["frobenius"]["value"]
         and doc["hvps"] > plain["hvps"]
     )
-    assert abs(doc["trace"]["value"] - float(eigs.sum())) <= 4 * doc["trace"]["stderr"]
+    assert abs(doc["trace"]["value"] - float(eigs.sum())) <= 4 * doc["trace"]["uncertainty"]
     assert "note:" not in result.stderr
     capped = runner.invoke(app, base + ["--target-stderr", "0.001"])  # beyond 10 x 30 products
     assert (
@@ -171,7 +174,8 @@ def test_exact_mode_equals_dense_eigenvalues(runs, name):
     doc = json.loads(result.stdout)
     assert doc["lambda_max"] == {
         "value": pytest.approx(float(eigs[-1]), rel=1e-9),
-        "bound": 0.0,
+        "uncertainty": 0.0,
+        "kind": "exact",
         "converged": True,
     }
     assert doc["trace"]["value"] == pytest.approx(float(eigs.sum()), rel=1e-9)
@@ -236,7 +240,7 @@ def test_results_are_cached_in_the_run_directory_by_settings(runs):
     cache = json.loads((runs / "mlp" / "sharpness.json").read_text())["entries"]
     assert any('"samples": 200' in key for key in cache)
     second = json.loads(runner.invoke(app, args).stdout)
-    cost = ("hvps", "seconds", "cached")
+    cost = ("hvps", "seconds", "cached", "provenance")  # provenance: each call's own time
     assert {k: v for k, v in second.items() if k not in cost} == {
         k: v for k, v in first.items() if k not in cost
     }

@@ -23,13 +23,21 @@ import flatcli.workflows.data
 from flatcli import build_model, load_dataset, save_checkpoint
 from flatcli.analysis.measures import measure
 from flatcli.cli import app
+from flatcli.cli.progress import PREFIX
 from flatcli.config import SharpnessConfig
 from flatcli.errors import CheckpointError, DataError, NonFiniteError, UsageError
-from flatcli.workflows.cache import CACHE_FILE, ResultCache, cache_file
+from flatcli.workflows.cache import CACHE_FILE, CACHE_FORMAT, ResultCache, cache_file
 from flatcli.workflows.sharpness import load_point, sharpness
 from flatcli.workflows.source import CheckpointSource
 
 runner = CliRunner()
+
+
+def said(stderr: str) -> list[str]:
+    """The lines of ``stderr`` other than progress (``flatcli: TASK ...``, one per task in a log)."""
+    return [line for line in stderr.strip().splitlines() if not line.startswith(PREFIX)]
+
+
 sharpness_module = importlib.import_module(
     "flatcli.workflows.sharpness"
 )  # flatcli.sharpness is also a function
@@ -238,13 +246,15 @@ def test_the_cli_says_a_cache_hit(run):
     ]
     first = runner.invoke(app, args)
     assert (
-        first.exit_code == 0 and json.loads(first.stdout)["cached"] is False and first.stderr == ""
+        first.exit_code == 0
+        and json.loads(first.stdout)["cached"] is False
+        and not said(first.stderr)
     )
     second = runner.invoke(app, args)
     assert second.exit_code == 0 and json.loads(second.stdout)["cached"] is True
     assert second.stderr.strip() == f"cached result from {run / CACHE_FILE}; --no-cache recomputes"
     third = runner.invoke(app, args + ["--no-cache"])
-    assert json.loads(third.stdout)["cached"] is False and third.stderr == ""
+    assert json.loads(third.stdout)["cached"] is False and not said(third.stderr)
     table = runner.invoke(app, args[:-1])
     assert (
         table.exit_code == 0 and "cached result from" in table.stderr and "lambda" in table.stdout
@@ -252,9 +262,12 @@ def test_the_cli_says_a_cache_hit(run):
     more = runner.invoke(app, args[:3] + ["trace,lambda_max"] + args[4:])
     assert more.exit_code == 0, more.stderr
     assert json.loads(more.stdout)["cached_measures"] == ["lambda_max"]
-    assert more.stderr.strip() == (
+    assert said(more.stderr) == [
         f"cached lambda_max from {run / CACHE_FILE} (the rest measured now); --no-cache recomputes"
-    )
+    ]
+    assert [line.split(" ")[1] for line in more.stderr.splitlines() if line.startswith(PREFIX)] == [
+        "trace"  # measured now: lambda_max, read from the cache, is not said to be measured
+    ]
 
 
 # --- 2. concurrent writers ---------------------------------------------------------------
@@ -308,7 +321,7 @@ def test_a_cache_that_cannot_be_written_costs_one_warning_not_the_result(run, mo
     )
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["trace"]["value"] > 0
-    lines = result.stderr.strip().splitlines()
+    lines = said(result.stderr)
     assert len(lines) == 1 and "warning:" in lines[0] and "could not write" in lines[0]
     assert not (run / CACHE_FILE).exists()
 
@@ -326,7 +339,7 @@ def test_a_lock_file_that_cannot_be_opened_costs_one_warning(run):
         b"[]",
         b'{"entries": [1, 2]}',
         b'{"entries": {"k": 3}}',
-        b'{"format": 2, "entries": {"k": "v"}}',
+        b'{"format": %d, "entries": {"k": "v"}}' % CACHE_FORMAT,
         b"\xff\xfe\x00garbage",
         b"",
         b'"a string"',
@@ -350,10 +363,10 @@ def test_a_corrupt_cache_is_read_as_empty_and_replaced(run, content, no_cache):
     result = runner.invoke(app, args + (["--no-cache"] if no_cache else []))
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["cached"] is False
-    lines = result.stderr.strip().splitlines()
+    lines = said(result.stderr)
     assert len(lines) == 1 and "corrupt" in lines[0]
     doc = json.loads((run / CACHE_FILE).read_text())  # rewritten, valid, with the result
-    assert doc["format"] == 2 and len(doc["entries"]) == 1
+    assert doc["format"] == CACHE_FORMAT and len(doc["entries"]) == 1
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and json.loads(again.stdout)["cached"] is True
 
@@ -556,7 +569,7 @@ def test_a_scale_that_overflows_is_one_line_before_measuring(tmp_path, monkeypat
         ],
     )
     assert ok.exit_code == 0, ok.stderr
-    assert [point["scale"] for point in json.loads(ok.stdout)] == [0.5, 2.0]
+    assert [point["scale"] for point in json.loads(ok.stdout)["rows"]] == [0.5, 2.0]
 
 
 def test_plot_and_density_out_do_not_apply_to_a_sweep(run):

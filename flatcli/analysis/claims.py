@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from flatcli.analysis.rank import MeasuredRank, RankReport
 from flatcli.analysis.sweep import SweepRow
-from flatcli.analysis.verdicts import Comparison
+from flatcli.analysis.verdicts import Comparison, Verdict
 
 __all__ = [
     "CONTRAST_CLAIMS",
@@ -49,21 +49,47 @@ class Claim:
     evidence: str
 
 
+#: How each accuracy noise is named in a claim's evidence, given its count.
+_NOISE_SHORT = {
+    "seeds": "{n} seeds",
+    "epochs": "last {n} epochs",
+    "binomial": "binomial",
+    "threshold": "fixed",
+}
+
+
+def _noise_words(v: Verdict, seeds: int) -> str:
+    """``noise 0.6 pts, 3 seeds``: the pair's accuracy tie threshold and what it rests on
+    (and, for arms of ``seeds`` > 1 runs whose noise is another, how many seeds).
+    """
+    sources = v.accuracy_noise.split("+")
+    counts = v.accuracy_noise_counts or (0,) * len(sources)
+    if len(sources) == 1 and len(set(counts)) > 1 and sources[0] == "seeds":
+        how = f"{'/'.join(str(n) for n in counts)} seeds"
+    else:
+        how = "/".join(_NOISE_SHORT[s].format(n=n) for s, n in zip(sources, counts, strict=False))
+    if seeds > 1 and "seeds" not in how:
+        how += f"; {seeds} seeds"
+    return f"noise {v.accuracy_threshold_points:.1f} pts, {how}"
+
+
 def pair_claim(model: str, comparison: Comparison, claim: str) -> Claim:
     """Claim 'B is sharper (lambda_max) than A yet generalises better' on one pair.
 
     Read from the pair's lambda_max verdict: held when B is sharper beyond the tie and
     generalises better beyond the tie; inconclusive when the accuracies tie or lambda_max
-    did not converge; not held otherwise.
+    did not converge; not held otherwise. The runs may be arms of several seeds (their
+    means); the accuracies are those the verdict judged, and the evidence (one short line)
+    says which noise their tie rests on (:func:`flatcli.analysis.verdicts.accuracy_tie`).
     """
     v = next(v for v in comparison.verdicts if v.measure == "lambda_max")
     a, b = comparison.runs
     sharper = "tie" if v.sharpness_tie else ("B" if v.sharpness_ratio > 1 else "A")
     better = "tie" if v.accuracy_tie else ("B" if v.accuracy_difference_points > 0 else "A")
     evidence = (
-        f"lambda_max {a.measures['lambda_max'].value:.4g} -> {b.measures['lambda_max'].value:.4g} "
-        f"({v.sharpness_ratio:.2f}x), ||w|| {a.weight_norm:.3g} -> {b.weight_norm:.3g}, test accuracy "
-        f"{a.test_accuracy:.2%} -> {b.test_accuracy:.2%}"
+        f"lambda_max {a.measures['lambda_max'].value:.3g} -> {b.measures['lambda_max'].value:.3g} "
+        f"({v.sharpness_ratio:.3g}x), test acc {a.judged_accuracy:.1%} -> "
+        f"{b.judged_accuracy:.1%} ({_noise_words(v, max(a.seeds, b.seeds))})"
     )
     if not v.converged:  # no bound to call a difference by
         return Claim(

@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from flatcli.analysis.finite_weights import non_finite_tensors, require_finite_weights
+from flatcli.analysis.progress import ProgressCallback, Task, scoped
 from flatcli.analysis.scale import adaptive_sharpness, relative_flatness
 from flatcli.analysis.sharpness_report import (
     Density,
@@ -96,6 +97,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: What shared work returns: one estimate, both ends of a spectrum or trace and norm, or
 #: a density; each carries the products it spent.
 _Work = TypeVar("_Work", Estimate, tuple[Estimate, Estimate], SpectralDensity)
+_R = TypeVar("_R")
 
 
 class MeasureContext:
@@ -118,9 +120,15 @@ class MeasureContext:
         targets: torch.Tensor | None,
         closed_form: bool,
         status: Callable[[str], None] | None = None,
+        progress: ProgressCallback | None = None,
     ) -> None:
         self.op, self.config, self.model = op, config, model
         self.status = status
+        self.progress = progress
+        # the task now running, which hears the operator's data passes (one call each)
+        self._task: Task | None = None
+        if progress is not None:
+            op.progress = self._passed
         self.inputs, self.targets = inputs, targets
         self.closed_form = closed_form
         self._spectrum: torch.Tensor | None = None
@@ -148,15 +156,26 @@ class MeasureContext:
             self._reading[-1] |= self._reads[name]
         return self._results[name]
 
-    def shared(self, key: str, compute: Callable[[], _Work]) -> _Work:
+    def shared(
+        self,
+        key: str,
+        compute: Callable[[], _Work],
+        *,
+        task: str | None = None,
+        total: int | None = None,
+        unit: str = "HVPs",
+        up_to: bool = False,
+    ) -> _Work:
         """``compute()``, run once per ``key``; its products and readers are recorded.
 
         The products are the result's own ``hvps`` (a pair's are those of its one run),
         which include those of a float64 copy of the operator (the Lanczos re-check) that
-        ``op.hvps`` does not see.
+        ``op.hvps`` does not see. While it runs, the progress callback hears the task
+        ``task`` (default ``key``) counted in this operator's products, of ``total``
+        planned (see :meth:`counted`).
         """
         if key not in self._work:
-            result = compute()
+            result = self.counted(task or key, compute, total=total, unit=unit, up_to=up_to)
             self._work[key] = result
             self._cost[key] = result[0].hvps if isinstance(result, tuple) else result.hvps
         if self._reading:
@@ -192,6 +211,34 @@ class MeasureContext:
                 results[name] = replace(result, hvps=hvps)
         return results
 
+    def counted(
+        self,
+        task: str,
+        compute: Callable[[], _R],
+        *,
+        total: int | None = None,
+        unit: str = "HVPs",
+        up_to: bool = False,
+    ) -> _R:
+        """``compute()`` as the progress task ``task``: ``total`` units planned (``up_to``:
+        at most), counted in this operator's products from now on (one tick per data
+        pass; a Lanczos step is one product). The last tick says what was done.
+        """
+        if self.progress is None:
+            return compute()
+        self._task = Task(self.progress, task, total, unit=unit, up_to=up_to, start=self.op.hvps)
+        try:
+            result = compute()
+            self._task.finish()
+        finally:
+            self._task = None
+        return result
+
+    def _passed(self, hvps: int) -> None:
+        """The operator's progress callback: its running count, to the task now running."""
+        if self._task is not None:
+            self._task.update(hvps)
+
     def say(self, text: str) -> None:
         """Pass the current estimate to the ``status`` callback (a progress display)."""
         if self.status is not None:
@@ -224,15 +271,26 @@ class MeasureContext:
                 if self.closed_form
                 else None
             )
-            self._spectrum = (
-                exact_spectrum(self.op) if h is None else torch.linalg.eigvalsh(h.cpu())
-            )
+            if h is None:  # the dense matrix, one column per product: P of them
+                self._spectrum = self.counted(
+                    "exact spectrum", lambda: exact_spectrum(self.op), total=self.op.num_params
+                )
+            else:  # no product of this operator
+                Task(self.progress, "exact spectrum", None).finish(note="closed form")
+                self._spectrum = torch.linalg.eigvalsh(h.cpu())
         return self._spectrum
+
+    def lanczos_steps(self) -> int:
+        """The most steps (one product each) a Lanczos run may take: ``max_iter``, capped at P."""
+        return min(self.config.max_iter, self.op.num_params)
 
     def trace_and_norm(self) -> tuple[Estimate, Estimate]:
         """Tr H and ||H||_F from ONE block Krylov Hutch++ run (the same products)."""
         c = self.config
         targets = tuple(m for m in ("trace", "frobenius") if m in c.measures)
+        # the budget: probes products, or up to 10 x probes with a target (trace.py's
+        # default max_hvps); a Krylov space that fills all P dimensions stops sooner
+        adaptive = c.target_stderr is not None
         return self.shared(
             "trace_and_norm",
             lambda: trace_and_frobenius(
@@ -242,6 +300,9 @@ class MeasureContext:
                 target_rel_stderr=c.target_stderr,
                 targets=targets or ("trace", "frobenius"),
             ),
+            task=", ".join(targets) or "trace",
+            total=10 * c.probes if adaptive else c.probes,
+            up_to=adaptive or self.op.num_params < c.probes,
         )
 
     def extremes(self) -> tuple[Estimate, Estimate]:
@@ -256,6 +317,10 @@ class MeasureContext:
                 seed=c.seed,
                 callback=self.lanczos_callback("lambda_min, lambda_max"),
             ),
+            task="lambda_min, lambda_max",
+            total=self.lanczos_steps(),
+            unit="Lanczos steps",
+            up_to=True,
         )
 
 
@@ -285,6 +350,9 @@ def _spectrum_end(ctx: MeasureContext, name: str) -> Estimate:
         lambda: run(
             ctx.op, tol=c.tol, max_iter=c.max_iter, seed=c.seed, callback=ctx.lanczos_callback(name)
         ),
+        total=ctx.lanczos_steps(),
+        unit="Lanczos steps",
+        up_to=True,
     )
 
 
@@ -325,6 +393,9 @@ def _density(ctx: MeasureContext) -> Density:
             iterations=c.density_iterations,
             seed=c.seed + DENSITY_SEED_OFFSET,
         ),
+        # K probes x m steps; a probe whose Krylov space is invariant stops sooner
+        total=c.density_probes * min(c.density_iterations, ctx.op.num_params),
+        up_to=True,
     )
     return Density(est.grid.tolist(), est.values.tolist())
 
@@ -344,6 +415,7 @@ def _normalised(base: str) -> Callable[[MeasureContext], Estimate]:
 
 def _adaptive_sharpness(ctx: MeasureContext) -> Estimate:
     c = ctx.config
+    task = Task(ctx.progress, "adaptive_sharpness", c.sharpness_samples, unit="samples")
     est = adaptive_sharpness(
         ctx.model,
         ctx.inputs,
@@ -354,6 +426,7 @@ def _adaptive_sharpness(ctx: MeasureContext) -> Estimate:
         logit_normalise=c.logit_normalise,
         batch_size=ctx.op.batch_size,
     )
+    task.finish(c.sharpness_samples)
     return Estimate(
         value=est.value,
         uncertainty=est.stderr,
@@ -396,7 +469,7 @@ def measure(
     config: SharpnessConfig | None = None,
     *,
     l2: float = 0.0,
-    progress: Callable[[int], None] | None = None,
+    progress: ProgressCallback | None = None,
     status: Callable[[str], None] | None = None,
     checkpoint: str | None = None,
     dataset: str | None = None,
@@ -413,7 +486,10 @@ def measure(
     needs the inputs in memory: with a stream the dense matrix comes from the operator.
 
     ``l2`` is the coupled-L2 coefficient added as ``l2 * I`` when ``config.include_l2``.
-    ``progress`` gets the HVPs done after each data pass, ``status`` the current
+    ``progress`` hears a :class:`~flatcli.analysis.progress.Tick` per data pass of the
+    task running (each piece of shared work, with the products it plans: Lanczos steps
+    up to ``max_iter``, the Hutch++ budget, SLQ probes x iterations, the P columns of a
+    dense matrix; each layer's block with ``per_layer``), ``status`` the current
     estimate as text (each Lanczos step, each finished measure).
     The model's device decides where the work runs; ``config.dtype`` its precision.
 
@@ -446,12 +522,12 @@ def measure(
     if isinstance(source, TensorData):
         data, labels = source.inputs, source.targets
     coeff = l2 if config.include_l2 else 0.0
-    x_part, y_part, op_settings = _operator_settings(model, data, labels, config, coeff, progress)
+    x_part, y_part, op_settings = _operator_settings(model, data, labels, config, coeff)
     op = CurvatureOperator(model, x_part, y_part, **op_settings)
     closed_form = (
         config.exact and config.curvature == "hessian" and single_linear(model) is not None
     )
-    ctx = MeasureContext(op, config, model, data, labels, closed_form, status)
+    ctx = MeasureContext(op, config, model, data, labels, closed_form, status, progress)
     loss, accuracy = op.loss_and_accuracy()
     if not math.isfinite(loss):  # e.g. logits that overflow float32: every HVP would be NaN
         raise NonFiniteError(
@@ -468,13 +544,25 @@ def measure(
     layers: list[LayerReport] = []
     hvps = op.hvps
     if config.per_layer:
-        for name, names in parameter_groups(model).items():
+        groups = parameter_groups(model)
+        blocks = Task(progress, "per-layer blocks", len(groups), unit="layers")
+        for name, names in groups.items():
             sub = CurvatureOperator(model, x_part, y_part, param_names=names, **op_settings)
-            sub_ctx = MeasureContext(sub, config, model, data, labels, closed_form=False)
+            sub_ctx = MeasureContext(
+                sub,
+                config,
+                model,
+                data,
+                labels,
+                closed_form=False,
+                progress=scoped(progress, f"layer {name}"),
+            )
             wanted = [m for m in config.measures if m in PER_LAYER]
             layer = sub_ctx.results(wanted, with_spectral_norm=False)
             layers.append(LayerReport(name, tuple(names), sub.num_params, layer))
             hvps += sub.hvps
+            blocks.update(len(layers))
+        blocks.finish()
     # samples measured: op.num_samples counts each process's part, which is all of the tensors on
     # every process when they are not sharded (bn_mode "full", fewer samples than processes)
     n_measured = len(labels) if isinstance(labels, torch.Tensor) else op.num_samples
@@ -515,7 +603,6 @@ def _operator_settings(
     targets: torch.Tensor | None,
     config: SharpnessConfig,
     l2: float,
-    progress: Callable[[int], None] | None,
 ) -> tuple[torch.Tensor | DataSource, torch.Tensor | None, dict[str, Any]]:
     """This process's part of the data and the operator's settings for ``config``.
 
@@ -548,7 +635,6 @@ def _operator_settings(
         bn_mode=config.bn_mode,
         l2=l2,
         dtype=dtype,
-        progress=progress,
         **bounded,
     )
     return x_part, y_part, settings

@@ -52,6 +52,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor, nn
 
+from flatcli.analysis.progress import ProgressCallback, Task
 from flatcli.config import (
     RANK_FRACTION,
     RANK_FRACTIONS,
@@ -64,6 +65,8 @@ from flatcli.curvature.density import slq_density
 from flatcli.curvature.exact import exact_spectrum, is_flatcli_logreg, unhooked
 from flatcli.curvature.linalg import mean_and_stderr
 from flatcli.curvature.operator import CurvatureOperator, memory_bounded
+from flatcli.curvature.results import Estimate
+from flatcli.curvature.trace import MIN_SAMPLES
 from flatcli.distributed import my_shard
 from flatcli.errors import TooLargeError, UsageError
 from flatcli.models import LayerInfo, layer_fan_ins
@@ -270,6 +273,7 @@ def measured_rank(
     threshold: float | None = None,
     fractions: Sequence[float] = RANK_FRACTIONS,
     max_params: int = RANK_MAX_PARAMS,
+    progress: ProgressCallback | None = None,
 ) -> MeasuredRank:
     """Exact Hessian and GGN ranks of the mean cross-entropy on ``(inputs, targets)``.
 
@@ -284,6 +288,7 @@ def measured_rank(
         fractions: fractions of max |lambda| for the effective ranks.
         max_params: refuse (:class:`TooLargeError`) above this P: the dense matrices
             take 3 * 8 P^2 bytes and P data passes.
+        progress: hears the tasks ``dense hessian`` and ``dense ggn``, P products each.
     """
     check_rank_options(threshold=threshold)
     p = sum(t.numel() for t in model.parameters())
@@ -306,7 +311,11 @@ def measured_rank(
         op = CurvatureOperator(
             model, inputs[part], targets[part], curvature=curvature, dtype=torch.float64
         )
-        return exact_spectrum(op, max_bytes=need)
+        task = Task(progress, f"dense {curvature}", op.num_params)
+        op.progress = task.update
+        eigenvalues = exact_spectrum(op, max_bytes=need)
+        task.finish()
+        return eigenvalues
 
     h_eigs, g_eigs = spectrum("hessian"), spectrum("ggn")
     rel = default_rank_threshold(p) if threshold is None else float(threshold)
@@ -537,7 +546,17 @@ class RankReport:
     is_linear: bool
 
     def as_dict(self) -> dict[str, object]:
-        """The numbers as JSON (:func:`flatcli.report.text.rank_as_dict` adds the statement)."""
+        """The numbers as JSON (:func:`flatcli.report.text.rank_as_dict` adds the statement).
+
+        ``effective_rank`` has one shape whatever the mode: a list of estimate objects, one
+        per fraction, ``{fraction, value, uncertainty, kind, converged}`` (the ``estimate``
+        of :mod:`flatcli.report.schema` with its fraction). An exact rank has kind
+        ``"exact"`` and uncertainty 0; an SLQ estimate kind ``"stderr"``, its standard error
+        (NaN with one probe), and ``converged`` false when that rests on fewer than
+        :data:`~flatcli.curvature.trace.MIN_SAMPLES` probes or is not finite, as for every
+        standard error (:class:`~flatcli.curvature.results.Estimate`). ``ggn_effective_rank``
+        (exact mode only) has the same shape.
+        """
         b, m = self.bound, self.measured
         doc: dict[str, object] = {
             "num_params": b.num_params,
@@ -561,8 +580,8 @@ class RankReport:
                     "threshold": m.threshold,
                     "numerical_rank": m.numerical_rank,
                     "ggn_rank": m.ggn_rank,
-                    "effective_rank": {f"{k:g}": v for k, v in m.effective_rank.items()},
-                    "ggn_effective_rank": {f"{k:g}": v for k, v in m.ggn_effective_rank.items()},
+                    "effective_rank": _exact_ranks(m.effective_rank),
+                    "ggn_effective_rank": _exact_ranks(m.ggn_effective_rank),
                 }
             )
         else:
@@ -570,10 +589,29 @@ class RankReport:
                 {
                     "numerical_rank": None,
                     "ggn_rank": None,
-                    "effective_rank": {f"{m.fraction:g}": {"value": m.value, "stderr": m.stderr}},
+                    "effective_rank": [
+                        {
+                            "fraction": m.fraction,
+                            **Estimate(
+                                value=m.value,
+                                uncertainty=m.stderr,
+                                kind="stderr",
+                                converged=math.isfinite(m.stderr) and m.probes >= MIN_SAMPLES,
+                                samples=m.probes,
+                            ).as_dict(),
+                        }
+                    ],
                 }
             )
         return doc
+
+
+def _exact_ranks(ranks: dict[float, int]) -> list[dict[str, object]]:
+    """Exact effective ranks as JSON: one estimate object of kind ``"exact"`` per fraction."""
+    return [
+        {"fraction": f, **Estimate(value=r, uncertainty=0.0, kind="exact").as_dict()}
+        for f, r in ranks.items()
+    ]
 
 
 def check_rank_options(
@@ -612,13 +650,15 @@ def rank_report(
     iterations: int = RANK_ITERATIONS,
     seed: int = RANK_SEED,
     max_params: int = RANK_MAX_PARAMS,
+    progress: ProgressCallback | None = None,
 ) -> RankReport:
     """Bound and rank of ``model``'s Hessian on the data.
 
     Exact (:func:`measured_rank`) when P <= ``max_params`` or when ``exact`` is True
     (then up to twice :data:`~flatcli.config.RANK_MAX_PARAMS`), else an SLQ estimate of the effective
     rank (:func:`estimated_rank`). Every option is checked (:func:`check_rank_options`)
-    before anything is computed.
+    before anything is computed. ``progress`` hears the dense matrices' products
+    (:func:`measured_rank`) or the SLQ run's (``probes`` x ``iterations`` at most).
     """
     check_rank_options(threshold=threshold, fraction=fraction, probes=probes, iterations=iterations)
     bound = rank_bound(model, num_classes, len(targets))
@@ -627,13 +667,19 @@ def rank_report(
         max_params = max(max_params, 2 * RANK_MAX_PARAMS)
     if use_exact:
         measured: MeasuredRank | RankEstimate = measured_rank(
-            model, inputs, targets, threshold=threshold, max_params=max_params
+            model, inputs, targets, threshold=threshold, max_params=max_params, progress=progress
         )
     else:
         part = my_shard(len(targets))  # torchrun: this process's samples
         op = CurvatureOperator(
             model, inputs[part], targets[part], **memory_bounded(model, inputs[part])
         )
+        # K probes x m steps; a probe whose Krylov space is invariant stops sooner
+        task = Task(
+            progress, "SLQ rank estimate", probes * min(iterations, op.num_params), up_to=True
+        )
+        op.progress = task.update
         density = slq_density(op, probes=probes, iterations=iterations, seed=seed)
+        task.finish()
         measured = estimated_rank(density, bound.num_params, fraction)
     return RankReport(bound, measured, is_linear_model(model, inputs))

@@ -1,21 +1,27 @@
 """What ``flatcli sharpness`` measured at one point in weight space, and its JSON.
 
-A :class:`SharpnessReport` holds the point (data, settings, loss, accuracy, ||w||), one
+A :class:`SharpnessReport` holds the point (data, settings, the loss and accuracy on the
+measured ``split``, ||w||), one
 result per measure (an :class:`~flatcli.curvature.results.Estimate`, or a
 :class:`Density` for the spectral density), optionally the same per layer
 (:class:`LayerReport`), and the Hessian-vector products spent. :meth:`SharpnessReport.as_dict`
-is the JSON document of ``flatcli sharpness --json`` and of the ``sharpness.json`` cache;
-:meth:`SharpnessReport.from_dict` reads it back.
+is the body of the JSON document of ``flatcli sharpness --json`` (the envelope and its
+schema are :mod:`flatcli.report.schema`) and of the ``sharpness.json`` cache;
+:meth:`SharpnessReport.from_dict` reads it back. The loss and accuracy of the point are
+``split_loss`` and ``split_accuracy`` in the JSON: they are on ``split`` (the data the
+matrix is averaged over), never to be read as a run's ``train_accuracy`` or
+``test_accuracy``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from flatcli.config import MEASURE_NAMES
-from flatcli.curvature.results import Estimate
+from flatcli.curvature.results import Estimate, EstimateKind
 
 
 @dataclass(frozen=True)
@@ -108,11 +114,15 @@ class SharpnessReport:
         return bool(self.cached) and set(self.measures) <= set(self.cached)
 
     def to_dict(self) -> dict[str, Any]:
-        """The report as the JSON document of ``flatcli sharpness --json`` (key order included)."""
+        """The report as JSON: :meth:`as_dict`."""
         return self.as_dict()
 
     def as_dict(self) -> dict[str, Any]:
-        """The JSON document: the point, one entry per measure, then layers and costs."""
+        """The body of ``flatcli sharpness --json`` (key order included): the point, one
+        entry per measure (an ``Estimate.as_dict()``, or the density's grid and values),
+        then layers, costs and provenance. :func:`flatcli.report.text.sharpness_as_dict`
+        puts it in the envelope of :mod:`flatcli.report.schema`.
+        """
         head = {
             k: getattr(self, k)
             for k in (
@@ -126,11 +136,11 @@ class SharpnessReport:
                 "dtype",
                 "device",
                 "seed",
-                "loss",
-                "accuracy",
-                "weight_norm",
             )
         }
+        head["split_loss"] = self.loss
+        head["split_accuracy"] = self.accuracy
+        head["weight_norm"] = self.weight_norm
         head["include_l2"] = self.l2
         head["exact"] = self.exact
         head["bn_batch_size"] = self.bn_batch_size
@@ -150,7 +160,9 @@ class SharpnessReport:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SharpnessReport:
-        """Rebuild a report from :meth:`as_dict` (used by the ``sharpness.json`` cache)."""
+        """Rebuild a report from :meth:`as_dict` (used by the ``sharpness.json`` cache), or
+        from the whole document of ``flatcli sharpness --json`` (the envelope is ignored).
+        """
         measures = {
             name: measurement_from_dict(value)
             for name, value in d.items()  # in the document's order (the order asked for)
@@ -176,8 +188,8 @@ class SharpnessReport:
             d["dtype"],
             d["device"],
             d["seed"],
-            d["loss"],
-            d["accuracy"],
+            d["split_loss"],
+            d["split_accuracy"],
             d["weight_norm"],
             d.get("include_l2", 0.0),
             measures,
@@ -191,18 +203,46 @@ class SharpnessReport:
 
 
 def measurement_from_dict(d: dict[str, Any]) -> Measurement:
-    """One measure's result from its JSON form (``as_dict`` of an Estimate or Density)."""
+    """One measure's result from its JSON form (``as_dict`` of an Estimate or Density).
+
+    The form of flatcli 0.2 and earlier (``{value, bound, converged}`` or ``{value,
+    stderr, converged}``) is read too, each key for the kind it named (a zero bound being
+    an exact value), so that a document written then is not misread; anything else is a
+    :class:`ValueError`.
+    """
     if "grid" in d:
         return Density(d["grid"], d["values"])
-    # An entry written before the flag existed cannot say: only an exact value is trusted.
+    # An entry without the flag cannot vouch for itself: only an exact value is trusted.
+    if "kind" in d:
+        if d["kind"] not in get_args(EstimateKind):
+            raise ValueError(f"an estimate of unknown kind {d['kind']!r}")
+        return Estimate(
+            value=float(d["value"]),
+            uncertainty=_number(d["uncertainty"]),
+            kind=d["kind"],
+            converged=d.get("converged", d["kind"] == "exact") is True,
+        )
     converged = d.get("converged", "bound" in d and d["bound"] == 0) is True
     if "stderr" in d:
         return Estimate(
-            value=d["value"], uncertainty=d["stderr"], kind="stderr", converged=converged
+            value=d["value"], uncertainty=_number(d["stderr"]), kind="stderr", converged=converged
         )
-    return Estimate(
-        value=d["value"],
-        uncertainty=d["bound"],
-        kind="bound" if d["bound"] else "exact",
-        converged=converged,
-    )
+    if "bound" in d:
+        return Estimate(
+            value=d["value"],
+            uncertainty=_number(d["bound"]),
+            kind="bound" if d["bound"] else "exact",
+            converged=converged,
+        )
+    raise ValueError(f"not an estimate: keys {sorted(d)}")
+
+
+def _number(uncertainty: object) -> float:
+    """An uncertainty from JSON: a number, ``"inf"`` (infinite) or ``null`` (NaN)."""
+    if uncertainty is None:
+        return math.nan
+    if isinstance(uncertainty, str) and uncertainty == "inf":
+        return math.inf
+    if isinstance(uncertainty, bool) or not isinstance(uncertainty, (int, float)):
+        raise ValueError(f"an uncertainty must be a number, 'inf' or null, not {uncertainty!r}")
+    return float(uncertainty)

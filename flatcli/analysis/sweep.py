@@ -11,13 +11,14 @@ A_i(a) = diag p_i - p_i p_i^T at logits a z_i.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from flatcli.analysis.measures import DTYPES, measure, non_finite_tensors
+from flatcli.analysis.progress import ProgressCallback, Task, scoped
 from flatcli.analysis.scale import scale_weights
 from flatcli.config import SharpnessConfig
 from flatcli.curvature.results import Estimate
@@ -37,11 +38,14 @@ class SweepRow:
     measures: dict[str, Estimate]
 
     def as_dict(self) -> dict[str, object]:
-        """The row as JSON: the numbers, then each measure's ``Estimate.as_dict()``."""
+        """The row as JSON: the factor, the scaled model's ``split_loss`` and
+        ``split_accuracy`` (on the measured split, as in ``flatcli sharpness``), ``||w||``,
+        then each measure's ``Estimate.as_dict()``.
+        """
         return {
             "scale": self.scale,
-            "loss": self.loss,
-            "accuracy": self.accuracy,
+            "split_loss": self.loss,
+            "split_accuracy": self.accuracy,
             "weight_norm": self.weight_norm,
             **{k: v.as_dict() for k, v in self.measures.items()},
         }
@@ -66,9 +70,13 @@ def scaling_sweep(
     config: SharpnessConfig,
     *,
     layers: str = "all",
-    progress: Callable[[int], None] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> list[SweepRow]:
-    """Loss, accuracy and sharpness of ``model`` with its weights scaled by each factor."""
+    """Loss, accuracy and sharpness of ``model`` with its weights scaled by each factor.
+
+    ``progress`` hears the task ``scale sweep`` over the factors (``i/len(scales)``
+    points) and, within each, the measures' own tasks named ``"scale A: ..."``.
+    """
     if layers not in ("all", "last"):
         raise UsageError(f"--scale-layer {layers!r}: use all or last")
     measures = tuple(m for m in config.measures if m in SWEEP_MEASURES) or SWEEP_MEASURES
@@ -84,10 +92,15 @@ def scaling_sweep(
             batch_size=config.batch_size,
         )
     rows = []
+    points = Task(progress, "scale sweep", len(scales), unit="points")
     for a in scales:
         try:
             report = measure(
-                scale_weights(model, a, layers=layers), inputs, targets, config, progress=progress
+                scale_weights(model, a, layers=layers),
+                inputs,
+                targets,
+                config,
+                progress=scoped(progress, f"scale {a:g}"),
             )
         except NonFiniteError as exc:
             raise UsageError(f"--scale {a:g}: {exc.message}", hint="use smaller factors") from None
@@ -104,6 +117,8 @@ def scaling_sweep(
                 },
             )
         )
+        points.update(len(rows))
+    points.finish()
     return rows
 
 

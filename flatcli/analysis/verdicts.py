@@ -10,12 +10,19 @@ Two kinds of ties keep the verdicts honest:
 * Sharpness: values a and b with uncertainties u_a and u_b (a Lanczos residual bound or
   a standard error; 0 for an exact value) are tied when
   ``|a - b| <= tie_sigmas * sqrt(u_a^2 + u_b^2)``.
-* Accuracy: test accuracies p_a and p_b measured on n_a and n_b test samples are tied
-  when ``|p_a - p_b| <= accuracy_sigmas * SE`` with the pooled two-proportion standard
-  error ``SE = sqrt(pbar (1 - pbar) (1/n_a + 1/n_b))``, ``pbar = (n_a p_a + n_b p_b) /
-  (n_a + n_b)`` (the z-test for equal proportions). When both runs use the same test
-  set the difference is paired and this SE is conservative (it calls more ties). A
-  fixed threshold in points (``tie_accuracy``) replaces it when given.
+* Accuracy: the judged test accuracies p_a and p_b, each with its noise sigma_a,
+  sigma_b (:mod:`flatcli.analysis.seeds`: the standard error across seeds, else the
+  spread of the last epochs, else the binomial standard error), are tied when
+  ``|p_a - p_b| <= accuracy_sigmas * sqrt(sigma_a^2 + sigma_b^2)``. A noise is never
+  taken below the binomial standard error ``sqrt(p (1 - p) / n)`` of its run's n test
+  samples: one test set cannot measure an accuracy more finely than that. When both
+  sides are binomial (runs known only by their final accuracy) the pooled
+  two-proportion standard error ``SE = sqrt(pbar (1 - pbar) (1/n_a + 1/n_b))``,
+  ``pbar = (n_a p_a + n_b p_b) / (n_a + n_b)`` replaces the root sum of squares (the
+  z-test for equal proportions). When both runs use the same test set the difference is
+  paired and these errors are conservative (they call more ties). A fixed threshold in
+  points (``tie_accuracy``) replaces all this when given. Each :class:`Verdict` records
+  which noise it used (``accuracy_noise``).
 
 A tie on either side gives ``agrees = None`` and a text that says "tie". Otherwise the
 flatness hypothesis *agrees* when the sharper run has the lower test accuracy.
@@ -36,7 +43,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from flatcli.config import TIE_SIGMAS
+from flatcli.analysis.seeds import JudgedAccuracy, Spread, binomial_se, describe_noise
+from flatcli.config import ACCURACY_SIGMAS, TIE_SIGMAS
 from flatcli.curvature.results import Estimate
 from flatcli.errors import UsageError
 
@@ -71,6 +79,12 @@ class RunSummary:
             oriented so that larger means sharper; checked by :func:`check_measure`.
         test_size: number of test samples behind ``test_accuracy`` (for the binomial
             standard error of the accuracy), or None.
+        accuracy: the test accuracy the verdicts judge, with its noise and where it came
+            from (:func:`flatcli.analysis.seeds.run_accuracy`); None: the final
+            ``test_accuracy`` with its binomial standard error.
+        runs: the runs an arm of several seeds averages (:func:`flatcli.analysis.seeds.arm`);
+            empty for one run.
+        spread: for an arm, each averaged quantity's mean, sd and se over its runs.
     """
 
     name: str
@@ -85,6 +99,9 @@ class RunSummary:
     weight_norm: float
     measures: Mapping[str, Estimate] = field(default_factory=dict)
     test_size: int | None = None
+    accuracy: JudgedAccuracy | None = None
+    runs: tuple[str, ...] = ()
+    spread: Mapping[str, Spread] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key in ("train_accuracy", "test_accuracy"):
@@ -106,6 +123,16 @@ class RunSummary:
         """Generalisation gap in percentage points: 100 * (train_accuracy - test_accuracy)."""
         return 100.0 * (self.train_accuracy - self.test_accuracy)
 
+    @property
+    def judged_accuracy(self) -> float:
+        """The test accuracy the verdicts compare: ``accuracy.value``, else ``test_accuracy``."""
+        return self.accuracy.value if self.accuracy is not None else self.test_accuracy
+
+    @property
+    def seeds(self) -> int:
+        """How many runs this summary averages (1 for a single run)."""
+        return max(1, len(self.runs))
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -122,6 +149,13 @@ class Verdict:
             tie or when a measure did not converge.
         text: one sentence with the numbers.
         converged: both runs' values of the measure converged (else no verdict).
+        accuracy_threshold_points: the accuracy difference (points) within which the
+            accuracies tie.
+        accuracy_noise: the noise that threshold rests on (:class:`AccuracyTie`):
+            ``"seeds"``, ``"epochs"``, ``"binomial"`` or ``"threshold"`` (a fixed one);
+            ``"epochs+binomial"`` (a's first) when the two sides differ.
+        accuracy_noise_counts: the seeds, epochs or test samples behind each side's
+            noise (a's, b's; empty for a fixed threshold).
     """
 
     a: str
@@ -134,6 +168,27 @@ class Verdict:
     agrees: bool | None
     text: str
     converged: bool = True
+    accuracy_threshold_points: float = 0.0
+    accuracy_noise: str = "threshold"
+    accuracy_noise_counts: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class AccuracyTie:
+    """The accuracy difference within which two runs tie, and the noise it rests on.
+
+    Attributes:
+        points: the threshold in percentage points.
+        noise: ``"seeds"``, ``"epochs"``, ``"binomial"``, ``"threshold"`` (a fixed
+            threshold), or both sides' sources joined by ``+`` when they differ.
+        counts: the seeds, epochs or test samples behind each side's noise.
+        words: the noise in words (``s.e. over 3 seeds``).
+    """
+
+    points: float
+    noise: str = "threshold"
+    counts: tuple[int, ...] = ()
+    words: str = "a fixed threshold"
 
 
 @dataclass(frozen=True)
@@ -176,28 +231,68 @@ def _ordered_measures(a: RunSummary, b: RunSummary) -> list[str]:
     return known + sorted(shared - set(known))
 
 
-def accuracy_threshold_points(
-    a: RunSummary, b: RunSummary, *, tie_accuracy: float | None = None, accuracy_sigmas: float = 1.0
-) -> float:
-    """The accuracy difference (in points) below which ``a`` and ``b`` are tied.
+def _noise(run: RunSummary) -> tuple[float, str, int]:
+    """One side's accuracy noise (a fraction), its source and count, floored at the
+    binomial standard error of the run's test set (module docstring).
+    """
+    acc = run.accuracy
+    if acc is None:
+        if run.test_size is None:
+            raise UsageError(
+                f"run {run.name!r} has no test_size, so an accuracy tie cannot be judged",
+                hint="give each run's test_size or a tie_accuracy threshold in points",
+            )
+        return binomial_se(run.test_accuracy, run.test_size), "binomial", run.test_size
+    if acc.source != "binomial" and run.test_size is not None:
+        floor = binomial_se(acc.value, run.test_size)
+        if floor > acc.noise:
+            return floor, "binomial", run.test_size
+    return acc.noise, acc.source, acc.count
 
-    ``tie_accuracy`` if given, else ``accuracy_sigmas`` times the pooled two-proportion
-    standard error (module docstring), which needs both runs' ``test_size``.
+
+def accuracy_tie(
+    a: RunSummary,
+    b: RunSummary,
+    *,
+    tie_accuracy: float | None = None,
+    accuracy_sigmas: float = ACCURACY_SIGMAS,
+) -> AccuracyTie:
+    """The accuracy difference (in points) below which ``a`` and ``b`` are tied, and why.
+
+    ``tie_accuracy`` if given, else ``accuracy_sigmas`` times the noise of the difference
+    (module docstring): the pooled two-proportion standard error when both sides are
+    binomial, else ``sqrt(sigma_a^2 + sigma_b^2)``.
     """
     if tie_accuracy is not None:
         if not tie_accuracy >= 0:
             raise UsageError(f"tie_accuracy must be >= 0 points, got {tie_accuracy}")
-        return float(tie_accuracy)
-    if a.test_size is None or b.test_size is None:
-        missing = a.name if a.test_size is None else b.name
-        raise UsageError(
-            f"run {missing!r} has no test_size, so an accuracy tie cannot be judged",
-            hint="give each run's test_size or a tie_accuracy threshold in points",
-        )
-    n_a, n_b = a.test_size, b.test_size
-    pooled = (n_a * a.test_accuracy + n_b * b.test_accuracy) / (n_a + n_b)
-    se = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
-    return 100.0 * accuracy_sigmas * se
+        return AccuracyTie(float(tie_accuracy))
+    (sa, source_a, n_a), (sb, source_b, n_b) = _noise(a), _noise(b)
+    if source_a == source_b == "binomial":
+        p_a, p_b = a.judged_accuracy, b.judged_accuracy
+        pooled = (n_a * p_a + n_b * p_b) / (n_a + n_b)
+        se = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
+    else:
+        se = math.sqrt(sa**2 + sb**2)
+    noise = source_a if source_a == source_b else f"{source_a}+{source_b}"
+    if (source_a, n_a) == (source_b, n_b):
+        words = describe_noise(source_a, n_a)
+    else:
+        words = f"{describe_noise(source_a, n_a)} ({a.name}), {describe_noise(source_b, n_b)} ({b.name})"
+    return AccuracyTie(100.0 * accuracy_sigmas * se, noise, (n_a, n_b), words)
+
+
+def accuracy_threshold_points(
+    a: RunSummary,
+    b: RunSummary,
+    *,
+    tie_accuracy: float | None = None,
+    accuracy_sigmas: float = ACCURACY_SIGMAS,
+) -> float:
+    """The accuracy difference (in points) below which ``a`` and ``b`` are tied
+    (:func:`accuracy_tie`'s ``points``).
+    """
+    return accuracy_tie(a, b, tie_accuracy=tie_accuracy, accuracy_sigmas=accuracy_sigmas).points
 
 
 def _fmt(x: float) -> str:
@@ -210,19 +305,26 @@ def verdict(
     measure: str,
     *,
     tie_sigmas: float = TIE_SIGMAS,
-    accuracy_points: float,
+    accuracy_points: float | AccuracyTie,
 ) -> Verdict:
     """The verdict of ``a`` against ``b`` on ``measure`` (both must have it), given the
-    accuracy tie threshold ``accuracy_points``.
+    accuracy tie threshold ``accuracy_points`` (a number of points, or an
+    :class:`AccuracyTie` that also says which noise it rests on).
     """
+    tie = (
+        accuracy_points
+        if isinstance(accuracy_points, AccuracyTie)
+        else AccuracyTie(accuracy_points)
+    )
+    accuracy_points = tie.points
     ma, mb = a.measures[measure], b.measures[measure]
     label = MEASURE_ORDER.get(measure, measure)
-    diff_points = 100.0 * (b.test_accuracy - a.test_accuracy)
+    diff_points = 100.0 * (b.judged_accuracy - a.judged_accuracy)
     combined = math.sqrt(ma.uncertainty**2 + mb.uncertainty**2)
     sharp_tie = abs(mb.value - ma.value) <= tie_sigmas * combined
     acc_tie = abs(diff_points) <= accuracy_points
     values = f"{_fmt(ma.value)} vs {_fmt(mb.value)}"
-    accs = f"test accuracy {100 * a.test_accuracy:.2f}% vs {100 * b.test_accuracy:.2f}%"
+    accs = f"test accuracy {100 * a.judged_accuracy:.2f}% vs {100 * b.judged_accuracy:.2f}%"
     judged = functools.partial(
         Verdict,
         a=a.name,
@@ -231,6 +333,9 @@ def verdict(
         sharpness_ratio=_ratio(mb.value, ma.value),
         accuracy_difference_points=diff_points,
         accuracy_tie=acc_tie,
+        accuracy_threshold_points=accuracy_points,
+        accuracy_noise=tie.noise,
+        accuracy_noise_counts=tie.counts,
     )
 
     if not (ma.converged and mb.converged):  # no uncertainty to judge a tie or a difference by
@@ -257,7 +362,10 @@ def verdict(
         sharp_words = f"{sharper.name} is {times} than {flatter.name} by {label} ({ordered})"
 
     if acc_tie:
-        acc_words = f"their test accuracies tie ({accs}; |difference| {abs(diff_points):.2f} <= {accuracy_points:.2f} points)"
+        acc_words = (
+            f"their test accuracies tie ({accs}; |difference| {abs(diff_points):.2f} <= "
+            f"{accuracy_points:.2f} points, noise: {tie.words})"
+        )
     else:
         better = b if diff_points > 0 else a
         acc_words = f"{better.name} generalises {abs(diff_points):.2f} points better ({accs})"
@@ -284,7 +392,7 @@ def compare(
     tie_sigmas: float = TIE_SIGMAS,
     tie_accuracy: float | None = None,
     *,
-    accuracy_sigmas: float = 1.0,
+    accuracy_sigmas: float = ACCURACY_SIGMAS,
 ) -> Comparison:
     """Ratios to the first run and verdicts for every pair of ``runs``.
 
@@ -293,7 +401,8 @@ def compare(
         tie_sigmas: sharpness differences within ``tie_sigmas`` combined uncertainties
             are ties.
         tie_accuracy: accuracy differences up to this many points are ties; default:
-            ``accuracy_sigmas`` pooled binomial standard errors (needs ``test_size``).
+            ``accuracy_sigmas`` times the noise of the difference (:func:`accuracy_tie`;
+            a run without ``accuracy`` needs ``test_size``).
         accuracy_sigmas: see ``tie_accuracy``; 1 by default (a difference must exceed
             one standard error to count).
     """
@@ -320,9 +429,7 @@ def compare(
     verdicts = []
     for i, a in enumerate(runs):
         for b in runs[i + 1 :]:
-            points = accuracy_threshold_points(
-                a, b, tie_accuracy=tie_accuracy, accuracy_sigmas=accuracy_sigmas
-            )
+            points = accuracy_tie(a, b, tie_accuracy=tie_accuracy, accuracy_sigmas=accuracy_sigmas)
             for m in _ordered_measures(a, b):
                 verdicts.append(verdict(a, b, m, tie_sigmas=tie_sigmas, accuracy_points=points))
     return Comparison(runs=runs, ratios=tuple(ratios), verdicts=tuple(verdicts))
@@ -330,10 +437,12 @@ def compare(
 
 __all__ = [
     "MEASURE_ORDER",
+    "AccuracyTie",
     "Comparison",
     "RunSummary",
     "Verdict",
     "accuracy_threshold_points",
+    "accuracy_tie",
     "check_measure",
     "compare",
     "verdict",

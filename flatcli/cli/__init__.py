@@ -1,7 +1,7 @@
 """The ``flatcli`` command line: a thin Typer layer over the library.
 
 One module per command (``flatcli.cli.train``, ``.sharpness``, ``.rank_bound``,
-``.compare``, ``.demo``), each defining a ``*_command`` function; the options they share
+``.compare``, ``.demo``, ``.plot``), each defining a ``*_command`` function; the options they share
 are declared once in :mod:`flatcli.cli.options`. Importing this package imports no torch:
 the commands import the library when they run, so that ``--help`` answers at once.
 """
@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 import typer
 from rich.markup import escape
 
 from flatcli import __version__
-from flatcli.cli import compare, demo, rank_bound, sharpness, train
+from flatcli.cli import compare, demo, plot, rank_bound, sharpness, train
 from flatcli.cli._common import err, fail
 from flatcli.cli.compare import compare_command
 from flatcli.cli.demo import demo_command
-from flatcli.cli.options import CONTEXT
+from flatcli.cli.options import CONTEXT, FLAG, Command, Group
+from flatcli.cli.plot import plot_command
 from flatcli.cli.rank_bound import rank_bound_command
 from flatcli.cli.sharpness import sharpness_command
 from flatcli.cli.train import train_command
@@ -30,6 +32,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=True,
+    cls=Group,
     context_settings=CONTEXT,
 )
 
@@ -45,6 +48,7 @@ def _root(
     version: bool = typer.Option(
         False,
         "--version",
+        metavar=FLAG,
         help="Print the version and exit.",
         is_eager=True,
         callback=_print_version,
@@ -68,12 +72,18 @@ def _root(
         torch.set_num_threads(threads)
 
 
+#: The commands in the order of ``flatcli --help``: name -> (function, the example its help ends with).
+COMMANDS: dict[str, tuple[Callable[..., None], str]] = {
+    "train": (train_command, train.EXAMPLE),
+    "sharpness": (sharpness_command, sharpness.EXAMPLE),
+    "rank-bound": (rank_bound_command, rank_bound.EXAMPLE),
+    "compare": (compare_command, compare.EXAMPLE),
+    "demo": (demo_command, demo.EXAMPLE),
+    "plot": (plot_command, plot.EXAMPLE),
+}
 # Each command takes -h as well as --help, and ends its help with an example.
-app.command("train", context_settings=CONTEXT, epilog=train.EXAMPLE)(train_command)
-app.command("sharpness", context_settings=CONTEXT, epilog=sharpness.EXAMPLE)(sharpness_command)
-app.command("rank-bound", context_settings=CONTEXT, epilog=rank_bound.EXAMPLE)(rank_bound_command)
-app.command("compare", context_settings=CONTEXT, epilog=compare.EXAMPLE)(compare_command)
-app.command("demo", context_settings=CONTEXT, epilog=demo.EXAMPLE)(demo_command)
+for _name, (_function, _example) in COMMANDS.items():
+    app.command(_name, cls=Command, context_settings=CONTEXT, epilog=_example)(_function)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""What every command shares: the two consoles, error handling, JSON output."""
+"""What every command shares: the two consoles, error handling, the output in each --format."""
 
 from __future__ import annotations
 
@@ -8,17 +8,16 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Callable
-from typing import TYPE_CHECKING, NoReturn, ParamSpec, TypeVar
+from collections.abc import Callable, Mapping
+from typing import NoReturn, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from flatcli.errors import FlatcliError
-
-if TYPE_CHECKING:
-    from rich.progress import Progress
+from flatcli.report.formats import RENDERERS, Collector
+from flatcli.report.schema import is_document
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -147,27 +146,37 @@ def _jsonable(value: object) -> object:
     return value
 
 
-def print_json(document: object) -> None:
-    """Write one JSON document on stdout (plain print: no Rich wrapping or colour); rank 0 only."""
+def print_json(document: Mapping[str, object]) -> None:
+    """Write one JSON document on stdout (plain print: no Rich wrapping or colour); rank 0 only.
+
+    Every document is in the envelope of :mod:`flatcli.report.schema` (built by
+    :func:`~flatcli.report.schema.document`); anything else is a programming error.
+    """
+    if not is_document(document):
+        raise ValueError("print_json prints only documents of flatcli.report.schema.document")
     if not is_main():
         return
     print(json.dumps(_jsonable(document), indent=2))
 
 
-def spinner() -> Progress:
-    """A transient spinner on stderr with the time elapsed (shown only on a terminal)."""
-    from rich.progress import (  # not needed for --help
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+def emit(
+    console: Console,
+    fmt: str,
+    draw: Callable[[Console], None],
+    document: Callable[[], Mapping[str, object]],
+) -> None:
+    """Print a command's result in ``fmt`` (``--format``), the one way every command prints it.
 
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-    )
+    ``table``: ``draw`` prints on ``console``; ``markdown``/``csv``: what ``draw`` prints is
+    collected and converted (:mod:`flatcli.report.formats`, rank 0 only); ``json``:
+    :func:`print_json` of ``document()``.
+    """
+    if fmt == "json":
+        print_json(document())
+    elif fmt in RENDERERS:
+        collector = Collector()
+        draw(collector)
+        if is_main():
+            print(RENDERERS[fmt](collector.blocks), end="")
+    else:
+        draw(console)

@@ -31,6 +31,15 @@ RECIPE_NAMES: tuple[str, ...] = tuple(RECIPES)
 SPLIT_NAMES: tuple[str, ...] = ("train", "test")
 #: The layers a weight-scaling sweep scales (``flatcli.analysis.sweep.scaling_sweep``).
 SCALE_LAYERS: tuple[str, ...] = ("all", "last")
+#: ``--format``: the console's tables, then ``flatcli.report.formats.RENDERERS``' names,
+#: then the JSON document (``flatcli.report.schema``).
+FORMAT_NAMES: tuple[str, ...] = ("table", "markdown", "csv", "json")
+#: ``demo --protocol``: the demo's contrasts, or the paper's protocol
+#: (``flatcli.workflows.protocol``).
+PROTOCOL_NAMES: tuple[str, ...] = ("demo", "paper")
+#: ``flatcli.workflows.protocol.PROTOCOL_MODELS``' and ``ARMS``' names, in their order.
+PROTOCOL_MODEL_NAMES: tuple[str, ...] = ("vgg16", "vgg16-bn", "preresnet", "wrn")
+ARM_NAMES: tuple[str, ...] = ("sgd", "sgd-l2", "swa", "adam", "adamw", "gadam")
 
 if TYPE_CHECKING:
     DatasetName = str
@@ -43,6 +52,8 @@ if TYPE_CHECKING:
     DtypeName = str
     SplitName = str
     ScaleLayer = str
+    FormatName = str
+    ProtocolName = str
 else:
     DatasetName = Literal[DATASET_NAMES]
     ModelName = Literal[MODEL_NAMES]
@@ -54,3 +65,5 @@ else:
     DtypeName = Literal[DTYPE_NAMES]
     SplitName = Literal[SPLIT_NAMES]
     ScaleLayer = Literal[SCALE_LAYERS]
+    FormatName = Literal[FORMAT_NAMES]
+    ProtocolName = Literal[PROTOCOL_NAMES]

@@ -7,15 +7,50 @@ it, with the runs, to :func:`flatcli.workflows.compare.compare_checkpoints`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.console import Console
 
 from flatcli.cli import options as opt
-from flatcli.cli._common import handle_errors, join_world, out, print_json, spinner
+from flatcli.cli._common import emit, err, handle_errors, is_main, join_world, out
 from flatcli.cli.choices import DatasetName
-from flatcli.config import DEFAULT_COMPARE_MEASURES, MEASURE_NAMES, TIE_SIGMAS, SharpnessConfig
-from flatcli.errors import UsageError
+from flatcli.cli.progress import ProgressDisplay
+from flatcli.config import (
+    ACCURACY_EPOCHS,
+    DEFAULT_COMPARE_MEASURES,
+    MEASURE_NAMES,
+    TIE_SIGMAS,
+    SharpnessConfig,
+)
+from flatcli.errors import FlatcliError, UsageError
+from flatcli.workflows.source import CheckpointSource
+
+if TYPE_CHECKING:
+    from flatcli.analysis.verdicts import Comparison
+
+#: An arm of the command line: one run, or the runs of several seeds (``A1,A2,A3``).
+Arm = Path | tuple[Path, ...]
+
+
+def parse_arms(args: list[Path]) -> list[Arm]:
+    """Each argument as an arm: ``A1,A2,A3`` is one arm of three runs, a plain path (or
+    one that exists, commas and all) an arm of one run.
+    """
+    arms: list[Arm] = []
+    for arg in args:
+        text = str(arg)
+        if "," not in text or arg.exists():
+            arms.append(arg)
+            continue
+        parts = text.split(",")
+        if any(not part.strip() for part in parts):
+            raise UsageError(
+                f"{text!r} names an empty run", hint="join the runs of one arm by commas: A1,A2,A3"
+            )
+        arms.append(tuple(Path(part.strip()) for part in parts))
+    return arms
+
 
 #: The example in ``flatcli compare --help``.
 EXAMPLE = "Example: flatcli compare runs/sgd runs/sgd-l2 runs/gadam --measures lambda_max,trace"
@@ -27,7 +62,12 @@ def compare_command(
     ctx: typer.Context,
     runs: Annotated[
         list[Path],
-        typer.Argument(help="Two or more run directories or checkpoints; ratios are to the first."),
+        typer.Argument(
+            metavar="ARM",
+            help="Two or more arms, each a run directory or checkpoint, or the runs of several "
+            "seeds of one setting joined by commas (A1,A2,A3: judged by their mean and its "
+            "spread); ratios are to the first.",
+        ),
     ],
     dataset: Annotated[
         DatasetName | None,
@@ -62,14 +102,34 @@ def compare_command(
             rich_help_panel=opt.OUTPUT,
         ),
     ] = TIE_SIGMAS,
+    last_epochs: Annotated[
+        int,
+        typer.Option(
+            help="A run's test accuracy is the mean over its last K epochs (metrics.jsonl), its "
+            "noise their spread; an averaged run or a checkpoint without history uses its final "
+            "accuracy and binomial noise.",
+            rich_help_panel=opt.OUTPUT,
+        ),
+    ] = ACCURACY_EPOCHS,
     explain: Annotated[
         bool,
         typer.Option(
             "--explain",
+            metavar=opt.FLAG,
             help="After the verdict matrix, the full sentence behind each cell, with the numbers.",
             rich_help_panel=opt.OUTPUT,
         ),
     ] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also measure each run's spectral density (SLQ, cached) and draw the densities "
+            "overlaid beside sharpness against generalisation gap to this image, e.g. "
+            "spectra.png (needs matplotlib).",
+            rich_help_panel=opt.OUTPUT,
+        ),
+    ] = None,
+    format_: opt.Format = None,
     json_: opt.Json = False,
 ) -> None:
     """Compare runs: optimiser, regularisation, losses, accuracy, ||w||, sharpness (raw and scale-aware),
@@ -80,36 +140,77 @@ def compare_command(
     Every run and option is checked before anything is measured; runs trained on different data sets are
     refused, and a measure that did not converge gets no verdict.
     """
+    fmt = opt.output_format(format_, json_)
     if len(runs) < 2:
         raise UsageError("compare needs at least two runs")
+    arms = parse_arms(runs)
+    if plot is not None:  # before measuring
+        from flatcli.report import plots  # torch
+
+        plots.check_plot_path(plot)
     from flatcli.report.tables import (  # torch, as the workflow
-        VERDICT_LEGEND,
         comparison_table,
+        verdict_legend,
         verdict_matrix,
     )
-    from flatcli.workflows.compare import compare_checkpoints, comparison_as_dict
+    from flatcli.report.text import compare_as_dict
+    from flatcli.workflows.compare import compare_checkpoints
     from flatcli.workflows.provenance import provenance
 
     # the options named as fields of SharpnessConfig (--split ... --dtype) set them
     config = opt.sharpness_config(ctx, opt.names(measures))
     device = join_world(device)  # under torchrun: this rank's device, after joining the group
     source = opt.checkpoint_source(dataset, data_dir, device, model_factory, factory_arg, output)
-    with spinner() as bar:
-        task = bar.add_task("measuring", total=None)
+    with ProgressDisplay() as display:  # runs i/N, each one's measures (or "cached")
         comparison = compare_checkpoints(
-            runs,
+            arms,
             config,
             source,
             use_cache=not no_cache,
             tie_sigmas=tie_sigmas,
-            progress=lambda n: bar.update(task, description=f"measuring: {n} HVPs"),
+            last_epochs=last_epochs,
+            progress=display,
         )
-    if json_:
-        print_json(comparison_as_dict(comparison, provenance(device)))
+    if plot is not None:
+        every_run = [r for arm in arms for r in (arm if isinstance(arm, tuple) else (arm,))]
+        _draw_spectra(every_run, config, source, comparison, plot, use_cache=not no_cache)
+
+    def draw(console: Console) -> None:
+        console.print(comparison_table(comparison))
+        console.print(verdict_matrix(comparison))
+        console.print(verdict_legend(comparison), highlight=False)
+        if explain:
+            for verdict in comparison.verdicts:
+                console.print(f"- {verdict.text}", highlight=False)
+
+    emit(out, fmt, draw, lambda: compare_as_dict(comparison, provenance(device)))
+
+
+def _draw_spectra(
+    runs: list[Path],
+    config: SharpnessConfig,
+    source: CheckpointSource,
+    comparison: Comparison,
+    path: Path,
+    *,
+    use_cache: bool,
+) -> None:
+    """``--plot``: measure (or read from the cache) each run's spectral density and draw the
+    densities and sharpness against generalisation gap to ``path``.
+    """
+    from flatcli.report import plots  # torch, imported already
+    from flatcli.workflows.compare import run_densities
+
+    with ProgressDisplay() as display:
+        densities = run_densities(runs, config, source, use_cache=use_cache, progress=display)
+    if not is_main():  # under torchrun rank 0 alone writes files
         return
-    out.print(comparison_table(comparison))
-    out.print(verdict_matrix(comparison))
-    out.print(VERDICT_LEGEND, highlight=False)
-    if explain:
-        for verdict in comparison.verdicts:
-            out.print(f"- {verdict.text}", highlight=False)
+    settings = plots.measurement_label(config, slq=True)
+    try:
+        plots.save_figure(plots.spectra_figure(densities, comparison.runs, settings), path)
+    except (OSError, ValueError) as exc:
+        raise FlatcliError(
+            f"could not write {path} ({getattr(exc, 'strerror', None) or exc}); "
+            "the measurements are cached: run again to print them"
+        ) from None
+    err.print(f"spectra figure: {path}", highlight=False, markup=False)

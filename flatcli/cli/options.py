@@ -14,11 +14,19 @@ import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, ParamSpec, TypeVar
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
-from flatcli.cli.choices import BnModeName, CurvatureName, DatasetName, DtypeName, SplitName
+from flatcli.cli.choices import (
+    BnModeName,
+    CurvatureName,
+    DatasetName,
+    DtypeName,
+    FormatName,
+    SplitName,
+)
 from flatcli.config import MEASURE_NAMES, SharpnessConfig, TrainConfig
 from flatcli.errors import UsageError
 from flatcli.workflows.source import CheckpointSource
@@ -49,6 +57,43 @@ PROCESSES = "Processes"
 #: Every command's context: ``-h`` as well as ``--help``.
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
+#: The metavar of an on/off flag: none (Typer would show ``<bool>`` after it in the help).
+FLAG = ""
+
+
+class _FlagHelp:
+    """``-h/--help`` shown as a flag (Typer would show ``<bool>`` after it)."""
+
+    def get_help_option(self, ctx: Any) -> TyperOption | None:
+        """The help option, without a type."""
+        option: TyperOption | None = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = FLAG
+        return option
+
+
+class Command(_FlagHelp, TyperCommand):
+    """Typer's command with a help that shows no types where they say nothing: ``-h/--help``
+    without ``<bool>``, and an argument with a metavar (``RUN``) without its Python type
+    (Typer shows ``<list[Path]>`` there whatever the metavar).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if isinstance(param, TyperArgument) and param.metavar:
+                param.display_type_rich = _no_type  # type: ignore[method-assign,assignment]
+
+
+class Group(_FlagHelp, TyperGroup):
+    """Typer's group of commands (``flatcli`` itself), its ``-h/--help`` shown as a flag."""
+
+
+def _no_type(ctx: typer.Context) -> None:
+    """No type in the help's type column."""
+    return None
+
+
 # --- data, device and output ------------------------------------------------------------
 
 Dataset = Annotated[
@@ -72,7 +117,10 @@ DataDir = Annotated[
 Download = Annotated[
     bool,
     typer.Option(
-        "--download", help="Download a torchvision data set that is missing.", rich_help_panel=DATA
+        "--download",
+        metavar=FLAG,
+        help="Download a torchvision data set that is missing.",
+        rich_help_panel=DATA,
     ),
 ]
 Device = Annotated[
@@ -86,7 +134,18 @@ Json = Annotated[
     bool,
     typer.Option(
         "--json",
-        help="Print one JSON document on stdout instead of tables.",
+        metavar=FLAG,
+        help="Short for --format json.",
+        rich_help_panel=OUTPUT,
+    ),
+]
+#: ``--format`` unless given (or ``--json``).
+DEFAULT_FORMAT = "table"
+Format = Annotated[
+    FormatName | None,
+    typer.Option(
+        "--format",
+        help=f"Print as {DEFAULT_FORMAT}s (default), GitHub markdown, CSV or one JSON document.",
         rich_help_panel=OUTPUT,
     ),
 ]
@@ -172,6 +231,7 @@ BnMode = Annotated[
 IncludeL2 = Annotated[
     bool,
     typer.Option(
+        metavar=FLAG,
         rich_help_panel=ESTIMATOR,
         help="Add the checkpoint's coupled L2 coefficient times the identity.",
     ),
@@ -179,7 +239,9 @@ IncludeL2 = Annotated[
 Exact = Annotated[
     bool,
     typer.Option(
-        rich_help_panel=ESTIMATOR, help="Dense matrix and its eigenvalues (small models only)."
+        metavar=FLAG,
+        rich_help_panel=ESTIMATOR,
+        help="Dense matrix and its eigenvalues (small models only).",
     ),
 ]
 Tol = Annotated[
@@ -218,6 +280,7 @@ Rho = Annotated[
 LogitNormalise = Annotated[
     bool,
     typer.Option(
+        metavar=FLAG,
         rich_help_panel=ESTIMATOR,
         help="adaptive_sharpness: normalise the logits (scale-invariant for linear models).",
     ),
@@ -226,6 +289,7 @@ NoCache = Annotated[
     bool,
     typer.Option(
         "--no-cache",
+        metavar=FLAG,
         rich_help_panel=PROCESSES,
         help="Recompute even if sharpness.json has the result.",
     ),
@@ -305,6 +369,18 @@ def sharpness_config(ctx: typer.Context, measures: tuple[str, ...]) -> Sharpness
 _SETTINGS = tuple(
     f.name for f in dataclasses.fields(SharpnessConfig) if f.init and f.name != "measures"
 )
+
+
+def output_format(format_: str | None, json_: bool) -> str:
+    """The format of ``--format`` and ``--json`` (its short form): ``--json`` is ``json``,
+    neither is :data:`DEFAULT_FORMAT`; ``--json`` with another ``--format`` is a UsageError.
+    """
+    if json_ and format_ not in (None, "json"):
+        raise UsageError(
+            f"--json and --format {format_} contradict each other (--json is --format json)",
+            hint="give one of them",
+        )
+    return "json" if json_ else format_ or DEFAULT_FORMAT
 
 
 def names(text: str) -> tuple[str, ...]:

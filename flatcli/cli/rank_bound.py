@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.console import Console
 
 from flatcli.cli import options as opt
-from flatcli.cli._common import handle_errors, join_world, out, print_json
+from flatcli.cli._common import emit, handle_errors, join_world, out
+from flatcli.cli.progress import ProgressDisplay
 from flatcli.config import RANK_FRACTION, RANK_MAX_PARAMS, RANK_SEED
 from flatcli.errors import UsageError
 
@@ -35,6 +37,7 @@ def rank_bound_command(
         bool | None,
         typer.Option(
             "--exact/--estimate",
+            metavar=opt.FLAG,
             help="Dense float64 ranks, or an SLQ estimate of the effective rank (default: exact "
             f"when P <= {RANK_MAX_PARAMS}).",
             rich_help_panel=opt.ESTIMATOR,
@@ -49,6 +52,7 @@ def rank_bound_command(
     ] = RANK_FRACTION,
     seed: opt.Seed = RANK_SEED,
     device: opt.Device = opt.DEFAULT_DEVICE,
+    format_: opt.Format = None,
     json_: opt.Json = False,
 ) -> None:
     """Hessian rank bound (C-1) * sum over layers of (fan_in + 1), the data bound N(C-1), and the measured rank.
@@ -61,22 +65,27 @@ def rank_bound_command(
     from flatcli.workflows.provenance import provenance
     from flatcli.workflows.rank import rank_checkpoint
 
+    fmt = opt.output_format(format_, json_)
     if samples is not None and samples < 1:
         raise UsageError(f"samples must be positive, got {samples}")
     device = join_world(device)  # under torchrun: this rank's device, after joining the group
     source = opt.checkpoint_source(dataset, data_dir, device, model_factory, factory_arg, output)
-    report = rank_checkpoint(
-        checkpoint,
-        source,
-        samples=samples,
-        exact=exact,
-        threshold=threshold,
-        fraction=fraction,
-        seed=seed,
-    )
-    if json_:
-        print_json(rank_as_dict(report, provenance(device)))
-        return
-    for table in rank_table(report):
-        out.print(table)
-    out.print(rank_statement(report.bound, report.measured, report.is_linear), highlight=False)
+    with ProgressDisplay() as display:  # the dense matrices' P products, or the SLQ probes
+        report = rank_checkpoint(
+            checkpoint,
+            source,
+            samples=samples,
+            exact=exact,
+            threshold=threshold,
+            fraction=fraction,
+            seed=seed,
+            progress=display,
+        )
+
+    def draw(console: Console) -> None:
+        for table in rank_table(report):
+            console.print(table)
+        statement = rank_statement(report.bound, report.measured, report.is_linear)
+        console.print(statement, highlight=False)
+
+    emit(out, fmt, draw, lambda: rank_as_dict(report, provenance(device)))

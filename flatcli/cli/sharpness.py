@@ -14,16 +14,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.console import Console
 
 from flatcli.cli import options as opt
-from flatcli.cli._common import err, handle_errors, is_main, join_world, out, print_json, spinner
+from flatcli.cli._common import emit, err, handle_errors, is_main, join_world, out
 from flatcli.cli.choices import ScaleLayer
+from flatcli.cli.progress import ProgressDisplay
 from flatcli.config import SharpnessConfig
 from flatcli.errors import FlatcliError, UsageError
 from flatcli.workflows.source import CheckpointSource
 
 if TYPE_CHECKING:
     from flatcli.analysis.sharpness_report import Density, SharpnessReport
+    from flatcli.analysis.sweep import SweepRow
 
 
 #: The example in ``flatcli sharpness --help``.
@@ -47,7 +50,9 @@ def sharpness_command(
     per_layer: Annotated[
         bool,
         typer.Option(
-            help="Also measure each layer's diagonal block.", rich_help_panel=opt.ESTIMATOR
+            metavar=opt.FLAG,
+            help="Also measure each layer's diagonal block.",
+            rich_help_panel=opt.ESTIMATOR,
         ),
     ] = SharpnessConfig.per_layer,
     scale: Annotated[
@@ -69,13 +74,16 @@ def sharpness_command(
     plot: Annotated[
         Path | None,
         typer.Option(
-            help="Draw the density to this PNG (needs matplotlib).", rich_help_panel=opt.OUTPUT
+            help="Draw the density (--measures density) or, with --scale, the sweep to this "
+            "image, e.g. plot.png (needs matplotlib).",
+            rich_help_panel=opt.OUTPUT,
         ),
     ] = None,
     density_out: Annotated[
         Path | None,
         typer.Option(help="Write the density points to this CSV.", rich_help_panel=opt.OUTPUT),
     ] = None,
+    format_: opt.Format = None,
     json_: opt.Json = False,
 ) -> None:
     """Measure the curvature of the training loss: Hessian eigenvalues, trace, Frobenius norm, spectrum,
@@ -87,13 +95,20 @@ def sharpness_command(
     E over d ~ |w| * N(0, rho^2) of L(w + d) - L(w) (Kwon et al. 2021; Andriushchenko et al. 2023).
     relative_flatness: sum over s, s' of <w_s, w_s'> Tr(H_ss') of the last layer (Petzka et al. 2021).
     """
+    fmt = opt.output_format(format_, json_)
     # the options named as fields of SharpnessConfig (--split ... --dtype) set them
     config = opt.sharpness_config(ctx, opt.names(measures))
     source = opt.checkpoint_source(dataset, data_dir, device, model_factory, factory_arg, output)
     if scale is not None:
-        if plot is not None or density_out is not None:
-            raise UsageError("--plot and --density-out do not apply to a --scale sweep")
-        scale_sweep(checkpoint, config, scale, scale_layer, source, json_)
+        if density_out is not None:
+            raise UsageError(
+                "--density-out does not apply to a --scale sweep", hint="--plot draws the sweep"
+            )
+        if plot is not None:  # before measuring
+            from flatcli.report import plots  # torch
+
+            plots.check_plot_path(plot)
+        scale_sweep(checkpoint, config, scale, scale_layer, source, fmt, plot)
         return
     if (plot or density_out) and "density" not in config.measures:
         raise UsageError("--plot and --density-out need 'density' in --measures")
@@ -108,30 +123,23 @@ def sharpness_command(
         plots.check_plot_path(plot)
     # under torchrun: this rank's device, after joining the group
     source = replace(source, device=join_world(device))
-    with spinner() as bar:
-        task = bar.add_task("measuring", total=None)
-        state = {"hvps": "0", "estimate": ""}
-
-        def show(**change: str) -> None:  # HVPs done and the current estimate
-            state.update(change)
-            bar.update(task, description=f"measuring: {state['hvps']} HVPs  {state['estimate']}")
-
+    with ProgressDisplay() as display:  # a task per piece of work, the estimate beside it
         report = checkpoint_sharpness(
             checkpoint,
             config,
             source,
             use_cache=not no_cache,
-            progress=lambda n: show(hvps=str(n)),
-            status=lambda text: show(estimate=text),
+            progress=display,
+            status=display.status,
         )
 
     if report.cached:
         _say_cached(report, checkpoint)
     found = report.measures.get("density")
     density = found if isinstance(found, Density) else None
-    _print_report(report, density, config, json_)
+    _print_report(report, density, config, fmt)
     if is_main() and density is not None:  # under torchrun rank 0 alone writes files
-        _write_density(density, density_out, plot)
+        _write_density(density, density_out, plot, report)
 
 
 def check_output_path(path: Path, option: str) -> None:
@@ -144,7 +152,9 @@ def check_output_path(path: Path, option: str) -> None:
         raise UsageError(f"{option} {path}: the folder {parent} {what}", hint="create it first")
 
 
-def _write_density(density: Density, csv_path: Path | None, plot: Path | None) -> None:
+def _write_density(
+    density: Density, csv_path: Path | None, plot: Path | None, report: SharpnessReport
+) -> None:
     """Write the density's CSV and figure; the result is printed first, so that a file that
     cannot be written never costs it: the failures are one error at the end.
     """
@@ -158,7 +168,7 @@ def _write_density(density: Density, csv_path: Path | None, plot: Path | None) -
             failed.append(f"{csv_path} ({exc.strerror or exc})")
     if plot is not None:
         try:
-            plots.plot_density(density, plot)
+            plots.save_figure(plots.density_figure(density, report), plot)
         except (OSError, ValueError) as exc:
             failed.append(f"{plot} ({getattr(exc, 'strerror', None) or exc})")
     if failed:
@@ -179,10 +189,11 @@ def _say_cached(report: SharpnessReport, checkpoint: Path) -> None:
 
 
 def _print_report(
-    report: SharpnessReport, density: Density | None, config: SharpnessConfig, json_: bool
+    report: SharpnessReport, density: Density | None, config: SharpnessConfig, fmt: str
 ) -> None:
     from flatcli.curvature.results import Estimate  # torch, imported already
     from flatcli.report.tables import density_histogram, layers_table, sharpness_table
+    from flatcli.report.text import sharpness_as_dict
 
     if config.target_stderr is not None:  # said on stderr, so that --json stays one document
         for name in ("trace", "frobenius"):
@@ -197,14 +208,15 @@ def _print_report(
                     f"not {config.target_stderr:g}: the budget of 10 x --probes = {10 * config.probes} "
                     "products ran out; raise --probes"
                 )
-    if json_:
-        print_json(report.as_dict())
-        return
-    out.print(sharpness_table(report))
-    if report.layers:
-        out.print(layers_table(report))
-    if density is not None:
-        out.print(density_histogram(density), highlight=False)
+
+    def draw(console: Console) -> None:
+        console.print(sharpness_table(report))
+        if report.layers:
+            console.print(layers_table(report))
+        if density is not None:
+            console.print(density_histogram(density), highlight=False)
+
+    emit(out, fmt, draw, lambda: sharpness_as_dict(report))
 
 
 def scale_sweep(
@@ -213,18 +225,61 @@ def scale_sweep(
     scales: str,
     layers: str,
     source: CheckpointSource,
-    json_: bool,
+    fmt: str,
+    plot: Path | None = None,
 ) -> None:
-    """``--scale``: the measures of ``config`` with the weights (of ``layers``) times each factor."""
+    """``--scale``: the measures of ``config`` with the weights (of ``layers``) times each
+    factor; ``plot``: the sweep drawn to this image after the result is printed.
+    """
     from flatcli.analysis.sweep import parse_scales, scaling_sweep  # torch
     from flatcli.report.tables import sweep_table
+    from flatcli.report.text import sweep_as_dict
+    from flatcli.workflows.provenance import provenance
     from flatcli.workflows.sharpness import load_point
 
     factors = parse_scales(scales)
     source = replace(source, device=join_world(source.device))
     point = load_point(checkpoint, source, split=config.split, samples=config.samples)
-    rows = scaling_sweep(point.model, point.inputs, point.targets, factors, config, layers=layers)
-    if json_:
-        print_json([row.as_dict() for row in rows])
-        return
-    out.print(sweep_table(rows, layers))
+    with ProgressDisplay() as display:  # points i/len(factors), each one's measures
+        rows = scaling_sweep(
+            point.model,
+            point.inputs,
+            point.targets,
+            factors,
+            config,
+            layers=layers,
+            progress=display,
+        )
+    emit(
+        out,
+        fmt,
+        lambda console: console.print(sweep_table(rows, layers)),
+        lambda: sweep_as_dict(rows, layers, config.split, provenance(source.device)),
+    )
+    if plot is not None and is_main():  # under torchrun rank 0 alone writes files
+        _draw_sweep(rows, plot, checkpoint, layers, config, len(point.targets))
+
+
+def _draw_sweep(
+    rows: list[SweepRow],
+    path: Path,
+    checkpoint: Path,
+    layers: str,
+    config: SharpnessConfig,
+    samples: int,
+) -> None:
+    """Draw the sweep to ``path``; the result is printed first, so a failure is one error after it."""
+    from flatcli.report import plots  # torch, imported already
+
+    scaled = "all layers" if layers == "all" else f"the {layers} layer"
+    title = (
+        f"weight-scaling sweep of {plots.run_name(checkpoint)} ({scaled} scaled)\n"
+        f"{plots.measurement_label(config, samples)}"
+    )
+    try:
+        plots.save_figure(plots.sweep_figure(rows, title), path)
+    except (OSError, ValueError) as exc:
+        raise FlatcliError(
+            f"could not write {path} ({getattr(exc, 'strerror', None) or exc}); the result is printed above"
+        ) from None
+    err.print(f"sweep figure: {path}", highlight=False, markup=False)

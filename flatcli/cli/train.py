@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, SupportsFloat
+from typing import TYPE_CHECKING, Annotated, SupportsFloat
 
 import typer
 
+from flatcli.analysis.progress import Tick
 from flatcli.cli import options as opt
-from flatcli.cli._common import err, handle_errors, join_world, out, print_json
+from flatcli.cli._common import emit, err, handle_errors, is_main, join_world, out
 from flatcli.cli.choices import DatasetName, ModelName, OptimizerName, RecipeName, ScheduleName
+from flatcli.cli.progress import INFO_INTERVAL_S, ProgressDisplay, duration
 from flatcli.config import DEFAULT_LR, TrainConfig, make_train_config, resume_config
+from flatcli.errors import FlatcliError
+
+if TYPE_CHECKING:
+    from flatcli.workflows.training import TrainResult
 
 #: The field defaults shown in the help: options left out are None (not given), so that
 #: ``--resume`` can tell them from the run's own values.
@@ -38,6 +44,7 @@ def train_command(
         bool | None,
         typer.Option(
             "--augment/--no-augment",
+            metavar=opt.FLAG,
             rich_help_panel=opt.DATA,
             help="Random crop + flip (default on for CIFAR only).",
         ),
@@ -71,6 +78,7 @@ def train_command(
         bool | None,
         typer.Option(
             "--batchnorm/--no-batchnorm",
+            metavar=opt.FLAG,
             rich_help_panel=opt.MODEL,
             help="vgg16/cnn: BatchNorm layers.",
         ),
@@ -160,6 +168,7 @@ def train_command(
         bool | None,
         typer.Option(
             "--sync-bn/--no-sync-bn",
+            metavar=opt.FLAG,
             rich_help_panel=opt.PROCESSES,
             help="Under torchrun on GPUs: BatchNorm over the global batch (SyncBatchNorm) instead of each process's part.",
         ),
@@ -188,18 +197,32 @@ def train_command(
         ),
     ] = None,
     overwrite: Annotated[
-        bool, typer.Option(rich_help_panel=opt.OUTPUT, help="Replace an existing run in --out.")
+        bool,
+        typer.Option(
+            metavar=opt.FLAG, rich_help_panel=opt.OUTPUT, help="Replace an existing run in --out."
+        ),
     ] = False,
     resume: Annotated[
         bool,
         typer.Option(
+            metavar=opt.FLAG,
             rich_help_panel=opt.OUTPUT,
             help="Continue an interrupted run in --out with its own options (--epochs may change).",
         ),
     ] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            rich_help_panel=opt.OUTPUT,
+            help="After training, draw its curves (loss, accuracy, learning rate per epoch) to "
+            "this image, e.g. curves.png (needs matplotlib).",
+        ),
+    ] = None,
+    format_: opt.Format = None,
     json_: opt.Json = False,
 ) -> None:
     """Train a classifier and save DIR/model.safetensors (safetensors + JSON metadata)."""
+    fmt = opt.output_format(format_, json_)
     model_kwargs = opt.key_values(model_arg, "--model-arg", "width=64")
     for key, value in (
         ("width", width),
@@ -249,54 +272,78 @@ def train_command(
         config = resume_config(
             main_decides(lambda: read_run_options(run_dir)), recipe, **{**given, "out": run_dir}
         )
+    if plot is not None:  # before training: a figure that cannot be written is said now
+        from flatcli.report import plots  # torch
 
-    from rich.progress import (  # not needed for --help
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+        plots.check_plot_path(plot)
 
     from flatcli.report.tables import metrics_table  # torch, as the workflow
+    from flatcli.report.text import train_as_dict
+    from flatcli.workflows.provenance import provenance
     from flatcli.workflows.training import EpochRecord, TrainCallbacks, train
 
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-    ) as bar:
-        epochs_task = bar.add_task("epochs", total=config.epochs, info="")
-        batch_task = bar.add_task("batches", total=1, info="")
+    # an epochs bar and a batches bar (transient), one line per finished epoch (kept)
+    with ProgressDisplay() as display:
+        sizes = {"epochs": config.epochs, "batches": 0}
+        loss_read = [-INFO_INTERVAL_S]  # when the loss was last read (a device sync)
 
         def on_start(start: int, total: int, batches: int) -> None:
-            bar.update(epochs_task, completed=start)
-            bar.update(batch_task, total=batches, completed=0)
+            sizes.update(epochs=total, batches=batches)
+            if start:
+                display.say(
+                    f"resuming {config.out} at epoch {start + 1}/{total} "
+                    f"(epochs 1-{start} were trained before)"
+                )
+            display(Tick("training", start, total, unit="epochs", finished=start >= total))
 
         def on_batch(epoch: int, batch: int, loss: SupportsFloat) -> None:
-            bar.update(batch_task, completed=batch + 1, info=f"loss {float(loss):.4f}")
+            display(Tick(f"epoch {epoch}", batch + 1, sizes["batches"], unit="batches"))
+            if display.clock() - loss_read[0] >= INFO_INTERVAL_S:
+                loss_read[0] = display.clock()
+                display.info(f"epoch {epoch}", f"loss {float(loss):.4f}")
 
         def on_epoch(r: EpochRecord) -> None:
-            bar.update(
-                epochs_task,
-                completed=r.epoch,
-                info=f"train {r.train_loss:.4f} / {r.train_accuracy:.1%}  test {r.test_loss:.4f} / {r.test_accuracy:.1%}",
+            total = sizes["epochs"]
+            display.drop(f"epoch {r.epoch}")
+            display.say(
+                f"epoch {r.epoch}/{total}  train {r.train_loss:.4f} / {r.train_accuracy:.1%}  "
+                f"test {r.test_loss:.4f} / {r.test_accuracy:.1%}  lr {r.lr:.3g}  "
+                f"{duration(r.seconds)}"
             )
-            bar.update(batch_task, completed=0)
+            display(Tick("training", r.epoch, total, unit="epochs", finished=r.epoch >= total))
 
         result = train(config, TrainCallbacks(on_start, on_batch, on_epoch))
 
-    document = {
+    if plot is not None and is_main():  # under torchrun rank 0 alone writes files
+        _draw_curves(result, config, plot)
+    metrics = {
         **result.metrics,
         "checkpoint": str(result.checkpoint),
         "run_dir": str(result.run_dir),
     }
-    if json_:
-        print_json(document)
-        return
-    out.print(metrics_table(f"{config.model} on {config.dataset}", document))
+    emit(
+        out,
+        fmt,
+        lambda console: console.print(
+            metrics_table(f"{config.model} on {config.dataset}", metrics)
+        ),
+        lambda: train_as_dict(result, provenance(config.device)),
+    )
+
+
+def _draw_curves(result: TrainResult, config: TrainConfig, path: Path) -> None:
+    """Draw the run's training curves to ``path`` and say where on stderr; the run is saved
+    already, so a figure that cannot be written is one error that says so.
+    """
+    from flatcli.report import plots  # torch, imported already
+    from flatcli.workflows.training import RunHistory
+
+    history = RunHistory(result.run_dir.name, result.history, config.recorded())
+    try:
+        plots.save_figure(plots.curves_figure([history]), path)
+    except (OSError, ValueError) as exc:
+        raise FlatcliError(
+            f"could not write {path} ({getattr(exc, 'strerror', None) or exc}); "
+            f"the run is saved in {result.run_dir}"
+        ) from None
+    err.print(f"training curves: {path}", highlight=False, markup=False)

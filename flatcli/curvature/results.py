@@ -77,12 +77,17 @@ class Estimate:
         """``uncertainty / |value|`` (``inf`` when the value is 0)."""
         return self.uncertainty / abs(self.value) if self.value != 0 else math.inf
 
-    def as_dict(self) -> dict[str, float | bool]:
-        """The JSON form: ``value``, ``bound`` (bounds and exact values) or ``stderr``, and
-        ``converged``.
+    def as_dict(self) -> dict[str, float | str | bool]:
+        """The JSON form, one shape for every kind: ``value``, ``uncertainty``, ``kind``
+        (``"bound"``, ``"stderr"`` or ``"exact"``) and ``converged``; the ``estimate`` of
+        every command's document (:mod:`flatcli.report.schema`).
         """
-        key = "bound" if self.kind in ("bound", "exact") else "stderr"
-        return {"value": self.value, key: self.uncertainty, "converged": self.converged}
+        return {
+            "value": self.value,
+            "uncertainty": self.uncertainty,
+            "kind": self.kind,
+            "converged": self.converged,
+        }
 
 
 @dataclass(frozen=True)

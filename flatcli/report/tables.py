@@ -17,9 +17,10 @@ from rich.text import Text
 
 from flatcli.analysis.claims import Claim
 from flatcli.analysis.rank import MeasuredRank, RankReport
+from flatcli.analysis.seeds import describe_noise
 from flatcli.analysis.sharpness_report import Density, Measurement, SharpnessReport
 from flatcli.analysis.sweep import SweepRow
-from flatcli.analysis.verdicts import MEASURE_ORDER, Comparison, Verdict
+from flatcli.analysis.verdicts import MEASURE_ORDER, Comparison, RunSummary, Verdict
 from flatcli.curvature.results import Estimate
 from flatcli.report.text import rank_statement
 from flatcli.workflows.demo import DemoResult
@@ -209,44 +210,88 @@ def rank_table(report: RankReport) -> list[Table]:
     return [layers, ranks]
 
 
-def _compared(measure: Estimate, ratio: float) -> str:
-    """A comparison cell: value, uncertainty (or "not converged") and the ratio to the first run."""
+def _compared(run: RunSummary, name: str, ratio: float) -> str:
+    """A comparison cell: value, uncertainty (or "not converged") and the ratio to the first
+    run; for an arm of several seeds the mean and the standard deviation across them.
+    """
+    measure = run.measures[name]
     unc = f" ± {measure.uncertainty:.2g}" if measure.uncertainty else ""
+    sd = _sd(run, name)
+    if sd is not None:
+        unc = f" ± {sd:.2g}"
     if not measure.converged:
         unc = " not converged"
     return f"{measure.value:.4g}{unc} ({ratio:.2f}x)"
 
 
+def _sd(run: RunSummary, key: str) -> float | None:
+    """The standard deviation of ``key`` across an arm's seeds (None for one run)."""
+    spread = run.spread.get(key) if run.seeds > 1 else None
+    return spread.sd if spread is not None else None
+
+
+def _number(run: RunSummary, key: str) -> str:
+    """A loss or norm, with `` ± sd`` across seeds for an arm."""
+    sd = _sd(run, key)
+    value: float = getattr(run, key)
+    return f"{value:.4g}" + (f" ± {sd:.2g}" if sd is not None else "")
+
+
+def _percent(run: RunSummary, key: str) -> str:
+    """An accuracy in percent, with `` ± sd`` (points) across seeds for an arm."""
+    sd = _sd(run, key)
+    value: float = getattr(run, key)
+    return f"{value:.2%}" + (f" ± {100 * sd:.2f}" if sd is not None else "")
+
+
+#: How a judged accuracy's noise is named in a table cell.
+_NOISE_SHORT = {"seeds": "{n} seeds", "epochs": "{n} epochs", "binomial": "binomial"}
+
+
+def _judged(run: RunSummary) -> str:
+    """The test accuracy the verdicts judge, ± its noise in points, and where that came from."""
+    acc = run.accuracy
+    if acc is None:
+        return "-"
+    how = _NOISE_SHORT[acc.source].format(n=acc.count)
+    return f"{acc.value:.1%} ± {100 * acc.noise:.1f} ({how})"
+
+
 def comparison_table(comparison: Comparison) -> Table:
-    """Runs as columns; each cell shows the value, its uncertainty and the ratio to the first run."""
+    """Runs (or arms of several seeds) as columns; each cell shows the value, its uncertainty
+    and the ratio to the first run. An arm's column shows the mean over its seeds ± their
+    standard deviation; the "judged" row is the test accuracy the verdicts compare, ± its
+    noise (:mod:`flatcli.analysis.seeds`).
+    """
     runs, ratios = comparison.runs, comparison.ratios
     pairs = list(zip(runs, ratios, strict=True))
     nan = float("nan")
     table = Table(title="runs compared (ratio to the first run in brackets)", title_justify="left")
     table.add_column("", overflow="fold")  # fold, never cut, a word too long for its column
     for r in runs:
-        table.add_column(r.name, justify="right", overflow="fold")
+        header = f"{r.name}\n({r.seeds} seeds: mean ± sd)" if r.seeds > 1 else r.name
+        table.add_column(header, justify="right", overflow="fold")
     table.add_row("optimiser", *[r.optimizer for r in runs])
     table.add_row("l2 (coupled)", *[f"{r.l2:g}" for r in runs])
     table.add_row("weight decay (decoupled)", *[f"{r.weight_decay:g}" for r in runs])
     table.add_row("averaging from epoch", *[str(r.averaging) if r.averaging else "-" for r in runs])
-    table.add_row("train loss", *[f"{r.train_loss:.4g}" for r in runs])
+    table.add_row("train loss", *[_number(r, "train_loss") for r in runs])
     table.add_row(
         "test loss",
-        *[f"{r.test_loss:.4g} ({q.get('test_loss', nan):.2f}x)" for r, q in pairs],
+        *[f"{_number(r, 'test_loss')} ({q.get('test_loss', nan):.2f}x)" for r, q in pairs],
     )
-    table.add_row("test accuracy", *[f"{r.test_accuracy:.2%}" for r in runs])
+    table.add_row("test accuracy", *[_percent(r, "test_accuracy") for r in runs])
+    if any(r.accuracy is not None for r in runs):
+        table.add_row("test accuracy judged (± noise)", *[_judged(r) for r in runs])
     table.add_row("generalisation gap (points)", *[f"{r.gap:.2f}" for r in runs])
     table.add_row(
         "||w||",
-        *[f"{r.weight_norm:.4g} ({q.get('weight_norm', nan):.2f}x)" for r, q in pairs],
+        *[f"{_number(r, 'weight_norm')} ({q.get('weight_norm', nan):.2f}x)" for r, q in pairs],
     )
     names = [m for m in MEASURE_ORDER if any(m in r.measures for r in runs)]
     names += sorted({m for r in runs for m in r.measures} - set(names))
     for m in names:
-        cells = [
-            _compared(r.measures[m], q.get(m, nan)) if m in r.measures else "-" for r, q in pairs
-        ]
+        cells = [_compared(r, m, q.get(m, nan)) if m in r.measures else "-" for r, q in pairs]
         table.add_row(MEASURE_ORDER.get(m, m), *cells)
     return table
 
@@ -260,6 +305,44 @@ VERDICT_LEGEND = (
     "b vs a: b is Nx sharper or flatter than a; Δ acc. = b's test accuracy - a's. ✓ flatness "
     "agrees (the sharper run generalises worse), ✗ disagrees, ~ accuracies tie; n.c. not converged."
 )
+
+
+def verdict_legend(comparison: Comparison) -> str:
+    """:data:`VERDICT_LEGEND` and a line saying which accuracy noise the ties rest on.
+
+    Each arm's noise is the one its verdicts used (``Verdict.accuracy_noise``: the
+    standard error across seeds, the spread of the last epochs, the binomial standard
+    error, or a fixed threshold), arms of one kind named together.
+    """
+    return f"{VERDICT_LEGEND}\n{accuracy_noise_line(comparison)}"
+
+
+def accuracy_noise_line(comparison: Comparison) -> str:
+    """``accuracy ties: |Δ acc.| within the noise, s.e. over 3 seeds (sgd, sgd-l2)`` (see
+    :func:`verdict_legend`; the noise is :func:`flatcli.analysis.verdicts.accuracy_tie`'s).
+    """
+    verdicts = comparison.verdicts
+    if not verdicts:
+        return "accuracy noise: no verdicts"
+    if all(v.accuracy_noise == "threshold" for v in verdicts):
+        points = verdicts[0].accuracy_threshold_points
+        return f"accuracy ties: |Δ acc.| <= {points:g} points (a fixed threshold)"
+    noise: dict[str, str] = {}
+    raised = False  # an arm's own spread was below its test set's binomial noise
+    own = {r.name: r.accuracy.source for r in comparison.runs if r.accuracy is not None}
+    for v in verdicts:
+        sources = v.accuracy_noise.split("+")
+        if len(sources) == 1:
+            sources *= 2
+        for name, source, count in zip((v.a, v.b), sources, v.accuracy_noise_counts, strict=False):
+            noise.setdefault(name, describe_noise(source, count))
+            raised |= own.get(name, source) != source
+    kinds: dict[str, list[str]] = {}
+    for name, words in noise.items():
+        kinds.setdefault(words, []).append(name)
+    described = "; ".join(f"{words} ({', '.join(names)})" for words, names in kinds.items())
+    floor = "; a spread below the binomial s.e. counts as that" if raised else ""
+    return f"accuracy ties: |Δ acc.| within the noise, {described}{floor}"
 
 
 def _times(ratio: float) -> str:

@@ -4,21 +4,38 @@
 Granziol (2020, "Flatness is a False Friend", arXiv 2006.09091, claim 4): exact for
 linear models (so a rank above it is reported loudly), an approximation for nonlinear
 ones. The statement is part of ``flatcli rank-bound --json`` and of ``flatcli demo
---json``, so those two documents are put together here (:func:`rank_as_dict`,
-:func:`demo_as_dict`): the layers below the report compute numbers, not sentences.
+--json``, so the documents are put together here, every command's in one place
+(:func:`train_as_dict`, :func:`sharpness_as_dict`, :func:`sweep_as_dict`,
+:func:`rank_as_dict`, :func:`compare_as_dict`, :func:`demo_as_dict`), each the body the
+layers below build, in the envelope of :func:`flatcli.report.schema.document`: the layers
+below the report compute numbers, not sentences, and know no envelope.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from flatcli.analysis.rank import MeasuredRank, RankBound, RankEstimate, RankReport
-from flatcli.workflows.compare import comparison_fields
+from flatcli.analysis.sharpness_report import SharpnessReport
+from flatcli.analysis.sweep import SweepRow
+from flatcli.analysis.verdicts import Comparison
+from flatcli.report.schema import document
+from flatcli.workflows.compare import comparison_as_dict, comparison_fields
 from flatcli.workflows.demo import DemoResult
 from flatcli.workflows.provenance import Provenance, provenance
+from flatcli.workflows.training import TrainResult
 
-__all__ = ["demo_as_dict", "rank_as_dict", "rank_fields", "rank_statement"]
+__all__ = [
+    "compare_as_dict",
+    "demo_as_dict",
+    "rank_as_dict",
+    "rank_fields",
+    "rank_statement",
+    "sharpness_as_dict",
+    "sweep_as_dict",
+    "train_as_dict",
+]
 
 
 def _pct(x: float) -> str:
@@ -132,7 +149,7 @@ def rank_as_dict(report: RankReport, record: Provenance | None = None) -> dict[s
     (:func:`~flatcli.workflows.provenance.provenance`); by default this process's, with the
     device ``auto`` resolves to.
     """
-    return {**rank_fields(report), "provenance": record or provenance()}
+    return document("rank-bound", rank_fields(report), record or provenance())
 
 
 def rank_fields(report: RankReport) -> dict[str, object]:
@@ -145,9 +162,10 @@ def rank_fields(report: RankReport) -> dict[str, object]:
 
 def demo_as_dict(result: DemoResult) -> dict[str, object]:
     """The JSON document of ``flatcli demo --json``: runs, comparisons, ranks, sweep, claims."""
-    return {
+    body = {
         "dataset": result.config.dataset,
         "models": list(result.config.models),
+        "seeds": result.config.seeds,
         "runs": {k: str(v) for k, v in result.runs.items()},
         "comparisons": [
             {"model": m, "contrast": t, **comparison_fields(c)}
@@ -157,5 +175,45 @@ def demo_as_dict(result: DemoResult) -> dict[str, object]:
         "sweep": {"model": result.sweep_model, "rows": [r.as_dict() for r in result.sweep]},
         "claims": [c.__dict__ for c in result.claims],
         "seconds": result.seconds,
-        "provenance": result.provenance or provenance(),
     }
+    return document("demo", body, result.provenance or provenance())
+
+
+def train_as_dict(result: TrainResult, record: Provenance | None = None) -> dict[str, object]:
+    """The JSON document of ``flatcli train --json``: the final metrics (``train_loss``,
+    ``train_accuracy``, ``test_loss``, ``test_accuracy``, ``weight_norm``, ``epochs``,
+    ``seconds``), the checkpoint and run directory, and ``record``, the provenance of the
+    training call (default this process's).
+    """
+    body = {
+        **result.metrics,
+        "checkpoint": str(result.checkpoint),
+        "run_dir": str(result.run_dir),
+    }
+    return document("train", body, record or provenance())
+
+
+def sharpness_as_dict(report: SharpnessReport) -> dict[str, object]:
+    """The JSON document of ``flatcli sharpness --json``: :meth:`SharpnessReport.as_dict`
+    in the envelope, with the report's provenance (this process's on its device when the
+    report has none).
+    """
+    return document("sharpness", report.as_dict(), report.provenance or provenance(report.device))
+
+
+def sweep_as_dict(
+    rows: Sequence[SweepRow], layers: str, split: str, record: Provenance | None = None
+) -> dict[str, object]:
+    """The JSON document of ``flatcli sharpness --scale --json``: the ``split`` measured,
+    the layers scaled (``scale_layer``), one row per factor (:meth:`SweepRow.as_dict`).
+    """
+    body = {"split": split, "scale_layer": layers, "rows": [row.as_dict() for row in rows]}
+    return document("sharpness", body, record or provenance())
+
+
+def compare_as_dict(comparison: Comparison, record: Provenance | None = None) -> dict[str, object]:
+    """The JSON document of ``flatcli compare --json``: the body of
+    :func:`~flatcli.workflows.compare.comparison_as_dict` (runs, ratios, verdicts) in the
+    envelope, with ``record`` as its provenance (default this process's).
+    """
+    return document("compare", comparison_as_dict(comparison, record))

@@ -50,8 +50,11 @@ __all__ = [
 #: A parsed JSON object of the cache file (``json.loads`` gives values of any JSON type).
 JSONObject = dict[str, Any]
 
-#: Version of the cache file's layout; a file of another layout is read as empty.
-CACHE_FORMAT = 2
+#: Version of the cache file's layout; a file of another layout is read as empty (a miss:
+#: measured again, then the file is replaced). 3: estimates as ``{value, uncertainty, kind,
+#: converged}`` and the point's ``split_loss``/``split_accuracy`` (2 had ``{value, bound}``
+#: or ``{value, stderr}`` and ``loss``/``accuracy``).
+CACHE_FORMAT = 3
 
 #: Measures whose numbers depend on which members of their group are asked for together
 #: (one Lanczos run for both ends of the spectrum; one Hutch++ run for trace and
@@ -188,7 +191,7 @@ class _Found:
 class ResultCache:
     """``sharpness.json`` of one run: per measure results, keyed by :func:`cache_key` and :func:`measure_slot`.
 
-    Layout: ``{"format": 2, "entries": {KEY: {"head": {...}, "layers": [...],
+    Layout: ``{"format": 3, "entries": {KEY: {"head": {...}, "layers": [...],
     "measures": {SLOT: {"result": {...}, "layers": [...]}}}}}``. Every write is a
     read-modify-write under an exclusive ``fcntl.flock`` of ``sharpness.json.lock`` and an
     atomic replace, so concurrent processes keep every entry and a killed one leaves the

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from flatcli.analysis.progress import ProgressCallback
 from flatcli.analysis.rank import RankReport, check_rank_options, rank_report
 from flatcli.config import RANK_FRACTION, RANK_SEED
 from flatcli.workflows.data import get_spec
@@ -26,6 +27,7 @@ def rank_checkpoint(
     threshold: float | None = None,
     fraction: float = RANK_FRACTION,
     seed: int = RANK_SEED,
+    progress: ProgressCallback | None = None,
 ) -> RankReport:
     """The rank report of a checkpoint on (the first ``samples`` of) its training data.
 
@@ -33,8 +35,8 @@ def rank_checkpoint(
     the checkpoint is loaded; the checkpoint and its data as ``source`` says, by
     :func:`~flatcli.workflows.sharpness.load_point` (``source.dataset`` measures it on
     another data set of the same shape). The number of classes is the checkpoint's, or the data
-    set's when the checkpoint does not record it. ``exact``, ``threshold``, ``fraction``
-    and ``seed`` as in :func:`~flatcli.analysis.rank.rank_report`.
+    set's when the checkpoint does not record it. ``exact``, ``threshold``, ``fraction``,
+    ``seed`` and ``progress`` as in :func:`~flatcli.analysis.rank.rank_report`.
     """
     check_rank_options(threshold=threshold, fraction=fraction)
     point = load_point(path, source, samples=samples)
@@ -51,4 +53,5 @@ def rank_checkpoint(
         threshold=threshold,
         fraction=fraction,
         seed=seed,
+        progress=progress,
     )

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from flatcli.analysis.measures import measure, non_finite_tensors
+from flatcli.analysis.progress import ProgressCallback
 from flatcli.analysis.scale import eval_mode
 from flatcli.analysis.sharpness_report import SharpnessReport
 from flatcli.config import SharpnessConfig
@@ -154,7 +155,7 @@ def sharpness(
     factory_args: Mapping[str, object] | None = None,
     output: str | int | None = None,
     use_cache: bool = True,
-    progress: Callable[[int], None] | None = None,
+    progress: ProgressCallback | None = None,
     status: Callable[[str], None] | None = None,
     **settings: Any,
 ) -> SharpnessReport:
@@ -207,7 +208,7 @@ def checkpoint_sharpness(
     source: CheckpointSource = DEFAULT_SOURCE,
     *,
     use_cache: bool = True,
-    progress: Callable[[int], None] | None = None,
+    progress: ProgressCallback | None = None,
     status: Callable[[str], None] | None = None,
 ) -> SharpnessReport:
     """:func:`sharpness` of a checkpoint (file or run directory), loaded as ``source``
@@ -295,7 +296,7 @@ def _measure_given(
     config: SharpnessConfig,
     source: CheckpointSource,
     *,
-    progress: Callable[[int], None] | None,
+    progress: ProgressCallback | None,
     status: Callable[[str], None] | None,
 ) -> SharpnessReport:
     """:func:`sharpness` of a module, or of a checkpoint on data given by the caller

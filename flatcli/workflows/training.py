@@ -61,6 +61,7 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 from torch.utils.data import TensorDataset
 
 from flatcli import __version__, distributed
+from flatcli.analysis.progress import ProgressCallback, Task
 from flatcli.config import Options, TrainConfig, contradiction
 from flatcli.distributed import (
     DistributedError,
@@ -80,6 +81,7 @@ from flatcli.workflows.checkpoint import (
     State,
     atomic_write_text,
     load_state_file,
+    read_metadata,
     save_checkpoint,
     save_state,
 )
@@ -97,10 +99,12 @@ __all__ = [
     "SCHEDULES",
     "EpochRecord",
     "TrainCallbacks",
+    "RunHistory",
     "TrainResult",
     "evaluate",
     "final_metrics",
     "metrics_csv",
+    "read_history",
     "regularised_step",
     "train",
     "train_one_epoch",
@@ -191,6 +195,28 @@ class TrainCallbacks:
     #: that a GPU run is not synchronised on every batch.
     on_batch: Callable[[int, int, SupportsFloat], None] = lambda epoch, batch, loss: None
     on_epoch: Callable[[EpochRecord], None] = lambda record: None
+
+    @classmethod
+    def ticking(cls, progress: ProgressCallback | None, task: str = "epochs") -> TrainCallbacks:
+        """Callbacks that report the epochs as the progress task ``task`` (of the
+        configured epochs; a resumed run starts at the epochs it had done). Only the
+        epochs: a batch is never a tick.
+        """
+        state: dict[str, Task] = {}
+
+        def on_start(start_epoch: int, epochs: int, batches: int) -> None:
+            state["epochs"] = Task(progress, task, epochs, unit="epochs")
+            if start_epoch:  # a resumed run: the epochs done before
+                state["epochs"].update(start_epoch)
+            if start_epoch >= epochs:  # nothing left to train
+                state["epochs"].finish()
+
+        def on_epoch(record: EpochRecord) -> None:
+            state["epochs"].update(record.epoch)
+            if record.epoch == state["epochs"].tick.total:
+                state["epochs"].finish()
+
+        return cls(on_start=on_start, on_epoch=on_epoch)
 
 
 @torch.no_grad()
@@ -670,3 +696,79 @@ def final_metrics(
 
 def _unknown(kind: str, name: str, registry: Mapping[str, object]) -> NoReturn:
     raise UnknownNameError(f"unknown {kind} {name!r}", hint=f"choose one of: {', '.join(registry)}")
+
+
+@dataclass(frozen=True)
+class RunHistory:
+    """A run's epochs as ``metrics.jsonl`` holds them, and the options it was trained with.
+
+    Attributes:
+        name: the run folder's name.
+        records: one :class:`EpochRecord` per epoch, in order.
+        options: the recorded training options (the checkpoint's ``train`` metadata, else
+            those of an unfinished run's resume state; empty when neither can be read).
+    """
+
+    name: str
+    records: list[EpochRecord]
+    options: Options = field(default_factory=dict)
+
+
+#: Fields of an :class:`EpochRecord` that a ``metrics.jsonl`` row may lack (NaN then).
+_OPTIONAL_FIELDS = ("lr", "seconds")
+
+
+def read_history(run_dir: str | Path) -> RunHistory:
+    """The per-epoch records of the run in ``run_dir`` (its ``metrics.jsonl``).
+
+    Raises :class:`~flatcli.errors.CheckpointError`, one line naming the folder, when it is
+    no run folder, has no ``metrics.jsonl`` (no epoch finished yet), or a row of it is not
+    an epoch's record.
+    """
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is a file, not a run folder"
+        raise CheckpointError(f"{folder} {what}", hint="give a run folder of flatcli train")
+    if not any((folder / name).is_file() for name in (MODEL_FILE, METRICS_FILE, STATE_FILE)):
+        raise CheckpointError(
+            f"{folder} is not a run folder (no {MODEL_FILE} or {METRICS_FILE})",
+            hint="give a run folder of flatcli train",
+        )
+    path = folder / METRICS_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{folder} has no {METRICS_FILE}", hint="it is written after each epoch of training"
+        )
+    names = [f.name for f in fields(EpochRecord)]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            values = {k: row.get(k, math.nan) if k in _OPTIONAL_FIELDS else row[k] for k in names}
+            records.append(
+                EpochRecord(int(values.pop("epoch")), **{k: float(v) for k, v in values.items()})
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(
+                f"{path} line {number} is not an epoch's record ({first_line(exc)})"
+            ) from None
+    if not records:
+        raise CheckpointError(
+            f"{path} holds no epoch", hint="it is written after each epoch of training"
+        )
+    return RunHistory(folder.resolve().name, records, _run_options(folder))
+
+
+def _run_options(folder: Path) -> Options:
+    """The training options recorded in ``folder``'s checkpoint or resume state ({} if none)."""
+    with contextlib.suppress(CheckpointError, OSError, ValueError):
+        if (folder / MODEL_FILE).is_file():
+            _, meta = read_metadata(folder / MODEL_FILE)
+            train = (meta or {}).get("train")
+            return train if isinstance(train, dict) else {}
+        if (folder / STATE_FILE).is_file():
+            options = load_state_file(folder / STATE_FILE, tensors=False).get("options")
+            return options if isinstance(options, dict) else {}
+    return {}

@@ -23,6 +23,7 @@ def test_each_command_is_a_distinctly_named_function():
         "rank-bound": "rank_bound_command",
         "compare": "compare_command",
         "demo": "demo_command",
+        "plot": "plot_command",
     }
 
 

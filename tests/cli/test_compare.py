@@ -13,8 +13,8 @@ import pytest
 from flatcli.analysis.verdicts import compare
 from flatcli.config import DEFAULT_COMPARE_MEASURES, SharpnessConfig
 from flatcli.curvature.results import Estimate
-from flatcli.report.tables import VERDICT_LEGEND, comparison_table, verdict_matrix
-from flatcli.workflows.compare import comparison_as_dict
+from flatcli.report.tables import comparison_table, verdict_legend, verdict_matrix
+from flatcli.report.text import compare_as_dict
 from flatcli.workflows.source import CheckpointSource
 
 from .fakes import COMPARISON, RUNS_TABLE_ROWS, WIDE_COMPARISON, run
@@ -59,6 +59,9 @@ WIDE_MATRIX = (
     "gadam-averaged                                                                                     \n"
 )
 
+#: The marks, then the noise the accuracy ties rest on.
+LEGEND = verdict_legend(COMPARISON)
+
 
 @pytest.fixture
 def compared(spy):
@@ -75,7 +78,7 @@ def test_no_options_compare_the_runs_on_the_default_measures(compared):
         CheckpointSource(factory_args={}),
     )
     assert callable(kwargs.pop("progress"))
-    assert kwargs == {"use_cache": True, "tie_sigmas": 2.0}
+    assert kwargs == {"use_cache": True, "tie_sigmas": 2.0, "last_epochs": 5}
 
 
 def test_every_option_reaches_the_workflow(compared):
@@ -85,7 +88,7 @@ def test_every_option_reaches_the_workflow(compared):
         *("--measures", "trace,lambda_max", "--split", "test", "--samples", 100),
         *("--batch-size", 50, "--memory-gb", 1, "--curvature", "ggn", "--bn-mode", "full"),
         *("--include-l2", "--exact", "--tol", 1e-3, "--max-iter", 30, "--probes", 20),
-        *("--rho", 0.1, "--logit-normalise", "--tie-sigmas", 3, "--seed", 4),
+        *("--rho", 0.1, "--logit-normalise", "--tie-sigmas", 3, "--seed", 4, "--last-epochs", 8),
         *("--dtype", "float64", "--device", "cpu", "--data-dir", "d", "-d", "mnist"),
         *("--model-factory", "m:f", "--factory-arg", "k=[1, 2]", "--output", "out", "--no-cache"),
     )
@@ -121,7 +124,7 @@ def test_every_option_reaches_the_workflow(compared):
         ),
     )
     kwargs.pop("progress")
-    assert kwargs == {"use_cache": False, "tie_sigmas": 3.0}
+    assert kwargs == {"use_cache": False, "tie_sigmas": 3.0, "last_epochs": 8}
 
 
 def test_json_is_the_comparison_document(compared):
@@ -129,7 +132,7 @@ def test_json_is_the_comparison_document(compared):
     assert result.exit_code == 0, result.stderr
     doc, expected = (
         json.loads(result.stdout),
-        json.loads(json.dumps(comparison_as_dict(COMPARISON))),
+        json.loads(json.dumps(compare_as_dict(COMPARISON))),
     )
     assert doc.pop("provenance")["device"] == "cpu"  # resolved, never "auto"
     del expected["provenance"]  # its time and command line are this call's
@@ -139,7 +142,41 @@ def test_json_is_the_comparison_document(compared):
 def test_the_table_then_the_verdict_matrix_and_its_legend(compared, screen):
     console = screen("flatcli.cli.compare")
     assert invoke("compare", "a", "b").exit_code == 0
-    assert console.export_text() == COMPARISON_TABLE + VERDICT_MATRIX + rendered(VERDICT_LEGEND)
+    assert console.export_text() == COMPARISON_TABLE + VERDICT_MATRIX + rendered(LEGEND)
+
+
+def test_the_legend_says_which_accuracy_noise_the_ties_used():
+    # the fakes are runs known by their final accuracy on 1,000 test samples
+    assert LEGEND.endswith(
+        "\naccuracy ties: |Δ acc.| within the noise, binomial s.e. of 1000 test samples "
+        "(sgd, sgd-l2)"
+    )
+    assert verdict_legend(compare(COMPARISON.runs, tie_accuracy=0.5)).endswith(
+        "\naccuracy ties: |Δ acc.| <= 0.5 points (a fixed threshold)"
+    )
+
+
+def test_commas_join_the_runs_of_one_arm(compared):
+    result = invoke("compare", "a-s0,a-s1,a-s2", "b", "c-s0,c-s1")
+    assert result.exit_code == 0, result.stderr
+    (arms, _, _), _ = compared.one
+    assert arms == [
+        (Path("a-s0"), Path("a-s1"), Path("a-s2")),
+        Path("b"),
+        (Path("c-s0"), Path("c-s1")),
+    ]
+
+
+def test_a_run_whose_name_has_a_comma_is_one_run(compared):
+    Path("x,y").mkdir()
+    assert invoke("compare", "x,y", "b").exit_code == 0
+    (arms, _, _), _ = compared.one
+    assert arms == [Path("x,y"), Path("b")]
+
+
+def test_an_empty_run_in_an_arm_is_one_line_and_compares_nothing(compared):
+    one_line_error(invoke("compare", "a-s0,,a-s1", "b"), 2, "'a-s0,,a-s1' names an empty run")
+    assert compared.calls == []
 
 
 def test_explain_adds_the_sentence_behind_each_verdict(compared, screen):
@@ -147,9 +184,7 @@ def test_explain_adds_the_sentence_behind_each_verdict(compared, screen):
     assert invoke("compare", "a", "b", "--explain").exit_code == 0
     (verdict,) = COMPARISON.verdicts
     text = console.export_text()
-    assert text == (
-        COMPARISON_TABLE + VERDICT_MATRIX + rendered(VERDICT_LEGEND, f"- {verdict.text}")
-    )
+    assert text == COMPARISON_TABLE + VERDICT_MATRIX + rendered(LEGEND, f"- {verdict.text}")
     assert "- sgd-l2 is 2x sharper than sgd by lambda_max" in text
 
 
@@ -175,7 +210,7 @@ def test_a_difference_beyond_the_tie_never_reads_1x(value, cell):
 
 def test_seven_measures_and_four_runs_fit_100_columns_uncut():
     text = rendered(comparison_table(WIDE_COMPARISON), verdict_matrix(WIDE_COMPARISON))
-    text += rendered(VERDICT_LEGEND)
+    text += rendered(verdict_legend(WIDE_COMPARISON))
     assert max(len(line) for line in text.splitlines()) <= 100
     assert "…" not in text
     words = text.split()

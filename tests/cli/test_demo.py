@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from flatcli.cli.progress import ProgressDisplay
 from flatcli.config import DemoConfig
 from flatcli.report.tables import demo_report
 from flatcli.report.text import demo_as_dict
@@ -84,13 +85,14 @@ def test_no_options_run_the_default_demo_in_a_folder_per_data_set(demo):
     assert result.exit_code == 0, result.stderr
     (config,), kwargs = demo.one
     assert config == DemoConfig(out=Path("runs/demo/digits"))
-    assert callable(kwargs.pop("on_step")) and kwargs == {}
+    assert callable(kwargs.pop("on_step")) and isinstance(kwargs.pop("progress"), ProgressDisplay)
+    assert kwargs == {}
 
 
 def test_every_option_reaches_the_config(demo):
     args = ("-d", "mnist", "--data-dir", "d", "--models", "mlp, cnn", "--epochs", 5)
     more = ("--train-samples", 100, "--samples", 50, "--out", "o", "--overwrite", "--seed", 2)
-    result = invoke("demo", *args, *more, "--device", "cpu")
+    result = invoke("demo", *args, *more, "--device", "cpu", "--seeds", 3)
     assert result.exit_code == 0, result.stderr
     (config,), _ = demo.one
     assert config == DemoConfig(
@@ -102,9 +104,15 @@ def test_every_option_reaches_the_config(demo):
         measure_samples=50,
         out=Path("o"),
         seed=2,
+        seeds=3,
         device="cpu",
         overwrite=True,
     )
+
+
+def test_seeds_below_one_are_one_line_and_run_nothing(demo):
+    one_line_error(invoke("demo", "--seeds", 0), 2, "--seeds must be a positive integer, got 0")
+    assert demo.calls == []
 
 
 def test_runs_demo_gets_a_folder_per_data_set_whether_given_or_not(demo):

@@ -22,7 +22,7 @@ PANELS = {
     "sharpness": [opt.DATA, opt.MODEL, opt.ESTIMATOR, opt.PROCESSES, opt.OUTPUT],
     "rank-bound": [opt.DATA, opt.MODEL, opt.ESTIMATOR, opt.PROCESSES, opt.OUTPUT],
     "compare": [opt.DATA, opt.MODEL, opt.ESTIMATOR, opt.PROCESSES, opt.OUTPUT],
-    "demo": [opt.DATA, opt.MODEL, opt.OPTIMISER, opt.PROCESSES, opt.OUTPUT],
+    "demo": [opt.DATA, opt.MODEL, opt.OPTIMISER, opt.ESTIMATOR, opt.PROCESSES, opt.OUTPUT],
 }
 
 #: The options with a closed set of values, per command, and the values.
@@ -32,7 +32,7 @@ CHOICES = {
         "dataset": choices.DATASET_NAMES,
         "optimizer": ("sgd", "adam", "adamw"),
         "schedule": ("constant", "cosine", "paper"),
-        "recipe": ("gadam", "swa"),
+        "recipe": choices.RECIPE_NAMES,
     },
     "sharpness": {
         "dataset": choices.DATASET_NAMES,
@@ -50,8 +50,11 @@ CHOICES = {
         "bn_mode": BN_MODES,
         "dtype": DTYPE_NAMES,
     },
-    "demo": {"dataset": choices.DATASET_NAMES},
+    "demo": {"dataset": choices.DATASET_NAMES, "protocol": ("demo", "paper")},
 }
+
+for _offered in CHOICES.values():  # every command prints in each --format
+    _offered["format_"] = choices.FORMAT_NAMES
 
 #: Choices short enough that their ``<a|b>`` is never wrapped in a 100-column help.
 SHORT = ["<hessian|ggn>", "<eval|batch|full>", "<float32|float64>", "<train|test>"]
@@ -124,7 +127,7 @@ def test_the_help_shows_the_choices(command):
 
 def test_the_train_help_shows_its_choices():
     text = _help("train")
-    for shown in ["<sgd|adam|adamw>", "<constant|cosine|paper>", "<gadam|swa>", "<logreg|mlp|"]:
+    for shown in ["<sgd|adam|adamw>", "<constant|cosine|paper>", "<gadam|swa|", "<logreg|mlp|"]:
         assert shown in text
 
 
@@ -170,6 +173,20 @@ def test_shell_completion_is_offered():
 def test_an_invalid_choice_is_one_line_naming_the_valid_ones(args, option, names):
     listed = ", ".join(repr(n) for n in names)
     one_line_error(invoke_main(*args), 2, f"Invalid value for {option}", f"is not one of {listed}.")
+
+
+def test_the_format_names_are_table_the_renderers_and_json():
+    from flatcli.report.formats import RENDERERS
+
+    assert choices.FORMAT_NAMES == ("table", *RENDERERS, "json")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_flags_and_lists_show_no_type_in_the_help(command):
+    text = _help(command)
+    options = text[text.index("╭─ Options") :]  # Typer's own -h/--help and list arguments aside
+    options = options[options.index("╰") :]
+    assert "<bool>" not in options and "<list[" not in options
 
 
 def test_the_name_tuples_are_the_registries_names():

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from flatcli.cli.progress import ProgressDisplay
 from flatcli.report.tables import rank_table
 from flatcli.report.text import rank_as_dict, rank_statement
 from flatcli.workflows.source import CheckpointSource
@@ -57,6 +58,7 @@ def ranked(spy):
 def test_no_options_rank_the_checkpoint_with_the_defaults(ranked):
     result = invoke("rank-bound", "run")
     assert result.exit_code == 0, result.stderr
+    assert isinstance(ranked.one[1].pop("progress"), ProgressDisplay)
     assert ranked.one == (
         (Path("run"), CheckpointSource(factory_args={})),
         {
@@ -78,6 +80,7 @@ def test_every_option_reaches_the_workflow(ranked):
         *("--factory-arg", "num_classes=3", "--output", "0"),
     )
     assert result.exit_code == 0, result.stderr
+    assert isinstance(ranked.one[1].pop("progress"), ProgressDisplay)
     assert ranked.one == (
         (
             Path("run"),

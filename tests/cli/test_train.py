@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from flatcli import __version__
 from flatcli.config import TrainConfig, make_train_config
+from flatcli.report.schema import SCHEMA_VERSION
 from flatcli.report.tables import metrics_table
 from flatcli.workflows.training import TrainCallbacks, TrainResult
 
@@ -105,7 +107,12 @@ def test_resume_refuses_an_option_that_contradicts_the_run(train, spy):
 def test_json_is_the_metrics_and_where_the_run_is(train):
     result = invoke("train", "--json")
     assert result.exit_code == 0, result.stderr
-    assert json.loads(result.stdout) == {
+    doc = json.loads(result.stdout)
+    assert doc.pop("provenance")["device"] == "cpu"  # of the training call, "auto" resolved
+    assert doc == {
+        "schema_version": SCHEMA_VERSION,
+        "flatcli_version": __version__,
+        "command": "train",
         "train_loss": 0.25,
         "test_accuracy": 0.875,
         "epochs": 3,

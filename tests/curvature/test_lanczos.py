@@ -282,7 +282,12 @@ def test_lambda_max_is_an_estimate_with_a_bound(dense_operator, spectrum_matrix)
     high = lambda_max(op, tol=1e-10)
     assert high.kind == "bound" and high.converged and high.hvps == op.hvps
     assert abs(high.value - 2.0) <= high.uncertainty <= 1e-10 * 2.0
-    assert high.as_dict() == {"value": high.value, "bound": high.uncertainty, "converged": True}
+    assert high.as_dict() == {
+        "value": high.value,
+        "uncertainty": high.uncertainty,
+        "kind": "bound",
+        "converged": True,
+    }
     low, top = extreme_eigenvalues(dense_operator(spectrum_matrix(spectrum)), tol=1e-10)
     assert low.kind == top.kind == "bound" and low.hvps == top.hvps
     assert abs(low.value + 1.0) <= low.uncertainty and abs(top.value - 2.0) <= top.uncertainty
