@@ -10,6 +10,7 @@ import pickle
 import re
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 from cli.helpers import invoke, invoke_main, one_line_error  # tests/cli/helpers.py
@@ -17,6 +18,7 @@ from cli.helpers import invoke, invoke_main, one_line_error  # tests/cli/helpers
 from flatcli.analysis.paper import PUBLISHED, RATIOS, published_ratio, published_run
 from flatcli.cli import choices
 from flatcli.config import RECIPES, make_train_config
+from flatcli.report.schema import JSON_SCHEMA
 from flatcli.workflows import demo as demo_workflow
 from flatcli.workflows import protocol
 from flatcli.workflows.checkpoint import MODEL_FILE, STATE_FILE
@@ -165,6 +167,7 @@ def test_epochs_and_samples_override_the_recipes_and_the_plan_says_so(tmp_path):
         (["--protocol", "paper", "--arms", "sgd,sam"], ["unknown protocol arm 'sam'"]),
         (["--dry-run"], ["--dry-run only applies to the paper's protocol", "--protocol paper"]),
         (["--arms", "sgd"], ["--arms only applies to the paper's protocol"]),
+        (["--protocol", "paper", "--probes", "3"], ["probes must be at least 4"]),
     ],
 )
 def test_bad_protocol_options_are_one_line_and_exit_2(args, fragments):
@@ -304,6 +307,7 @@ def test_protocol_runs_end_to_end_on_cifar_files_and_a_rerun_trains_nothing(
     second = protocol_run(synthetic_cifar, out, *args, "--json", "--no-plots")
     assert second.exit_code == 0, second.stderr
     document = json.loads(second.stdout)
+    assert list(jsonschema.Draft202012Validator(JSON_SCHEMA).iter_errors(document)) == []
     assert [r["status"] for r in document["plan"]["runs"]] == ["finished"]
     (run,) = document["runs"]
     assert run["run"] == "vgg16-bn-sgd" and run["paper"] is None  # no published CIFAR-10 numbers
@@ -379,6 +383,14 @@ def test_protocol_end_to_end_with_the_real_models(tmp_path, synthetic_cifar):
         "vgg16,preresnet",
         "--arms",
         "sgd,adam",
+        "--memory-gb",
+        8,
+        "--max-iter",
+        5,
+        "--probes",
+        4,
+        "--density-iterations",
+        5,
         samples=64,
     )
     assert result.exit_code == 0, result.stderr

@@ -194,7 +194,7 @@ def test_seeds_set_the_noise_when_there_are_several():
     claim = pair_claim("mlp", compare([a, b]), CONTRAST_CLAIMS["L2 regularisation"])
     assert claim.held is True
     assert claim.evidence == (
-        "held: l2 is sharper and generalises better; lambda_max 1 -> 3 (3x), "
+        "held: l2 sharper, generalises better; lambda_max 1 -> 3 (3x), "
         "test acc 93.0% -> 96.0% (noise 2.2 pts, 3 seeds)"
     )
     assert len(claim.evidence.removeprefix("held: ")) <= 110  # one line of the claims table

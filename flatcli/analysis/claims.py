@@ -22,6 +22,7 @@ from flatcli.analysis.verdicts import Comparison, Verdict
 
 __all__ = [
     "CONTRAST_CLAIMS",
+    "SHORT_CLAIMS",
     "Claim",
     "judge",
     "pair_claim",
@@ -37,6 +38,14 @@ CONTRAST_CLAIMS: dict[str, str] = {
 
 SWEEP_CLAIM = "Larger weights with the same predictions look flatter (the mechanism)"
 RANK_CLAIM = "Hessian rank is bounded by about neurons x classes"
+
+#: Each claim in a few words, for a table row (the JSON keeps the whole claim).
+SHORT_CLAIMS: dict[str, str] = {
+    CONTRAST_CLAIMS["L2 regularisation"]: "L2: sharper, generalises better",
+    CONTRAST_CLAIMS["Gadam vs SGD"]: "Gadam: sharper than SGD, better",
+    SWEEP_CLAIM: "larger weights look flatter",
+    RANK_CLAIM: "rank <= neurons x classes",
+}
 
 
 @dataclass(frozen=True)
@@ -97,17 +106,17 @@ def pair_claim(model: str, comparison: Comparison, claim: str) -> Claim:
         )
     if sharper == "B" and better == "B":
         return Claim(
-            claim, model, True, f"held: {b.name} is sharper and generalises better; {evidence}"
+            claim, model, True, f"held: {b.name} sharper, generalises better; {evidence}"
         )
     if sharper == "B":
-        what = "but its test accuracy ties" if better == "tie" else "but generalises worse"
+        what = "test accuracy ties" if better == "tie" else "generalises worse"
         return Claim(
             claim,
             model,
             None if better == "tie" else False,
-            f"{b.name} is sharper, {what}; {evidence}",
+            f"{b.name} sharper, {what}; {evidence}",
         )
-    what = "ties on lambda_max" if sharper == "tie" else "is flatter"
+    what = "ties on lambda_max" if sharper == "tie" else "flatter"
     return Claim(claim, model, False, f"did not hold: {b.name} {what}; {evidence}")
 
 
@@ -121,19 +130,20 @@ def sweep_claim(model: str, sweep: Sequence[SweepRow]) -> Claim:
     same_acc = max(r.accuracy for r in rows) - min(r.accuracy for r in rows) < 1e-12
     flatter = all(b.measures["lambda_max"].value < a.measures["lambda_max"].value for a, b in steps)
     lower_loss = all(b.loss < a.loss for a, b in steps)
-    desc = "; ".join(
-        f"a={r.scale:g}: loss {r.loss:.3g}, lambda_max {r.measures['lambda_max'].value:.3g}, "
-        f"accuracy {r.accuracy:.2%}"
-        for r in (rows[0], rows[-1])
+    first, last = rows[0], rows[-1]
+    accuracy = (
+        f"accuracy {first.accuracy:.2%} at every a"
+        if same_acc
+        else f"accuracy {first.accuracy:.2%} -> {last.accuracy:.2%}"
+    )
+    desc = (
+        f"lambda_max {first.measures['lambda_max'].value:.3g} (a={first.scale:g}) -> "
+        f"{last.measures['lambda_max'].value:.3g} (a={last.scale:g}), {accuracy}"
     )
     held = same_acc and flatter and len(up) > 1
     words = (
-        "held: same predictions, lower lambda_max as the weights grow"
-        + (
-            ""
-            if lower_loss
-            else " (the loss did not fall monotonically: some training points are misclassified)"
-        )
+        "held: same predictions, flatter as the weights grow"
+        + ("" if lower_loss else " (loss not monotone: some points misclassified)")
         if held
         else "did not hold on this sweep"
     )

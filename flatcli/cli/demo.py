@@ -75,6 +75,14 @@ def demo_command(
             rich_help_panel=opt.ESTIMATOR,
         ),
     ] = None,
+    memory_gb: Annotated[
+        float | None,
+        typer.Option(
+            help="With --protocol paper: memory budget of a Hessian-vector product "
+            f"(default {SharpnessConfig.memory_gb:g}; PreResNet-110 needs about 2 GiB per 64 images).",
+            rich_help_panel=opt.ESTIMATOR,
+        ),
+    ] = None,
     seed: opt.Seed = DemoConfig.seed,
     seeds: Annotated[
         int,
@@ -177,6 +185,7 @@ def demo_command(
         "--max-iter": max_iter,
         "--probes": probes,
         "--density-iterations": density_iterations,
+        "--memory-gb": memory_gb,
     }
     if protocol == "paper":
         if seeds != DemoConfig.seeds:
@@ -194,6 +203,7 @@ def demo_command(
                 "probes": probes,
                 "density_iterations": density_iterations,
             },
+            memory_gb=memory_gb,
             folder=out_dir if out_dir != DemoConfig.out else None,
             seed=seed,
             device=device,
@@ -251,6 +261,7 @@ def _paper_protocol(
     train_samples: int | None,
     samples: int | None,
     estimators: dict[str, int | None],
+    memory_gb: float | None,
     folder: Path | None,
     seed: int,
     device: str,
@@ -288,6 +299,7 @@ def _paper_protocol(
         device=device,
         overwrite=overwrite,
         estimate=estimate,
+        memory_gb=memory_gb if memory_gb is not None else defaults.memory_gb,
         **{k: v for k, v in estimators.items() if v is not None},
     )
     with ProgressDisplay() as display:

@@ -161,7 +161,7 @@ def train_command(
         RecipeName | None,
         typer.Option(
             rich_help_panel=opt.OPTIMISER,
-            help="The paper's recipes: gadam is AdamW + decoupled wd + averaging, swa SGD + averaging.",
+            help="A named recipe, explicit options win: gadam is AdamW + decoupled wd + averaging, swa SGD + averaging; paper-* are the paper's CIFAR settings (README: Reproducing the paper).",
         ),
     ] = None,
     sync_bn: Annotated[

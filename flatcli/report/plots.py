@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from flatcli.analysis.sharpness_report import Density, SharpnessReport
 from flatcli.analysis.sweep import SweepRow
-from flatcli.analysis.verdicts import RunSummary
+from flatcli.analysis.verdicts import MEASURE_ORDER, RunSummary
 from flatcli.config import DemoConfig, SharpnessConfig
 from flatcli.curvature.results import Estimate
 from flatcli.errors import UsageError
@@ -49,15 +49,7 @@ LAST_EPOCHS = 8
 #: Resolution of the written figures (dots per inch): small files, legible at 100%.
 DPI = 100
 #: The measures a sharpness-vs-gap panel may draw, by preference: the first every run has.
-GAP_MEASURES = (
-    "lambda_max",
-    "trace",
-    "frobenius",
-    "lambda_max_normalised",
-    "trace_normalised",
-    "adaptive_sharpness",
-    "relative_flatness",
-)
+GAP_MEASURES = tuple(MEASURE_ORDER)
 #: Axis labels of the measures (matplotlib mathtext).
 MEASURE_LABELS = {
     "lambda_max": r"$\lambda_{\max}$",

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from flatcli.analysis.claims import Claim
+from flatcli.analysis.claims import SHORT_CLAIMS, Claim
 from flatcli.analysis.rank import MeasuredRank, RankReport
 from flatcli.analysis.seeds import describe_noise
 from flatcli.analysis.sharpness_report import Density, Measurement, SharpnessReport
@@ -426,10 +426,11 @@ def claims_table(claims: Sequence[Claim]) -> Table:
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     table.add_column("outcome", overflow="fold")
     table.add_column("model", overflow="fold")
-    table.add_column("claim", overflow="fold")
+    table.add_column("claim", overflow="fold", max_width=26)
     table.add_column("evidence", overflow="fold", ratio=1)
     for c in claims:
-        table.add_row(_CLAIM_MARKS[c.held], Text(c.model), Text(c.claim), Text(_evidence(c)))
+        label = SHORT_CLAIMS.get(c.claim, c.claim)
+        table.add_row(_CLAIM_MARKS[c.held], Text(c.model), Text(label), Text(_evidence(c)))
     return table
 
 

@@ -178,7 +178,9 @@ class ProtocolConfig:
     measure on a deterministic subset (for quick looks and tests; the paper uses all);
     :attr:`measured_samples` says which.
     ``max_iter``, ``probes``, ``density_iterations`` and ``density_probes`` are the
-    estimators' settings (Lanczos steps, Hutch++ vectors, SLQ steps and probes).
+    estimators' settings (Lanczos steps, Hutch++ vectors, SLQ steps and probes);
+    ``memory_gb`` bounds a Hessian-vector product's memory (a batch of BatchNorm statistics
+    that needs more is refused, never cut: PreResNet-110 needs about 2 GiB per 64 images).
     ``estimate``: time a warm-up per model before training.
     """
 
@@ -193,6 +195,7 @@ class ProtocolConfig:
     probes: int = SharpnessConfig.probes
     density_iterations: int = SharpnessConfig.density_iterations
     density_probes: int = SharpnessConfig.density_probes
+    memory_gb: float = SharpnessConfig.memory_gb
     out: Path = Path("runs/paper")
     seed: int = 0
     device: str = "auto"
@@ -219,6 +222,7 @@ class ProtocolConfig:
             probes=self.probes,
             density_iterations=self.density_iterations,
             density_probes=self.density_probes,
+            memory_gb=self.memory_gb,
             seed=self.seed,
         )
 
@@ -377,6 +381,7 @@ def plan_protocol(config: ProtocolConfig) -> ProtocolPlan:
     that holds a run (finished or stopped) made with other settings unless ``overwrite``.
     """
     spec = get_spec(config.dataset)
+    config.sharpness()  # the measurement settings are refused now, not after the warm-up
     _checked_names(config.models, dict(PROTOCOL_MODELS), "model")
     _checked_names(config.arms, dict(ARMS), "arm")
     runs: list[PlannedRun] = []

@@ -17,13 +17,12 @@ from types import SimpleNamespace
 import pytest
 from rich.table import Table
 
-from flatcli.analysis.sharpness_report import Density, SharpnessReport
-from flatcli.curvature.results import Estimate
 from flatcli.report.formats import Collector, plain, to_csv, to_markdown
 from flatcli.workflows.training import TrainResult
 
 from .fakes import COMPARISON, DEMO, EXACT_RANK, SWEEP
 from .helpers import invoke, invoke_main, one_line_error
+from .test_sharpness import report as sharpness_report
 
 TRAINED = TrainResult(
     run_dir=Path("runs/r"),
@@ -39,29 +38,7 @@ TRAINED = TrainResult(
     },
 )
 
-REPORT = SharpnessReport(
-    checkpoint="run/model.safetensors",
-    dataset="digits",
-    split="train",
-    num_samples=200,
-    num_params=650,
-    curvature="hessian",
-    bn_mode="eval",
-    dtype="float32",
-    device="cpu",
-    seed=0,
-    loss=1.25,
-    accuracy=0.875,
-    weight_norm=3.5,
-    l2=0.0,
-    measures={
-        "lambda_max": Estimate(value=1.5, uncertainty=0.001, kind="bound", hvps=8),
-        "trace": Estimate(value=13.0, uncertainty=0.04, kind="stderr", hvps=99),
-        "density": Density(grid=[-1.0, 0.0, 1.0, 2.0], values=[0.0, 0.5, 0.5, 0.0]),
-    },
-    hvps=107,
-    seconds=1.5,
-)
+REPORT = sharpness_report()  # tests/cli/test_sharpness.py: both ends, trace, Frobenius, a density
 
 #: Each command's arguments (its library call patched by the ``fixed`` fixture), and the
 #: module whose ``out`` console prints its tables.
