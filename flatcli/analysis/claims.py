@@ -105,9 +105,7 @@ def pair_claim(model: str, comparison: Comparison, claim: str) -> Claim:
             claim, model, None, f"lambda_max did not converge (raise --max-iter); {evidence}"
         )
     if sharper == "B" and better == "B":
-        return Claim(
-            claim, model, True, f"held: {b.name} sharper, generalises better; {evidence}"
-        )
+        return Claim(claim, model, True, f"held: {b.name} sharper, generalises better; {evidence}")
     if sharper == "B":
         what = "test accuracy ties" if better == "tie" else "generalises worse"
         return Claim(
