@@ -218,6 +218,15 @@ def train_command(
             "this image, e.g. curves.png (needs matplotlib).",
         ),
     ] = None,
+    tensorboard: Annotated[
+        Path | None,
+        typer.Option(
+            rich_help_panel=opt.OUTPUT,
+            metavar="DIR",
+            help="After training, write its curves as TensorBoard events to DIR/RUN (see them "
+            "with tensorboard --logdir DIR; needs the extra flatcli\\[tensorboard]).",
+        ),
+    ] = None,
     format_: opt.Format = None,
     json_: opt.Json = False,
 ) -> None:
@@ -272,6 +281,10 @@ def train_command(
         config = resume_config(
             main_decides(lambda: read_run_options(run_dir)), recipe, **{**given, "out": run_dir}
         )
+    if tensorboard is not None:  # before training: a missing package or a foreign folder
+        from flatcli.workflows.tensorboard import check_log_dir  # torch
+
+        check_log_dir(tensorboard, config.out.name if config.out is not None else None)
     if plot is not None:  # before training: a figure that cannot be written is said now
         from flatcli.report import plots  # torch
 
@@ -314,6 +327,11 @@ def train_command(
 
         result = train(config, TrainCallbacks(on_start, on_batch, on_epoch))
 
+    if tensorboard is not None and is_main():  # under torchrun rank 0 alone writes files
+        from flatcli.workflows.tensorboard import write_tensorboard
+
+        where = write_tensorboard(tensorboard, result.run_dir.name, result.history)
+        err.print(f"tensorboard events: {where}", highlight=False, markup=False)
     if plot is not None and is_main():  # under torchrun rank 0 alone writes files
         _draw_curves(result, config, plot)
     metrics = {
