@@ -339,7 +339,7 @@ def test_batch_statistics_are_those_of_one_process(tmp_path, bn):
     ).as_dict()
     for name in ("lambda_max", "trace"):
         assert close(two[name]["value"], one[name]["value"]), name
-    assert close(two["loss"], one["loss"], 1e-10)
+    assert close(two["split_loss"], one["split_loss"], 1e-10)
     assert (
         two["num_samples"] == one["num_samples"] == 500
         and two["bn_batch_size"] == one["bn_batch_size"]
