@@ -12,6 +12,7 @@ from pathlib import Path
 
 import matplotlib
 import pytest
+from cli.fakes import run as fake_run  # tests/cli/fakes.py
 
 from flatcli.analysis.sharpness_report import Density, SharpnessReport
 from flatcli.analysis.sweep import SweepRow
@@ -49,17 +50,11 @@ def gaussian_density(centre: float) -> Density:
 
 
 def summary(name: str, gap_points: float, lambda_max: float, **measures: Estimate) -> RunSummary:
-    return RunSummary(
-        name=name,
-        optimizer="sgd",
-        l2=0.0,
-        weight_decay=0.0,
-        averaging=None,
-        train_loss=0.1,
-        test_loss=0.3,
-        train_accuracy=1.0,
-        test_accuracy=1.0 - gap_points / 100,
-        weight_norm=4.0,
+    """A run (tests/cli/fakes.py) with generalisation gap ``gap_points`` and lambda_max +- 10%."""
+    return fake_run(
+        name,
+        1.0 - gap_points / 100,
+        lambda_max,
         measures={"lambda_max": Estimate(lambda_max, 0.1 * lambda_max, "bound"), **measures},
         test_size=300,
     )

@@ -382,15 +382,15 @@ def test_protocol_end_to_end_with_the_real_models(tmp_path, synthetic_cifar):
         "--models",
         "vgg16,preresnet",
         "--arms",
-        "sgd,adam",
+        "sgd",
         "--memory-gb",
         8,
         "--max-iter",
-        5,
+        3,
         "--probes",
         4,
         "--density-iterations",
-        5,
+        3,
         samples=64,
     )
     assert result.exit_code == 0, result.stderr

@@ -17,6 +17,7 @@ import math
 from dataclasses import replace
 
 import pytest
+from cli.fakes import run as fake_run  # tests/cli/fakes.py
 from rich.console import Console
 
 from flatcli.analysis.claims import CONTRAST_CLAIMS, pair_claim
@@ -47,22 +48,14 @@ def rendered(table: object) -> str:
 
 
 def run(name, test_accuracy, lambda_max=1.0, uncertainty=0.0, **changes) -> RunSummary:
+    """A run (tests/cli/fakes.py) on 360 test images, its lambda_max with ``uncertainty``."""
     fields: dict = dict(
-        name=name,
-        optimizer="sgd",
-        l2=0.0,
-        weight_decay=0.0,
-        averaging=None,
         train_loss=0.01,
-        test_loss=0.3,
-        test_accuracy=test_accuracy,
-        train_accuracy=1.0,
         weight_norm=10.0,
         measures={"lambda_max": Estimate(lambda_max, uncertainty, "bound")},
         test_size=360,
     )
-    fields.update(changes)
-    return RunSummary(**fields)
+    return fake_run(name, test_accuracy, lambda_max, **{**fields, **changes})
 
 
 def test_an_arm_is_the_mean_sd_and_standard_error_of_its_seeds():

@@ -49,7 +49,7 @@ ESTIMATED_RANK = RankReport(
 )
 
 
-def run(name: str, accuracy: float, lambda_max: float, **changes: object) -> RunSummary:
+def run(name: str, test_accuracy: float, lambda_max: float, **changes: object) -> RunSummary:
     """A trained run with one measure."""
     fields: dict = dict(
         name=name,
@@ -59,7 +59,7 @@ def run(name: str, accuracy: float, lambda_max: float, **changes: object) -> Run
         averaging=None,
         train_loss=0.1,
         test_loss=0.3,
-        test_accuracy=accuracy,
+        test_accuracy=test_accuracy,
         train_accuracy=1.0,
         weight_norm=4.0,
         measures={"lambda_max": Estimate(value=lambda_max, uncertainty=0.01, kind="bound")},
