@@ -13,6 +13,7 @@ from pathlib import Path
 import matplotlib
 import pytest
 from cli.fakes import run as fake_run  # tests/cli/fakes.py
+from cli.fakes import sharpness_report
 
 from flatcli.analysis.sharpness_report import Density, SharpnessReport
 from flatcli.analysis.sweep import SweepRow
@@ -138,24 +139,12 @@ def test_settings_label_names_the_optimiser_and_what_is_not_default():
 
 
 def report(density: Density) -> SharpnessReport:
-    return SharpnessReport(
+    """The GGN density of runs/mlp-sgd measured on 300 training images."""
+    return sharpness_report(
         checkpoint="runs/mlp-sgd/model.safetensors",
-        dataset="digits",
-        split="train",
         num_samples=300,
-        num_params=650,
         curvature="ggn",
-        bn_mode="eval",
-        dtype="float32",
-        device="cpu",
-        seed=0,
-        loss=0.1,
-        accuracy=0.9,
-        weight_norm=3.0,
-        l2=0.0,
         measures={"density": density},
-        hvps=10,
-        seconds=1.0,
     )
 
 

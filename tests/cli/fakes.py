@@ -8,6 +8,7 @@ from pathlib import Path
 
 from flatcli.analysis.claims import CONTRAST_CLAIMS, Claim, judge
 from flatcli.analysis.rank import MeasuredRank, RankBound, RankEstimate, RankReport
+from flatcli.analysis.sharpness_report import Density, SharpnessReport
 from flatcli.analysis.sweep import SweepRow
 from flatcli.analysis.verdicts import Comparison, RunSummary, compare
 from flatcli.config import DemoConfig
@@ -162,3 +163,46 @@ RUNS_TABLE_ROWS = (
     "│ lambda_max                  │ 2 ± 0.01 (1.00x) │ 4 ± 0.01 (2.00x) │\n"
     "└─────────────────────────────┴──────────────────┴──────────────────┘\n"
 )
+
+
+DENSITY = Density(grid=[-1.0, 0.0, 1.0, 2.0], values=[0.0, 0.5, 0.5, 0.0])
+LAMBDA_MAX = Estimate(value=1.5, uncertainty=0.001, kind="bound", hvps=8)
+
+
+def sharpness_report(**changes: object) -> SharpnessReport:
+    """A fixed report: both ends of the spectrum, trace and Frobenius norm, a density."""
+    fields: dict = dict(
+        checkpoint="run/model.safetensors",
+        dataset="digits",
+        split="train",
+        num_samples=200,
+        num_params=650,
+        curvature="hessian",
+        bn_mode="eval",
+        dtype="float32",
+        device="cpu",
+        seed=0,
+        loss=1.25,
+        accuracy=0.875,
+        weight_norm=3.5,
+        l2=0.0,
+        measures={
+            "lambda_max": LAMBDA_MAX,
+            "lambda_min": Estimate(
+                value=-0.25,
+                uncertainty=0.5,
+                kind="bound",
+                converged=False,
+                shared_with=("lambda_max",),
+            ),
+            "trace": Estimate(value=13.0, uncertainty=0.04, kind="stderr", hvps=99),
+            "frobenius": Estimate(
+                value=3.25, uncertainty=0.0003, kind="stderr", shared_with=("trace",)
+            ),
+            "density": DENSITY,
+        },
+        hvps=107,
+        seconds=1.5,
+    )
+    fields.update(changes)
+    return SharpnessReport(**fields)

@@ -20,9 +20,8 @@ from rich.table import Table
 from flatcli.report.formats import Collector, plain, to_csv, to_markdown
 from flatcli.workflows.training import TrainResult
 
-from .fakes import COMPARISON, DEMO, EXACT_RANK, SWEEP
+from .fakes import COMPARISON, DEMO, EXACT_RANK, SWEEP, sharpness_report
 from .helpers import invoke, invoke_main, one_line_error
-from .test_sharpness import report as sharpness_report
 
 TRAINED = TrainResult(
     run_dir=Path("runs/r"),
@@ -38,7 +37,7 @@ TRAINED = TrainResult(
     },
 )
 
-REPORT = sharpness_report()  # tests/cli/test_sharpness.py: both ends, trace, Frobenius, a density
+REPORT = sharpness_report()  # both ends of the spectrum, trace, Frobenius norm, a density
 
 #: Each command's arguments (its library call patched by the ``fixed`` fixture), and the
 #: module whose ``out`` console prints its tables.

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from flatcli.analysis.sharpness_report import Density, LayerReport, SharpnessReport
+from flatcli.analysis.sharpness_report import LayerReport
 from flatcli.analysis.sweep import SweepRow
 from flatcli.cli.progress import ProgressDisplay
 from flatcli.config import SharpnessConfig
@@ -21,49 +21,9 @@ from flatcli.report.tables import density_histogram, layers_table, sharpness_tab
 from flatcli.report.text import sharpness_as_dict
 from flatcli.workflows.source import CheckpointSource
 
+from .fakes import DENSITY, LAMBDA_MAX
+from .fakes import sharpness_report as report
 from .helpers import invoke, one_line_error, rendered
-
-DENSITY = Density(grid=[-1.0, 0.0, 1.0, 2.0], values=[0.0, 0.5, 0.5, 0.0])
-LAMBDA_MAX = Estimate(value=1.5, uncertainty=0.001, kind="bound", hvps=8)
-
-
-def report(**changes: object) -> SharpnessReport:
-    """A fixed report: both ends of the spectrum, trace and Frobenius norm, a density."""
-    fields: dict = dict(
-        checkpoint="run/model.safetensors",
-        dataset="digits",
-        split="train",
-        num_samples=200,
-        num_params=650,
-        curvature="hessian",
-        bn_mode="eval",
-        dtype="float32",
-        device="cpu",
-        seed=0,
-        loss=1.25,
-        accuracy=0.875,
-        weight_norm=3.5,
-        l2=0.0,
-        measures={
-            "lambda_max": LAMBDA_MAX,
-            "lambda_min": Estimate(
-                value=-0.25,
-                uncertainty=0.5,
-                kind="bound",
-                converged=False,
-                shared_with=("lambda_max",),
-            ),
-            "trace": Estimate(value=13.0, uncertainty=0.04, kind="stderr", hvps=99),
-            "frobenius": Estimate(
-                value=3.25, uncertainty=0.0003, kind="stderr", shared_with=("trace",)
-            ),
-            "density": DENSITY,
-        },
-        hvps=107,
-        seconds=1.5,
-    )
-    fields.update(changes)
-    return SharpnessReport(**fields)
 
 
 @pytest.fixture
